@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure side by side and write docs/benchmarks.md."""

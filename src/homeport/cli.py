@@ -1,0 +1,32 @@
+"""The ``homeport`` command line (click). Subcommands live with their process:
+
+* server side: :mod:`homeport.server.cli` — ``server``, ``keys``, ``nodes``
+* node side:   :mod:`homeport.client.cli` — ``up``, ``status``, ``nc``, ``ssh``,
+  ``ssh-config``, ``forward``, ``service``
+
+Command modules must import heavy dependencies inside the command functions so
+``homeport --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import click
+
+from homeport import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="homeport")
+def cli() -> None:
+    """Reach machines behind NAT with plain OpenSSH, through your own relay."""
+
+
+def _register() -> None:
+    from homeport.client.cli import register as register_client
+    from homeport.server.cli import register as register_server
+
+    register_server(cli)
+    register_client(cli)
+
+
+_register()

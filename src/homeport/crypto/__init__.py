@@ -1,0 +1,1 @@
+"""Identity and TLS: node keys, the network CA, certificate pinning."""

@@ -1,0 +1,102 @@
+"""TLS 1.3 contexts and certificate pinning, with the standard library only.
+
+Two kinds of TLS run in homeport (see docs/architecture.md):
+
+* **control TLS** — node or CLI ↔ server. The node pins the server certificate
+  by the SHA-256 fingerprint it learned from its auth key (no trust on first
+  use). The server asks for a client certificate chained to the network CA and
+  then looks its fingerprint up in the node table.
+* **end-to-end TLS** — node ↔ node, through the relay. Both ends require a
+  certificate chained to the network CA *and* pin the exact fingerprint the
+  server announced for that one stream. The relay forwards these records
+  untouched and holds no key that could decrypt or forge them.
+
+This module must stay import-light: ``homeport nc`` imports it on every ``ssh``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ssl
+from pathlib import Path
+
+#: ALPN names keep a control connection from being mistaken for a stream.
+ALPN_CONTROL = "homeport-control/1"
+ALPN_STREAM = "homeport-stream/1"
+
+
+class PinMismatch(ssl.SSLError):
+    """The peer's certificate is valid but is not the one we were told to expect."""
+
+
+def fingerprint(der: bytes) -> str:
+    """Return the pin form of a DER certificate: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def check_pin(der: bytes | None, expected: str) -> None:
+    """Raise :class:`PinMismatch` unless ``der`` has fingerprint ``expected``.
+
+    The comparison is constant-time so a network observer learns nothing from
+    timing about how close a forged certificate came.
+    """
+    if der is None:
+        raise PinMismatch("peer presented no certificate")
+    got = fingerprint(der)
+    if not hmac.compare_digest(got.encode(), expected.encode()):
+        raise PinMismatch(f"peer certificate {got[:23]}… is not the pinned {expected[:23]}…")
+
+
+def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_CLIENT if purpose is ssl.Purpose.SERVER_AUTH else ssl.PROTOCOL_TLS_SERVER
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # Session tickets would be useless (every stream is a fresh pair of
+    # sockets) and their post-handshake messages only cost round trips.
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+def control_client_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """Context for dialing the server; the caller pins the server certificate itself.
+
+    Chain verification is off because the trust anchor is the pinned
+    fingerprint, checked with :func:`check_pin` right after the handshake and
+    before any secret (an auth key) is sent. TLS 1.3 still verifies the
+    server's CertificateVerify signature, so the peer must hold the key.
+    """
+    ctx = _base(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    ctx.set_alpn_protocols([ALPN_CONTROL])
+    return ctx
+
+
+def control_server_context(cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
+    """Context for the server's listener: a node certificate is optional (enrollment)."""
+    ctx = _base(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.load_verify_locations(cafile=str(ca_cert))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.set_alpn_protocols([ALPN_CONTROL])
+    return ctx
+
+
+def stream_context(*, server_side: bool, cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
+    """Context for an end-to-end stream: mutual auth, both chained to the network CA.
+
+    The per-stream pin (:func:`check_pin`) is applied after the handshake by the
+    caller, since one context serves every stream of a node.
+    """
+    ctx = _base(ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH)
+    if not server_side:
+        ctx.check_hostname = False
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.load_verify_locations(cafile=str(ca_cert))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols([ALPN_STREAM])
+    return ctx

@@ -1,0 +1,1 @@
+"""Access decisions: pure functions that return a verdict and a reason."""

@@ -1,0 +1,1 @@
+"""Sans-I/O protocol machines: bytes and ``now`` in, bytes and events out."""

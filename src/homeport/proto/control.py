@@ -1,0 +1,211 @@
+"""The control connection as a sans-I/O state machine (one per TLS connection).
+
+Theory of operation. The machine knows framing, message legality per state and
+keepalive timing; it knows nothing of sockets, TLS or the clock. The I/O shell
+(asyncio on the server and in the agent, blocking sockets in ``homeport nc``)
+does exactly this loop::
+
+    conn.receive_data(bytes_from_tls, now)      # b"" means the peer closed
+    while (ev := conn.next_event()) is not None: handle(ev)
+    conn.send(msg)                                # queue replies
+    tls.write(conn.data_to_send())
+    sleep until conn.get_timer(); conn.handle_timer(now)
+
+Keepalive: the client side sends PING every ``ping_interval`` seconds; both
+sides declare the link dead when nothing at all arrived for ``idle_timeout``
+seconds (default 3 missed pings: 15 s), instead of waiting for TCP's
+retransmission timeout of many minutes. PINGs are answered automatically and
+never surface as events.
+
+States (a table, as in h11)::
+
+    CLIENT: START --send HELLO/ENROLL--> WAIT_ANSWER --recv WELCOME/ENROLLED--> READY
+    SERVER: START --recv HELLO/ENROLL--> WAIT_ANSWER --send WELCOME/ENROLLED--> READY
+    any --ERROR or protocol violation or timeout or EOF--> CLOSED (sticky)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from homeport.wire import control as m
+from homeport.wire.errors import WireError
+from homeport.wire.frame import FrameDecoder
+
+DEFAULT_PING_INTERVAL = 5.0
+#: Three missed pings and the link is dead.
+DEFAULT_IDLE_TIMEOUT = 15.0
+#: Outgoing bytes we queue before declaring the peer too slow (a netmap burst fits).
+MAX_OUTGOING = 4 * 1024 * 1024
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    START = "start"
+    WAIT_ANSWER = "wait-answer"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+class LocalProtocolError(Exception):
+    """We (our own code) tried something the protocol forbids: a bug."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The connection is over; ``reason`` is for logs and users, ``code`` for tests."""
+
+    code: str
+    reason: str
+
+
+Event = MessageReceived | ConnectionClosed
+
+_OPENERS = (m.Hello, m.Enroll)
+_ANSWERS = (m.Welcome, m.Enrolled)
+
+
+class ControlConnection:
+    """One side of a control connection."""
+
+    def __init__(
+        self,
+        role: Role,
+        now: float,
+        *,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    ) -> None:
+        self.role = role
+        self.state = State.START
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._events: list[Event] = []
+        self._last_rx = now
+        self._next_ping = now + ping_interval
+        self._ping_seq = 0
+        self.close_reason: ConnectionClosed | None = None
+
+    # -- input -------------------------------------------------------------
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if self.state is State.CLOSED:
+            return
+        if not data:
+            self._close("eof", "connection closed by peer")
+            return
+        self._last_rx = now
+        try:
+            frames = self._decoder.feed_untrusted(data)
+            for msg_type, body in frames:
+                msg = m.decode_untrusted(msg_type, body)
+                self._on_message(msg)
+                if self.state is State.CLOSED:
+                    return
+        except WireError as exc:
+            self._close(f"protocol:{exc.code}", f"malformed control data: {exc}")
+
+    def _on_message(self, msg: m.Message) -> None:
+        if isinstance(msg, m.Ping):
+            self._queue(m.Pong(seq=msg.seq))
+            return
+        if isinstance(msg, m.Pong):
+            return
+        if isinstance(msg, m.Error):
+            self._events.append(MessageReceived(msg))
+            self._close(f"remote:{msg.code}", msg.message)
+            return
+        if self.role is Role.SERVER and self.state is State.START:
+            if not isinstance(msg, _OPENERS):
+                self._close("protocol:order", f"expected HELLO or ENROLL, got {msg.TYPE.name}")
+                return
+            self.state = State.WAIT_ANSWER
+        elif self.role is Role.CLIENT and self.state is State.WAIT_ANSWER:
+            if not isinstance(msg, _ANSWERS):
+                self._close("protocol:order", f"expected WELCOME or ENROLLED, got {msg.TYPE.name}")
+                return
+            self.state = State.READY
+        elif self.state is not State.READY and not (
+            self.role is Role.SERVER and self.state is State.WAIT_ANSWER
+        ):
+            self._close("protocol:order", f"unexpected {msg.TYPE.name} in state {self.state.value}")
+            return
+        self._events.append(MessageReceived(msg))
+
+    def next_event(self) -> Event | None:
+        """Pop the next event, or None."""
+        return self._events.pop(0) if self._events else None
+
+    # -- output ------------------------------------------------------------
+    def send(self, msg: m.Message) -> None:
+        """Queue ``msg``. Raises LocalProtocolError when the protocol forbids it now."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError(f"cannot send {msg.TYPE.name}: connection closed")
+        if self.role is Role.CLIENT and self.state is State.START:
+            if not isinstance(msg, _OPENERS):
+                raise LocalProtocolError("a client must open with HELLO or ENROLL")
+            self.state = State.WAIT_ANSWER
+        elif self.role is Role.SERVER and self.state is State.WAIT_ANSWER and isinstance(
+            msg, _ANSWERS
+        ):
+            self.state = State.READY
+        elif self.role is Role.SERVER and self.state is State.START:
+            if not isinstance(msg, m.Error):
+                raise LocalProtocolError("the server speaks only after the client's opener")
+        self._queue(msg)
+        if isinstance(msg, m.Error):
+            self._close(f"local:{msg.code}", msg.message)
+
+    def _queue(self, msg: m.Message) -> None:
+        self._out += m.encode(msg)
+        if len(self._out) > MAX_OUTGOING:
+            self._close("overflow", "peer is not reading; outgoing queue over its limit")
+
+    def data_to_send(self) -> bytes:
+        """Return and clear the bytes to write to the transport."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    # -- time --------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        """The next time :meth:`handle_timer` must run, or None once closed."""
+        if self.state is State.CLOSED:
+            return None
+        deadline = self._last_rx + self.idle_timeout
+        if self.role is Role.CLIENT:
+            return min(deadline, self._next_ping)
+        return deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Send a due PING; close when the peer has been silent too long."""
+        if self.state is State.CLOSED:
+            return
+        if now >= self._last_rx + self.idle_timeout:
+            self._close(
+                "timeout", f"no data from peer for {now - self._last_rx:.1f}s (keepalive)"
+            )
+            return
+        if self.role is Role.CLIENT and now >= self._next_ping:
+            self._ping_seq += 1
+            self._queue(m.Ping(seq=self._ping_seq))
+            self._next_ping = now + self.ping_interval
+
+    def _close(self, code: str, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.close_reason = ConnectionClosed(code, reason)
+        self._events.append(self.close_reason)

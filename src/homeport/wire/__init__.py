@@ -1,0 +1,1 @@
+"""Byte layouts of homeport's wire protocols. Pure: no sockets, no clocks, no logging."""

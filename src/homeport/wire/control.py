@@ -1,0 +1,351 @@
+"""Control messages between nodes/CLIs and the server, protocol version 1.
+
+Each message is one frame (see :mod:`homeport.wire.frame`) whose type byte is
+the message's :class:`MsgType` and whose body is a JSON object with the
+message's fields. Unknown keys are ignored (forward compatible); missing or
+mistyped keys are a :class:`WireError`.
+
+Message table (c = node or CLI, s = server)::
+
+    type  name         dir   when
+    0x01  HELLO        c→s   first frame of an authenticated connection (client cert)
+    0x02  WELCOME      s→c   answer to HELLO: who the server says we are
+    0x03  ENROLL       c→s   first frame of a certificate-less connection: auth key + CSR
+    0x04  ENROLLED     s→c   the signed node certificate and the network CA
+    0x05  ANNOUNCE     c→s   agent: the services it exposes and its sshd host keys
+    0x06  NETMAP       s→c   every node of the network (sent on change to agents)
+    0x07  NETMAP_REQ   c→s   ask for one NETMAP (CLI ``status``)
+    0x08  OPEN         c→s   open a stream to dst:service; token names our data connection
+    0x09  INCOMING     s→c   to the destination agent: accept a stream from src?
+    0x0a  ACCEPT       c→s   destination agent accepts; its data connection uses the token
+    0x0b  REJECT       c→s   destination agent refuses (code, message)
+    0x0c  OPENED       s→c   to the opener: the stream is accepted; pin this peer
+    0x0d  OPEN_FAILED  s→c   to the opener: unknown node, offline, not exposed, refused …
+    0x0e  PING         c↔s   keepalive; the peer answers PONG with the same seq
+    0x0f  PONG         c↔s
+    0x10  ERROR        s→c   fatal: the server closes the connection after this
+
+History: 1 (2026-11) first version.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import types
+import typing
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+from homeport.wire.errors import UnknownType, WireError
+from homeport.wire.frame import encode_frame
+
+PROTOCOL_VERSION = 1
+#: Longest string field we accept (PEM blobs and host key lines fit easily).
+MAX_STRING = 16 * 1024
+#: Most elements in any list field (nodes in a netmap, services, host keys).
+MAX_LIST = 4096
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 0x01
+    WELCOME = 0x02
+    ENROLL = 0x03
+    ENROLLED = 0x04
+    ANNOUNCE = 0x05
+    NETMAP = 0x06
+    NETMAP_REQ = 0x07
+    OPEN = 0x08
+    INCOMING = 0x09
+    ACCEPT = 0x0A
+    REJECT = 0x0B
+    OPENED = 0x0C
+    OPEN_FAILED = 0x0D
+    PING = 0x0E
+    PONG = 0x0F
+    ERROR = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """A service a node exposes: clients address it by name or by port."""
+
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """The other end of a stream, as the server vouches for it."""
+
+    node_id: str
+    name: str
+    fingerprint: str
+    host_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One row of the network map."""
+
+    node_id: str
+    name: str
+    online: bool
+    last_seen: float
+    fingerprint: str
+    services: tuple[ServiceInfo, ...] = ()
+    host_keys: tuple[str, ...] = ()
+    address: str = ""
+    path: str = ""
+
+
+class Message:
+    """Base of all control messages; subclasses are frozen dataclasses."""
+
+    TYPE: ClassVar[MsgType]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    proto: int
+    role: str  # "agent" (stays connected, receives streams) or "client" (one-shot)
+    software: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    TYPE: ClassVar[MsgType] = MsgType.WELCOME
+    proto: int
+    node_id: str
+    name: str
+    ping_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class Enroll(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ENROLL
+    proto: int
+    auth_key: str
+    name: str
+    csr_pem: str
+    software: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ENROLLED
+    node_id: str
+    name: str
+    cert_pem: str
+    ca_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Announce(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ANNOUNCE
+    services: tuple[ServiceInfo, ...]
+    host_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NetMap(Message):
+    TYPE: ClassVar[MsgType] = MsgType.NETMAP
+    self_id: str
+    nodes: tuple[NodeInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class NetMapRequest(Message):
+    TYPE: ClassVar[MsgType] = MsgType.NETMAP_REQ
+
+
+@dataclass(frozen=True, slots=True)
+class Open(Message):
+    TYPE: ClassVar[MsgType] = MsgType.OPEN
+    dst: str
+    service: str  # a service name ("ssh") or a port number as text ("22")
+    token: str  # hex of the 16-byte token our data connection will present
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming(Message):
+    TYPE: ClassVar[MsgType] = MsgType.INCOMING
+    stream_id: str
+    token: str  # the destination's data connection presents this token
+    src: PeerInfo
+    service: str  # the resolved service name
+
+
+@dataclass(frozen=True, slots=True)
+class Accept(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ACCEPT
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject(Message):
+    TYPE: ClassVar[MsgType] = MsgType.REJECT
+    stream_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Opened(Message):
+    TYPE: ClassVar[MsgType] = MsgType.OPENED
+    token: str
+    stream_id: str
+    peer: PeerInfo
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenFailed(Message):
+    TYPE: ClassVar[MsgType] = MsgType.OPEN_FAILED
+    token: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TYPE: ClassVar[MsgType] = MsgType.PING
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE: ClassVar[MsgType] = MsgType.PONG
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ERROR
+    code: str
+    message: str
+
+
+MESSAGES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Welcome,
+        Enroll,
+        Enrolled,
+        Announce,
+        NetMap,
+        NetMapRequest,
+        Open,
+        Incoming,
+        Accept,
+        Reject,
+        Opened,
+        OpenFailed,
+        Ping,
+        Pong,
+        Error,
+    )
+}
+
+T = TypeVar("T")
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
+    return value
+
+
+def encode(msg: Message) -> bytes:
+    """Return the frame for ``msg``."""
+    body = json.dumps(_to_json(msg), separators=(",", ":"), ensure_ascii=False).encode()
+    return encode_frame(msg.TYPE, body)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls)
+        hints.pop("TYPE", None)
+        _HINTS[cls] = hints
+    return hints
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check one decoded JSON value against a field annotation."""
+    origin = typing.get_origin(hint)
+    if hint is str:
+        if not isinstance(value, str):
+            raise WireError(f"{where}: expected a string")
+        if len(value) > MAX_STRING:
+            raise WireError(f"{where}: string longer than {MAX_STRING}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise WireError(f"{where}: expected a boolean")
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise WireError(f"{where}: expected an integer")
+        if not -(2**63) <= value < 2**63:
+            raise WireError(f"{where}: integer out of range")
+        return value
+    if hint is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise WireError(f"{where}: expected a number")
+        return float(value)
+    if origin is tuple:
+        (elem, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise WireError(f"{where}: expected a list")
+        if len(value) > MAX_LIST:
+            raise WireError(f"{where}: more than {MAX_LIST} elements")
+        return tuple(_coerce(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is types.UnionType or origin is typing.Union:
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner, where)
+    if isinstance(hint, type) and hasattr(hint, "__dataclass_fields__"):
+        return _from_obj(hint, value, where)
+    raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
+
+
+def _from_obj(cls: type[T], obj: Any, where: str) -> T:
+    if not isinstance(obj, dict):
+        raise WireError(f"{where}: expected an object")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in obj:
+            if f.default is not MISSING:  # has a default: optional on the wire
+                continue
+            raise WireError(f"{where}: missing field {f.name!r}")
+        kwargs[f.name] = _coerce(obj[f.name], _hints(cls)[f.name], f"{where}.{f.name}")
+    return cls(**kwargs)
+
+
+def decode_untrusted(msg_type: int, body: bytes) -> Message:
+    """Parse one frame's body into its message.
+
+    Raises:
+        UnknownType: the type byte names no message of this version.
+        WireError: the body is not a JSON object with the message's fields.
+    """
+    cls = MESSAGES.get(msg_type)
+    if cls is None:
+        raise UnknownType(f"unknown control message type 0x{msg_type:02x}")
+    if not body:
+        obj: Any = {}
+    else:
+        try:
+            obj = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise WireError(f"{cls.__name__}: body is not UTF-8 JSON") from exc
+    return _from_obj(cls, obj, cls.__name__)

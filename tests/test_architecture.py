@@ -1,0 +1,89 @@
+"""Layers point one way: pure code never imports I/O or the process packages.
+
+A 40-line stand-in for import-linter, in the spirit of tailscale's deptest.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "homeport"
+
+# lower number = lower layer; a module may import only from its layer or below
+LAYERS = {
+    "wire": 0,
+    "crypto": 0,
+    "policy": 0,
+    "proto": 1,
+    "store": 2,
+    "node": 2,
+    "io": 3,
+    "server": 4,
+    "agent": 4,
+    "client": 4,
+    "cli": 5,
+    "__main__": 5,
+    "testing": 5,
+}
+PURE = {"wire", "crypto", "policy", "proto"}
+IO_MODULES = {"asyncio", "socket", "selectors", "select", "time", "threading", "subprocess", "uvloop"}
+PROCESSES = {"server", "agent", "client"}
+# the ssh hot path must stay import-light
+HOT_PATH = ["client/nc.py", "io/pump.py", "io/dial.py", "crypto/tls.py", "node/state.py"]
+HEAVY = {"cryptography", "click", "asyncio", "uvloop", "sqlalchemy"}
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0].removesuffix(".py") if len(rel.parts) > 1 or rel.stem != "__init__" else ""
+
+
+def _imports(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(), str(path))
+    out: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.extend((a.name, node.lineno) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, node.lineno))
+    return out
+
+
+FILES = sorted(p for p in SRC.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_layering(path: Path) -> None:
+    pkg = _package(path)
+    if pkg not in LAYERS:
+        return
+    for name, line in _imports(path):
+        parts = name.split(".")
+        if parts[0] == "homeport" and len(parts) > 1:
+            target = parts[1]
+            if target in LAYERS:
+                assert LAYERS[target] <= LAYERS[pkg], f"{path.name}:{line} {pkg} -> {target}"
+                if pkg in PROCESSES and target in PROCESSES:
+                    assert target == pkg, f"{path.name}:{line}: process {pkg} imports {target}"
+        if pkg in PURE:
+            assert parts[0] not in IO_MODULES, f"{path.name}:{line}: pure {pkg} imports {name}"
+
+
+@pytest.mark.parametrize("rel", HOT_PATH)
+def test_hot_path_is_import_light(rel: str) -> None:
+    path = SRC / rel
+    if not path.exists():
+        pytest.skip(f"{rel} not written yet")
+    tree = ast.parse(path.read_text())
+    # only top-level imports count; lazy imports inside functions are the point
+    for node in tree.body:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        for name in names:
+            assert name.split(".")[0] not in HEAVY, f"{rel} imports {name} at module level"

@@ -1,0 +1,138 @@
+"""The control-connection machine, tested as an in-memory pair with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from homeport.proto.control import (
+    ConnectionClosed,
+    ControlConnection,
+    LocalProtocolError,
+    MessageReceived,
+    Role,
+    State,
+)
+from homeport.wire import control as m
+
+
+def transfer(a: ControlConnection, b: ControlConnection, now: float) -> list[object]:
+    """Move a's pending bytes into b and return b's events."""
+    data = a.data_to_send()
+    if data:
+        b.receive_data(data, now)
+    events: list[object] = []
+    while (ev := b.next_event()) is not None:
+        events.append(ev)
+    return events
+
+
+def pair(now: float = 0.0) -> tuple[ControlConnection, ControlConnection]:
+    return ControlConnection(Role.CLIENT, now), ControlConnection(Role.SERVER, now)
+
+
+def test_hello_welcome_then_ready() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent"))
+    assert transfer(c, s, 0.1) == [MessageReceived(m.Hello(proto=1, role="agent"))]
+    s.send(m.Welcome(proto=1, node_id="n1", name="labpc", ping_interval=5.0))
+    assert [type(e) for e in transfer(s, c, 0.2)] == [MessageReceived]
+    assert c.state is State.READY and s.state is State.READY
+
+
+def test_pipelined_open_before_welcome_is_accepted_by_server() -> None:
+    """nc sends HELLO and OPEN back to back to save a round trip."""
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="client"))
+    # the client may not send OPEN before WELCOME by state, so nc queues raw frames
+    raw = c.data_to_send() + m.encode(m.Open(dst="labpc", service="22", token="00" * 16))
+    s.receive_data(raw, 0.0)
+    kinds = [type(e.message) for e in iter(s.next_event, None) if isinstance(e, MessageReceived)]
+    assert kinds == [m.Hello, m.Open]
+
+
+def test_server_rejects_non_opener_first() -> None:
+    _, s = pair()
+    s.receive_data(m.encode(m.Open(dst="x", service="22", token="00" * 16)), 0.0)
+    ev = s.next_event()
+    assert isinstance(ev, ConnectionClosed) and ev.code == "protocol:order"
+    assert s.state is State.CLOSED
+
+
+def test_client_must_open_with_hello_or_enroll() -> None:
+    c, _ = pair()
+    with pytest.raises(LocalProtocolError):
+        c.send(m.Ping(seq=1))
+
+
+def test_ping_answered_automatically_and_not_surfaced() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent"))
+    transfer(c, s, 0.0)
+    s.send(m.Welcome(proto=1, node_id="n", name="a", ping_interval=5))
+    transfer(s, c, 0.0)
+    c.handle_timer(5.0)  # ping due
+    assert transfer(c, s, 5.0) == []  # PING is not an event
+    assert transfer(s, c, 5.0) == []  # PONG is not an event
+    assert c.state is State.READY
+
+
+def test_client_ping_schedule_and_dead_link_detection() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent"))
+    transfer(c, s, 0.0)
+    assert c.get_timer() == 5.0
+    c.handle_timer(5.0)
+    assert c.get_timer() == 10.0
+    # the server never answers: after 15 s of silence the link is declared dead
+    c.handle_timer(10.0)
+    c.handle_timer(15.0)
+    ev = [e for e in iter(c.next_event, None)]
+    assert isinstance(ev[-1], ConnectionClosed) and ev[-1].code == "timeout"
+    assert c.get_timer() is None
+
+
+def test_server_idle_timeout_marks_peer_gone() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent"))
+    transfer(c, s, 1.0)
+    s.next_event()
+    assert s.get_timer() == 16.0
+    s.handle_timer(15.9)
+    assert s.state is not State.CLOSED
+    s.handle_timer(16.0)
+    assert s.state is State.CLOSED
+
+
+def test_error_message_closes_and_is_surfaced() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent"))
+    transfer(c, s, 0.0)
+    s.send(m.Error(code="node-removed", message="removed by an admin"))
+    assert s.state is State.CLOSED
+    events = transfer(s, c, 0.0)
+    assert events[0] == MessageReceived(m.Error(code="node-removed", message="removed by an admin"))
+    assert isinstance(events[1], ConnectionClosed) and events[1].code == "remote:node-removed"
+
+
+def test_garbage_closes_with_reason() -> None:
+    _, s = pair()
+    s.receive_data(b"\x00\x00\x00\x02\xee{", 0.0)
+    ev = s.next_event()
+    assert isinstance(ev, ConnectionClosed) and ev.code.startswith("protocol:")
+    # further input is ignored, no exception
+    s.receive_data(b"more", 0.0)
+
+
+def test_eof_closes() -> None:
+    c, _ = pair()
+    c.send(m.Hello(proto=1, role="client"))
+    c.receive_data(b"", 1.0)
+    ev = c.next_event()
+    assert isinstance(ev, ConnectionClosed) and ev.code == "eof"
+
+
+def test_send_after_close_is_a_local_error() -> None:
+    c, _ = pair()
+    c.receive_data(b"", 0.0)
+    with pytest.raises(LocalProtocolError):
+        c.send(m.Hello(proto=1, role="client"))
