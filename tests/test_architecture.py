@@ -29,7 +29,16 @@ LAYERS = {
     "testing": 5,
 }
 PURE = {"wire", "crypto", "policy", "proto"}
-IO_MODULES = {"asyncio", "socket", "selectors", "select", "time", "threading", "subprocess", "uvloop"}
+IO_MODULES = {
+    "asyncio",
+    "socket",
+    "selectors",
+    "select",
+    "time",
+    "threading",
+    "subprocess",
+    "uvloop",
+}
 PROCESSES = {"server", "agent", "client"}
 # the ssh hot path must stay import-light
 HOT_PATH = ["client/nc.py", "io/pump.py", "io/dial.py", "crypto/tls.py", "node/state.py"]

@@ -29,9 +29,12 @@ pytestmark = [
 ]
 
 
-def _ssh(sshd: SshdServer, *argv: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def _ssh(
+    sshd: SshdServer, *argv: str, known_hosts: Path | None = None, alias: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    extra = ["-o", f"HostKeyAlias={alias}"] if alias else []
     return subprocess.run(
-        [*sshd.ssh_base_args(), *extra, "-p", str(sshd.port), sshd.host, *argv],
+        [*sshd.ssh_base_args(known_hosts), *extra, "-p", str(sshd.port), sshd.host, *argv],
         capture_output=True,
         text=True,
         timeout=60,
@@ -78,14 +81,13 @@ def test_pinned_alias_accepted_and_wrong_key_rejected(tmp_path: Path) -> None:
     with make_sshd(tmp_path / "sshd") as sshd:
         pinned = tmp_path / "known_hosts_alias"
         pinned.write_text(sshd.known_hosts_line("node-a"))
-        alias = ("-o", "HostKeyAlias=node-a", "-o", f"UserKnownHostsFile={pinned}")
-        ok = _ssh(sshd, "echo", "ok", extra=alias)
+        ok = _ssh(sshd, "echo", "ok", known_hosts=pinned, alias="node-a")
         assert ok.returncode == 0, ok.stderr
         assert ok.stdout == "ok\n"
 
         other = make_sshd(tmp_path / "other")  # different host keys, never started
         pinned.write_text(other.known_hosts_line("node-a"))
-        bad = _ssh(sshd, "echo", "ok", extra=alias)
+        bad = _ssh(sshd, "echo", "ok", known_hosts=pinned, alias="node-a")
         assert bad.returncode == 255
         assert bad.stdout == ""
         assert "verification failed" in bad.stderr or "CHANGED" in bad.stderr
@@ -111,6 +113,26 @@ def test_bad_extra_config_is_reported(tmp_path: Path) -> None:
     assert sshd.process is None
 
 
+def _as_user(user: str) -> list[str]:
+    # Through `env`: setpriv itself may resolve an inaccessible path
+    # differently from how the unprivileged process would.
+    return ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", "env"]
+
+
+def _python_for(user: str) -> str:
+    """A Python >= 3.11 that ``user`` may execute (root's pyenv build often is not)."""
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        probe = subprocess.run(
+            [*_as_user(user), candidate, "-c", "import sys; assert sys.version_info >= (3, 11)"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return candidate
+    pytest.skip(f"no Python >= 3.11 executable by {user}")
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv to drop privileges",
@@ -122,6 +144,7 @@ def test_starts_unprivileged() -> None:
     'nobody', is locked, and with UsePAM off sshd refuses locked accounts.
     """
     src = str(Path(homeport.__file__).resolve().parents[1])
+    python = _python_for("nobody")
     script = (
         "import sys; from pathlib import Path; from homeport.testing.sshd import make_sshd\n"
         "s = make_sshd(Path(sys.argv[1]))\n"
@@ -140,14 +163,10 @@ def test_starts_unprivileged() -> None:
         shutil.chown(workdir, "nobody", "nogroup")
         proc = subprocess.run(
             [
-                "setpriv",
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "env",
+                *_as_user("nobody"),
                 f"PYTHONPATH={src}",
                 f"HOME={tmp}",
-                sys.executable,
+                python,
                 "-c",
                 script,
                 str(workdir),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -35,10 +36,8 @@ def test_preamble_malformed(raw: bytes, exc: type[Exception]) -> None:
 
 @given(st.binary(max_size=40))
 def test_preamble_fuzz(raw: bytes) -> None:
-    try:
+    with contextlib.suppress(WireError):
         data.parse_preamble_untrusted(raw)
-    except WireError:
-        pass
 
 
 def test_first_byte_distinguishes_tls_from_data() -> None:
@@ -54,7 +53,13 @@ def test_authkey_round_trip_and_redaction() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "hpk1_", "hpk2_0123456789ab_" + "f" * 32 + "_" + "a" * 64, "hpk1_0123456789AB_" + "f" * 32 + "_" + "a" * 64]
+    "text",
+    [
+        "",
+        "hpk1_",
+        "hpk2_0123456789ab_" + "f" * 32 + "_" + "a" * 64,
+        "hpk1_0123456789AB_" + "f" * 32 + "_" + "a" * 64,
+    ],
 )
 def test_authkey_malformed(text: str) -> None:
     with pytest.raises(WireError):
@@ -75,7 +80,13 @@ SVC = (Service("ssh", 22, "127.0.0.1", 2222), Service("jupyter", 8888, "127.0.0.
 
 @pytest.mark.parametrize(
     ("requested", "allowed", "name"),
-    [("ssh", True, "ssh"), ("22", True, "ssh"), ("8888", True, "jupyter"), ("2222", False, None), ("80", False, None)],
+    [
+        ("ssh", True, "ssh"),
+        ("22", True, "ssh"),
+        ("8888", True, "jupyter"),
+        ("2222", False, None),
+        ("80", False, None),
+    ],
 )
 def test_resolve_table(requested: str, allowed: bool, name: str | None) -> None:
     v = resolve(SVC, requested)
@@ -100,7 +111,9 @@ def test_parse_expose(spec: str, expected: Service) -> None:
     assert parse_expose(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["ssh", "=1.2.3.4:5", "a=b", "a=h:0", "a=h:x", "a b=h:1", "22=h:1"])
+@pytest.mark.parametrize(
+    "spec", ["ssh", "=1.2.3.4:5", "a=b", "a=h:0", "a=h:x", "a b=h:1", "22=h:1"]
+)
 def test_parse_expose_errors(spec: str) -> None:
     with pytest.raises(ValueError):
         parse_expose(spec)

@@ -54,7 +54,9 @@ def parse_expose(spec: str) -> Service:
     if not 0 < port < 65536:
         raise ValueError(f"--expose {spec!r}: port {port} out of range")
     host = host.strip("[]")
-    return Service(name=name, port=SSH_PORT if name == SSH_NAME else port, target_host=host, target_port=port)
+    return Service(
+        name=name, port=SSH_PORT if name == SSH_NAME else port, target_host=host, target_port=port
+    )
 
 
 def resolve(services: tuple[Service, ...] | list[Service], requested: str) -> Verdict:

@@ -98,6 +98,11 @@ class ControlConnection:
         self._ping_seq = 0
         self.close_reason: ConnectionClosed | None = None
 
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is over (sticky)."""
+        return self.state is State.CLOSED
+
     # -- input -------------------------------------------------------------
     def receive_data(self, data: bytes, now: float) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
@@ -112,7 +117,7 @@ class ControlConnection:
             for msg_type, body in frames:
                 msg = m.decode_untrusted(msg_type, body)
                 self._on_message(msg)
-                if self.state is State.CLOSED:
+                if self.closed:
                     return
         except WireError as exc:
             self._close(f"protocol:{exc.code}", f"malformed control data: {exc}")
@@ -157,13 +162,16 @@ class ControlConnection:
             if not isinstance(msg, _OPENERS):
                 raise LocalProtocolError("a client must open with HELLO or ENROLL")
             self.state = State.WAIT_ANSWER
-        elif self.role is Role.SERVER and self.state is State.WAIT_ANSWER and isinstance(
-            msg, _ANSWERS
+        elif (
+            self.role is Role.SERVER
+            and self.state is State.WAIT_ANSWER
+            and isinstance(msg, _ANSWERS)
         ):
             self.state = State.READY
-        elif self.role is Role.SERVER and self.state is State.START:
-            if not isinstance(msg, m.Error):
-                raise LocalProtocolError("the server speaks only after the client's opener")
+        elif (
+            self.role is Role.SERVER and self.state is State.START and not isinstance(msg, m.Error)
+        ):
+            raise LocalProtocolError("the server speaks only after the client's opener")
         self._queue(msg)
         if isinstance(msg, m.Error):
             self._close(f"local:{msg.code}", msg.message)
@@ -194,9 +202,7 @@ class ControlConnection:
         if self.state is State.CLOSED:
             return
         if now >= self._last_rx + self.idle_timeout:
-            self._close(
-                "timeout", f"no data from peer for {now - self._last_rx:.1f}s (keepalive)"
-            )
+            self._close("timeout", f"no data from peer for {now - self._last_rx:.1f}s (keepalive)")
             return
         if self.role is Role.CLIENT and now >= self._next_ping:
             self._ping_seq += 1

@@ -26,6 +26,9 @@ Caveats (deliberately not worked around):
   from exercising what a real user gets.
 * Only the current user can log in: run unprivileged, sshd cannot switch users;
   run as root it can, but the key is only authorized for the current user.
+  With ``UsePAM no`` sshd refuses *locked* accounts (shadow password starting
+  with ``!``), even for key logins; e.g. the ``nobody`` that nss-systemd
+  synthesizes is locked, so sshd starts as ``nobody`` but nobody can log in.
 * As root, sshd insists on its privilege-separation directory ``/run/sshd``; it
   is created (mode 0755) if missing, which is the only change outside
   ``workdir``.  The ``sshd`` system user must exist (the Debian package adds it).
@@ -280,14 +283,22 @@ class SshdServer:
             proc.kill()
             proc.wait(timeout=5.0)
 
-    def ssh_base_args(self) -> list[str]:
+    def ssh_base_args(self, known_hosts: Path | None = None) -> list[str]:
         """An ``ssh`` argv prefix that reaches this server and nothing else.
 
         ``-F /dev/null`` and the explicit known-hosts files keep the user's and
         the system's ssh configuration out of tests; ``StrictHostKeyChecking``
         is on so a test fails if the wrong server answers.  Append ``-p PORT``,
         the host and the command.
+
+        ssh keeps the *first* value it sees for an option, so ``-o`` options
+        appended after this prefix cannot override these.  To pin the host
+        keys under another name (e.g. reaching this sshd through the relay),
+        pass ``known_hosts`` (a file written from :meth:`known_hosts_line`);
+        it defaults to ``<workdir>/known_hosts_direct``.
         """
+        if known_hosts is None:
+            known_hosts = self.known_hosts_path
         return [
             "ssh",
             "-F",
@@ -301,7 +312,7 @@ class SshdServer:
             "-o",
             "LogLevel=ERROR",
             "-o",
-            f"UserKnownHostsFile={self.known_hosts_path}",
+            f"UserKnownHostsFile={known_hosts}",
             "-o",
             "GlobalKnownHostsFile=/dev/null",
             "-o",
