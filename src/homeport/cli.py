@@ -1,8 +1,8 @@
 """The ``homeport`` command line (click). Subcommands live with their process:
 
 * server side: :mod:`homeport.server.cli` — ``server``, ``keys``, ``nodes``
-* node side:   :mod:`homeport.client.cli` — ``up``, ``status``, ``nc``, ``ssh``,
-  ``ssh-config``, ``forward``, ``service``
+* node side:   :mod:`homeport.agent.cli` — ``up``; :mod:`homeport.client.cli` —
+  ``status``, ``nc``, ``ssh``, ``ssh-config``, ``forward``, ``service``
 
 Command modules must import heavy dependencies inside the command functions so
 ``homeport --help`` stays quick.
@@ -22,10 +22,12 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from homeport.agent.cli import register as register_agent
     from homeport.client.cli import register as register_client
     from homeport.server.cli import register as register_server
 
     register_server(cli)
+    register_agent(cli)
     register_client(cli)
 
 

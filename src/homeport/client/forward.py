@@ -1,0 +1,183 @@
+"""``homeport forward [--bind ADDR] LOCALPORT NODE:PORT|NODE:SERVICE``: a local port, tunneled.
+
+Each accepted local connection opens its own end-to-end stream (so one slow
+connection never stalls another) and is pumped in its own thread, at most
+:data:`MAX_CONNECTIONS` at once. One line per connection is printed (or one
+JSON object per line with ``--json``). Ctrl-C stops accepting and cancels the
+pumps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from homeport.io.dial import DialError, open_stream
+from homeport.io.pump import pump
+from homeport.node.state import NodeState
+
+#: Concurrent forwarded connections; beyond this, new ones are closed at once.
+MAX_CONNECTIONS = 256
+#: listen(2) backlog.
+LISTEN_BACKLOG = 128
+#: Seconds ``stop()`` waits for running pumps after cancelling them.
+STOP_GRACE = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardSpec:
+    node: str
+    service: str  # a port number as text, or a service name
+
+
+def parse_target(text: str) -> ForwardSpec:
+    """Parse ``NODE:PORT`` or ``NODE:SERVICE``.
+
+    Raises:
+        ValueError: with a user-facing message.
+    """
+    node, sep, service = text.rpartition(":")
+    if not sep or not node or not service:
+        raise ValueError(f"{text!r}: expected NODE:PORT or NODE:SERVICE, e.g. labpc:8888")
+    if service.isdigit():
+        if not 0 < int(service) < 65536:
+            raise ValueError(f"{text!r}: port out of range")
+    elif not service.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"{text!r}: bad service name")
+    return ForwardSpec(node, service)
+
+
+class Forwarder:
+    """A listening socket whose connections are tunneled to one node's service."""
+
+    def __init__(
+        self,
+        state: NodeState,
+        spec: ForwardSpec,
+        bind: str,
+        port: int,
+        *,
+        report: Callable[[dict[str, object]], None] | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.state = state
+        self.spec = spec
+        self.timeout = timeout
+        self.report = report or (lambda event: None)
+        infos = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(addr)
+        self.listener.listen(LISTEN_BACKLOG)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._cancel_r, self._cancel_w = os.pipe()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Accept until :meth:`stop` (or KeyboardInterrupt in the caller)."""
+        while not self._stopped.is_set():
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                if self._stopped.is_set():
+                    return
+                raise
+            with self._lock:
+                busy = len(self._threads) >= MAX_CONNECTIONS
+                if not busy:
+                    t = threading.Thread(
+                        target=self._handle, args=(conn, peer), name="forward", daemon=True
+                    )
+                    self._threads.add(t)
+            if busy:
+                self.report({"event": "refused", "from": _addr(peer), "reason": "too many"})
+                conn.close()
+            else:
+                t.start()
+
+    def _handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        src = _addr(peer)
+        dst = f"{self.spec.node}:{self.spec.service}"
+        try:
+            try:
+                stream = open_stream(
+                    self.state, self.spec.node, self.spec.service, timeout=self.timeout
+                )
+            except DialError as exc:
+                self.report({"event": "failed", "from": src, "to": dst, "reason": exc.message})
+                return
+            self.report({"event": "open", "from": src, "to": dst, "peer": stream.opened.peer.name})
+            res = pump(stream.tls, conn.fileno(), conn.fileno(), cancel_fd=self._cancel_r)
+            self.report(
+                {
+                    "event": "closed",
+                    "from": src,
+                    "to": dst,
+                    "ok": res.ok,
+                    "reason": res.reason,
+                    "sent": res.sent,
+                    "received": res.received,
+                }
+            )
+        finally:
+            conn.close()
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def stop(self) -> None:
+        """Stop accepting, cancel running pumps, wait briefly for them."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        os.write(self._cancel_w, b"x")
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(STOP_GRACE)
+        os.close(self._cancel_r)
+        os.close(self._cancel_w)
+
+
+def _addr(peer: tuple[str, int]) -> str:
+    return f"{peer[0]}:{peer[1]}"
+
+
+def format_event(event: dict[str, object]) -> str:
+    """One human line per connection event."""
+    kind = event.get("event")
+    src, dst = event.get("from"), event.get("to")
+    if kind == "listening":
+        return f"forwarding {event.get('listen')} → {dst} (Ctrl-C to stop)"
+    if kind == "open":
+        return f"{src} → {dst}: connected to {event.get('peer')}"
+    if kind == "closed":
+        verdict = "closed" if event.get("ok") else f"failed: {event.get('reason')}"
+        return (
+            f"{src} → {dst}: {verdict} ({event.get('sent')} bytes up, {event.get('received')} down)"
+        )
+    if kind == "failed":
+        return f"{src} → {dst}: failed: {event.get('reason')}"
+    return f"{src}: {kind}: {event.get('reason', '')}"
+
+
+def printer(as_json: bool) -> Callable[[dict[str, object]], None]:
+    lock = threading.Lock()
+
+    def report(event: dict[str, object]) -> None:
+        line = json.dumps(event) if as_json else format_event(event)
+        with lock:
+            print(line, file=sys.stdout, flush=True)
+
+    return report

@@ -1,0 +1,130 @@
+"""``homeport service install``: a systemd unit that keeps the agent (or server) running.
+
+``Restart=always`` with a short ``RestartSec`` because the agent exits only
+when it must (a removed node exits non-zero — systemd then retries every few
+seconds and logs the clear reason each time, which is what an admin looks
+for), and ``network-online.target`` only orders the start: the agent itself
+survives booting before the network.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+AGENT_UNIT = "homeport-agent.service"
+SERVER_UNIT = "homeport-server.service"
+SYSTEM_DIR = Path("/etc/systemd/system")
+DEFAULT_LISTEN = "0.0.0.0:8443"
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPlan:
+    """Where a unit goes, what it says, and how to turn it on."""
+
+    name: str
+    path: Path
+    text: str
+    enable_command: str
+    system: bool
+
+
+def homeport_command() -> list[str]:
+    """Absolute command that runs homeport: the ``homeport`` script, else ``python -m``."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "homeport" and argv0.exists():
+        return [str(argv0.resolve())]
+    found = shutil.which("homeport")
+    if found:
+        return [str(Path(found).resolve())]
+    return [sys.executable, "-m", "homeport"]
+
+
+def unit_text(
+    *,
+    server: bool,
+    command: list[str],
+    directory: Path,
+    listen: str = DEFAULT_LISTEN,
+    user: str | None = None,
+    system: bool = True,
+    pythonpath: str | None = None,
+) -> str:
+    """The unit file text (pure: tests check it)."""
+    if server:
+        args = [*command, "server", "--data", str(directory), "--listen", listen]
+        description = "homeport server (coordinator and relay)"
+    else:
+        args = [*command, "up", "--state", str(directory)]
+        description = "homeport agent"
+    lines = [
+        "[Unit]",
+        f"Description={description}",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"ExecStart={shlex.join(args)}",
+        "Restart=always",
+        "RestartSec=2",
+    ]
+    if user and system:
+        lines.append(f"User={user}")
+    if pythonpath:
+        lines.append(f"Environment={shlex.quote('PYTHONPATH=' + pythonpath)}")
+    lines += [
+        "",
+        "[Install]",
+        f"WantedBy={'multi-user.target' if system else 'default.target'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plan(
+    *,
+    server: bool,
+    directory: Path,
+    listen: str = DEFAULT_LISTEN,
+    user: str | None = None,
+    system: bool | None = None,
+    command: list[str] | None = None,
+    pythonpath: str | None = None,
+) -> UnitPlan:
+    """Decide unit name, location (system when root, else user) and enable command."""
+    system = os.geteuid() == 0 if system is None else system
+    name = SERVER_UNIT if server else AGENT_UNIT
+    if system:
+        path = SYSTEM_DIR / name
+        enable = f"systemctl daemon-reload && systemctl enable --now {name}"
+    else:
+        config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        path = config / "systemd" / "user" / name
+        enable = (
+            f"systemctl --user daemon-reload && systemctl --user enable --now {name}"
+            f" && loginctl enable-linger {shlex.quote(os.environ.get('USER', '$USER'))}"
+        )
+    text = unit_text(
+        server=server,
+        command=command or homeport_command(),
+        directory=directory,
+        listen=listen,
+        user=user,
+        system=system,
+        pythonpath=pythonpath,
+    )
+    return UnitPlan(name=name, path=path, text=text, enable_command=enable, system=system)
+
+
+def install(p: UnitPlan) -> None:
+    """Write the unit file (0644), creating its directory."""
+    p.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.path.with_name(p.path.name + ".tmp")
+    tmp.write_text(p.text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, p.path)

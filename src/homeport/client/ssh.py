@@ -1,0 +1,117 @@
+"""``homeport ssh NAME [ssh args…]`` and ``homeport ssh-config``: plain OpenSSH, routed.
+
+Both produce the same four options:
+
+* ``ProxyCommand <python> -m homeport nc --state <abs state> %h %p`` — the
+  current interpreter, so a virtualenv install works without ``homeport`` on PATH;
+* ``UserKnownHostsFile <state>/known_hosts/%h`` — ``nc`` writes the peer's host
+  keys (vouched for by the server, checked end to end) to exactly this file
+  before ssh reads a byte. ``%h`` rather than ``%n``: it is the name ``nc`` is
+  given, so the file ssh reads is always the one ``nc`` wrote, even when a
+  ``HostName`` line rewrites the name (OpenSSH 9.2 expands both tokens here);
+* ``StrictHostKeyChecking yes`` — no trust-on-first-use prompt, no silent change;
+* ``UpdateHostKeys no`` — ssh must not add keys to a file ``nc`` owns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from homeport.node.state import KNOWN_HOSTS_DIR
+
+
+def package_root() -> str:
+    """The directory that contains the ``homeport`` package (for PYTHONPATH)."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+def needs_pythonpath() -> bool:
+    """True when homeport is importable only thanks to $PYTHONPATH (a source checkout)."""
+    root = package_root()
+    return root in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+
+
+def proxy_command(
+    state_dir: Path, python: str | None = None, *, pythonpath: str | None = None
+) -> str:
+    """The ProxyCommand; ``pythonpath`` prefixes ``env PYTHONPATH=…`` (for ssh_config files)."""
+    exe = python or sys.executable
+    words = [shlex.quote(exe), "-m", "homeport", "nc", "--state", shlex.quote(str(state_dir))]
+    if pythonpath:
+        words = ["env", shlex.quote(f"PYTHONPATH={pythonpath}"), *words]
+    return " ".join([*words, "%h", "%p"])
+
+
+def ssh_options(
+    state_dir: Path, python: str | None = None, *, pythonpath: str | None = None
+) -> list[tuple[str, str]]:
+    """The (keyword, value) pairs that route ssh through homeport."""
+    kh = state_dir / KNOWN_HOSTS_DIR / "%h"
+    return [
+        ("ProxyCommand", proxy_command(state_dir, python, pythonpath=pythonpath)),
+        ("UserKnownHostsFile", str(kh)),
+        ("StrictHostKeyChecking", "yes"),
+        ("UpdateHostKeys", "no"),
+    ]
+
+
+def ssh_argv(
+    name: str, args: list[str], state_dir: Path, *, python: str | None = None, ssh: str = "ssh"
+) -> list[str]:
+    """The argv ``homeport ssh`` execs: options first, then NAME, then the user's args."""
+    argv = [ssh]
+    for key, value in ssh_options(state_dir, python):
+        argv += ["-o", f"{key}={value}"]
+    return [*argv, name, *args]
+
+
+def ssh_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    """ssh's environment: make ``python -m homeport`` importable in the ProxyCommand.
+
+    A checkout run with PYTHONPATH=src (or an editable install) works the same as
+    a regular install; ssh does not forward PYTHONPATH to the remote host.
+    """
+    env = dict(os.environ if base is None else base)
+    root = package_root()
+    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        env["PYTHONPATH"] = os.pathsep.join([root, *parts])
+    return env
+
+
+def exec_ssh(name: str, args: list[str], state_dir: Path) -> None:
+    """Replace this process with ssh (never returns on success)."""
+    argv = ssh_argv(name, args, state_dir)
+    os.execvpe(argv[0], argv, ssh_environment())  # noqa: S606 - exec ssh, no shell
+
+
+def _quote_config(value: str) -> str:
+    return f'"{value}"' if any(c.isspace() for c in value) and '"' not in value else value
+
+
+def _config_pythonpath() -> str | None:
+    return package_root() if needs_pythonpath() else None
+
+
+def ssh_config_block(names: list[str], state_dir: Path, *, python: str | None = None) -> str:
+    """A ``Host`` block for ~/.ssh/config covering ``names`` (the network's nodes)."""
+    if not names:
+        return "# no nodes in this homeport network yet\n"
+    lines = [f"# homeport: nodes of this network (state {state_dir})", "Host " + " ".join(names)]
+    for key, value in ssh_options(state_dir, python, pythonpath=_config_pythonpath()):
+        lines.append(f"    {key} {_quote_config(value) if key != 'ProxyCommand' else value}")
+    return "\n".join(lines) + "\n"
+
+
+def ssh_config_json(names: list[str], state_dir: Path, *, python: str | None = None) -> str:
+    return json.dumps(
+        {
+            "hosts": names,
+            "options": dict(ssh_options(state_dir, python, pythonpath=_config_pythonpath())),
+        },
+        indent=2,
+    )

@@ -1,0 +1,443 @@
+"""Blocking dialer: control connections, stream opening and enrollment.
+
+Used by the short-lived commands (``nc``, ``status``, ``forward``, ``up``'s
+enrollment) and by the agent's per-stream worker threads. Standard library only
+and import-light: ``homeport nc`` runs this on every ``ssh`` and must add at most
+a few tens of milliseconds over plain ``nc`` (no asyncio, click or cryptography
+— enrollment imports :mod:`homeport.node.keys` lazily).
+
+Security order, everywhere: TLS handshake → :func:`~homeport.crypto.tls.check_pin`
+on the server certificate → only then the first byte of ours (HELLO, or ENROLL
+with the auth key secret).
+
+Every failure is a :class:`DialError` with a stable ``code`` (for tests and
+scripts) and a ``message`` fit for a one-line error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from homeport import __version__
+from homeport.crypto import tls as hptls
+from homeport.io import tlsstream
+from homeport.io.pump import tune_socket
+from homeport.io.tlsstream import TlsStream
+from homeport.node import state as node_state
+from homeport.node.state import NodeState
+from homeport.proto.control import ConnectionClosed, ControlConnection, MessageReceived, Role
+from homeport.wire import control as m
+from homeport.wire.data import encode_preamble, new_token
+
+#: Default seconds for one dial (TCP connect + TLS + answer).
+DEFAULT_TIMEOUT = 10.0
+#: Bytes read from the control connection per recv.
+CONTROL_READ_SIZE = 64 * 1024
+SOFTWARE = f"homeport/{__version__}"
+
+#: Codes meaning "try again later" (network, server restarting), as opposed to
+#: answers that will not change by retrying (bad auth key, unknown node).
+RETRIABLE_CODES = frozenset({"unreachable", "timeout", "eof", "tls", "server-busy"})
+
+
+class DialError(Exception):
+    """A dial failed; ``code`` is stable, ``message`` is user-facing."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def retriable(self) -> bool:
+        return self.code in RETRIABLE_CODES
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# -- sockets ---------------------------------------------------------------------
+
+
+def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """The first address of ``host:port`` (resolved once, shared by control and data)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DialError("unreachable", f"cannot resolve server {host}: {exc.strerror}") from exc
+    family, _, _, _, addr = infos[0]
+    return family, (str(addr[0]), int(addr[1]))
+
+
+def _connect(
+    family: socket.AddressFamily, addr: tuple[str, int], deadline: float, what: str
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        sock.connect(addr)
+    except TimeoutError as exc:
+        sock.close()
+        raise DialError("unreachable", f"{what} {addr[0]}:{addr[1]} timed out") from exc
+    except OSError as exc:
+        sock.close()
+        raise DialError(
+            "unreachable", f"cannot reach {what} {addr[0]}:{addr[1]}: {exc.strerror or exc}"
+        ) from exc
+    tune_socket(sock)
+    return sock
+
+
+def _tls_client(
+    sock: socket.socket, ctx: ssl.SSLContext, deadline: float, pin: str, what: str
+) -> ssl.SSLSocket:
+    """TLS client handshake + pin check, closing ``sock`` on failure."""
+    try:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        tls = ctx.wrap_socket(sock, server_hostname=None, suppress_ragged_eofs=False)
+    except TimeoutError as exc:
+        sock.close()
+        raise DialError("timeout", f"TLS handshake with {what} timed out") from exc
+    except ssl.SSLError as exc:
+        sock.close()
+        raise DialError("tls", f"TLS handshake with {what} failed: {exc.reason or exc}") from exc
+    except OSError as exc:
+        sock.close()
+        raise DialError("unreachable", f"TLS handshake with {what} failed: {exc}") from exc
+    try:
+        hptls.check_pin(tls.getpeercert(binary_form=True), pin)
+    except hptls.PinMismatch as exc:
+        tls.close()
+        raise DialError("pin-mismatch", f"{what} is not the expected one ({exc})") from exc
+    return tls
+
+
+def e2e_handshake(
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    server_side: bool,
+    expected_pin: str,
+    peer_name: str,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> TlsStream:
+    """Run the end-to-end TLS handshake through the relay and pin the peer.
+
+    Both sides require a certificate chained to the network CA (the context)
+    *and* exactly the fingerprint the server named for this stream, so a
+    compromised relay can neither read nor impersonate. Closes ``sock`` on failure.
+    """
+    try:
+        stream = tlsstream.handshake(sock, ctx, server_side=server_side, timeout=timeout)
+    except TimeoutError as exc:
+        sock.close()
+        raise DialError("timeout", f"secure handshake with {peer_name} timed out") from exc
+    except ssl.SSLError as exc:
+        sock.close()
+        raise DialError(
+            "e2e-tls", f"secure handshake with {peer_name} failed: {exc.reason or exc}"
+        ) from exc
+    except OSError as exc:
+        sock.close()
+        raise DialError("eof", f"stream to {peer_name} closed during handshake: {exc}") from exc
+    try:
+        hptls.check_pin(stream.peer_cert_der(), expected_pin)
+    except hptls.PinMismatch as exc:
+        stream.close()
+        raise DialError(
+            "pin-mismatch", f"{peer_name} presented a certificate the server did not name"
+        ) from exc
+    return stream
+
+
+# -- control connection -----------------------------------------------------------
+
+
+class ControlClient:
+    """A blocking control connection driven by the sans-I/O :class:`ControlConnection`."""
+
+    def __init__(self, tls: ssl.SSLSocket, conn: ControlConnection, what: str) -> None:
+        self.tls = tls
+        self.conn = conn
+        self.what = what
+        self.welcome: m.Welcome | None = None
+
+    def send(self, *msgs: m.Message) -> None:
+        for msg in msgs:
+            self.conn.send(msg)
+        data = self.conn.data_to_send()
+        try:
+            self.tls.sendall(data)
+        except OSError as exc:
+            raise DialError("eof", f"{self.what} closed the connection: {exc}") from exc
+
+    def recv(self, deadline: float) -> m.Message:
+        """Next message (PINGs are answered inside); raises DialError on close/timeout."""
+        while True:
+            ev = self.conn.next_event()
+            if isinstance(ev, MessageReceived):
+                if isinstance(ev.message, m.Error):
+                    raise DialError(ev.message.code, ev.message.message or ev.message.code)
+                return ev.message
+            if isinstance(ev, ConnectionClosed):
+                raise DialError(_closed_code(ev), _closed_message(ev, self.what))
+            now = time.monotonic()
+            if now >= deadline:
+                raise DialError("timeout", f"no answer from {self.what}")
+            self.tls.settimeout(deadline - now)
+            try:
+                data = self.tls.recv(CONTROL_READ_SIZE)
+            except TimeoutError:
+                continue
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except OSError as exc:
+                raise DialError("eof", f"{self.what} closed the connection: {exc}") from exc
+            self.conn.receive_data(data, time.monotonic())
+            out = self.conn.data_to_send()
+            if out:
+                self.tls.sendall(out)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tls.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _closed_code(ev: ConnectionClosed) -> str:
+    return ev.code.removeprefix("remote:") if ev.code.startswith("remote:") else ev.code
+
+
+def _closed_message(ev: ConnectionClosed, what: str) -> str:
+    if ev.code.startswith("remote:"):
+        return ev.reason
+    if ev.code == "eof":
+        return f"{what} closed the connection"
+    return f"{what}: {ev.reason}"
+
+
+def _server_what(state: NodeState) -> str:
+    return f"server {state.server}"
+
+
+def _control_tls(
+    state: NodeState, family: socket.AddressFamily, addr: tuple[str, int], deadline: float
+) -> ssl.SSLSocket:
+    ctx = hptls.control_client_context(state.cert_path, state.key_path)
+    sock = _connect(family, addr, deadline, "server")
+    return _tls_client(sock, ctx, deadline, state.server_pin, _server_what(state))
+
+
+def connect_control(
+    state: NodeState, role: str, *, timeout: float = DEFAULT_TIMEOUT
+) -> ControlClient:
+    """TLS + pin + HELLO/WELCOME; the returned client is READY."""
+    deadline = time.monotonic() + timeout
+    family, addr = resolve(*state.server_address())
+    tls = _control_tls(state, family, addr, deadline)
+    client = ControlClient(
+        tls, ControlConnection(Role.CLIENT, time.monotonic()), _server_what(state)
+    )
+    try:
+        client.send(m.Hello(proto=m.PROTOCOL_VERSION, role=role, software=SOFTWARE))
+        msg = client.recv(deadline)
+        if not isinstance(msg, m.Welcome):
+            raise DialError("protocol", f"unexpected {msg.TYPE.name} from the server")
+        client.welcome = msg
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def request_netmap(state: NodeState, *, timeout: float = DEFAULT_TIMEOUT) -> m.NetMap:
+    """One NETMAP over a client-role connection (``homeport status``)."""
+    deadline = time.monotonic() + timeout
+    with connect_control(state, "client", timeout=timeout) as client:
+        client.send(m.NetMapRequest())
+        while True:
+            msg = client.recv(deadline)
+            if isinstance(msg, m.NetMap):
+                return msg
+
+
+# -- streams -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream:
+    """An end-to-end TLS stream to a peer; ``opened`` says who it is (pin, host keys)."""
+
+    tls: TlsStream
+    opened: m.Opened
+
+
+def _finish_connect(sock: socket.socket, addr: tuple[str, int], deadline: float) -> None:
+    """Wait for a non-blocking connect started earlier."""
+    left = deadline - time.monotonic()
+    _, writable, _ = select.select([], [sock], [], max(0.0, left))
+    if not writable:
+        raise DialError("unreachable", f"data connection to {addr[0]}:{addr[1]} timed out")
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise DialError(
+            "unreachable", f"data connection to {addr[0]}:{addr[1]} failed: {os.strerror(err)}"
+        )
+
+
+def open_stream(
+    state: NodeState, dst: str, service: str, *, timeout: float = DEFAULT_TIMEOUT
+) -> OpenStream:
+    """Open an end-to-end TLS stream to ``dst``'s ``service`` (a name or a port).
+
+    Pipelined to cost about two round trips to the server: the data connection's
+    TCP handshake runs while the control TLS handshake does, and HELLO+OPEN go out
+    in one write without waiting for WELCOME.
+
+    Raises:
+        DialError: ``code`` is the server's OPEN_FAILED code (unknown node,
+        offline, not-exposed, service-down …), or a local one (unreachable,
+        timeout, pin-mismatch, e2e-tls …).
+    """
+    deadline = time.monotonic() + timeout
+    family, addr = resolve(*state.server_address())
+    token = new_token()
+    data = socket.socket(family, socket.SOCK_STREAM)
+    control: ControlClient | None = None
+    try:
+        data.setblocking(False)
+        rc = data.connect_ex(addr)
+        if rc not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            raise DialError(
+                "unreachable", f"cannot reach server {addr[0]}:{addr[1]}: {os.strerror(rc)}"
+            )
+        tls = _control_tls(state, family, addr, deadline)
+        control = ControlClient(
+            tls, ControlConnection(Role.CLIENT, time.monotonic()), _server_what(state)
+        )
+        control.send(
+            m.Hello(proto=m.PROTOCOL_VERSION, role="client", software=SOFTWARE),
+            m.Open(dst=dst, service=service, token=token.hex()),
+        )
+        _finish_connect(data, addr, deadline)
+        data.setblocking(True)
+        tune_socket(data)
+        data.sendall(encode_preamble(token))
+        opened: m.Opened | None = None
+        while opened is None:
+            msg = control.recv(deadline)
+            if isinstance(msg, m.Opened) and msg.token == token.hex():
+                opened = msg
+            elif isinstance(msg, m.OpenFailed) and msg.token == token.hex():
+                raise DialError(msg.code, msg.message or msg.code)
+            # WELCOME, NETMAP and anything else: not what we wait for.
+        ctx = hptls.stream_context(
+            server_side=False, cert=state.cert_path, key=state.key_path, ca_cert=state.ca_path
+        )
+        stream_tls = e2e_handshake(
+            data,
+            ctx,
+            server_side=False,
+            expected_pin=opened.peer.fingerprint,
+            peer_name=opened.peer.name or dst,
+            timeout=max(0.01, deadline - time.monotonic()),
+        )
+    except BaseException:
+        data.close()
+        raise
+    finally:
+        if control is not None:
+            control.close()
+    return OpenStream(stream_tls, opened)
+
+
+def dial_data(state: NodeState, token: bytes, *, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
+    """A data connection presenting ``token`` (the agent's side of a stream)."""
+    deadline = time.monotonic() + timeout
+    family, addr = resolve(*state.server_address())
+    sock = _connect(family, addr, deadline, "server")
+    try:
+        sock.sendall(encode_preamble(token))
+    except OSError as exc:
+        sock.close()
+        raise DialError("eof", f"data connection closed: {exc}") from exc
+    return sock
+
+
+# -- enrollment --------------------------------------------------------------------
+
+
+def enroll(
+    server: str,
+    auth_key_text: str,
+    name: str,
+    state_dir: Path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> NodeState:
+    """Join the network: pin the server from the auth key, send ENROLL, store the identity.
+
+    The auth key's secret is sent only after the server proved it holds the
+    certificate whose fingerprint the auth key carries (no trust on first use).
+
+    Raises:
+        DialError: ``bad-auth-key`` (unparsable), the server's codes
+        (``auth-key-invalid``, ``auth-key-used``, ``auth-key-expired``,
+        ``name-taken``, ``bad-name``), or retriable network codes.
+    """
+    from homeport.node import keys
+    from homeport.wire.authkey import parse_untrusted
+    from homeport.wire.errors import WireError
+
+    try:
+        auth_key = parse_untrusted(auth_key_text)
+    except WireError as exc:
+        raise DialError("bad-auth-key", str(exc)) from exc
+    try:
+        host, port = node_state.parse_server(server)
+    except ValueError as exc:
+        raise DialError("bad-server", str(exc)) from exc
+    deadline = time.monotonic() + timeout
+    family, addr = resolve(host, port)
+    what = f"server {server}"
+    sock = _connect(family, addr, deadline, "server")
+    tls = _tls_client(sock, hptls.control_client_context(), deadline, auth_key.server_pin, what)
+    with ControlClient(tls, ControlConnection(Role.CLIENT, time.monotonic()), what) as client:
+        csr = keys.new_key_and_csr(state_dir, name)
+        client.send(
+            m.Enroll(
+                proto=m.PROTOCOL_VERSION,
+                auth_key=str(auth_key),
+                name=name,
+                csr_pem=csr.decode(),
+                software=SOFTWARE,
+            )
+        )
+        msg = client.recv(deadline)
+        if not isinstance(msg, m.Enrolled):
+            raise DialError("protocol", f"unexpected {msg.TYPE.name} from the server")
+    keys.store_certificates(state_dir, msg.cert_pem.encode(), msg.ca_pem.encode())
+    old_services = node_state.load_services(state_dir)
+    new = NodeState(
+        dir=state_dir,
+        server=server,
+        server_pin=auth_key.server_pin,
+        node_id=msg.node_id,
+        name=msg.name,
+        services=old_services,
+    )
+    node_state.save(new)
+    return new

@@ -1,0 +1,316 @@
+"""The node's state directory: who we are, which server we trust, what we expose.
+
+Layout (``--state DIR``, env ``HOMEPORT_STATE``, default ``~/.local/state/homeport``;
+the directory is 0700 because it holds the node's private key)::
+
+    node.json          server "host:port", server pin, node id, name, services
+    node.key  (0600)   this node's Ed25519 key (generated here, never sent anywhere)
+    node.crt           its certificate, signed by the network CA at enrollment
+    ca.crt             the network CA (trust anchor for end-to-end streams)
+    known_hosts/<peer> sshd host keys of a peer, written by ``homeport nc``
+
+Why this module is standard-library only: ``homeport nc`` (run by ``ssh`` for
+every connection) loads the state on its hot start-up path. Key generation,
+which needs ``cryptography``, lives in :mod:`homeport.node.keys`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from homeport.policy.services import Service
+
+ENV_STATE = "HOMEPORT_STATE"
+DEFAULT_STATE = "~/.local/state/homeport"
+STATE_FILE = "node.json"
+KEY_FILE = "node.key"
+CERT_FILE = "node.crt"
+CA_FILE = "ca.crt"
+KNOWN_HOSTS_DIR = "known_hosts"
+#: node.json is tiny; refuse to parse anything absurd (a corrupted or foreign file).
+MAX_STATE_FILE = 1024 * 1024
+#: Most host key lines we write for one peer (a real sshd has 3 or 4).
+MAX_HOST_KEYS = 32
+#: Longest host key line we accept ("type base64"); RSA-16384 fits.
+MAX_HOST_KEY_LINE = 8 * 1024
+#: Key types OpenSSH prints in ``ssh-keyscan`` output and ``*.pub`` files.
+KNOWN_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+        "ssh-dss",
+    }
+)
+_B64 = re.compile(r"^[A-Za-z0-9+/]+={0,3}$")
+#: Node names as the server allows them (DNS-label-like); also safe as file names.
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+#: Host names nc may be asked for (%h from ssh): a file name, so no "/" and no "..".
+_HOST = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
+
+ENROLL_HINT = "run homeport up --server HOST:PORT --authkey KEY --name NAME"
+
+
+class StateError(Exception):
+    """The state directory is missing, unreadable or malformed (message is user-facing)."""
+
+
+class NotEnrolled(StateError):
+    """This state directory holds no enrolled node yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """An enrolled node, as loaded from ``node.json`` plus the paths of its PEM files."""
+
+    dir: Path
+    server: str  # "host:port" as given to ``up --server``
+    server_pin: str  # "sha256:<hex>" of the server's TLS certificate
+    node_id: str
+    name: str
+    services: tuple[Service, ...] = field(default=())
+
+    @property
+    def key_path(self) -> Path:
+        return self.dir / KEY_FILE
+
+    @property
+    def cert_path(self) -> Path:
+        return self.dir / CERT_FILE
+
+    @property
+    def ca_path(self) -> Path:
+        return self.dir / CA_FILE
+
+    @property
+    def known_hosts_dir(self) -> Path:
+        return self.dir / KNOWN_HOSTS_DIR
+
+    def server_address(self) -> tuple[str, int]:
+        return parse_server(self.server)
+
+    def with_services(self, services: tuple[Service, ...]) -> NodeState:
+        return replace(self, services=services)
+
+
+def parse_server(text: str, default_port: int = 8443) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` too); the port defaults to 8443.
+
+    Raises:
+        ValueError: with a user-facing message.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty server address")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"bad server address {text!r}")
+        port_text = rest.removeprefix(":") if rest else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"bad server address {text!r}: no host")
+    if not port_text:
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad server address {text!r}: {port_text!r} is not a port") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"bad server address {text!r}: port out of range")
+    return host, port
+
+
+def resolve_dir(arg: str | os.PathLike[str] | None = None) -> Path:
+    """The state directory: ``--state`` if given, else $HOMEPORT_STATE, else the default."""
+    raw = os.fspath(arg) if arg else os.environ.get(ENV_STATE) or DEFAULT_STATE
+    return Path(raw).expanduser().absolute()
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create the state directory (0700) if needed; tighten its mode if it exists."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _service_from_json(obj: Any) -> Service:
+    if not isinstance(obj, dict):
+        raise StateError("node.json: a service is not an object")
+    try:
+        return Service(
+            name=str(obj["name"]),
+            port=int(obj["port"]),
+            target_host=str(obj["target_host"]),
+            target_port=int(obj["target_port"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"node.json: malformed service {obj!r}") from exc
+
+
+def load(state_dir: Path) -> NodeState:
+    """Load an enrolled node.
+
+    Raises:
+        NotEnrolled: no node.json or no key/certificate (message says how to enroll).
+        StateError: the files exist but are malformed.
+    """
+    path = state_dir / STATE_FILE
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_STATE_FILE + 1)
+    except FileNotFoundError:
+        raise NotEnrolled(f"not enrolled ({state_dir}): {ENROLL_HINT}") from None
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) > MAX_STATE_FILE:
+        raise StateError(f"{path} is too large to be a homeport state file")
+    try:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise TypeError("not an object")
+        services = obj.get("services") or []
+        if not isinstance(services, list):
+            raise TypeError("services is not a list")
+        state = NodeState(
+            dir=state_dir,
+            server=str(obj["server"]),
+            server_pin=str(obj["server_pin"]),
+            node_id=str(obj["node_id"]),
+            name=str(obj["name"]),
+            services=tuple(_service_from_json(s) for s in services),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{path} is malformed ({exc}); remove it and enroll again") from exc
+    for p in (state.key_path, state.cert_path, state.ca_path):
+        if not p.exists():
+            raise NotEnrolled(f"not enrolled ({p} is missing): {ENROLL_HINT}")
+    return state
+
+
+def load_services(state_dir: Path) -> tuple[Service, ...]:
+    """The services saved in node.json, or () when there is none yet."""
+    try:
+        return load(state_dir).services
+    except StateError:
+        return ()
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def save(state: NodeState) -> None:
+    """Write node.json atomically (the PEM files are written by enrollment)."""
+    ensure_dir(state.dir)
+    obj = {
+        "server": state.server,
+        "server_pin": state.server_pin,
+        "node_id": state.node_id,
+        "name": state.name,
+        "services": [
+            {
+                "name": s.name,
+                "port": s.port,
+                "target_host": s.target_host,
+                "target_port": s.target_port,
+            }
+            for s in state.services
+        ],
+    }
+    _atomic_write(state.dir / STATE_FILE, (json.dumps(obj, indent=2) + "\n").encode(), 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write a non-secret file (certificate, CA) atomically."""
+    _atomic_write(path, data, 0o644)
+
+
+# -- known_hosts ----------------------------------------------------------------
+
+
+def sanitize_host_key(line: str) -> str:
+    """Return ``"type base64"`` for a host key line, or raise ValueError.
+
+    Host keys come from the server (which got them from the peer agent), so they
+    are untrusted text that ends up in a file ssh parses: a newline would let a
+    malicious peer add a line for another host, a ``@cert-authority`` marker would
+    let it vouch for every host. Only a known key type and pure base64 pass.
+    """
+    if len(line) > MAX_HOST_KEY_LINE:
+        raise ValueError("host key line too long")
+    parts = line.split()
+    if len(parts) < 2 or any(c in line for c in "\r\n\x00"):
+        raise ValueError("host key must be one line 'type base64'")
+    key_type, blob = parts[0], parts[1]
+    if key_type not in KNOWN_KEY_TYPES:
+        raise ValueError(f"unknown host key type {key_type[:40]!r}")
+    if not _B64.fullmatch(blob):
+        raise ValueError("host key is not base64")
+    return f"{key_type} {blob}"
+
+
+def check_host_name(host: str) -> str:
+    """Validate a peer name used as a file name and a known_hosts pattern."""
+    if not _HOST.fullmatch(host) or host in (".", "..") or host.startswith("."):
+        raise ValueError(f"bad host name {host[:64]!r}")
+    return host
+
+
+def render_known_hosts(host: str, port: int, host_keys: tuple[str, ...] | list[str]) -> str:
+    """The known_hosts file for peer ``host`` (what ssh checks with StrictHostKeyChecking).
+
+    ssh looks keys up as ``host`` for port 22 and ``[host]:port`` otherwise.
+
+    Raises:
+        ValueError: a bad host name or host key (never write a partial file).
+    """
+    check_host_name(host)
+    if len(host_keys) > MAX_HOST_KEYS:
+        raise ValueError(f"more than {MAX_HOST_KEYS} host keys")
+    keys = [sanitize_host_key(k) for k in host_keys]
+    lines = [f"{host} {k}" for k in keys]
+    if port != 22:
+        lines += [f"[{host}]:{port} {k}" for k in keys]
+    return "".join(line + "\n" for line in lines)
+
+
+def write_known_hosts(
+    state_dir: Path, host: str, port: int, host_keys: tuple[str, ...] | list[str]
+) -> Path:
+    """Atomically replace ``known_hosts/<host>`` with the peer's current host keys."""
+    text = render_known_hosts(host, port, host_keys)
+    kh = state_dir / KNOWN_HOSTS_DIR
+    kh.mkdir(mode=0o700, exist_ok=True)
+    path = kh / host
+    _atomic_write(path, text.encode(), 0o600)
+    return path
+
+
+def check_node_name(name: str) -> str:
+    """Validate a node name before asking the server (it re-checks: ``bad-name``)."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"bad node name {name!r}: use lowercase letters, digits and '-', up to 63 characters"
+        )
+    return name

@@ -1,0 +1,341 @@
+"""Local administration: a unix socket on the server host, and its client.
+
+Why a unix socket and no admin password: whoever can read the server's data
+directory (0700) already owns the network — they hold the CA key. So the
+admin interface is exactly as reachable as that directory: ``admin.sock``
+lives in it (0600, created under a umask) and additionally checks the peer's
+uid (SO_PEERCRED). Elsewhere there is nothing to connect to, and the CLI says
+so.
+
+Protocol: JSON lines. Each request ``{"op": "keys.create", ...}`` gets one
+answer ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
+
+The client (:func:`admin_request`) prefers the running server (so removals
+take effect on live sessions); when the data directory exists but no server
+answers, it opens the store itself through the same
+:class:`~homeport.server.state.ServerState` and runs the request in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from homeport.server.state import ServerState
+from homeport.store.db import NodeRow
+
+log = logging.getLogger("homeport.server.admin")
+
+ADMIN_SOCKET = "admin.sock"
+#: Longest request line (bytes); requests are tiny.
+MAX_ADMIN_LINE = 64 * 1024
+#: How long the CLI waits for the running server's answer.
+ADMIN_TIMEOUT = 10.0
+#: sun_path is 108 bytes on Linux; longer paths go through /proc/self/fd.
+_SUN_PATH_MAX = 100
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class AdminError(Exception):
+    """An admin request failed; the message is for the user."""
+
+
+class NoServerData(AdminError):
+    """There is no server data directory here: not the server host (or wrong --data)."""
+
+
+def parse_duration(text: str) -> float | None:
+    """``30m``, ``1h``, ``7d``, ``2w``, ``90`` (seconds) → seconds; ``never`` → None."""
+    t = text.strip().lower()
+    if t in ("never", "none", "0"):
+        return None
+    mo = _DURATION_RE.match(t)
+    if mo is None:
+        raise ValueError(f"bad duration {text!r}: use e.g. 30m, 1h, 7d or never")
+    seconds = float(mo.group(1)) * _UNITS[mo.group(2)]
+    if seconds <= 0:
+        raise ValueError("duration must be positive")
+    return seconds
+
+
+class AdminOps:
+    """Executes admin requests against a ServerState (live server or offline)."""
+
+    def __init__(
+        self,
+        state: ServerState[Any],
+        *,
+        remove_node: Callable[[str], NodeRow] | None = None,
+        live: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state
+        self._remove = remove_node
+        self.live = live
+        self._clock = clock
+
+    def handle(self, request: Any) -> dict[str, Any]:
+        """Answer one request; never raises for bad input."""
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            return {"ok": False, "error": "request must be a JSON object with an 'op'"}
+        op = request["op"]
+        handler = {
+            "ping": self._ping,
+            "keys.create": self._keys_create,
+            "keys.list": self._keys_list,
+            "keys.revoke": self._keys_revoke,
+            "nodes.list": self._nodes_list,
+            "nodes.remove": self._nodes_remove,
+        }.get(op)
+        if handler is None:
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        try:
+            return {"ok": True, **handler(request)}
+        except AdminError as exc:
+            return {"ok": False, "error": str(exc)}
+        except (TypeError, ValueError) as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+
+    def _ping(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {"live": self.live}
+
+    def _keys_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        reusable = req.get("reusable", False)
+        expiry = req.get("expiry_seconds")
+        note = req.get("note", "")
+        if not isinstance(reusable, bool) or not isinstance(note, str):
+            raise TypeError("reusable must be a boolean and note a string")
+        if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
+            raise TypeError("expiry_seconds must be a number or null")
+        now = self._clock()
+        key = self.state.create_auth_key(
+            now=now,
+            reusable=reusable,
+            expiry_seconds=None if expiry is None else float(expiry),
+            note=note,
+        )
+        log.info("auth key %s created (reusable=%s)", key.key_id, reusable)
+        return {
+            "key": str(key),
+            "key_id": key.key_id,
+            "reusable": reusable,
+            "expires_at": None if expiry is None else now + float(expiry),
+        }
+
+    def _keys_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "keys": [
+                {
+                    "key_id": k.key_id,
+                    "reusable": k.reusable,
+                    "status": k.status.value,
+                    "uses": k.uses,
+                    "created_at": k.created_at,
+                    "expires_at": k.expires_at,
+                    "last_used_at": k.last_used_at,
+                    "note": k.note,
+                }
+                for k in self.state.list_auth_keys(self._clock())
+            ]
+        }
+
+    def _keys_revoke(self, req: dict[str, Any]) -> dict[str, Any]:
+        key_id = req.get("key_id")
+        if not isinstance(key_id, str):
+            raise TypeError("key_id must be a string")
+        if not self.state.revoke_auth_key(key_id):
+            raise AdminError(f"no auth key {key_id!r}")
+        return {"key_id": key_id}
+
+    def _nodes_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "live": self.live,
+            "nodes": [
+                {
+                    "name": n.name,
+                    "node_id": n.node_id,
+                    "online": n.online,
+                    "last_seen": n.last_seen,
+                    "address": n.address,
+                    "services": [{"name": s.name, "port": s.port} for s in n.services],
+                    "fingerprint": n.fingerprint,
+                    "created_at": n.created_at,
+                }
+                for n in self.state.node_list()
+            ],
+        }
+
+    def _nodes_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise TypeError("name must be a string")
+        try:
+            if self._remove is not None:
+                node = self._remove(name)
+            else:
+                node = self.state.remove_node(name, self._clock()).node
+        except KeyError:
+            raise AdminError(f"no node named {name!r}") from None
+        return {"name": node.name, "node_id": node.node_id}
+
+
+# -- the socket path -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _bindable(path: Path) -> Iterator[str]:
+    """A path for bind/connect even when ``path`` exceeds sun_path (via /proc/self/fd)."""
+    if len(os.fsencode(str(path))) < _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _peer_uid(sock: Any) -> int | None:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _ping_socket(path: Path, timeout: float = 1.0) -> bool:
+    """True if a server answers on ``path``."""
+    try:
+        answer = _request_socket(path, {"op": "ping"}, timeout)
+    except (OSError, AdminError):
+        return False
+    return bool(answer.get("ok"))
+
+
+# -- server side ---------------------------------------------------------------------
+
+
+async def start_admin_server(path: Path, ops: AdminOps) -> asyncio.AbstractServer:
+    """Serve ``ops`` on the unix socket ``path`` (0600).
+
+    Raises:
+        AdminError: another server already answers on ``path``.
+    """
+    if path.exists() or path.is_symlink():
+        if await asyncio.to_thread(_ping_socket, path):
+            raise AdminError(f"another homeport server is already running with {path.parent}")
+        path.unlink()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = _peer_uid(writer.get_extra_info("socket"))
+        try:
+            if uid is not None and uid not in (os.getuid(), 0):
+                log.warning("admin connection from uid %d refused", uid)
+                return
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    return
+                except asyncio.LimitOverrunError:
+                    writer.write(b'{"ok": false, "error": "request too long"}\n')
+                    return
+                try:
+                    request = json.loads(line)
+                except ValueError:
+                    answer: dict[str, Any] = {"ok": False, "error": "request is not JSON"}
+                else:
+                    answer = ops.handle(request)
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+    old_umask = os.umask(0o177)
+    try:
+        with _bindable(path) as bind_path:
+            server = await asyncio.start_unix_server(handle, bind_path, limit=MAX_ADMIN_LINE)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server
+
+
+# -- client side ----------------------------------------------------------------------
+
+
+def _request_socket(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        with _bindable(path) as connect_path:
+            sock.connect(connect_path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AdminError("the server closed the admin connection without answering")
+            buf += chunk
+            if len(buf) > 64 * MAX_ADMIN_LINE:
+                raise AdminError("admin answer too long")
+    try:
+        answer = json.loads(buf)
+    except ValueError as exc:
+        raise AdminError("the server sent a malformed admin answer") from exc
+    if not isinstance(answer, dict):
+        raise AdminError("the server sent a malformed admin answer")
+    return answer
+
+
+def has_server_data(data_dir: Path) -> bool:
+    return (data_dir / "ca.key").is_file() and (data_dir / "ca.crt").is_file()
+
+
+def admin_request(
+    data_dir: Path, request: dict[str, Any], *, db_url: str | None = None
+) -> dict[str, Any]:
+    """Run one admin request: via the running server, else directly on the store.
+
+    Raises:
+        NoServerData: ``data_dir`` holds no server (not the server host).
+        AdminError: the server could not be asked.
+    """
+    path = data_dir / ADMIN_SOCKET
+    if path.exists():
+        try:
+            return _request_socket(path, request, ADMIN_TIMEOUT)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # stale socket: no server runs
+        except PermissionError as exc:
+            raise AdminError(
+                f"cannot use {path}: {exc.strerror}; run as the server's user"
+            ) from exc
+        except OSError as exc:
+            raise AdminError(f"the server did not answer on {path}: {exc}") from exc
+    if not has_server_data(data_dir):
+        raise NoServerData(
+            f"no homeport server data in {data_dir} — run this on the server host, "
+            "or pass --data DIR"
+        )
+    from homeport.server.app import open_offline_state
+
+    state = open_offline_state(data_dir, db_url=db_url)
+    try:
+        return AdminOps(state).handle(request)
+    finally:
+        state.store.close()

@@ -1,0 +1,509 @@
+"""The server's database: SQLAlchemy Core tables, a tiny migration runner, a typed Store.
+
+Why SQLAlchemy Core and not raw sqlite3: the same table definitions and
+queries run on PostgreSQL (``--db postgresql+psycopg://…``) when a deployment
+outgrows one file. Why Core and not the ORM: the server has two tables and a
+handful of queries, and every write must be a single, visible SQL statement
+whose atomicity we can reason about (auth-key consumption, see
+:meth:`Store.enroll_node`).
+
+No SQL appears outside this package. Every method is a short transaction;
+callers pass times in (unix seconds, float) so the store never reads a clock.
+
+Concurrency. A :class:`Store` serializes its own callers with a lock (the
+server calls it from one event loop; the lock only matters for tests and the
+offline admin path). Across processes the database decides: the auth-key
+``UPDATE … WHERE`` is atomic on SQLite (write transactions start with
+``BEGIN IMMEDIATE``, so they queue on the busy timeout instead of failing on
+a stale snapshot) and on PostgreSQL (row lock on UPDATE).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from homeport.wire.control import ServiceInfo
+
+#: The schema this code writes. Bump it and append to MIGRATIONS together.
+SCHEMA_VERSION = 1
+#: How long a SQLite writer waits for another writer before failing (ms).
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(63), nullable=False),
+    Column("fingerprint", String(80), nullable=False, unique=True),
+    Column("cert_pem", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=True),
+    Column("last_address", String(128), nullable=False, default=""),
+    Column("services_json", Text, nullable=False, default="[]"),
+    Column("host_keys_json", Text, nullable=False, default="[]"),
+    # A tombstone, not a DELETE: a removed node that comes back is told
+    # "removed by an admin" instead of the puzzling "unknown node".
+    Column("removed_at", Float, nullable=True),
+)
+# Names are unique among live nodes only, so the name of a removed node is free.
+Index(
+    "ix_nodes_live_name",
+    nodes.c.name,
+    unique=True,
+    sqlite_where=nodes.c.removed_at.is_(None),
+    postgresql_where=nodes.c.removed_at.is_(None),
+)
+
+auth_keys = Table(
+    "auth_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("reusable", Boolean, nullable=False, default=False),
+    Column("expires_at", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("uses", Integer, nullable=False, default=0),
+    Column("last_used_at", Float, nullable=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("note", String(256), nullable=False, default=""),
+)
+
+
+def _migrate_to_1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[nodes, auth_keys])
+
+
+#: MIGRATIONS[i] brings a database from version i to version i + 1.
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migrate_to_1,)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+class StoreError(Exception):
+    """The database cannot be used (too new, corrupt, unreachable)."""
+
+
+class NameTaken(StoreError):
+    """A live node already has this name."""
+
+
+class KeyOutcome(enum.Enum):
+    """What happened when an auth key was presented for consumption."""
+
+    CONSUMED = "consumed"
+    UNKNOWN = "unknown"
+    USED = "used"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRow:
+    """One row of ``nodes``; ``removed_at`` is set on a tombstone."""
+
+    node_id: str
+    name: str
+    fingerprint: str
+    cert_pem: str
+    created_at: float
+    last_seen: float | None = None
+    last_address: str = ""
+    services: tuple[ServiceInfo, ...] = ()
+    host_keys: tuple[str, ...] = ()
+    removed_at: float | None = None
+
+    @property
+    def removed(self) -> bool:
+        return self.removed_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKeyRow:
+    """One row of ``auth_keys``. Only the secret's hash is ever stored."""
+
+    key_id: str
+    secret_hash: str = field(repr=False)
+    created_at: float
+    reusable: bool = False
+    expires_at: float | None = None
+    uses: int = 0
+    last_used_at: float | None = None
+    revoked: bool = False
+    note: str = ""
+
+    def outcome_at(self, now: float) -> KeyOutcome:
+        """Why this key could (CONSUMED) or could not be used at ``now``."""
+        if self.revoked:
+            return KeyOutcome.REVOKED
+        if self.expires_at is not None and now >= self.expires_at:
+            return KeyOutcome.EXPIRED
+        if not self.reusable and self.uses > 0:
+            return KeyOutcome.USED
+        return KeyOutcome.CONSUMED
+
+
+def _services_to_json(services: tuple[ServiceInfo, ...]) -> str:
+    return json.dumps([{"name": s.name, "port": s.port} for s in services])
+
+
+def _services_from_json(text: str) -> tuple[ServiceInfo, ...]:
+    try:
+        raw = json.loads(text or "[]")
+        return tuple(ServiceInfo(name=str(d["name"]), port=int(d["port"])) for d in raw)
+    except (ValueError, TypeError, KeyError):
+        return ()
+
+
+def _host_keys_from_json(text: str) -> tuple[str, ...]:
+    try:
+        raw = json.loads(text or "[]")
+        return tuple(str(k) for k in raw)
+    except (ValueError, TypeError):
+        return ()
+
+
+def _node(row: Any) -> NodeRow:
+    return NodeRow(
+        node_id=row.id,
+        name=row.name,
+        fingerprint=row.fingerprint,
+        cert_pem=row.cert_pem,
+        created_at=row.created_at,
+        last_seen=row.last_seen,
+        last_address=row.last_address or "",
+        services=_services_from_json(row.services_json),
+        host_keys=_host_keys_from_json(row.host_keys_json),
+        removed_at=row.removed_at,
+    )
+
+
+def _key(row: Any) -> AuthKeyRow:
+    return AuthKeyRow(
+        key_id=row.key_id,
+        secret_hash=row.secret_hash,
+        created_at=row.created_at,
+        reusable=bool(row.reusable),
+        expires_at=row.expires_at,
+        uses=int(row.uses),
+        last_used_at=row.last_used_at,
+        revoked=bool(row.revoked),
+        note=row.note or "",
+    )
+
+
+class Store:
+    """Typed access to the server database. Construct with :func:`open_store`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.RLock()
+
+    @property
+    def url(self) -> str:
+        return self._engine.url.render_as_string(hide_password=True)
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- plumbing ------------------------------------------------------------
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+        with self._lock, self._engine.connect() as conn:
+            conn.execution_options(homeport_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._lock, self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+
+    # -- auth keys -----------------------------------------------------------
+    def insert_auth_key(self, key: AuthKeyRow) -> None:
+        with self._write() as conn:
+            conn.execute(
+                insert(auth_keys).values(
+                    key_id=key.key_id,
+                    secret_hash=key.secret_hash,
+                    reusable=key.reusable,
+                    expires_at=key.expires_at,
+                    created_at=key.created_at,
+                    uses=key.uses,
+                    last_used_at=key.last_used_at,
+                    revoked=key.revoked,
+                    note=key.note,
+                )
+            )
+
+    def get_auth_key(self, key_id: str) -> AuthKeyRow | None:
+        with self._read() as conn:
+            row = conn.execute(select(auth_keys).where(auth_keys.c.key_id == key_id)).first()
+        return None if row is None else _key(row)
+
+    def list_auth_keys(self) -> list[AuthKeyRow]:
+        with self._read() as conn:
+            rows = conn.execute(select(auth_keys).order_by(auth_keys.c.created_at)).all()
+        return [_key(r) for r in rows]
+
+    def revoke_auth_key(self, key_id: str) -> bool:
+        with self._write() as conn:
+            res = conn.execute(
+                update(auth_keys).where(auth_keys.c.key_id == key_id).values(revoked=True)
+            )
+            return res.rowcount > 0
+
+    @staticmethod
+    def _consume(conn: Connection, key_id: str, now: float) -> KeyOutcome:
+        """The one atomic statement that spends a use of a key, then the reason if not."""
+        res = conn.execute(
+            update(auth_keys)
+            .where(
+                auth_keys.c.key_id == key_id,
+                auth_keys.c.revoked.is_(False),
+                or_(auth_keys.c.reusable.is_(True), auth_keys.c.uses == 0),
+                or_(auth_keys.c.expires_at.is_(None), auth_keys.c.expires_at > now),
+            )
+            .values(uses=auth_keys.c.uses + 1, last_used_at=now)
+        )
+        if res.rowcount == 1:
+            return KeyOutcome.CONSUMED
+        row = conn.execute(select(auth_keys).where(auth_keys.c.key_id == key_id)).first()
+        if row is None:
+            return KeyOutcome.UNKNOWN
+        outcome = _key(row).outcome_at(now)
+        # the row changed between our UPDATE and SELECT only if another writer
+        # interleaved, which the write transaction excludes; be safe anyway
+        return KeyOutcome.USED if outcome is KeyOutcome.CONSUMED else outcome
+
+    def consume_auth_key(self, key_id: str, now: float) -> KeyOutcome:
+        """Spend one use of ``key_id`` atomically (the caller checked the secret)."""
+        with self._write() as conn:
+            return self._consume(conn, key_id, now)
+
+    def enroll_node(self, key_id: str, node: NodeRow, now: float) -> KeyOutcome:
+        """Consume ``key_id`` and insert ``node`` in ONE transaction.
+
+        Either both happen or neither: a name clash does not burn a single-use
+        key, and a key raced away by another enrollment inserts no node.
+
+        Raises:
+            NameTaken: a live node already has ``node.name`` (nothing changed).
+        """
+        try:
+            with self._write() as conn:
+                outcome = self._consume(conn, key_id, now)
+                if outcome is not KeyOutcome.CONSUMED:
+                    return outcome
+                self._insert_node(conn, node)
+        except IntegrityError as exc:
+            raise NameTaken(node.name) from exc
+        return KeyOutcome.CONSUMED
+
+    # -- nodes ---------------------------------------------------------------
+    @staticmethod
+    def _insert_node(conn: Connection, node: NodeRow) -> None:
+        conn.execute(
+            insert(nodes).values(
+                id=node.node_id,
+                name=node.name,
+                fingerprint=node.fingerprint,
+                cert_pem=node.cert_pem,
+                created_at=node.created_at,
+                last_seen=node.last_seen,
+                last_address=node.last_address,
+                services_json=_services_to_json(node.services),
+                host_keys_json=json.dumps(list(node.host_keys)),
+                removed_at=node.removed_at,
+            )
+        )
+
+    def insert_node(self, node: NodeRow) -> None:
+        """Insert a node. Raises NameTaken (also for a duplicate id or fingerprint)."""
+        try:
+            with self._write() as conn:
+                self._insert_node(conn, node)
+        except IntegrityError as exc:
+            raise NameTaken(node.name) from exc
+
+    def get_node(self, node_id: str) -> NodeRow | None:
+        with self._read() as conn:
+            row = conn.execute(select(nodes).where(nodes.c.id == node_id)).first()
+        return None if row is None else _node(row)
+
+    def node_by_fingerprint(self, fingerprint: str) -> NodeRow | None:
+        """The node (live or tombstone) with this certificate fingerprint."""
+        with self._read() as conn:
+            row = conn.execute(select(nodes).where(nodes.c.fingerprint == fingerprint)).first()
+        return None if row is None else _node(row)
+
+    def node_by_name(self, name: str) -> NodeRow | None:
+        """The live node called ``name``, else its most recent tombstone, else None."""
+        with self._read() as conn:
+            row = conn.execute(
+                select(nodes)
+                .where(nodes.c.name == name)
+                .order_by(nodes.c.removed_at.is_not(None), nodes.c.removed_at.desc())
+                .limit(1)
+            ).first()
+        return None if row is None else _node(row)
+
+    def list_nodes(self, *, include_removed: bool = False) -> list[NodeRow]:
+        query = select(nodes).order_by(nodes.c.name, nodes.c.created_at)
+        if not include_removed:
+            query = query.where(nodes.c.removed_at.is_(None))
+        with self._read() as conn:
+            return [_node(r) for r in conn.execute(query).all()]
+
+    def set_node_seen(self, node_id: str, last_seen: float, address: str | None = None) -> None:
+        values: dict[str, Any] = {"last_seen": last_seen}
+        if address is not None:
+            values["last_address"] = address
+        with self._write() as conn:
+            conn.execute(update(nodes).where(nodes.c.id == node_id).values(**values))
+
+    def set_node_announce(
+        self, node_id: str, services: tuple[ServiceInfo, ...], host_keys: tuple[str, ...]
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id)
+                .values(
+                    services_json=_services_to_json(services),
+                    host_keys_json=json.dumps(list(host_keys)),
+                )
+            )
+
+    def remove_node(self, node_id: str, now: float) -> bool:
+        """Tombstone a live node; False if it is unknown or already removed."""
+        with self._write() as conn:
+            res = conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id, nodes.c.removed_at.is_(None))
+                .values(removed_at=now)
+            )
+            return res.rowcount > 0
+
+
+# -- opening -----------------------------------------------------------------
+
+
+def _is_memory_sqlite(url: str) -> bool:
+    u = make_url(url)
+    return u.get_backend_name() == "sqlite" and u.database in (None, "", ":memory:")
+
+
+def _setup_sqlite(engine: Engine, *, memory: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We emit BEGIN ourselves (below) instead of pysqlite's implicit one,
+        # so transactions mean what SQLAlchemy says they mean.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("homeport_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _run_migrations(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execution_options(homeport_write=True)
+        with conn.begin():
+            schema_version.create(conn, checkfirst=True)
+            current = int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database schema version {current} is newer than this homeport "
+                    f"(knows {SCHEMA_VERSION}); upgrade homeport"
+                )
+            for version in range(current, SCHEMA_VERSION):
+                MIGRATIONS[version](conn)
+            if current != SCHEMA_VERSION:
+                conn.execute(schema_version.delete())
+                conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
+
+
+def open_store(url: str) -> Store:
+    """Open (creating and migrating as needed) the database at ``url``.
+
+    ``sqlite://`` is a private in-memory database (for tests): one shared
+    connection, so every caller sees the same data.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        memory = _is_memory_sqlite(url)
+        if memory:
+            engine = create_engine(
+                url, poolclass=StaticPool, connect_args={"check_same_thread": False}
+            )
+        else:
+            engine = create_engine(url, connect_args={"check_same_thread": False})
+        _setup_sqlite(engine, memory=memory)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    try:
+        _run_migrations(engine)
+    except StoreError:
+        engine.dispose()
+        raise
+    except Exception as exc:
+        engine.dispose()
+        raise StoreError(f"cannot open database {parsed!r}: {exc}") from exc
+    return Store(engine)
+
+
+def default_url(data_dir: str) -> str:
+    """The SQLite database inside a server data directory."""
+    return f"sqlite:///{data_dir}/homeport.db"

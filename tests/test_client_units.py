@@ -1,0 +1,241 @@
+"""Client pieces without a network: nc arguments and errors, ssh argv, units, status table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from homeport.agent.cli import register as register_agent
+from homeport.client import nc, service, ssh, status
+from homeport.client.cli import register
+from homeport.client.forward import format_event, parse_target
+from homeport.wire.control import NetMap, NodeInfo, ServiceInfo
+
+
+def test_nc_parse_args() -> None:
+    assert nc.parse_args(["labpc", "22"]) == nc.NcArgs("labpc", "22")
+    a = nc.parse_args(["--state", "/s", "labpc", "ssh", "--timeout=3"])
+    assert (a.state, a.host, a.service, a.timeout) == ("/s", "labpc", "ssh", 3.0)
+    assert nc.parse_args(["--state=/x", "--", "h", "80"]).state == "/x"
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        ([], "expected HOST and PORT"),
+        (["h"], "expected HOST and PORT"),
+        (["h", "1", "2"], "expected HOST and PORT"),
+        (["--state"], "needs a value"),
+        (["-x", "h", "22"], "unknown option"),
+        (["h", "0"], "out of range"),
+        (["h", "70000"], "out of range"),
+        (["h", "a b"], "bad PORT"),
+        (["--timeout", "x", "h", "22"], "not a number"),
+    ],
+)
+def test_nc_parse_errors(argv: list[str], why: str) -> None:
+    with pytest.raises(nc.UsageError, match=why):
+        nc.parse_args(argv)
+
+
+def test_nc_error_line_is_one_line() -> None:
+    assert nc.format_error("labpc", "node\nis  offline") == "homeport nc: labpc: node is offline"
+
+
+def test_nc_main_not_enrolled(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert nc.main(["--state", str(tmp_path), "labpc", "22"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("homeport nc: labpc: not enrolled")
+    assert err.count("\n") == 1
+
+
+def test_nc_main_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert nc.main(["onlyhost"]) == 2
+    assert "usage: homeport nc" in capsys.readouterr().err
+    assert nc.main(["--help"]) == 0
+
+
+def test_nc_main_rejects_bad_host_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert nc.main(["--state", str(tmp_path), "../etc", "22"]) == 1
+    assert "bad host name" in capsys.readouterr().err
+
+
+def test_nc_imports_stay_light() -> None:
+    code = (
+        "import sys, homeport.client.nc, homeport.io.dial, homeport.io.pump;"
+        "bad = [m for m in ('click', 'asyncio', 'cryptography') if m in sys.modules];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == ""
+
+
+def test_ssh_argv(tmp_path: Path) -> None:
+    argv = ssh.ssh_argv("labpc", ["-v", "uptime"], tmp_path, python="/usr/bin/python3")
+    assert argv[0] == "ssh"
+    assert argv[-3:] == ["labpc", "-v", "uptime"]
+    opts = dict(o.split("=", 1) for o in argv[2:-3:2])
+    assert argv[1:-3:2] == ["-o"] * 4
+    assert opts["ProxyCommand"] == (f"/usr/bin/python3 -m homeport nc --state {tmp_path} %h %p")
+    assert opts["UserKnownHostsFile"] == f"{tmp_path}/known_hosts/%h"
+    assert opts["StrictHostKeyChecking"] == "yes"
+    assert opts["UpdateHostKeys"] == "no"
+
+
+def test_ssh_quotes_paths_with_spaces(tmp_path: Path) -> None:
+    d = tmp_path / "my state"
+    assert f"--state '{d}'" in ssh.proxy_command(d, "/py")
+
+
+def test_ssh_g_accepts_the_options(tmp_path: Path) -> None:
+    """OpenSSH expands %h in UserKnownHostsFile to the name nc receives."""
+    argv = ssh.ssh_argv("labpc", [], tmp_path, python="/py")
+    out = subprocess.run(
+        [argv[0], "-G", "-F", "/dev/null", *argv[1:]], capture_output=True, text=True, check=True
+    ).stdout.lower()
+    assert f"userknownhostsfile {tmp_path}/known_hosts/labpc".lower() in out
+    assert "stricthostkeychecking true" in out
+
+
+def test_ssh_environment_adds_package_root() -> None:
+    env = ssh.ssh_environment({"PYTHONPATH": "/a"})
+    assert env["PYTHONPATH"].split(":")[0] == ssh.package_root()
+    assert env["PYTHONPATH"].endswith(":/a")
+
+
+def test_ssh_config_block(tmp_path: Path) -> None:
+    text = ssh.ssh_config_block(["labpc", "nas"], tmp_path, python="/py")
+    lines = text.splitlines()
+    assert "Host labpc nas" in lines
+    assert any(line.strip().startswith("ProxyCommand ") for line in lines)
+    assert f"    UserKnownHostsFile {tmp_path}/known_hosts/%h" in lines
+    assert ssh.ssh_config_block([], tmp_path).startswith("#")
+
+
+def test_systemd_agent_unit(tmp_path: Path) -> None:
+    p = service.plan(
+        server=False, directory=tmp_path, system=True, command=["/usr/local/bin/homeport"]
+    )
+    assert p.path == Path("/etc/systemd/system/homeport-agent.service")
+    assert f"ExecStart=/usr/local/bin/homeport up --state {tmp_path}" in p.text
+    for line in (
+        "Restart=always",
+        "RestartSec=2",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "WantedBy=multi-user.target",
+    ):
+        assert line in p.text.splitlines()
+    assert "systemctl enable --now homeport-agent.service" in p.enable_command
+
+
+def test_systemd_server_user_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    p = service.plan(
+        server=True,
+        directory=tmp_path / "data",
+        listen="0.0.0.0:443",
+        system=False,
+        command=["/opt/hp/bin/homeport"],
+        user="ignored-for-user-units",
+    )
+    assert p.path == tmp_path / "cfg/systemd/user/homeport-server.service"
+    assert (
+        f"ExecStart=/opt/hp/bin/homeport server --data {tmp_path}/data --listen 0.0.0.0:443"
+        in p.text
+    )
+    assert "User=" not in p.text
+    assert "WantedBy=default.target" in p.text
+    assert "systemctl --user" in p.enable_command
+
+
+def test_service_install_print_via_cli(tmp_path: Path) -> None:
+    group = click.Group()
+    register(group)
+    res = CliRunner().invoke(
+        group, ["service", "install", "--print", "--state", str(tmp_path), "--user", "bob"]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"up --state {tmp_path}" in res.output
+    assert "Restart=always" in res.output
+
+
+def test_cli_lists_commands() -> None:
+    group = click.Group()
+    register(group)
+    register_agent(group)
+    out = CliRunner().invoke(group, ["--help"]).output
+    for cmd in ("up", "status", "nc", "ssh", "ssh-config", "forward", "service"):
+        assert f"  {cmd} " in out or f"  {cmd}\n" in out
+
+
+def test_up_not_enrolled_is_fatal(tmp_path: Path) -> None:
+    group = click.Group()
+    register_agent(group)
+    res = CliRunner().invoke(group, ["up", "--state", str(tmp_path)])
+    assert res.exit_code == 1
+    assert "not enrolled" in res.output
+
+
+def test_up_bad_auth_key_is_fatal(tmp_path: Path) -> None:
+    group = click.Group()
+    register_agent(group)
+    res = CliRunner().invoke(
+        group,
+        [
+            "up",
+            "--state",
+            str(tmp_path),
+            "--server",
+            "127.0.0.1:1",
+            "--authkey",
+            "nope",
+            "--name",
+            "x",
+        ],
+    )
+    assert res.exit_code == 1
+    assert "bad-auth-key" in res.output
+
+
+def test_forward_target_parsing() -> None:
+    assert parse_target("labpc:8888").service == "8888"
+    assert parse_target("labpc:jupyter").node == "labpc"
+    for bad in ("labpc", ":22", "labpc:", "labpc:99999", "labpc:a b"):
+        with pytest.raises(ValueError):
+            parse_target(bad)
+    line = format_event({"event": "open", "from": "127.0.0.1:5", "to": "labpc:22", "peer": "labpc"})
+    assert line == "127.0.0.1:5 → labpc:22: connected to labpc"
+
+
+def test_status_table_and_json() -> None:
+    nm = NetMap(
+        self_id="n1",
+        nodes=(
+            NodeInfo("n2", "labpc", False, 1000.0 - 180, "sha256:x", (ServiceInfo("ssh", 22),)),
+            NodeInfo("n1", "laptop", True, 1000.0, "sha256:y"),
+            NodeInfo("n3", "nas", True, 1000.0, "sha256:z", (ServiceInfo("web", 8080),)),
+        ),
+    )
+    table = status.render_table(nm, now=1000.0).splitlines()
+    assert table[0].split() == ["NAME", "ONLINE", "LAST", "SEEN", "SERVICES", "PATH"]
+    assert table[1].startswith("laptop (this node)")
+    assert "3m ago" in table[2] and "ssh/22" in table[2] and "relay" in table[2]
+    assert "now" in table[3] and "web/8080" in table[3]
+    js = status.to_json(nm, now=1000.0)
+    assert [n["self"] for n in js["nodes"]] == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("secs", "text"),
+    [(0, "now"), (30, "30s ago"), (180, "3m ago"), (7200, "2h ago"), (2e5, "2d ago")],
+)
+def test_ago(secs: float, text: str) -> None:
+    assert status.ago(secs) == text

@@ -1,0 +1,168 @@
+"""Admin commands: offline (no server running), live (through admin.sock), and the real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from homeport.crypto import identity
+from homeport.server.admin import AdminOps, admin_request, parse_duration
+from homeport.server.app import prepare_data_dir, start_server_thread
+from homeport.server.cli import register
+from homeport.server.state import ServerState
+from homeport.store.db import open_store
+from homeport.wire import authkey
+
+DEADLINE = 20.0
+
+
+def make_cli() -> click.Group:
+    @click.group()
+    def cli() -> None:
+        pass
+
+    register(cli)
+    return cli
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(make_cli(), list(args), env=env)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30m", 1800.0), ("1h", 3600.0), ("7d", 604800.0), ("90", 90.0), ("never", None)],
+)
+def test_parse_duration(text: str, seconds: float | None) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1y", "-1h", "h", "1.5.5h"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_no_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    code, out, err = run("keys", "create", "--data", str(tmp_path / "nothing"))
+    assert code == 1 and out == ""
+    assert "no homeport server data in" in err and "--data DIR" in err
+
+
+def test_offline_admin_uses_the_store(tmp_path: Path) -> None:
+    data = tmp_path / "srv"
+    files = prepare_data_dir(data)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "ca.key").stat().st_mode) == 0o600
+    code, out, err = run("keys", "create", "--data", str(data), "--expiry", "1h")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1  # exactly the key, hints on stderr
+    key = authkey.parse_untrusted(lines[0])
+    assert key.server_pin == files.pin
+    assert "homeport up" in err
+    code, out, _ = run("keys", "list", "--json", "--data", str(data))
+    [listed] = json.loads(out)
+    assert listed["key_id"] == key.key_id and listed["status"] == "valid"
+    assert key.secret not in out
+    code, out, _ = run("keys", "list", "--data", str(data))
+    assert key.key_id in out and "valid" in out
+    code, out, _ = run("nodes", "list", "--json", "--data", str(data))
+    assert code == 0 and json.loads(out) == []
+    code, _, err = run("nodes", "remove", "ghost", "--data", str(data))
+    assert code == 1 and "no node named 'ghost'" in err
+    code, out, _ = run("keys", "revoke", key.key_id, "--json", "--data", str(data))
+    assert json.loads(out) == {"key_id": key.key_id, "revoked": True}
+
+
+def test_env_var_names_the_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "envsrv"
+    prepare_data_dir(data)
+    code, out, _ = run("keys", "create", "--json", "--reusable", env={"HOMEPORT_DATA": str(data)})
+    assert code == 0
+    answer = json.loads(out)
+    assert answer["reusable"] is True and answer["key"].startswith("hpk1_")
+
+
+def test_live_admin_through_socket(tmp_path: Path) -> None:
+    data = tmp_path / "live"
+    with start_server_thread(data) as srv:
+        sock = data / "admin.sock"
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        ping = admin_request(data, {"op": "ping"})
+        assert ping == {"ok": True, "live": True}
+        code, out, _ = run("keys", "create", "--expiry", "never", "--data", str(data))
+        assert code == 0 and authkey.parse_untrusted(out.strip()).server_pin == srv.pin
+        assert admin_request(data, {"op": "bogus"})["ok"] is False
+        assert admin_request(data, {"op": "keys.create", "reusable": "yes"})["ok"] is False
+    assert not (data / "admin.sock").exists()  # removed on shutdown
+    # offline again: the same data, through the store
+    assert admin_request(data, {"op": "ping"}) == {"ok": True, "live": False}
+
+
+def test_second_server_on_same_data_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "one"
+    with start_server_thread(data), pytest.raises(RuntimeError, match="already running"):
+        start_server_thread(data)
+
+
+def test_admin_ops_bad_requests() -> None:
+    state: ServerState[str] = ServerState(
+        open_store("sqlite://"), ca=identity.create_ca(), server_pin="sha256:" + "ab" * 32
+    )
+    ops = AdminOps(state)
+    for bad in ([1, 2], {"op": 3}, {"op": "nodes.remove"}, {"op": "keys.revoke", "key_id": "x"}):
+        answer = ops.handle(bad)
+        assert answer["ok"] is False and answer["error"]
+    answer = ops.handle({"op": "keys.create", "expiry_seconds": -5})
+    assert answer["ok"] is False and "positive" in answer["error"]
+
+
+def test_server_process_banner_and_sigterm(tmp_path: Path) -> None:
+    """``homeport server`` as a real process: banner, serving, clean exit on SIGTERM."""
+    data = tmp_path / "proc"
+    code = (
+        "import sys, click\n"
+        "from homeport.server.cli import register\n"
+        "@click.group()\n"
+        "def cli(): pass\n"
+        "register(cli)\n"
+        "cli(sys.argv[1:])\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "server", "--data", str(data), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("homeport server listening on 127.0.0.1:"), first
+        banner = [first] + [proc.stdout.readline() for _ in range(5)]
+        text = "".join(banner)
+        assert "server pin: sha256:" in text and "homeport keys create" in text
+        assert "homeport up --server" in text
+        answer = admin_request(data, {"op": "ping"})
+        assert answer == {"ok": True, "live": True}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
+        _, err = proc.communicate(timeout=DEADLINE)
+        assert "shutting down" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(DEADLINE)

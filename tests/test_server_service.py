@@ -1,0 +1,565 @@
+"""The real server on 127.0.0.1:0 (thread), driven by hand-made TLS clients.
+
+Covers enrollment, HELLO/WELCOME, ANNOUNCE/NETMAP, a full stream through the
+relay, OPEN failures, node removal, session replacement, keepalive timeout,
+and hostile input (garbage, huge frames, bad preambles) that must close one
+connection and leave the server serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from homeport.crypto import identity, tls
+from homeport.server.admin import admin_request
+from homeport.server.app import ServerHandle, start_server_thread
+from homeport.server.service import ServiceConfig
+from homeport.wire import control as m
+from homeport.wire.data import encode_preamble, new_token
+from homeport.wire.frame import HEADER, FrameDecoder
+
+DEADLINE = 10.0
+
+CONFIG = ServiceConfig(
+    ping_interval=5.0,
+    idle_timeout=15.0,
+    handshake_timeout=1.0,
+    open_timeout=1.0,
+    unpaired_timeout=2.0,
+)
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    with start_server_thread(tmp_path_factory.mktemp("srv"), config=CONFIG) as srv:
+        yield srv
+
+
+@dataclass
+class Node:
+    node_id: str
+    name: str
+    cert: Path
+    key: Path
+    fingerprint: str
+
+
+class Ctl:
+    """A blocking control-connection client for tests."""
+
+    def __init__(self, srv: ServerHandle, node: Node | None = None) -> None:
+        ctx = tls.control_client_context(
+            None if node is None else node.cert, None if node is None else node.key
+        )
+        raw = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
+        self.sock = ctx.wrap_socket(raw)
+        tls.check_pin(self.sock.getpeercert(binary_form=True), srv.pin)
+        self.decoder = FrameDecoder()
+        self.pending: list[m.Message] = []
+
+    def send(self, *msgs: m.Message) -> None:
+        self.sock.sendall(b"".join(m.encode(x) for x in msgs))
+
+    def recv(self) -> m.Message:
+        """The next message other than PING/PONG; AssertionError on EOF."""
+        while True:
+            while self.pending:
+                msg = self.pending.pop(0)
+                if not isinstance(msg, m.Ping | m.Pong):
+                    return msg
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("server closed the connection")
+            for t, body in self.decoder.feed_untrusted(data):
+                self.pending.append(m.decode_untrusted(t, body))
+
+    def recv_type(self, cls: type[m.Message]) -> m.Message:
+        """Skip NETMAP pushes until a ``cls`` arrives."""
+        while True:
+            msg = self.recv()
+            if isinstance(msg, cls):
+                return msg
+            assert isinstance(msg, m.NetMap), msg
+
+    def expect_closed(self) -> None:
+        """Reads until EOF (ignoring frames)."""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (ConnectionResetError, ssl.SSLError):
+                return
+            if not data:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def create_key(srv: ServerHandle, **kw: object) -> str:
+    answer = admin_request(srv.data_dir, {"op": "keys.create", **kw})
+    assert answer["ok"], answer
+    return str(answer["key"])
+
+
+def enroll(srv: ServerHandle, name: str, tmp: Path) -> Node:
+    key_pem = identity.new_private_key_pem()
+    c = Ctl(srv)
+    c.send(
+        m.Enroll(
+            proto=1,
+            auth_key=create_key(srv),
+            name=name,
+            csr_pem=identity.make_csr(key_pem, name).decode(),
+        )
+    )
+    msg = c.recv()
+    assert isinstance(msg, m.Enrolled), msg
+    c.expect_closed()
+    c.close()
+    cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
+    cert.write_text(msg.cert_pem)
+    identity.write_private(key, key_pem)
+    fp = tls.fingerprint(identity.cert_der_from_pem(msg.cert_pem.encode()))
+    return Node(msg.node_id, name, cert, key, fp)
+
+
+def hello(srv: ServerHandle, node: Node, role: str) -> Ctl:
+    c = Ctl(srv, node)
+    c.send(m.Hello(proto=1, role=role))
+    w = c.recv()
+    assert isinstance(w, m.Welcome), w
+    assert (w.node_id, w.name) == (node.node_id, node.name)
+    return c
+
+
+def agent(srv: ServerHandle, node: Node, services: tuple[m.ServiceInfo, ...]) -> Ctl:
+    c = hello(srv, node, "agent")
+    c.send(m.Announce(services=services, host_keys=("ssh-ed25519 AAAAtest",)))
+    nm = c.recv_type(m.NetMap)
+    assert isinstance(nm, m.NetMap) and nm.self_id == node.node_id
+    return c
+
+
+def data_conn(srv: ServerHandle, token: bytes) -> socket.socket:
+    s = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
+    s.sendall(encode_preamble(token))
+    return s
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise AssertionError("EOF")
+        buf += chunk
+    return bytes(buf)
+
+
+def still_serving(srv: ServerHandle) -> None:
+    """A fresh TLS control connection still gets an answer."""
+    c = Ctl(srv)
+    c.send(m.Enroll(proto=1, auth_key="nope", name="x", csr_pem=""))
+    err = c.recv()
+    assert isinstance(err, m.Error) and err.code == "auth-key-invalid"
+    c.close()
+
+
+def is_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except (ConnectionResetError, TimeoutError):
+        return True
+
+
+_counter = iter(range(10_000))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{next(_counter)}"
+
+
+# -- enrollment and hello ----------------------------------------------------------
+
+
+def test_enroll_then_hello(server: ServerHandle, tmp_path: Path) -> None:
+    node = enroll(server, unique("lab"), tmp_path)
+    c = hello(server, node, "client")
+    c.send(m.NetMapRequest())
+    nm = c.recv()
+    assert isinstance(nm, m.NetMap) and node.node_id in {n.node_id for n in nm.nodes}
+    c.close()
+    listed = admin_request(server.data_dir, {"op": "nodes.list"})
+    assert node.name in {n["name"] for n in listed["nodes"]}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code"),
+    [
+        (lambda k: "hpk1_garbage", "auth-key-invalid"),
+        (lambda k: k[:18] + "0" * 32 + k[50:], "auth-key-invalid"),  # wrong secret
+    ],
+)
+def test_enroll_bad_key(server: ServerHandle, mutate: Callable[[str], str], code: str) -> None:
+    key = create_key(server)
+    c = Ctl(server)
+    csr = identity.make_csr(identity.new_private_key_pem(), "x").decode()
+    c.send(m.Enroll(proto=1, auth_key=mutate(key), name="x", csr_pem=csr))
+    err = c.recv()
+    assert isinstance(err, m.Error) and err.code == code
+    c.expect_closed()
+    c.close()
+
+
+def test_enroll_used_key_and_bad_name(server: ServerHandle, tmp_path: Path) -> None:
+    key = create_key(server)
+    csr = identity.make_csr(identity.new_private_key_pem(), "x").decode()
+    for name, code in [
+        ("Bad Name", "bad-name"),
+        (unique("ok"), None),
+        (unique("ok"), "auth-key-used"),
+    ]:
+        c = Ctl(server)
+        c.send(m.Enroll(proto=1, auth_key=key, name=name, csr_pem=csr))
+        msg = c.recv()
+        if code is None:
+            assert isinstance(msg, m.Enrolled)
+        else:
+            assert isinstance(msg, m.Error) and msg.code == code, msg
+        c.close()
+
+
+def test_hello_without_certificate(server: ServerHandle) -> None:
+    c = Ctl(server)
+    c.send(m.Hello(proto=1, role="client"))
+    err = c.recv()
+    assert isinstance(err, m.Error) and err.code == "unknown-node"
+    c.close()
+
+
+def test_hello_wrong_version_and_role(server: ServerHandle, tmp_path: Path) -> None:
+    node = enroll(server, unique("v"), tmp_path)
+    for msg, code in [
+        (m.Hello(proto=99, role="client"), "bad-version"),
+        (m.Hello(proto=1, role="king"), "bad-request"),
+    ]:
+        c = Ctl(server, node)
+        c.send(msg)
+        err = c.recv()
+        assert isinstance(err, m.Error) and err.code == code
+        c.close()
+
+
+# -- streams -----------------------------------------------------------------------------
+
+
+def test_full_stream_through_relay(server: ServerHandle, tmp_path: Path) -> None:
+    lab = enroll(server, unique("labpc"), tmp_path)
+    laptop = enroll(server, unique("laptop"), tmp_path)
+    a = agent(server, lab, (m.ServiceInfo("ssh", 22),))
+    c = hello(server, laptop, "client")
+    tc = new_token()
+    opener_data = data_conn(server, tc)  # dialed together with OPEN, like nc does
+    c.send(m.Open(dst=lab.name, service="22", token=tc.hex()))
+    inc = a.recv_type(m.Incoming)
+    assert isinstance(inc, m.Incoming)
+    assert inc.src.node_id == laptop.node_id and inc.src.fingerprint == laptop.fingerprint
+    assert inc.service == "ssh"
+    a.send(m.Accept(stream_id=inc.stream_id))
+    agent_data = data_conn(server, bytes.fromhex(inc.token))
+    opened = c.recv_type(m.Opened)
+    assert isinstance(opened, m.Opened)
+    assert opened.token == tc.hex() and opened.stream_id == inc.stream_id and opened.port == 22
+    assert opened.peer.fingerprint == lab.fingerprint
+    assert opened.peer.host_keys == ("ssh-ed25519 AAAAtest",)
+    payload = os.urandom(512 * 1024)
+    opener_data.sendall(payload)
+    assert recv_exact(agent_data, len(payload)) == payload
+    agent_data.sendall(b"SSH-2.0-test\r\n")
+    assert recv_exact(opener_data, 14) == b"SSH-2.0-test\r\n"
+    opener_data.shutdown(socket.SHUT_WR)
+    assert agent_data.recv(1) == b""  # half-close crossed the relay
+    agent_data.sendall(b"bye")
+    assert recv_exact(opener_data, 3) == b"bye"
+    agent_data.close()
+    assert opener_data.recv(1) == b""
+    opener_data.close()
+    for x in (a, c):
+        x.close()
+
+
+def test_open_failures(server: ServerHandle, tmp_path: Path) -> None:
+    lab = enroll(server, unique("lab"), tmp_path)
+    laptop = enroll(server, unique("laptop"), tmp_path)
+    c = hello(server, laptop, "client")
+
+    def open_fails(dst: str, service: str) -> m.OpenFailed:
+        token = new_token()
+        d = data_conn(server, token)
+        c.send(m.Open(dst=dst, service=service, token=token.hex()))
+        msg = c.recv_type(m.OpenFailed)
+        assert isinstance(msg, m.OpenFailed) and msg.token == token.hex()
+        assert is_closed(d)  # the relay closed the opener's data connection
+        d.close()
+        return msg
+
+    assert open_fails("no-such-node", "22").code == "unknown-node"
+    f = open_fails(lab.name, "22")
+    assert f.code == "offline" and lab.name in f.message
+    a = agent(server, lab, (m.ServiceInfo("ssh", 22),))
+    f = open_fails(lab.name, "8080")
+    assert f.code == "not-exposed" and "ssh/22" in f.message
+    # the agent refuses
+    token = new_token()
+    c.send(m.Open(dst=lab.name, service="ssh", token=token.hex()))
+    inc = a.recv_type(m.Incoming)
+    assert isinstance(inc, m.Incoming)
+    a.send(m.Reject(stream_id=inc.stream_id, code="refused", message="not today"))
+    f2 = c.recv_type(m.OpenFailed)
+    assert isinstance(f2, m.OpenFailed) and (f2.code, f2.message) == ("refused", "not today")
+    # the agent never answers: timeout (open_timeout = 1 s)
+    token = new_token()
+    c.send(m.Open(dst=lab.name, service="ssh", token=token.hex()))
+    a.recv_type(m.Incoming)
+    f3 = c.recv_type(m.OpenFailed)
+    assert isinstance(f3, m.OpenFailed) and f3.code == "timeout"
+    # a bad token
+    c.send(m.Open(dst=lab.name, service="ssh", token="zz"))
+    f4 = c.recv_type(m.OpenFailed)
+    assert isinstance(f4, m.OpenFailed) and f4.code == "bad-request"
+    # the agent goes away while a stream waits for it
+    token = new_token()
+    c.send(m.Open(dst=lab.name, service="ssh", token=token.hex()))
+    a.recv_type(m.Incoming)
+    a.close()
+    f5 = c.recv_type(m.OpenFailed)
+    assert isinstance(f5, m.OpenFailed) and f5.code == "offline"
+    c.close()
+
+
+def test_self_stream_allowed(server: ServerHandle, tmp_path: Path) -> None:
+    lab = enroll(server, unique("self"), tmp_path)
+    a = agent(server, lab, (m.ServiceInfo("web", 8080),))
+    token = new_token()
+    a.send(m.Open(dst=lab.name, service="web", token=token.hex()))
+    inc = a.recv_type(m.Incoming)
+    assert isinstance(inc, m.Incoming) and inc.src.node_id == lab.node_id
+    a.close()
+
+
+def test_netmap_pushed_to_agents_on_change(server: ServerHandle, tmp_path: Path) -> None:
+    one = enroll(server, unique("one"), tmp_path)
+    two = enroll(server, unique("two"), tmp_path)
+    a1 = agent(server, one, ())
+
+    def until(pred: Callable[[m.NetMap], bool]) -> None:
+        while True:
+            nm = a1.recv_type(m.NetMap)
+            assert isinstance(nm, m.NetMap)
+            if pred(nm):
+                return
+
+    def node(nm: m.NetMap, node_id: str) -> m.NodeInfo:
+        return next(n for n in nm.nodes if n.node_id == node_id)
+
+    a2 = agent(server, two, (m.ServiceInfo("ssh", 22),))
+    until(lambda nm: node(nm, two.node_id).online and bool(node(nm, two.node_id).services))
+    a2.close()
+    until(lambda nm: not node(nm, two.node_id).online)
+    a1.close()
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+
+def test_new_agent_session_replaces_old(server: ServerHandle, tmp_path: Path) -> None:
+    lab = enroll(server, unique("dup"), tmp_path)
+    old = agent(server, lab, ())
+    new = agent(server, lab, ())
+    err = old.recv_type(m.Error)
+    assert isinstance(err, m.Error) and err.code == "session-replaced"
+    old.expect_closed()
+    online = {
+        n["name"]: n["online"]
+        for n in admin_request(server.data_dir, {"op": "nodes.list"})["nodes"]
+    }
+    assert online[lab.name]
+    new.close()
+    old.close()
+
+
+def test_remove_node_cuts_sessions_and_streams(server: ServerHandle, tmp_path: Path) -> None:
+    lab = enroll(server, unique("rm"), tmp_path)
+    laptop = enroll(server, unique("laptop"), tmp_path)
+    a = agent(server, lab, (m.ServiceInfo("ssh", 22),))
+    c = hello(server, laptop, "client")
+    tc = new_token()
+    od = data_conn(server, tc)
+    c.send(m.Open(dst=lab.name, service="ssh", token=tc.hex()))
+    inc = a.recv_type(m.Incoming)
+    assert isinstance(inc, m.Incoming)
+    a.send(m.Accept(stream_id=inc.stream_id))
+    ad = data_conn(server, bytes.fromhex(inc.token))
+    c.recv_type(m.Opened)
+    od.sendall(b"hi")
+    assert recv_exact(ad, 2) == b"hi"
+    answer = admin_request(server.data_dir, {"op": "nodes.remove", "name": lab.name})
+    assert answer["ok"] and answer["node_id"] == lab.node_id
+    err = a.recv_type(m.Error)
+    assert isinstance(err, m.Error) and err.code == "node-removed"
+    assert is_closed(od) and is_closed(ad)  # the open stream was cut at once
+    # it cannot come back with its old certificate
+    c2 = Ctl(server, lab)
+    c2.send(m.Hello(proto=1, role="agent"))
+    err2 = c2.recv()
+    assert isinstance(err2, m.Error) and err2.code == "node-removed"
+    assert "removed by an admin" in err2.message
+    for x in (a, c, c2):
+        x.close()
+    for s in (od, ad):
+        s.close()
+    again = admin_request(server.data_dir, {"op": "nodes.remove", "name": lab.name})
+    assert not again["ok"] and "no node" in again["error"]
+
+
+# -- hostile input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # neither TLS nor data
+        os.urandom(64).replace(b"\x16", b"\x00").replace(b"H", b"\x00"),
+        b"HPD\x02" + b"\x00" * 16,  # bad version
+        b"HXX\x01" + b"\x00" * 16,  # bad magic
+        b"\x16\x03\x01\x00\x05garbage-that-is-no-tls-handshake",
+    ],
+    ids=["http", "random", "preamble-version", "preamble-magic", "fake-tls"],
+)
+def test_garbage_closes_only_that_connection(server: ServerHandle, payload: bytes) -> None:
+    s = socket.create_connection((server.host, server.port), timeout=DEADLINE)
+    s.sendall(payload)
+    assert is_closed(s)
+    s.close()
+    still_serving(server)
+
+
+def test_silent_connection_is_closed_after_handshake_timeout(server: ServerHandle) -> None:
+    s = socket.create_connection((server.host, server.port), timeout=DEADLINE)
+    t0 = time.monotonic()
+    assert is_closed(s)
+    assert time.monotonic() - t0 < CONFIG.handshake_timeout + 3
+    s.close()
+    partial = socket.create_connection((server.host, server.port), timeout=DEADLINE)
+    partial.sendall(b"HPD")  # a preamble that never completes
+    assert is_closed(partial)
+    partial.close()
+    still_serving(server)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (HEADER.pack(0x7FFFFFFF, 1), "too-large"),
+        (HEADER.pack(6, 0x99) + b"{}{}{", "unknown-type"),
+        (HEADER.pack(4, 0x03) + b"{x}", "malformed"),
+        (m.encode(m.NetMapRequest()), "order"),
+    ],
+    ids=["huge-length", "unknown-type", "bad-json", "wrong-first-message"],
+)
+def test_malformed_frames_get_error_and_close(
+    server: ServerHandle, frame: bytes, code: str
+) -> None:
+    c = Ctl(server)
+    c.sock.sendall(frame)
+    err = c.recv()
+    assert isinstance(err, m.Error) and err.code == code, err
+    c.expect_closed()
+    c.close()
+    still_serving(server)
+
+
+def test_unauthenticated_tls_without_opener_is_closed(server: ServerHandle) -> None:
+    c = Ctl(server)
+    t0 = time.monotonic()
+    c.expect_closed()
+    assert time.monotonic() - t0 < CONFIG.handshake_timeout + 3
+    c.close()
+
+
+def test_wrong_alpn_is_refused(server: ServerHandle) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection((server.host, server.port), timeout=DEADLINE)
+    try:
+        s = ctx.wrap_socket(raw)
+    except (ssl.SSLError, ConnectionError):
+        raw.close()
+        return
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        assert s.recv(1) == b""
+    s.close()
+    still_serving(server)
+
+
+def test_unauthenticated_slots_are_released(server: ServerHandle) -> None:
+    assert server.service is not None
+    service = server.service
+    wait_for(lambda: service.unauthenticated == 0)
+
+
+# -- keepalive ---------------------------------------------------------------------------------
+
+
+def test_idle_agent_goes_offline(tmp_path: Path) -> None:
+    cfg = ServiceConfig(idle_timeout=0.5, handshake_timeout=2.0)
+    with start_server_thread(tmp_path / "srv", config=cfg) as srv:
+        lab = enroll(srv, "idle", tmp_path)
+        a = agent(srv, lab, ())
+
+        def online() -> bool:
+            nodes = admin_request(srv.data_dir, {"op": "nodes.list"})["nodes"]
+            return bool(nodes[0]["online"])
+
+        assert online()
+        a.expect_closed()  # we never PING: the server times us out
+        wait_for(lambda: not online())
+        a.close()
+
+
+def test_unauthenticated_limit(tmp_path: Path) -> None:
+    cfg = ServiceConfig(handshake_timeout=5.0, max_unauthenticated=2)
+    with start_server_thread(tmp_path / "srv", config=cfg) as srv:
+        assert srv.service is not None
+        service = srv.service
+        silent = [
+            socket.create_connection((srv.host, srv.port), timeout=DEADLINE) for _ in range(2)
+        ]
+        wait_for(lambda: service.unauthenticated == 2)
+        extra = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
+        t0 = time.monotonic()
+        assert is_closed(extra)
+        assert time.monotonic() - t0 < 2.0  # refused at once, not after the handshake timeout
+        for s in [*silent, extra]:
+            s.close()
+        wait_for(lambda: service.unauthenticated == 0)
+        still_serving(srv)
