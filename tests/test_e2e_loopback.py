@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.harness import HOMEPORT, Homeport, free_port, wait_for
 
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
+from tests.harness import HOMEPORT, Homeport, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
