@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.harness import HOMEPORT, Homeport
 
 from homeport.testing.netns import NatLab, netns_available
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
+from tests.harness import HOMEPORT, Homeport
 
 pytestmark = [pytest.mark.netns, pytest.mark.integration]
 
