@@ -194,9 +194,10 @@ class Homeport:
         wait_for(ok, timeout, f"{name} online\n{self.log('agent-' + name)}", interval=0.1)
 
     def proxy_command(self, state: Path) -> str:
-        return (
-            f"{shlex.quote(sys.executable)} -m homeport nc --state {shlex.quote(str(state))} %h %p"
-        )
+        """The ProxyCommand exactly as ``homeport ssh`` and ``ssh-config`` write it."""
+        from homeport.client.ssh import proxy_command
+
+        return proxy_command(state)
 
     def ssh_args(self, state: Path, key: Path, user: str) -> list[str]:
         return [

@@ -26,6 +26,7 @@ LAYERS = {
     "client": 4,
     "cli": 5,
     "__main__": 5,
+    "ncfast": 5,
     "testing": 5,
 }
 PURE = {"wire", "crypto", "policy", "proto"}
@@ -41,7 +42,14 @@ IO_MODULES = {
 }
 PROCESSES = {"server", "agent", "client"}
 # the ssh hot path must stay import-light
-HOT_PATH = ["client/nc.py", "io/pump.py", "io/dial.py", "crypto/tls.py", "node/state.py"]
+HOT_PATH = [
+    "ncfast.py",
+    "client/nc.py",
+    "io/pump.py",
+    "io/dial.py",
+    "crypto/tls.py",
+    "node/state.py",
+]
 HEAVY = {"cryptography", "click", "asyncio", "uvloop", "sqlalchemy"}
 
 
@@ -96,3 +104,22 @@ def test_hot_path_is_import_light(rel: str) -> None:
             names = [node.module]
         for name in names:
             assert name.split(".")[0] not in HEAVY, f"{rel} imports {name} at module level"
+
+
+def test_nc_imports_no_heavy_module_at_run_time() -> None:
+    """What ``homeport nc`` really loads, transitively, through the ProxyCommand launcher."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import homeport.client.nc; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(SRC.parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "homeport" in out
+    assert not HEAVY & set(out), f"nc loads {sorted(HEAVY & set(out))}"

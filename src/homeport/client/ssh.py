@@ -2,8 +2,10 @@
 
 Both produce the same four options:
 
-* ``ProxyCommand <python> -m homeport nc --state <abs state> %h %p`` — the
-  current interpreter, so a virtualenv install works without ``homeport`` on PATH;
+* ``ProxyCommand <python> -I -S <homeport>/ncfast.py --state <abs state> %h %p`` —
+  the current interpreter, so a virtualenv install works without ``homeport`` on
+  PATH, started without ``site`` because nc needs only the standard library (see
+  :mod:`homeport.ncfast`; it saves the ``.pth``/site-packages scan on every ssh);
 * ``UserKnownHostsFile <state>/known_hosts/%h`` — ``nc`` writes the peer's host
   keys (vouched for by the server, checked end to end) to exactly this file
   before ssh reads a byte. ``%h`` rather than ``%n``: it is the name ``nc`` is
@@ -35,24 +37,20 @@ def needs_pythonpath() -> bool:
     return root in os.environ.get("PYTHONPATH", "").split(os.pathsep)
 
 
-def proxy_command(
-    state_dir: Path, python: str | None = None, *, pythonpath: str | None = None
-) -> str:
-    """The ProxyCommand; ``pythonpath`` prefixes ``env PYTHONPATH=…`` (for ssh_config files)."""
+def proxy_command(state_dir: Path, python: str | None = None) -> str:
+    """The ProxyCommand: works from an install, a venv or a source checkout alike."""
     exe = python or sys.executable
-    words = [shlex.quote(exe), "-m", "homeport", "nc", "--state", shlex.quote(str(state_dir))]
-    if pythonpath:
-        words = ["env", shlex.quote(f"PYTHONPATH={pythonpath}"), *words]
+    launcher = Path(package_root()) / "homeport" / "ncfast.py"
+    words = [shlex.quote(exe), "-I", "-S", shlex.quote(str(launcher))]
+    words += ["--state", shlex.quote(str(state_dir))]
     return " ".join([*words, "%h", "%p"])
 
 
-def ssh_options(
-    state_dir: Path, python: str | None = None, *, pythonpath: str | None = None
-) -> list[tuple[str, str]]:
+def ssh_options(state_dir: Path, python: str | None = None) -> list[tuple[str, str]]:
     """The (keyword, value) pairs that route ssh through homeport."""
     kh = state_dir / KNOWN_HOSTS_DIR / "%h"
     return [
-        ("ProxyCommand", proxy_command(state_dir, python, pythonpath=pythonpath)),
+        ("ProxyCommand", proxy_command(state_dir, python)),
         ("UserKnownHostsFile", str(kh)),
         ("StrictHostKeyChecking", "yes"),
         ("UpdateHostKeys", "no"),
@@ -69,32 +67,14 @@ def ssh_argv(
     return [*argv, name, *args]
 
 
-def ssh_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """ssh's environment: make ``python -m homeport`` importable in the ProxyCommand.
-
-    A checkout run with PYTHONPATH=src (or an editable install) works the same as
-    a regular install; ssh does not forward PYTHONPATH to the remote host.
-    """
-    env = dict(os.environ if base is None else base)
-    root = package_root()
-    parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in parts:
-        env["PYTHONPATH"] = os.pathsep.join([root, *parts])
-    return env
-
-
 def exec_ssh(name: str, args: list[str], state_dir: Path) -> None:
     """Replace this process with ssh (never returns on success)."""
     argv = ssh_argv(name, args, state_dir)
-    os.execvpe(argv[0], argv, ssh_environment())  # noqa: S606 - exec ssh, no shell
+    os.execvp(argv[0], argv)  # noqa: S606 - exec ssh, no shell
 
 
 def _quote_config(value: str) -> str:
     return f'"{value}"' if any(c.isspace() for c in value) and '"' not in value else value
-
-
-def _config_pythonpath() -> str | None:
-    return package_root() if needs_pythonpath() else None
 
 
 def ssh_config_block(names: list[str], state_dir: Path, *, python: str | None = None) -> str:
@@ -102,7 +82,7 @@ def ssh_config_block(names: list[str], state_dir: Path, *, python: str | None = 
     if not names:
         return "# no nodes in this homeport network yet\n"
     lines = [f"# homeport: nodes of this network (state {state_dir})", "Host " + " ".join(names)]
-    for key, value in ssh_options(state_dir, python, pythonpath=_config_pythonpath()):
+    for key, value in ssh_options(state_dir, python):
         lines.append(f"    {key} {_quote_config(value) if key != 'ProxyCommand' else value}")
     return "\n".join(lines) + "\n"
 
@@ -111,7 +91,7 @@ def ssh_config_json(names: list[str], state_dir: Path, *, python: str | None = N
     return json.dumps(
         {
             "hosts": names,
-            "options": dict(ssh_options(state_dir, python, pythonpath=_config_pythonpath())),
+            "options": dict(ssh_options(state_dir, python)),
         },
         indent=2,
     )

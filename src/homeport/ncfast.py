@@ -1,0 +1,24 @@
+"""The ProxyCommand launcher: ``python -I -S /path/to/homeport/ncfast.py [--state DIR] HOST PORT``.
+
+ssh starts its ProxyCommand once per connection, so interpreter start-up is paid
+on every ``ssh``, ``scp`` and ``rsync``. ``homeport nc`` needs only the standard
+library, so this launcher lets ``homeport ssh`` and ``homeport ssh-config`` run it
+with ``-S`` (no ``site``: no ``.pth`` files, no site-packages scan) and ``-I``
+(isolated: ignores PYTHON* variables such as PYTHONDONTWRITEBYTECODE, which would
+force a recompile every time). It puts the directory that contains the
+``homeport`` package back on ``sys.path`` by hand, and nothing else.
+"""
+
+import os
+import sys
+
+
+def _run() -> int:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from homeport.client.nc import main
+
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(_run())
