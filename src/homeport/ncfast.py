@@ -21,4 +21,10 @@ def _run() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_run())
+    code = _run()
+    # Skip interpreter finalization (10-25 ms of freeing objects on every ssh):
+    # nc owns no resources that need it, and the pump has already closed or
+    # flushed everything it wrote.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

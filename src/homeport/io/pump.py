@@ -67,6 +67,7 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _POLLBAD = select.POLLNVAL
+_POLLREADABLE = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 class PumpEnd(enum.Enum):
@@ -205,6 +206,10 @@ def pump(
     wire_off = 0
     sent = received = 0
 
+    # Readiness as last learned from poll or from EAGAIN: an fd is tried only while
+    # it may be ready, so the loop never spends a syscall and an exception on an
+    # fd that poll has not reported (measured: ~40% of nc's syscalls otherwise).
+    in_ready = sock_rd_ready = True
     up_eof = False  # plain_in hit EOF
     up_closed = False  # close_notify queued
     down_eof = False  # the peer's close_notify arrived
@@ -223,11 +228,11 @@ def pump(
             while progress and result is None:
                 progress = False
                 # ---- plain_in → up buffer
-                if not up_eof and up_len < buffer_size:
+                if in_ready and not up_eof and up_len < buffer_size:
                     try:
                         n = os.readv(plain_in, [up_mv[up_len:]])
                     except BlockingIOError:
-                        pass
+                        in_ready = False
                     except (ConnectionResetError, BrokenPipeError, TimeoutError) as exc:
                         result = finish(False, PumpEnd.LOCAL_ERROR, f"local read: {exc}")
                         break
@@ -276,11 +281,11 @@ def pump(
                             wire = None
                         progress = True
                 # ---- socket → incoming BIO (only when empty: see tlsstream's doc)
-                if incoming.pending == 0 and not sock_eof and not down_eof:
+                if sock_rd_ready and incoming.pending == 0 and not sock_eof and not down_eof:
                     try:
                         n = sock.recv_into(raw_mv)
                     except BlockingIOError:
-                        pass
+                        sock_rd_ready = False
                     else:
                         if n == 0:
                             sock_eof = True
@@ -362,6 +367,12 @@ def pump(
                         result = finish(False, PumpEnd.CANCELLED, "cancelled")
                 elif ev & _POLLBAD:
                     result = finish(False, PumpEnd.LOCAL_ERROR, f"fd {fd} is not open")
+                else:
+                    # POLLHUP/POLLERR count as readable: the read reports EOF or the error.
+                    if fd == plain_in and ev & _POLLREADABLE:
+                        in_ready = True
+                    if fd == sock_fd and ev & _POLLREADABLE:
+                        sock_rd_ready = True
     except ssl.SSLError as exc:
         result = finish(
             False, PumpEnd.TLS_ERROR, f"stream integrity/TLS failure: {_ssl_reason(exc)}"
