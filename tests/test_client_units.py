@@ -234,3 +234,13 @@ def test_status_table_and_json() -> None:
 )
 def test_ago(secs: float, text: str) -> None:
     assert status.ago(secs) == text
+
+
+def test_agent_unit_does_not_restart_a_removed_node(tmp_path: Path) -> None:
+    from homeport.agent.runtime import ExitCode
+
+    assert int(ExitCode.NODE_REMOVED) == service.NODE_REMOVED_EXIT
+    text = service.plan(
+        server=False, directory=tmp_path, system=True, command=["/usr/local/bin/homeport"]
+    ).text
+    assert f"RestartPreventExitStatus={int(ExitCode.NODE_REMOVED)}" in text.splitlines()

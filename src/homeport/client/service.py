@@ -1,10 +1,11 @@
 """``homeport service install``: a systemd unit that keeps the agent (or server) running.
 
 ``Restart=always`` with a short ``RestartSec`` because the agent exits only
-when it must (a removed node exits non-zero — systemd then retries every few
-seconds and logs the clear reason each time, which is what an admin looks
-for), and ``network-online.target`` only orders the start: the agent itself
-survives booting before the network.
+when it must, and ``network-online.target`` only orders the start: the agent
+itself survives booting before the network. One exit is final: a node an admin
+removed exits with :data:`NODE_REMOVED_EXIT`, and ``RestartPreventExitStatus``
+keeps systemd from re-running it every two seconds forever; ``systemctl status``
+then shows the agent's last words ("removed by an admin; enroll again").
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 
 AGENT_UNIT = "homeport-agent.service"
 SERVER_UNIT = "homeport-server.service"
+#: The agent's exit status when the server says this node was removed
+#: (``homeport.agent.runtime.ExitCode.NODE_REMOVED``; a test keeps them equal).
+NODE_REMOVED_EXIT = 3
 SYSTEM_DIR = Path("/etc/systemd/system")
 DEFAULT_LISTEN = "0.0.0.0:8443"
 
@@ -73,6 +77,8 @@ def unit_text(
         "Restart=always",
         "RestartSec=2",
     ]
+    if not server:
+        lines.append(f"RestartPreventExitStatus={NODE_REMOVED_EXIT}")
     if user and system:
         lines.append(f"User={user}")
     if pythonpath:
