@@ -65,6 +65,7 @@ from typing import IO, Any, TypeVar
 
 import psutil
 
+from homeport.testing.deadline import Deadline
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,19 +144,6 @@ def one_line(text: str | bytes, limit: int = 240) -> str:
         text = text.decode(errors="replace")
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
-class Deadline:
-    """A monotonic deadline: every wait in this benchmark is bounded by one."""
-
-    def __init__(self, seconds: float) -> None:
-        self._end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return max(0.0, self._end - time.monotonic())
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self._end
 
 
 def free_port() -> int:

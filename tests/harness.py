@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,21 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def serve_in_threads(sock: socket.socket, handle: Callable[[socket.socket], None]) -> None:
+    """Accept on a listening ``sock`` in a daemon thread until it is closed; each
+    connection is handled by ``handle`` in a thread of its own."""
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
 
 
 def tcp_accepts(host: str, port: int) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
-from tests.harness import HOMEPORT, Homeport, free_port, wait_for
+from tests.harness import HOMEPORT, Homeport, free_port, serve_in_threads, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,15 +40,7 @@ class EchoServer:
         self.sink = sink
         self.received: list[bytes] = []
         self.done = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        serve_in_threads(self.sock, self._handle)
 
     def _handle(self, conn: socket.socket) -> None:
         got = bytearray()
@@ -343,17 +335,12 @@ class BitFlipper:
         self.sock.listen(16)
         self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.flipped = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        serve_in_threads(self.sock, self._proxy)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            u = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pipe, args=(c, u, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
+    def _proxy(self, c: socket.socket) -> None:
+        u = socket.create_connection(self.upstream)
+        threading.Thread(target=self._pipe, args=(u, c, False), daemon=True).start()
+        self._pipe(c, u, True)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, upstream_dir: bool) -> None:
         seen = 0

@@ -47,11 +47,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from homeport.testing.deadline import Deadline
 
 __all__ = ["SSHD_BIN", "SshdServer", "make_sshd", "sshd_available"]
 
@@ -133,19 +134,6 @@ def _quote(path: Path) -> str:
     # sshd_config accepts double-quoted arguments; quoting keeps paths with
     # spaces (e.g. odd tmp dirs) intact.
     return f'"{path}"'
-
-
-class _Deadline:
-    """A monotonic deadline so every polling loop is bounded."""
-
-    def __init__(self, timeout: float) -> None:
-        self._end = time.monotonic() + timeout
-
-    def remaining(self) -> float:
-        return max(0.0, self._end - time.monotonic())
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self._end
 
 
 @dataclass(kw_only=True)
@@ -254,7 +242,7 @@ class SshdServer:
 
     def _wait_until_listening(self, timeout: float) -> bool:
         assert self.process is not None
-        clock = _Deadline(timeout)
+        clock = Deadline(timeout)
         while not clock.expired():
             if self._port_accepts():
                 return True
