@@ -128,6 +128,7 @@ def e2e_handshake(
     expected_pin: str,
     peer_name: str,
     timeout: float = DEFAULT_TIMEOUT,
+    started: TlsStream | None = None,
 ) -> TlsStream:
     """Run the end-to-end TLS handshake through the relay and pin the peer.
 
@@ -136,7 +137,9 @@ def e2e_handshake(
     compromised relay can neither read nor impersonate. Closes ``sock`` on failure.
     """
     try:
-        stream = tlsstream.handshake(sock, ctx, server_side=server_side, timeout=timeout)
+        stream = tlsstream.handshake(
+            sock, ctx, server_side=server_side, timeout=timeout, started=started
+        )
     except TimeoutError as exc:
         sock.close()
         raise DialError("timeout", f"secure handshake with {peer_name} timed out") from exc
@@ -304,8 +307,9 @@ def open_stream(
     """Open an end-to-end TLS stream to ``dst``'s ``service`` (a name or a port).
 
     Pipelined to cost about two round trips to the server: the data connection's
-    TCP handshake runs while the control TLS handshake does, and HELLO+OPEN go out
-    in one write without waiting for WELCOME.
+    TCP handshake runs while the control TLS handshake does, HELLO+OPEN go out
+    in one write without waiting for WELCOME, and the end-to-end ClientHello
+    goes out with the data preamble without waiting for OPENED.
 
     Raises:
         DialError: ``code`` is the server's OPEN_FAILED code (unknown node,
@@ -335,7 +339,12 @@ def open_stream(
         _finish_connect(data, addr, deadline)
         data.setblocking(True)
         tune_socket(data)
-        data.sendall(encode_preamble(token))
+        # The ClientHello rides behind the preamble (see tlsstream.begin_client).
+        ctx = hptls.stream_context(
+            server_side=False, cert=state.cert_path, key=state.key_path, ca_cert=state.ca_path
+        )
+        started, client_hello = tlsstream.begin_client(data, ctx)
+        data.sendall(encode_preamble(token) + client_hello)
         opened: m.Opened | None = None
         while opened is None:
             msg = control.recv(deadline)
@@ -344,9 +353,6 @@ def open_stream(
             elif isinstance(msg, m.OpenFailed) and msg.token == token.hex():
                 raise DialError(msg.code, msg.message or msg.code)
             # WELCOME, NETMAP and anything else: not what we wait for.
-        ctx = hptls.stream_context(
-            server_side=False, cert=state.cert_path, key=state.key_path, ca_cert=state.ca_path
-        )
         stream_tls = e2e_handshake(
             data,
             ctx,
@@ -354,6 +360,7 @@ def open_stream(
             expected_pin=opened.peer.fingerprint,
             peer_name=opened.peer.name or dst,
             timeout=max(0.01, deadline - time.monotonic()),
+            started=started,
         )
     except BaseException:
         data.close()

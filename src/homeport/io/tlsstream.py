@@ -15,6 +15,7 @@ delivering the peer's data until its own close_notify.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import time
@@ -64,18 +65,43 @@ class TlsStream:
         self.sock.sendall(self.outgoing.read())
 
 
+def begin_client(sock: socket.socket, ctx: ssl.SSLContext) -> tuple[TlsStream, bytes]:
+    """Start a client handshake without touching the socket: return the session
+    and its first flight (the ClientHello) for the caller to send.
+
+    Why: the opener of a stream can send its ClientHello right behind the data
+    preamble, before the server has even answered OPEN; the relay holds it in the
+    socket until the peer's data connection is spliced on. That saves a round
+    trip per ``ssh`` — the pin is still checked before any application byte.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_side=False, server_hostname=None)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return TlsStream(sock, obj, incoming, outgoing), outgoing.read()
+
+
 def handshake(
-    sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool, timeout: float
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    server_side: bool,
+    timeout: float,
+    started: TlsStream | None = None,
 ) -> TlsStream:
-    """Run a blocking TLS handshake over ``sock``; the caller checks the peer's pin.
+    """Run (or, given ``started`` from :func:`begin_client`, finish) a blocking TLS
+    handshake over ``sock``; the caller checks the peer's pin.
 
     Raises:
         ssl.SSLError: the handshake failed (bad certificate, alert, truncation).
         TimeoutError, OSError: the transport failed or was too slow.
     """
     deadline = time.monotonic() + timeout
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=None)
+    if started is not None:
+        obj, incoming, outgoing = started.obj, started.incoming, started.outgoing
+    else:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=None)
     while True:
         try:
             obj.do_handshake()
