@@ -229,6 +229,8 @@ class Homeport:
             "-o",
             f"ProxyCommand={self.proxy_command(state)}",
             "-o",
+            "ProxyUseFdpass=yes",
+            "-o",
             f"UserKnownHostsFile={state}/known_hosts/%n",
             "-o",
             "StrictHostKeyChecking=yes",

@@ -123,3 +123,57 @@ def test_nc_imports_no_heavy_module_at_run_time() -> None:
     ).stdout.split()
     assert "homeport" in out
     assert not HEAVY & set(out), f"nc loads {sorted(HEAVY & set(out))}"
+
+
+#: Everything nc's warm path (a local agent answers) may load beyond ``python -I -S`` and
+#: ``os`` (frozen, which the launcher needs anyway).
+FAST_PATH_ALLOWED = {
+    "homeport",
+    "homeport.client",
+    "homeport.client.nc",
+    "_socket",
+    "_json",
+    "_thread",
+    "_signal",
+}
+
+
+def test_nc_fast_path_loads_only_builtins(tmp_path: Path) -> None:
+    """With an agent answering, nc must not load ssl, json, dataclasses, pathlib, typing, …"""
+    import subprocess
+    import sys
+
+    from tests.test_localapi import FakeAgent, echo
+
+    show = "import sys, os; print(' '.join(sorted(sys.modules)))"
+    base = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", show], capture_output=True, text=True, check=True
+    ).stdout.split()
+    out = tmp_path / "modules.json"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from homeport.client.nc import main\n"
+        "rc = main(sys.argv[3:])\n"
+        "open(sys.argv[2], 'w').write(' '.join([str(rc), *sorted(sys.modules)]))\n"
+    )
+    nc_args = ["--state", str(tmp_path), "labpc", "22"]
+    agent = FakeAgent(
+        tmp_path,
+        {"ok": True, "peer": "labpc", "port": 22},
+        echo,
+        {"end": "clean", "ok": True, "reason": "closed"},
+    )
+    try:
+        res = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code, str(SRC.parent), str(out), *nc_args],
+            input=b"ping",
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        agent.close()
+    assert res.returncode == 0 and res.stdout == b"ping", res.stderr
+    rc, *mods = out.read_text().split()
+    assert rc == "0"
+    extra = set(mods) - set(base)
+    assert extra <= FAST_PATH_ALLOWED, f"the fast path loads {sorted(extra - FAST_PATH_ALLOWED)}"

@@ -82,9 +82,12 @@ def test_ssh_argv(tmp_path: Path) -> None:
     assert argv[0] == "ssh"
     assert argv[-3:] == ["labpc", "-v", "uptime"]
     opts = dict(o.split("=", 1) for o in argv[2:-3:2])
-    assert argv[1:-3:2] == ["-o"] * 4
+    assert argv[1:-3:2] == ["-o"] * 5
     launcher = f"{ssh.package_root()}/homeport/ncfast.py"
-    assert opts["ProxyCommand"] == (f"/usr/bin/python3 -I -S {launcher} --state {tmp_path} %h %p")
+    assert opts["ProxyCommand"] == (
+        f"/usr/bin/python3 -I -S {launcher} --state {tmp_path} --fdpass %h %p"
+    )
+    assert opts["ProxyUseFdpass"] == "yes"
     assert opts["UserKnownHostsFile"] == f"{tmp_path}/known_hosts/%h"
     assert opts["StrictHostKeyChecking"] == "yes"
     assert opts["UpdateHostKeys"] == "no"
@@ -103,6 +106,7 @@ def test_ssh_g_accepts_the_options(tmp_path: Path) -> None:
     ).stdout.lower()
     assert f"userknownhostsfile {tmp_path}/known_hosts/labpc".lower() in out
     assert "stricthostkeychecking true" in out
+    assert "proxyusefdpass yes" in out
 
 
 def test_ssh_config_block(tmp_path: Path) -> None:

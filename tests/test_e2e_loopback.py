@@ -178,6 +178,8 @@ def test_scp_50mb_arrives_byte_identical(net: Net, tmp_path: Path) -> None:
         "-o",
         f"ProxyCommand={net.hp.proxy_command(net.laptop)}",
         "-o",
+        "ProxyUseFdpass=yes",
+        "-o",
         f"UserKnownHostsFile={net.laptop}/known_hosts/%n",
         "-o",
         "StrictHostKeyChecking=yes",

@@ -108,6 +108,8 @@ def test_ssh_and_scp_through_both_nats(
         "-o",
         f"ProxyCommand={hp.proxy_command(state)}",
         "-o",
+        "ProxyUseFdpass=yes",
+        "-o",
         f"UserKnownHostsFile={state}/known_hosts/%n",
         "-o",
         "StrictHostKeyChecking=yes",

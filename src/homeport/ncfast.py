@@ -6,7 +6,9 @@ library, so this launcher lets ``homeport ssh`` and ``homeport ssh-config`` run 
 with ``-S`` (no ``site``: no ``.pth`` files, no site-packages scan) and ``-I``
 (isolated: ignores PYTHON* variables such as PYTHONDONTWRITEBYTECODE, which would
 force a recompile every time). It puts the directory that contains the
-``homeport`` package back on ``sys.path`` by hand, and nothing else.
+``homeport`` package back on ``sys.path`` by hand, and nothing else. When a local
+agent answers on ``<state>/agent.sock``, nc loads no module beyond built-in ones
+(see :mod:`homeport.client.nc`), so start-up is mostly the interpreter's own.
 """
 
 import os

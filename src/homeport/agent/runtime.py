@@ -22,11 +22,17 @@ Theory of operation:
   handshake and pump run in their own thread (the pump is a blocking,
   single-threaded ``poll`` loop: :mod:`homeport.io.pump`), at most
   :data:`MAX_STREAMS` at once.
+* **Warm opens for local clients.** ``homeport nc`` on this machine asks the
+  agent over ``<state>/agent.sock`` (:mod:`homeport.io.localapi`) instead of
+  building its own control session: the agent sends OPEN over the connection it
+  already holds, runs the end-to-end handshake and hands nc a connected unix
+  socket; the pump runs here, like an incoming stream's (same limit, same cancel).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import logging
@@ -38,12 +44,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from homeport.crypto import tls as hptls
+from homeport.io import localapi, tlsstream
 from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
+from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.pump import PumpEnd, pump
 from homeport.node import hostkeys
+from homeport.node import state as node_state
 from homeport.node.state import NodeState
 from homeport.policy.services import SSH_NAME, Service, resolve
 from homeport.proto.backoff import Backoff
@@ -54,7 +64,7 @@ from homeport.proto.control import (
     Role,
 )
 from homeport.wire import control as m
-from homeport.wire.data import token_from_hex_untrusted
+from homeport.wire.data import new_token, token_from_hex_untrusted
 from homeport.wire.errors import WireError
 
 log = logging.getLogger("homeport.agent")
@@ -75,6 +85,11 @@ CONTROL_READ_SIZE = 64 * 1024
 STOP_GRACE = 2.0
 #: Server ERROR codes after which reconnecting can never succeed.
 FATAL_ERROR_CODES = frozenset({"node-removed"})
+#: OPEN_FAILED codes after which nc should dial by itself rather than report.
+LOCAL_FALLBACK_CODES = frozenset({"busy"})
+#: Seconds a local open waits for the event loop to admit it (it only does
+#: bookkeeping and one write, so this is only reached if the loop is wedged).
+LOCAL_ADMIT_TIMEOUT = 2.0
 
 
 class ExitCode(enum.IntEnum):
@@ -91,6 +106,15 @@ class _Fatal(Exception):
 
 class _Reconnect(Exception):
     """The control connection is over; log this message and reconnect."""
+
+
+class _LocalRefused(Exception):
+    """A local open the agent cannot serve now; the client should dial by itself."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +142,7 @@ class Agent:
         host_keys: tuple[str, ...] | None = None,
         backoff: Backoff | None = None,
         on_decision: Callable[[StreamRecord], None] | None = None,
+        local_api: bool = True,
     ) -> None:
         self.state = state
         self.services = services
@@ -137,6 +162,11 @@ class Agent:
         self._conn: ControlConnection | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._stream_ctx: ssl.SSLContext | None = None
+        self._client_ctx: ssl.SSLContext | None = None  # e2e client side of local opens
+        self._local_api = local_api
+        self._api: LocalApiServer | None = None
+        # Local opens waiting for OPENED/OPEN_FAILED, by token hex (event loop only).
+        self._local_opens: dict[str, concurrent.futures.Future[m.Message]] = {}
 
     # -- lifecycle ------------------------------------------------------------
     def stop(self) -> None:
@@ -161,6 +191,7 @@ class Agent:
             self.state.server,
             exposed or "nothing",
         )
+        self._start_local_api()
         try:
             while not self._stopping:
                 started = time.monotonic()
@@ -176,6 +207,7 @@ class Agent:
                 finally:
                     self.connected.clear()
                     self._conn = None
+                    self._fail_local_opens()
                     if self._writer is not None:
                         # abort(), not close(): no TLS close handshake to wait for on a
                         # link we are abandoning (and none may outlive the loop).
@@ -191,6 +223,8 @@ class Agent:
             if not self._stopping:
                 raise
         finally:
+            if self._api is not None:
+                self._api.close()
             await asyncio.sleep(0)  # let the aborted transport report connection_lost
             await self._shutdown_streams()
         log.info("agent stopped")
@@ -228,6 +262,12 @@ class Agent:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._stream_ctx = hptls.stream_context(
             server_side=True,
+            cert=self.state.cert_path,
+            key=self.state.key_path,
+            ca_cert=self.state.ca_path,
+        )
+        self._client_ctx = hptls.stream_context(
+            server_side=False,
             cert=self.state.cert_path,
             key=self.state.key_path,
             ca_cert=self.state.ca_path,
@@ -294,6 +334,12 @@ class Agent:
                 len(host_keys),
             )
             self.connected.set()
+        elif isinstance(msg, m.Opened | m.OpenFailed):
+            fut = self._local_opens.pop(msg.token, None)
+            if fut is None:
+                log.debug("%s for an unknown token", msg.TYPE.name)
+            elif not fut.done():
+                fut.set_result(msg)
         elif isinstance(msg, m.Incoming):
             task = asyncio.create_task(self._on_incoming(msg))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
@@ -418,6 +464,219 @@ class Agent:
         self._threads.discard(t)
         self._active -= 1
 
+    # -- local opens (homeport nc on this machine) ------------------------------------
+    def _start_local_api(self) -> None:
+        """Serve ``<state>/agent.sock``; without it nc simply dials by itself."""
+        if not self._local_api:
+            return
+        path = localapi.socket_path(self.state.dir)
+        api = LocalApiServer(path, self._serve_local)
+        try:
+            api.start()
+        except OSError as exc:
+            log.warning("local API off (%s): %s; nc will dial by itself", path, _why(exc))
+            return
+        self._api = api
+        log.info("local API on %s", path)
+
+    def _fail_local_opens(self) -> None:
+        """The session is gone: no OPENED will ever come for what it carried."""
+        opens, self._local_opens = self._local_opens, {}
+        err = DialError("eof", f"server {self.state.server} closed the connection")
+        for fut in opens.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    def _local_begin(
+        self,
+        req: OpenRequest,
+        token: bytes,
+        worker: threading.Thread,
+        admitted: concurrent.futures.Future[None],
+        answer: concurrent.futures.Future[m.Message],
+    ) -> None:
+        """Event loop side of a local open: admit it (limit, session up) and send OPEN."""
+        if not admitted.set_running_or_notify_cancel():
+            return  # the worker gave up waiting for us
+        if self._stopping or self._conn is None or not self.connected.is_set():
+            admitted.set_exception(
+                _LocalRefused("not-connected", f"not connected to server {self.state.server}")
+            )
+            return
+        if self._active >= MAX_STREAMS:
+            admitted.set_exception(_LocalRefused("busy", f"{MAX_STREAMS} streams already active"))
+            return
+        self._active += 1
+        self._threads.add(worker)
+        self._local_opens[token.hex()] = answer
+        self._send(m.Open(dst=req.dst, service=req.service, token=token.hex()))
+        admitted.set_result(None)
+
+    def _local_done(self, token_hex: str, worker: threading.Thread) -> None:
+        self._local_opens.pop(token_hex, None)
+        self._stream_done(worker)
+
+    def _admit_local(
+        self, req: OpenRequest, token: bytes, answer: concurrent.futures.Future[m.Message]
+    ) -> None:
+        """Ask the event loop to admit a local open (called from its worker thread).
+
+        Raises:
+            _LocalRefused: not admitted; nothing was counted or sent.
+        """
+        loop = self._loop
+        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
+        me = threading.current_thread()
+        try:
+            if loop is None:
+                raise RuntimeError("no event loop")
+            loop.call_soon_threadsafe(self._local_begin, req, token, me, admitted, answer)
+        except RuntimeError:  # the loop is closed: the agent is stopping
+            raise _LocalRefused("not-connected", "the agent is stopping") from None
+        try:
+            admitted.result(timeout=LOCAL_ADMIT_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            if admitted.cancel():  # the loop never looked at it: nothing to undo
+                raise _LocalRefused("busy", "the agent did not answer in time") from None
+            admitted.result()  # decided meanwhile: its outcome stands
+
+    def _serve_local(self, conn: socket.socket, req: OpenRequest) -> None:
+        """One local ``open``, in its local API thread, for the whole life of the stream.
+
+        Same steps as nc's own dial, minus the control handshake: OPEN over the
+        warm session (the data connection and ClientHello go out meanwhile),
+        OPENED, end-to-end handshake with the pin the server named, known_hosts,
+        then a socketpair whose far end goes to the client and a pump here. The
+        error replies carry exactly the messages nc prints when it dials itself.
+        """
+        timeout = req.timeout if req.timeout is not None else STREAM_SETUP_TIMEOUT
+        deadline = time.monotonic() + timeout
+        token = new_token()
+        answer: concurrent.futures.Future[m.Message] = concurrent.futures.Future()
+        try:
+            self._admit_local(req, token, answer)
+        except _LocalRefused as exc:
+            log.info("local open of %s:%s handed back: %s", req.dst, req.service, exc.message)
+            with contextlib.suppress(OSError):
+                send_reply(conn, error_reply(exc.code, exc.message, fallback=True))
+            return
+        me = threading.current_thread()
+        try:
+            self._local_stream(conn, req, token, answer, deadline)
+        finally:
+            loop = self._loop
+            try:
+                if loop is None or loop.is_closed():
+                    raise RuntimeError("loop closed")
+                loop.call_soon_threadsafe(self._local_done, token.hex(), me)
+            except RuntimeError:
+                self._stream_done(me)
+
+    def _local_stream(
+        self,
+        conn: socket.socket,
+        req: OpenRequest,
+        token: bytes,
+        answer: concurrent.futures.Future[m.Message],
+        deadline: float,
+    ) -> None:
+        def left() -> float:
+            return max(0.01, deadline - time.monotonic())
+
+        ctx = self._client_ctx
+        assert ctx is not None  # set before the session could admit anything
+        try:
+            data = dial_data(self.state, token, timeout=left())
+            try:
+                started, client_hello = tlsstream.begin_client(data, ctx)
+                data.sendall(client_hello)  # rides behind the preamble, like nc's
+                try:
+                    msg = answer.result(timeout=left())
+                except concurrent.futures.TimeoutError:
+                    raise DialError(
+                        "timeout", f"no answer from server {self.state.server}"
+                    ) from None
+                if isinstance(msg, m.OpenFailed):
+                    raise DialError(msg.code, msg.message or msg.code)
+                assert isinstance(msg, m.Opened)
+            except BaseException:
+                data.close()
+                raise
+            peer = msg.peer
+            tls = e2e_handshake(
+                data,
+                ctx,
+                server_side=False,
+                expected_pin=peer.fingerprint,
+                peer_name=peer.name or req.dst,
+                timeout=left(),
+                started=started,
+            )
+        except DialError as exc:
+            log.info("local open of %s:%s failed: %s", req.dst, req.service, exc.message)
+            # "busy" is about this session (opens in flight), not about the peer:
+            # nc's own session may well get through.
+            fallback = exc.code in LOCAL_FALLBACK_CODES
+            with contextlib.suppress(OSError):
+                send_reply(conn, error_reply(exc.code, exc.message, fallback=fallback))
+            return
+        except OSError as exc:
+            log.info("local open of %s:%s failed: %s", req.dst, req.service, exc)
+            with contextlib.suppress(OSError):
+                send_reply(conn, error_reply("unreachable", f"connection failed: {exc}"))
+            return
+        port = msg.port or (int(req.service) if req.service.isdigit() else 22)
+        try:
+            _ensure_known_hosts(self.state.dir, req.dst, port, peer.host_keys)
+        except (ValueError, OSError) as exc:
+            tls.close()
+            with contextlib.suppress(OSError):
+                send_reply(
+                    conn,
+                    error_reply("known-hosts", f"cannot write known_hosts for {peer.name}: {exc}"),
+                )
+            return
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE
+            tls.close()
+            with contextlib.suppress(OSError):
+                send_reply(conn, error_reply("local", f"local agent: {exc}", fallback=True))
+            return
+        try:
+            with theirs:
+                send_reply(
+                    conn,
+                    {"ok": True, "peer": peer.name, "port": port, "stream": msg.stream_id},
+                    theirs.fileno(),
+                )
+        except OSError as exc:
+            log.info("local open of %s:%s: client left before the reply: %s", *_dst(req), exc)
+            tls.close()
+            mine.close()
+            return
+        log.info("local stream %s to %s:%s opened (peer %s)", msg.stream_id, *_dst(req), peer.name)
+        try:
+            res = pump(tls, mine.fileno(), mine.fileno(), cancel_fd=self._cancel_r)
+            # LOCAL_ERROR here is our own user's process going away (ssh exited).
+            quiet = res.ok or res.end in (PumpEnd.CANCELLED, PumpEnd.LOCAL_ERROR)
+            level = logging.INFO if quiet else logging.WARNING
+            log.log(
+                level,
+                "local stream %s to %s ended: %s (%d bytes out, %d bytes in)",
+                msg.stream_id,
+                peer.name,
+                res.reason,
+                res.sent,
+                res.received,
+            )
+            # Before closing ``mine``: a client that pumps sees this line is ready
+            # by the time it reads EOF on the stream.
+            with contextlib.suppress(OSError):
+                send_reply(conn, {"end": res.end.value, "ok": res.ok, "reason": res.reason})
+        finally:
+            mine.close()
+
 
 async def _connect_target(host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
@@ -503,3 +762,21 @@ def run_in_loop(agent: Agent) -> int:
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(main())
+
+
+def _dst(req: OpenRequest) -> tuple[str, str]:
+    return req.dst, req.service
+
+
+def _ensure_known_hosts(state_dir: Path, host: str, port: int, host_keys: tuple[str, ...]) -> None:
+    """Write ``known_hosts/<host>`` unless it already says exactly this.
+
+    Saves the atomic write's fsync (~1 ms) on the warm path, where the same peer
+    is opened again and again; a changed key set is written as before.
+    """
+    text = node_state.render_known_hosts(host, port, host_keys).encode()
+    path = state_dir / node_state.KNOWN_HOSTS_DIR / host
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == text:
+            return
+    node_state.write_known_hosts(state_dir, host, port, host_keys)

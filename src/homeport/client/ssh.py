@@ -1,11 +1,16 @@
 """``homeport ssh NAME [ssh args…]`` and ``homeport ssh-config``: plain OpenSSH, routed.
 
-Both produce the same four options:
+Both produce the same five options:
 
-* ``ProxyCommand <python> -I -S <homeport>/ncfast.py --state <abs state> %h %p`` —
-  the current interpreter, so a virtualenv install works without ``homeport`` on
+* ``ProxyCommand <python> -I -S <homeport>/ncfast.py --state <abs state> --fdpass %h %p``
+  — the current interpreter, so a virtualenv install works without ``homeport`` on
   PATH, started without ``site`` because nc needs only the standard library (see
   :mod:`homeport.ncfast`; it saves the ``.pth``/site-packages scan on every ssh);
+* ``ProxyUseFdpass yes`` (OpenSSH ≥ 6.5) — nc hands ssh a connected socket and
+  exits instead of relaying every byte through itself: with a local agent
+  running, ssh then talks straight to the agent's pump, and nc's life is a few
+  milliseconds of start-up. ``--fdpass`` tells nc to expect this (see
+  :mod:`homeport.client.nc`; without ProxyUseFdpass it just copies, as before);
 * ``UserKnownHostsFile <state>/known_hosts/%h`` — ``nc`` writes the peer's host
   keys (vouched for by the server, checked end to end) to exactly this file
   before ssh reads a byte. ``%h`` rather than ``%n``: it is the name ``nc`` is
@@ -37,12 +42,18 @@ def needs_pythonpath() -> bool:
     return root in os.environ.get("PYTHONPATH", "").split(os.pathsep)
 
 
-def proxy_command(state_dir: Path, python: str | None = None) -> str:
-    """The ProxyCommand: works from an install, a venv or a source checkout alike."""
+def proxy_command(state_dir: Path, python: str | None = None, *, fdpass: bool = True) -> str:
+    """The ProxyCommand: works from an install, a venv or a source checkout alike.
+
+    ``fdpass`` adds ``--fdpass``, which goes with ``ProxyUseFdpass yes``; it is
+    harmless without it (nc sees a pipe on stdout and copies).
+    """
     exe = python or sys.executable
     launcher = Path(package_root()) / "homeport" / "ncfast.py"
     words = [shlex.quote(exe), "-I", "-S", shlex.quote(str(launcher))]
     words += ["--state", shlex.quote(str(state_dir))]
+    if fdpass:
+        words.append("--fdpass")
     return " ".join([*words, "%h", "%p"])
 
 
@@ -51,6 +62,7 @@ def ssh_options(state_dir: Path, python: str | None = None) -> list[tuple[str, s
     kh = state_dir / KNOWN_HOSTS_DIR / "%h"
     return [
         ("ProxyCommand", proxy_command(state_dir, python)),
+        ("ProxyUseFdpass", "yes"),
         ("UserKnownHostsFile", str(kh)),
         ("StrictHostKeyChecking", "yes"),
         ("UpdateHostKeys", "no"),

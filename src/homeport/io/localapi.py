@@ -1,0 +1,399 @@
+"""The agent's local API: ``<state>/agent.sock``, the warm path for ``homeport nc``.
+
+Why it exists: ``ssh`` starts its ProxyCommand for every connection, and a cold
+``homeport nc`` pays for importing ``ssl``, building a control TLS session and
+loading its identity before the first byte moves. The agent (``homeport up``)
+already holds all of that, warm: a READY control connection, the node's TLS
+contexts and an event loop. So nc asks it, over a unix socket, to open the
+stream, and gets back a connected file descriptor that carries the stream's
+plain bytes; the agent keeps the end-to-end TLS and pumps in a worker thread.
+
+Protocol (version 1), one request per connection:
+
+* request: one line of JSON, at most :data:`MAX_REQUEST` bytes with its ``\\n``::
+
+      {"op": "open", "dst": "labpc", "service": "22", "timeout": 10}
+
+* reply: one line of JSON, at most :data:`MAX_REPLY` bytes. On success it comes
+  with exactly one file descriptor (``SCM_RIGHTS``), an ``AF_UNIX`` stream
+  socket whose peer the agent pumps to and from the stream::
+
+      {"ok": true, "peer": "labpc", "port": 22}
+      {"ok": false, "code": "offline", "message": "labpc is offline", "fallback": false}
+
+  ``fallback: true`` means "the agent cannot help right now" (not connected to
+  the server, too many streams): nc then dials by itself. Any other failure is
+  the answer nc would have got itself, and nc prints it.
+* end: when the stream is over the agent writes one more line on the same
+  connection, ``{"end": "clean", "ok": true, "reason": "closed"}`` (``end`` is a
+  :class:`~homeport.io.pump.PumpEnd` value), so a client that still listens (nc
+  pumping stdin/stdout) can tell a clean end from an integrity failure. A client
+  that handed the descriptor on (ssh's ``ProxyUseFdpass``) has left; the write
+  then fails quietly.
+
+Security: the socket file is created 0600 (umask) inside the state directory
+(0700), and every connection's peer uid (``SO_PEERCRED``) must equal the
+agent's own, because whoever can talk to this socket can open streams with this
+node's identity. Requests are untrusted bytes: bounded, parsed strictly, and a
+malformed one gets an error reply and a close, never an exception that reaches
+the accept loop.
+
+The client side lives in :mod:`homeport.client.nc`, written against ``_socket``
+and ``_json`` because it runs on every ``ssh`` and must not import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("homeport.agent.localapi")
+
+#: File name of the socket inside the state directory.
+SOCKET_NAME = "agent.sock"
+#: Longest request line we read, newline included (a real one is ~70 bytes).
+MAX_REQUEST = 4 * 1024
+#: Longest reply line a client must accept (error messages are cut to fit).
+MAX_REPLY = 4 * 1024
+#: Seconds a connected client has to send its request line.
+REQUEST_TIMEOUT = 5.0
+#: Seconds a reply may block on a client that does not read.
+REPLY_TIMEOUT = 5.0
+#: Local API connections being served at once (each is a thread; a stream's
+#: thread also counts against the agent's stream limit).
+MAX_CONNECTIONS = 512
+#: Stream setup timeout bounds a request may ask for (seconds).
+MIN_TIMEOUT, MAX_TIMEOUT = 0.1, 3600.0
+#: Longest error message we put in a reply.
+MAX_MESSAGE = 1024
+#: ``listen()`` backlog: bursts of ssh start-ups (e.g. a parallel rsync) queue here.
+BACKLOG = 128
+
+_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+
+
+class RequestError(Exception):
+    """A request we refuse; ``code`` and ``message`` go into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """``open``: a stream to ``dst``'s ``service`` (a port number or a service name)."""
+
+    dst: str
+    service: str
+    timeout: float | None = None
+
+
+def socket_path(state_dir: Path) -> Path:
+    """Where the agent of ``state_dir`` listens."""
+    return state_dir / SOCKET_NAME
+
+
+# -- requests and replies ------------------------------------------------------------
+
+
+def _check_dst(dst: str) -> str:
+    # The same rule as node.state.check_host_name (dst becomes a file name under
+    # known_hosts/), kept here without a regex import for symmetry with nc.
+    ok = (
+        0 < len(dst) <= 253
+        and dst.isascii()
+        and all(c.isalnum() or c in "._-" for c in dst)
+        and not dst.startswith(".")
+    )
+    if not ok:
+        raise RequestError("bad-request", f"bad host name {dst[:64]!r}")
+    return dst
+
+
+def _check_service(service: str) -> str:
+    ok = (
+        0 < len(service) <= 64
+        and service.isascii()
+        and all(c.isalnum() or c in "-_" for c in service)
+    )
+    if not ok:
+        raise RequestError("bad-request", f"bad PORT {service[:64]!r}")
+    if service.isdigit() and not 0 < int(service) < 65536:
+        raise RequestError("bad-request", f"port {service} out of range")
+    return service
+
+
+def parse_request(line: bytes) -> OpenRequest:
+    """Parse one request line (untrusted bytes from a local client).
+
+    Raises:
+        RequestError: ``bad-request`` (too long, not JSON, missing or malformed
+        fields) or ``unknown-op``.
+    """
+    if len(line) > MAX_REQUEST:
+        raise RequestError("bad-request", f"request longer than {MAX_REQUEST} bytes")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError("bad-request", f"request is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RequestError("bad-request", "request is not a JSON object")
+    op = obj.get("op")
+    if op != "open":
+        raise RequestError("unknown-op", f"unknown op {str(op)[:32]!r}")
+    dst, service, timeout = obj.get("dst"), obj.get("service"), obj.get("timeout")
+    if not isinstance(dst, str) or not isinstance(service, str):
+        raise RequestError("bad-request", "open needs string fields dst and service")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise RequestError("bad-request", "timeout must be a number")
+        if not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
+            raise RequestError(
+                "bad-request", f"timeout must be between {MIN_TIMEOUT} and {MAX_TIMEOUT:g} s"
+            )
+        timeout = float(timeout)
+    return OpenRequest(_check_dst(dst), _check_service(service), timeout)
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One reply line (compact JSON, ASCII only, newline-terminated)."""
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def error_reply(code: str, message: str, *, fallback: bool = False) -> dict[str, Any]:
+    """An error reply; ``message`` is made one line and cut to :data:`MAX_MESSAGE`."""
+    text = " ".join(message.split())[:MAX_MESSAGE]
+    return {"ok": False, "code": code[:64], "message": text, "fallback": fallback}
+
+
+def send_reply(conn: socket.socket, obj: dict[str, Any], fd: int | None = None) -> None:
+    """Send one reply line, with ``fd`` attached when given (bounded by :data:`REPLY_TIMEOUT`).
+
+    Raises:
+        OSError: the client went away or did not read in time.
+    """
+    data = encode(obj)
+    conn.settimeout(REPLY_TIMEOUT)
+    if fd is None:
+        conn.sendall(data)
+        return
+    sent = socket.send_fds(conn, [data], [fd])
+    if sent < len(data):
+        conn.sendall(data[sent:])
+
+
+def read_request(conn: socket.socket, timeout: float = REQUEST_TIMEOUT) -> bytes:
+    """Read one request line (without its newline).
+
+    Raises:
+        RequestError: too long, or the client closed or stalled before the newline.
+    """
+    conn.settimeout(timeout)
+    buf = bytearray()
+    while True:
+        try:
+            chunk = conn.recv(MAX_REQUEST + 1 - len(buf))
+        except TimeoutError:
+            raise RequestError("bad-request", f"no request line within {timeout:g}s") from None
+        if not chunk:
+            raise RequestError("bad-request", "connection closed before the request line ended")
+        buf += chunk
+        end = buf.find(b"\n")
+        if end >= 0:
+            return bytes(buf[:end])
+        if len(buf) > MAX_REQUEST:
+            raise RequestError("bad-request", f"request longer than {MAX_REQUEST} bytes")
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process that connected ``conn`` (Linux ``SO_PEERCRED``)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(raw)
+    return int(uid)
+
+
+# -- server ------------------------------------------------------------------------
+
+
+Handler = Callable[[socket.socket, OpenRequest], None]
+
+
+class LocalApiServer:
+    """Accepts on ``<state>/agent.sock`` and runs ``handler(conn, request)`` per connection.
+
+    One accept thread (``poll`` on the listener and a wake-up pipe, so
+    :meth:`close` is prompt) and one thread per connection: the handler may block
+    for the whole life of a stream. The connection is closed when the handler
+    returns. Only connections from this process's uid get that far.
+    """
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self._sock: socket.socket | None = None
+        self._ino: int | None = None
+        self._wake_r, self._wake_w = -1, -1
+        self._thread: threading.Thread | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._closed = False
+
+    def start(self) -> None:
+        """Bind and start accepting.
+
+        Raises:
+            OSError: cannot bind (path too long for ``sun_path``, permissions), or
+            another live agent already serves this state directory (``EADDRINUSE``).
+        """
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise OSError(errno.ENOTSUP, "no SO_PEERCRED on this platform")
+        path = str(self.path)
+        _remove_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # umask, not chmod after bind: the file must never exist with wider access.
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            sock.listen(BACKLOG)
+            self._ino = os.stat(path).st_ino
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._accept_loop, name="localapi", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file (if it is still ours)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._wake_w >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self._ino:
+                    os.unlink(self.path)
+            self._sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+
+    def _accept_loop(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake_r in ready:
+                return
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:  # EMFILE and friends: keep serving, do not spin
+                log.warning("local API: accept failed: %s", exc)
+                poller.poll(100)
+                continue
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        try:
+            uid = peer_uid(conn)
+        except OSError as exc:
+            log.warning("local API: cannot read peer credentials: %s", exc)
+            conn.close()
+            return
+        if uid != os.geteuid():
+            log.warning("local API: refused a connection from uid %d", uid)
+            self._refuse(conn, "forbidden", f"the agent serves only uid {os.geteuid()}")
+            return
+        if not self._slots.acquire(blocking=False):
+            self._refuse(conn, "busy", f"{MAX_CONNECTIONS} local connections already open")
+            return
+        try:
+            threading.Thread(
+                target=self._serve, args=(conn,), name="localapi-conn", daemon=True
+            ).start()
+        except RuntimeError:  # cannot start a thread: resource exhaustion
+            self._slots.release()
+            conn.close()
+
+    @staticmethod
+    def _refuse(conn: socket.socket, code: str, message: str) -> None:
+        with conn:
+            conn.setblocking(False)  # never let the accept thread wait on a client
+            with contextlib.suppress(OSError):
+                conn.send(encode(error_reply(code, message, fallback=code == "busy")))
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                try:
+                    req = parse_request(read_request(conn, REQUEST_TIMEOUT))
+                except RequestError as exc:
+                    log.info("local API: bad request: %s", exc.message)
+                    with contextlib.suppress(OSError):
+                        send_reply(conn, error_reply(exc.code, exc.message))
+                    return
+                except OSError as exc:
+                    log.info("local API: client went away: %s", exc)
+                    return
+                try:
+                    self.handler(conn, req)
+                except Exception:
+                    log.exception("local API: handler crashed")
+                    with contextlib.suppress(OSError):
+                        send_reply(conn, error_reply("internal", "local agent error"))
+        finally:
+            self._slots.release()
+
+
+def _remove_stale(path: str) -> None:
+    """Remove a socket file no agent listens on; refuse to take over a live one.
+
+    Raises:
+        OSError: ``EADDRINUSE`` when another process accepts on ``path``, or
+        ``EEXIST`` when ``path`` is not a socket (never delete what we did not make).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError:
+        pass  # timeout (a live but busy listener) or EACCES: do not steal it
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use (another agent of this state directory?)")
