@@ -383,11 +383,14 @@ def write_ssh_config(lab_tmp: Path, target: SshdServer, bastion: SshdServer, rpo
         f"  IdentityFile {target.client_key}\n  UserKnownHostsFile {rtun_known}\n"
         f"Host {HOMEPORT}\n"
         f"  ProxyCommand {nc}\n"
-        f"  IdentityFile {target.client_key}\n  UserKnownHostsFile {laptop}/known_hosts/%n\n"
+        # homeport ssh / ssh-config write ProxyUseFdpass: nc hands ssh the stream's socket.
+        f"  ProxyUseFdpass {'no' if HP_OVERRIDE else 'yes'}\n"
+        f"  IdentityFile {target.client_key}\n  UserKnownHostsFile {laptop}/known_hosts/%h\n"
         f"Host {HOMEPORT_CPU}\n"
         f"  HostName {NODE}\n"
         # -I -S: the wrapper is stdlib-only, so skip site's start-up cost.
         f"  ProxyCommand {shlex.quote(PY)} -I -S {RUSAGE} {lab_tmp}/nc-rusage.json -- {nc}\n"
+        f"  ProxyUseFdpass {'no' if HP_OVERRIDE else 'yes'}\n"
         f"  IdentityFile {target.client_key}\n"
         f"  UserKnownHostsFile {laptop}/known_hosts/{NODE}\n"
         "Host *\n"
@@ -861,6 +864,9 @@ def hp_watch(lab: Lab, with_forward: subprocess.Popen[bytes] | None = None) -> d
     for key, proc in (
         ("server", lab.hp_server),
         ("agent", lab.hp_agent),
+        # the client machine's agent: with a warm agent it runs the client-side
+        # end-to-end TLS and pump for nc and ssh (ProxyUseFdpass)
+        ("laptop agent", lab.hp_laptop),
         ("forward", with_forward),
     ):
         if proc is not None and proc.poll() is None:
@@ -1339,6 +1345,7 @@ def render(
                 res.ciphers.get(host, "?"),
                 fmt_cpu(series, "server"),
                 fmt_cpu(series, "agent"),
+                fmt_cpu(series, "laptop agent"),
                 fmt_cpu(series, "nc"),
             ]
         )
@@ -1352,6 +1359,7 @@ def render(
                 "negotiated (client→server)",
                 "server CPU-s/GiB",
                 "agent CPU-s/GiB",
+                "laptop agent CPU-s/GiB",
                 "nc CPU-s/GiB",
             ],
             rows,
