@@ -1425,10 +1425,14 @@ def render(
         f"closes (median of {args.setup_runs} after 1 warm-up, ms)\n"
     )
     add(
-        "`homeport nc` does a whole stream set-up here (TLS to the server, OPEN, the agent's "
-        "dial-back, end-to-end TLS to the agent, the agent's connect), so the difference to "
-        "`nc` is its full per-connection cost, not only interpreter start; the `python` rows "
-        "split out the local part.\n"
+        "`homeport nc` is the ProxyCommand exactly as `homeport ssh` writes it "
+        "(`python -I -S …/ncfast.py`), with the client node's agent running: it asks that "
+        "warm agent (over `agent.sock`) to open the stream, so the row includes a whole "
+        "stream set-up (OPEN over the agent's control connection, the target agent's "
+        "dial-back, the end-to-end TLS handshake, the target's connect) and the banner's "
+        "trip back. `homeport nc (console script)` is `python -m homeport nc`, which pays "
+        "`site` and this machine's `.pth` files. The `python` rows split out interpreter "
+        "start.\n"
     )
     rows = [[name, fmt_stat(s, 1)] for name, s in res.startup.items()]
     add(md_table(["command (stdin /dev/null)", f"ms median (min{DASH}max)"], rows))
@@ -1473,11 +1477,12 @@ def render(
         *load_table(res.load),
         summary,
         "\n## Caveats\n",
-        "* **Two cores for everything.** Sender, ssh, sshd, and on the homeport path `homeport "
-        "nc`, the server and the agent, all share the same CPUs (and the machine may be shared "
-        "with other work; see the load averages). The homeport path runs more processes than "
-        "direct ssh, so loopback penalises it more than a real network, where the client, relay "
-        "and target are different machines.",
+        "* **Two cores for everything.** Sender, ssh, sshd, and on the homeport path the "
+        "client's agent, the server and the target's agent, all share the same two CPUs (and "
+        "the machine may be shared with other work; see the load averages). The bulk rows are "
+        "CPU-bound: every CPU-second homeport spends on end-to-end TLS at either end is taken "
+        "from ssh and sshd. On a real network the client, the relay and the target are "
+        "different machines and each end's cost lands on a core of its own.",
         "* **Login shell in every session.** sshd runs each command through the user's login "
         f"shell (`{os.environ.get('SHELL', '?')}` here"
         + (
