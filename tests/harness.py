@@ -215,27 +215,23 @@ class Homeport:
 
         return proxy_command(state)
 
+    def ssh_options(self, state: Path) -> list[str]:
+        """``-o`` arguments for exactly the options ``homeport ssh`` / ``ssh-config`` write."""
+        from homeport.client.ssh import ssh_options
+
+        out: list[str] = []
+        for key, value in ssh_options(state):
+            out += ["-o", f"{key}={value}"]
+        return out
+
     def ssh_args(self, state: Path, key: Path, user: str) -> list[str]:
         return [
-            "ssh",
-            "-F",
-            "/dev/null",
-            "-i",
-            str(key),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"ProxyCommand={self.proxy_command(state)}",
-            "-o",
-            "ProxyUseFdpass=yes",
-            "-o",
-            f"UserKnownHostsFile={state}/known_hosts/%n",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-l",
-            user,
-        ]
+            "ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", *self.ssh_options(state), "-l", user,
+        ]  # fmt: skip
+
+    def scp_args(self, state: Path, key: Path) -> list[str]:
+        return [
+            "scp", "-q", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", *self.ssh_options(state),
+        ]  # fmt: skip

@@ -165,24 +165,7 @@ def test_scp_50mb_arrives_byte_identical(net: Net, tmp_path: Path) -> None:
     src.write_bytes(os.urandom(50 * 1024 * 1024))
     dst = tmp_path / "copy.bin"
     scp = [
-        "scp",
-        "-q",
-        "-F",
-        "/dev/null",
-        "-i",
-        str(net.sshd.client_key),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        f"ProxyCommand={net.hp.proxy_command(net.laptop)}",
-        "-o",
-        "ProxyUseFdpass=yes",
-        "-o",
-        f"UserKnownHostsFile={net.laptop}/known_hosts/%n",
-        "-o",
-        "StrictHostKeyChecking=yes",
+        *net.hp.scp_args(net.laptop, net.sshd.client_key),
         str(src),
         f"{net.sshd.user}@labpc:{dst}",
     ]

@@ -94,28 +94,7 @@ def test_ssh_and_scp_through_both_nats(
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(50 * 1024 * 1024))
     dst = tmp_path / "copy.bin"
-    scp = [
-        "scp",
-        "-q",
-        "-F",
-        "/dev/null",
-        "-i",
-        str(sshd.client_key),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        f"ProxyCommand={hp.proxy_command(state)}",
-        "-o",
-        "ProxyUseFdpass=yes",
-        "-o",
-        f"UserKnownHostsFile={state}/known_hosts/%n",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        str(src),
-        f"{sshd.user}@labpc:{dst}",
-    ]
+    scp = [*hp.scp_args(state, sshd.client_key), str(src), f"{sshd.user}@labpc:{dst}"]
     res2 = subprocess.run(
         nat.cmd("laptop", scp), capture_output=True, text=True, timeout=180, env=hp.env
     )

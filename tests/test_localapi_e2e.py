@@ -163,24 +163,7 @@ def test_fallback_without_agent_through_fdpass(net: Net, tmp_path: Path) -> None
     src.write_bytes(os.urandom(50 * 1024 * 1024))
     dst = tmp_path / "copy.bin"
     scp = [
-        "scp",
-        "-q",
-        "-F",
-        "/dev/null",
-        "-i",
-        str(net.sshd.client_key),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        f"ProxyCommand={net.hp.proxy_command(net.bare)}",
-        "-o",
-        "ProxyUseFdpass=yes",
-        "-o",
-        f"UserKnownHostsFile={net.bare}/known_hosts/%n",
-        "-o",
-        "StrictHostKeyChecking=yes",
+        *net.hp.scp_args(net.bare, net.sshd.client_key),
         str(src),
         f"{net.sshd.user}@labpc:{dst}",
     ]

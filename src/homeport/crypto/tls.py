@@ -53,6 +53,11 @@ def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
         ssl.PROTOCOL_TLS_CLIENT if purpose is ssl.Purpose.SERVER_AUTH else ssl.PROTOCOL_TLS_SERVER
     )
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # A TCP FIN without close_notify is a truncation, i.e. an integrity failure,
+    # never a clean end of stream. CPython up to 3.11.3 (Debian 12 ships 3.11.2)
+    # sets OP_IGNORE_UNEXPECTED_EOF by default with OpenSSL 3, which would make a
+    # relay that cuts a stream look like the peer closing it: clear it.
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
     # Session tickets would be useless (every stream is a fresh pair of
     # sockets) and their post-handshake messages only cost round trips.
     ctx.options |= ssl.OP_NO_TICKET

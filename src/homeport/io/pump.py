@@ -428,6 +428,7 @@ def _half_close(fd: int, is_socket: bool, plain_in: int) -> None:
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
     reason = getattr(exc, "reason", None)
-    if isinstance(exc, ssl.SSLEOFError):
+    # 3.11.7 raises SSLEOFError for a ragged EOF; 3.11.2 a plain SSLError with this reason.
+    if isinstance(exc, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
         return "connection truncated without close_notify"
     return str(reason).lower().replace("_", " ") if reason else str(exc)
