@@ -53,6 +53,7 @@ def serve_in_threads(sock: socket.socket, handle: Callable[[socket.socket], None
             except OSError:
                 return
             threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            del conn  # the handler owns it: holding it here would delay its close
 
     threading.Thread(target=accept_loop, daemon=True).start()
 
