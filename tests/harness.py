@@ -137,11 +137,20 @@ class Homeport:
         port: int | None = None,
         prefix: Sequence[str] = (),
         ready: Callable[[], bool] | None = None,
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         port = port or free_port(host)
         self.server_addr = f"{host}:{port}"
         proc = self.spawn(
-            [*HOMEPORT, "server", "--data", str(self.data_dir), "--listen", self.server_addr],
+            [
+                *HOMEPORT,
+                "server",
+                "--data",
+                str(self.data_dir),
+                "--listen",
+                self.server_addr,
+                *extra,
+            ],
             "server",
             prefix,
         )
