@@ -64,3 +64,26 @@ def test_agents_come_back_after_a_server_restart(tmp_path: Path) -> None:
     finally:
         hp.close()
         sshd.stop()
+
+
+def test_agent_restarted_as_systemd_runs_it_keeps_its_identity_and_services(
+    tmp_path: Path,
+) -> None:
+    """``homeport up --state DIR`` alone (the unit's ExecStart) reuses what the first run set up."""
+    hp = Homeport(tmp_path)
+    try:
+        hp.start_server()
+        first = hp.up("labpc", "--expose", "web=127.0.0.1:8080")
+        hp.wait_online("labpc", first)
+        node_id = next(n["node_id"] for n in hp.nodes() if n["name"] == "labpc")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=10) == 0, hp.log("agent-labpc")
+        wait_for(lambda: not hp.node_online("labpc"), 20, "labpc offline after SIGTERM")
+
+        again = hp.spawn([*HOMEPORT, "up", "--state", str(hp.state("labpc"))], "agent-labpc-2")
+        hp.wait_online("labpc", again)
+        labpc = next(n for n in hp.nodes() if n["name"] == "labpc")
+        assert labpc["node_id"] == node_id  # the same identity, no new enrollment
+        assert "web" in str(labpc["services"])
+    finally:
+        hp.close()
