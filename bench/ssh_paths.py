@@ -46,6 +46,7 @@ import os
 import platform
 import queue
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -755,6 +756,8 @@ class Results:
     bulk: dict[str, Series] = field(default_factory=dict)
     raw: dict[str, Series] = field(default_factory=dict)
     startup: dict[str, Series] = field(default_factory=dict)
+    # one-byte round trips through an open ssh session (keystroke echo), ms
+    interactive: dict[str, Series] = field(default_factory=dict)
     leftovers: list[str] = field(default_factory=list)
     # CPU seconds the server / agent spend on one empty stream (mean over the nc runs).
     stream_fixed_cpu: dict[str, float] = field(default_factory=dict)
@@ -857,6 +860,51 @@ def phase_setup(lab: Lab, res: Results, runs: int) -> None:
                 series.values.append(took * 1e3)
     for host, series in res.setup.items():
         log(f"ssh true {host}: {fmt_stat(series, 1, 'ms')}")
+
+
+#: One-byte round trips per path in the interactive phase (after 20 warm-up ones).
+ECHO_ROUNDS = 300
+
+
+def echo_rtts(lab: Lab, host: str, rounds: int) -> list[float]:
+    """Keystroke echo: write one byte into ``ssh HOST cat`` and time until it is back."""
+    argv = lab.ssh(host, "cat")
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    out: list[float] = []
+    try:
+        for i in range(rounds + 20):
+            start = time.perf_counter()
+            proc.stdin.write(b"x")
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            if not ready or proc.stdout.read(1) != b"x":
+                raise BenchError(f"no echo from {host} within 30 s")
+            if i >= 20:  # the first round trips include the session set-up
+                out.append((time.perf_counter() - start) * 1e3)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return out
+
+
+def phase_interactive(lab: Lab, res: Results) -> None:
+    lab.record("interactive", f"{shlex.join(lab.ssh('HOST', 'cat'))}  (write 1 byte, read it back)")
+    for host, label in PATHS:
+        series = res.interactive[host] = Series(label)
+        if host == HOMEPORT and lab.hp_error:
+            series.fail(HP_FAILED)
+            continue
+        try:
+            series.values = echo_rtts(lab, host, ECHO_ROUNDS)
+        except (BenchError, OSError) as exc:
+            series.fail(str(exc))
+        log(f"echo {host}: {fmt_stat(series, 3, 'ms')}")
 
 
 def hp_watch(lab: Lab, with_forward: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
@@ -1392,6 +1440,23 @@ def render(
     add(md_table(["path", f"ms median (min{DASH}max)", "vs direct", "vs ProxyJump"], rows))
 
     add(
+        f"\n### 2b. Interactive: one byte echoed by a remote `cat` in an open ssh session "
+        f"({ECHO_ROUNDS} round trips after 20 warm-up ones, ms)\n"
+    )
+    rows = []
+    for host, _ in PATHS:
+        series = res.interactive.get(host)
+        if series is None:
+            continue
+        p99 = (
+            DASH
+            if not series.ok
+            else f"{sorted(series.values)[int(len(series.values) * 0.99)]:.3f}"
+        )
+        rows.append([series.label, fmt_stat(series, 3), p99])
+    add(md_table(["path", f"ms median (min{DASH}max)", "p99 ms"], rows))
+
+    add(
         f"\n### 3. Raw TCP stream, Python source → sink ({size_mib} MiB, receiver first byte → "
         "EOF)\n"
     )
@@ -1696,6 +1761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             phase_startup(lab, res, args.setup_runs)
             monitor.phase("ssh true")
             phase_setup(lab, res, args.setup_runs)
+            monitor.phase("interactive")
+            phase_interactive(lab, res)
             monitor.phase("bulk")
             phase_bulk(lab, res, args.repeats)
             monitor.phase("raw stream")
