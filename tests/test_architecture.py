@@ -14,6 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "homeport"
 
 # lower number = lower layer; a module may import only from its layer or below
 LAYERS = {
+    "errors": 0,
     "wire": 0,
     "crypto": 0,
     "policy": 0,
@@ -29,7 +30,7 @@ LAYERS = {
     "ncfast": 5,
     "testing": 5,
 }
-PURE = {"wire", "crypto", "policy", "proto"}
+PURE = {"errors", "wire", "crypto", "policy", "proto"}
 IO_MODULES = {
     "asyncio",
     "socket",

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from homeport.crypto import tls as hptls
+from homeport.errors import CodedError
 from homeport.io import localapi, tlsstream
 from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
@@ -108,13 +109,8 @@ class _Reconnect(Exception):
     """The control connection is over; log this message and reconnect."""
 
 
-class _LocalRefused(Exception):
+class _LocalRefused(CodedError):
     """A local open the agent cannot serve now; the client should dial by itself."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from homeport import __version__
 from homeport.crypto import tls as hptls
+from homeport.errors import CodedError
 from homeport.io import tlsstream
 from homeport.io.pump import tune_socket
 from homeport.io.tlsstream import TlsStream
@@ -48,20 +49,12 @@ SOFTWARE = f"homeport/{__version__}"
 RETRIABLE_CODES = frozenset({"unreachable", "timeout", "eof", "tls", "server-busy"})
 
 
-class DialError(Exception):
+class DialError(CodedError):
     """A dial failed; ``code`` is stable, ``message`` is user-facing."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
     @property
     def retriable(self) -> bool:
         return self.code in RETRIABLE_CODES
-
-    def __str__(self) -> str:
-        return self.message
 
 
 # -- sockets ---------------------------------------------------------------------

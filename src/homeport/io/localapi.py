@@ -59,6 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from homeport.errors import CodedError
+
 log = logging.getLogger("homeport.agent.localapi")
 
 #: File name of the socket inside the state directory.
@@ -84,13 +86,8 @@ BACKLOG = 128
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
-class RequestError(Exception):
+class RequestError(CodedError):
     """A request we refuse; ``code`` and ``message`` go into the error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from homeport.crypto.identity import (
     sign_node_csr,
 )
 from homeport.crypto.tls import fingerprint
+from homeport.errors import CodedError
 from homeport.store.db import AuthKeyRow, KeyOutcome, NameTaken, NodeRow, Store
 from homeport.wire import authkey
 from homeport.wire import control as m
@@ -56,31 +57,25 @@ MAX_PENDING_STREAMS = 4096
 _DUMMY_HASH = "0" * 64
 
 
-class EnrollError(Exception):
+class EnrollError(CodedError):
     """Enrollment refused; ``code`` goes on the wire in ERROR, ``message`` to the user."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
-class AuthError(Exception):
+class AuthError(CodedError):
     """A certificate that does not (or no longer) belong to a node."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
-class OpenRefused(Exception):
+class OpenRefused(CodedError):
     """The server will not set up this stream; becomes OPEN_FAILED(code, message)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 class KeyStatus(enum.Enum):
