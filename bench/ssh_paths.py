@@ -957,43 +957,44 @@ def phase_raw(lab: Lab, res: Results, repeats: int) -> None:
     res.raw["ssh-L"] = Series("ssh -L (target sshd)")
     forwarders: dict[str, tuple[int, subprocess.Popen[bytes] | None]] = {}
 
+    def start_forwarder(key: str, name: str, argv: list[str], port: int, via: str) -> None:
+        """Spawn a local forwarder on ``port`` and register it once it accepts."""
+        lab.record(f"raw stream via {via}", argv)
+        proc = lab.procs.spawn(name, argv)
+        try:
+            wait_until(
+                lambda: tcp_accepts(port),
+                watch=[(name, proc)],
+                procs=lab.procs,
+                timeout=30,
+                what=res.raw[key].label,
+            )
+            forwarders[key] = (port, proc)
+        except BenchError as exc:
+            res.raw[key].fail(str(exc))
+
     # ssh -L to the target sshd, default cipher.
     lport = free_port()
-    argv = lab.ssh("-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{HOST}:{lport}:{sink}", DIRECT)
-    lab.record("raw stream via ssh -L", argv)
-    proc = lab.procs.spawn("ssh-L", argv)
-    try:
-        wait_until(
-            lambda: tcp_accepts(lport),
-            watch=[("ssh-L", proc)],
-            procs=lab.procs,
-            timeout=30,
-            what="ssh -L",
-        )
-        forwarders["ssh-L"] = (lport, proc)
-    except BenchError as exc:
-        res.raw["ssh-L"].fail(str(exc))
-
+    start_forwarder(
+        "ssh-L",
+        "ssh-L",
+        lab.ssh("-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{HOST}:{lport}:{sink}", DIRECT),
+        lport,
+        "ssh -L",
+    )
     if lab.hp_error:
         res.raw["forward"].fail(HP_FAILED)
     else:
         fport = free_port()
-        argv = lab.homeport(
-            "forward", "--state", str(lab.laptop_state), str(fport), f"{NODE}:{lab.sink_port}"
+        start_forwarder(
+            "forward",
+            "hp-forward",
+            lab.homeport(
+                "forward", "--state", str(lab.laptop_state), str(fport), f"{NODE}:{lab.sink_port}"
+            ),
+            fport,
+            "homeport forward",
         )
-        lab.record("raw stream via homeport forward", argv)
-        fwd = lab.procs.spawn("hp-forward", argv)
-        try:
-            wait_until(
-                lambda: tcp_accepts(fport),
-                watch=[("hp-forward", fwd)],
-                procs=lab.procs,
-                timeout=30,
-                what="homeport forward",
-            )
-            forwarders["forward"] = (fport, fwd)
-        except BenchError as exc:
-            res.raw["forward"].fail(str(exc))
 
     for i in range(repeats):
         for key, (port, fproc) in rotated(list(forwarders.items()), i):
