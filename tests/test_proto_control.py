@@ -116,7 +116,7 @@ def test_error_message_closes_and_is_surfaced() -> None:
 
 def test_garbage_closes_with_reason() -> None:
     _, s = pair()
-    s.receive_data(b"\x00\x00\x00\x02\xee{", 0.0)
+    s.receive_data(b"\x00\x00\x00\x02\x7e{", 0.0)  # unknown, must-understand range
     ev = s.next_event()
     assert isinstance(ev, ConnectionClosed) and ev.code.startswith("protocol:")
     # further input is ignored, no exception
@@ -136,3 +136,62 @@ def test_send_after_close_is_a_local_error() -> None:
     c.receive_data(b"", 0.0)
     with pytest.raises(LocalProtocolError):
         c.send(m.Hello(proto=1, role="client"))
+
+
+# -- capabilities ----------------------------------------------------------------
+
+
+def test_unknown_ignorable_type_is_skipped_not_fatal() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent", capver=m.CAPVER, caps=m.OUR_CAPS))
+    transfer(c, s, 0.0)
+    # a newer peer's optional message (0xee), then a known one: the first is skipped
+    s.receive_data(b"\x00\x00\x00\x03\xee{}" + m.encode(m.NetMapRequest()), 0.0)
+    assert s.state is not State.CLOSED
+    assert s.ignored == 1
+    assert s.next_event() == MessageReceived(m.NetMapRequest())
+
+
+def test_unknown_type_below_the_ignorable_range_is_fatal() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent"))
+    transfer(c, s, 0.0)
+    s.receive_data(b"\x00\x00\x00\x03\x7f{}", 0.0)
+    ev = s.next_event()
+    assert isinstance(ev, ConnectionClosed) and ev.code == "protocol:unknown-type"
+
+
+def test_capabilities_are_learned_from_hello_and_welcome() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent", capver=7, caps=(m.CAP_PEERS, "from-the-future")))
+    transfer(c, s, 0.0)
+    assert s.peer_capver == 7
+    assert s.peer_caps == frozenset({m.CAP_PEERS})  # unknown names are dropped
+    s.send(m.Welcome(proto=1, node_id="n1", name="a", ping_interval=5.0, capver=2, caps=()))
+    transfer(s, c, 0.0)
+    assert c.peer_capver == 2 and c.peer_caps == frozenset()
+
+
+def test_sends_are_gated_on_the_peers_capabilities() -> None:
+    c, s = pair()
+    c.send(m.Hello(proto=1, role="agent"))  # a first-release peer: no caps
+    transfer(c, s, 0.0)
+    s.send(m.Welcome(proto=1, node_id="n1", name="a", ping_interval=5.0))
+    peers = m.Peers(version=1, base=0, reset=True)
+    assert not s.may_send(m.MsgType.PEERS)
+    with pytest.raises(LocalProtocolError):
+        s.send(peers)
+    c2, s2 = pair()
+    c2.send(m.Hello(proto=1, role="agent", capver=m.CAPVER, caps=m.OUR_CAPS))
+    transfer(c2, s2, 0.0)
+    s2.send(m.Welcome(proto=1, node_id="n1", name="a", ping_interval=5.0))
+    s2.send(peers)
+    assert [e for e in transfer(s2, c2, 0.0) if isinstance(e, MessageReceived)][-1] == (
+        MessageReceived(peers)
+    )
+
+
+def test_first_release_hello_decodes_with_capver_1() -> None:
+    body = b'{"proto":1,"role":"agent","software":"homeport/0.1.0"}'
+    msg = m.decode_untrusted(m.MsgType.HELLO, body)
+    assert msg == m.Hello(proto=1, role="agent", software="homeport/0.1.0", capver=1, caps=())

@@ -17,10 +17,45 @@ GOLDEN = [
     (m.NetMapRequest(), "00000003077b7d"),
     (m.Accept(stream_id="s1"), "000000130a7b2273747265616d5f6964223a227331227d"),
     (
-        m.Hello(proto=1, role="agent", software="t"),
-        "0000002a017b2270726f746f223a312c22726f6c65223a226167656e74222c22736f667477617265223a2274227d",
+        m.Hello(proto=1, role="agent", software="t", capver=2, caps=("peers",)),
+        "00000046017b2270726f746f223a312c22726f6c65223a226167656e74222c22736f667477617265223a22"
+        "74222c22636170766572223a322c2263617073223a5b227065657273225d7d",
+    ),
+    (
+        m.Peers(
+            version=3,
+            base=2,
+            reset=False,
+            peers=(
+                m.Peer(
+                    node_id="n1",
+                    name="a",
+                    online=True,
+                    last_seen=1.5,
+                    fingerprint="sha256:00",
+                    rev=3,
+                ),
+            ),
+            removed=("n2",),
+        ),
+        "000000d8807b2276657273696f6e223a332c2262617365223a322c227265736574223a66616c73652c2270"
+        "65657273223a5b7b226e6f64655f6964223a226e31222c226e616d65223a2261222c226f6e6c696e65223a"
+        "747275652c226c6173745f7365656e223a312e352c2266696e6765727072696e74223a227368613235363a"
+        "3030222c227365727669636573223a5b5d2c2261646472657373223a22222c22726576223a332c22757365"
+        "72223a22222c2274616773223a5b5d7d5d2c2272656d6f766564223a5b226e32225d2c226d6f7265223a66"
+        "616c73657d",
     ),
 ]
+
+#: The exact bytes a first-release (capver 1) node sends: they must keep decoding.
+FIRST_RELEASE_HELLO = (
+    "0000002a017b2270726f746f223a312c22726f6c65223a226167656e74222c22736f667477617265223a2274227d"
+)
+
+
+def test_first_release_hello_still_decodes() -> None:
+    [(t, body)] = FrameDecoder().feed_untrusted(bytes.fromhex(FIRST_RELEASE_HELLO))
+    assert m.decode_untrusted(t, body) == m.Hello(proto=1, role="agent", software="t", capver=1)
 
 
 @pytest.mark.parametrize(("msg", "hexbytes"), GOLDEN)
@@ -58,6 +93,7 @@ def test_zero_length_rejected() -> None:
 def test_unknown_type() -> None:
     with pytest.raises(UnknownType):
         m.decode_untrusted(0xEE, b"{}")
+    assert m.is_ignorable(0xEE) and not m.is_ignorable(0x7F)
 
 
 def test_encode_refuses_local_misuse() -> None:

@@ -17,6 +17,14 @@ seconds (default 3 missed pings: 15 s), instead of waiting for TCP's
 retransmission timeout of many minutes. PINGs are answered automatically and
 never surface as events.
 
+Capabilities: the opener (HELLO/ENROLL) and the answer (WELCOME) carry
+``capver`` and ``caps``; the machine records what the peer announced
+(:attr:`ControlConnection.peer_caps`, intersected with ours) and refuses to
+*send* a message the peer did not say it understands (a bug in our code:
+LocalProtocolError). A received frame of an unknown type in the ignorable
+range (``wire.control.is_ignorable``) is skipped and counted; an unknown type
+below it is a protocol error.
+
 States (a table, as in h11)::
 
     CLIENT: START --send HELLO/ENROLL--> WAIT_ANSWER --recv WELCOME/ENROLLED--> READY
@@ -26,11 +34,12 @@ States (a table, as in h11)::
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass
 
 from homeport.wire import control as m
-from homeport.wire.errors import WireError
+from homeport.wire.errors import UnknownType, WireError
 from homeport.wire.frame import FrameDecoder
 
 DEFAULT_PING_INTERVAL = 5.0
@@ -92,11 +101,16 @@ class ControlConnection:
         self.idle_timeout = idle_timeout
         self._decoder = FrameDecoder()
         self._out = bytearray()
-        self._events: list[Event] = []
+        self._events: collections.deque[Event] = collections.deque()
         self._last_rx = now
         self._next_ping = now + ping_interval
         self._ping_seq = 0
         self.close_reason: ConnectionClosed | None = None
+        #: What the peer announced in its HELLO/ENROLL or WELCOME (1 and none until then).
+        self.peer_capver = 1
+        self.peer_caps: frozenset[str] = frozenset()
+        #: Frames of unknown ignorable types skipped so far.
+        self.ignored = 0
 
     @property
     def closed(self) -> bool:
@@ -115,7 +129,13 @@ class ControlConnection:
         try:
             frames = self._decoder.feed_untrusted(data)
             for msg_type, body in frames:
-                msg = m.decode_untrusted(msg_type, body)
+                try:
+                    msg = m.decode_untrusted(msg_type, body)
+                except UnknownType:
+                    if not m.is_ignorable(msg_type):
+                        raise
+                    self.ignored += 1  # a newer peer's optional message
+                    continue
                 self._on_message(msg)
                 if self.closed:
                     return
@@ -136,11 +156,14 @@ class ControlConnection:
             if not isinstance(msg, _OPENERS):
                 self._close("protocol:order", f"expected HELLO or ENROLL, got {msg.TYPE.name}")
                 return
+            self._learn_caps(msg.capver, msg.caps)
             self.state = State.WAIT_ANSWER
         elif self.role is Role.CLIENT and self.state is State.WAIT_ANSWER:
             if not isinstance(msg, _ANSWERS):
                 self._close("protocol:order", f"expected WELCOME or ENROLLED, got {msg.TYPE.name}")
                 return
+            if isinstance(msg, m.Welcome):
+                self._learn_caps(msg.capver, msg.caps)
             self.state = State.READY
         elif self.state is not State.READY and not (
             self.role is Role.SERVER and self.state is State.WAIT_ANSWER
@@ -149,15 +172,25 @@ class ControlConnection:
             return
         self._events.append(MessageReceived(msg))
 
+    def _learn_caps(self, capver: int, caps: tuple[str, ...]) -> None:
+        self.peer_capver = capver
+        self.peer_caps = m.negotiate_caps(caps)
+
+    def may_send(self, msg_type: m.MsgType) -> bool:
+        """Whether the peer announced that it understands ``msg_type``."""
+        return m.may_send(msg_type, self.peer_caps)
+
     def next_event(self) -> Event | None:
         """Pop the next event, or None."""
-        return self._events.pop(0) if self._events else None
+        return self._events.popleft() if self._events else None
 
     # -- output ------------------------------------------------------------
     def send(self, msg: m.Message) -> None:
         """Queue ``msg``. Raises LocalProtocolError when the protocol forbids it now."""
         if self.state is State.CLOSED:
             raise LocalProtocolError(f"cannot send {msg.TYPE.name}: connection closed")
+        if not m.may_send(msg.TYPE, self.peer_caps):
+            raise LocalProtocolError(f"the peer did not announce support for {msg.TYPE.name}")
         if self.role is Role.CLIENT and self.state is State.START:
             if not isinstance(msg, _OPENERS):
                 raise LocalProtocolError("a client must open with HELLO or ENROLL")

@@ -1,4 +1,4 @@
-"""Control messages between nodes/CLIs and the server, protocol version 1.
+"""Control messages between nodes/CLIs and the server: wire version 1, capability version 2.
 
 Each message is one frame (see :mod:`homeport.wire.frame`) whose type byte is
 the message's :class:`MsgType` and whose body is a JSON object with the
@@ -7,25 +7,47 @@ mistyped keys are a :class:`WireError`.
 
 Message table (c = node or CLI, s = server)::
 
-    type  name         dir   when
-    0x01  HELLO        c→s   first frame of an authenticated connection (client cert)
-    0x02  WELCOME      s→c   answer to HELLO: who the server says we are
-    0x03  ENROLL       c→s   first frame of a certificate-less connection: auth key + CSR
-    0x04  ENROLLED     s→c   the signed node certificate and the network CA
-    0x05  ANNOUNCE     c→s   agent: the services it exposes and its sshd host keys
-    0x06  NETMAP       s→c   every node of the network (sent on change to agents)
-    0x07  NETMAP_REQ   c→s   ask for one NETMAP (CLI ``status``)
-    0x08  OPEN         c→s   open a stream to dst:service; token names our data connection
-    0x09  INCOMING     s→c   to the destination agent: accept a stream from src?
-    0x0a  ACCEPT       c→s   destination agent accepts; its data connection uses the token
-    0x0b  REJECT       c→s   destination agent refuses (code, message)
-    0x0c  OPENED       s→c   to the opener: the stream is accepted; pin this peer
-    0x0d  OPEN_FAILED  s→c   to the opener: unknown node, offline, not exposed, refused …
-    0x0e  PING         c↔s   keepalive; the peer answers PONG with the same seq
-    0x0f  PONG         c↔s
-    0x10  ERROR        s→c   fatal: the server closes the connection after this
+    type  name         dir   when                                              (since capver)
+    0x01  HELLO        c→s   first frame of an authenticated connection (client cert)     1
+    0x02  WELCOME      s→c   answer to HELLO: who the server says we are                  1
+    0x03  ENROLL       c→s   first frame of a certificate-less connection: auth key + CSR 1
+    0x04  ENROLLED     s→c   the signed node certificate and the network CA               1
+    0x05  ANNOUNCE     c→s   agent: the services it exposes and its sshd host keys        1
+    0x06  NETMAP       s→c   capver 1 only: every node, in one frame (on request)         1
+    0x07  NETMAP_REQ   c→s   ask for the peer map (capver ≥ 2: answered with PEERS)       1
+    0x08  OPEN         c→s   open a stream to dst:service; token names our data conn.     1
+    0x09  INCOMING     s→c   to the destination agent: accept a stream from src?          1
+    0x0a  ACCEPT       c→s   destination agent accepts; its data conn. uses the token     1
+    0x0b  REJECT       c→s   destination agent refuses (code, message)                    1
+    0x0c  OPENED       s→c   to the opener: accepted; pin this peer, its host keys        1
+    0x0d  OPEN_FAILED  s→c   to the opener: unknown node, offline, not exposed, refused … 1
+    0x0e  PING         c↔s   keepalive; the peer answers PONG with the same seq           1
+    0x0f  PONG         c↔s                                                                1
+    0x10  ERROR        s→c   fatal: the server closes the connection after this           1
+    0x80  PEERS        s→c   this node's peer map, full or delta, versioned (cap peers)   2
 
-History: 1 (2026-11) first version.
+Evolution rules (why: old and new nodes must interoperate during an upgrade,
+the way Tailscale's capability version lets old clients talk to new servers):
+
+* ``proto`` in HELLO/ENROLL/WELCOME is the *wire* version (framing and the
+  meaning of types 0x01-0x7f). A different wire version is refused with
+  ``ERROR(upgrade)`` and a sentence saying which side to upgrade.
+* ``capver`` (an integer that only grows) and ``caps`` (a set of names) say
+  which optional behaviour a peer understands; a field that is absent means
+  capability version 1 with no caps, i.e. a peer of the first release. Each
+  side sends a newer message only when the other side announced its
+  capability (:func:`may_send`); the server answers every capability version
+  from :data:`MIN_CAPVER` up.
+* Types 0x01-0x7f must be understood: an unknown one there is a protocol
+  error. Types 0x80-0xff are *ignorable*: a receiver that does not know one
+  skips it (:func:`is_ignorable`), so a newer peer's optional message never
+  breaks an older one.
+* New fields are added with a default, so older senders remain valid.
+
+History: capver 1 (2026-11) first version. capver 2 (2026-12): HELLO/WELCOME
+carry ``capver``/``caps``; PEERS (per-node, versioned, delta-encoded peer map,
+no host keys); host keys travel only in OPENED; PeerInfo carries ``user`` and
+``tags`` for policy decisions.
 """
 
 from __future__ import annotations
@@ -40,7 +62,21 @@ from typing import Any, ClassVar, TypeVar
 from homeport.wire.errors import UnknownType, WireError
 from homeport.wire.frame import encode_frame
 
+#: The wire version: framing and the meaning of types 0x01-0x7f. Changes only
+#: for an incompatible protocol; peers of another wire version get ERROR(upgrade).
 PROTOCOL_VERSION = 1
+#: Our capability version (grows with every protocol feature; see the module doc).
+CAPVER = 2
+#: The oldest capability version this code still serves.
+MIN_CAPVER = 1
+#: The first type number that a receiver may skip when it does not know it.
+IGNORABLE_MIN = 0x80
+#: Capability names. ``peers``: understands PEERS (and wants it pushed, if an agent).
+CAP_PEERS = "peers"
+#: Every capability this code implements, announced in HELLO and WELCOME.
+OUR_CAPS: tuple[str, ...] = (CAP_PEERS,)
+#: Most capability names a peer may announce (longer lists are a WireError).
+MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
 MAX_STRING = 16 * 1024
 #: Most elements in any list field (nodes in a netmap, services, host keys).
@@ -64,6 +100,7 @@ class MsgType(enum.IntEnum):
     PING = 0x0E
     PONG = 0x0F
     ERROR = 0x10
+    PEERS = 0x80
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +119,13 @@ class PeerInfo:
     name: str
     fingerprint: str
     host_keys: tuple[str, ...] = ()
+    user: str = ""  # the owning user, "" while users do not exist (capver 2)
+    tags: tuple[str, ...] = ()  # e.g. "tag:server" (capver 2)
 
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """One row of the network map."""
+    """One row of a capver-1 NETMAP (kept for first-release clients)."""
 
     node_id: str
     name: str
@@ -97,6 +136,27 @@ class NodeInfo:
     host_keys: tuple[str, ...] = ()
     address: str = ""
     path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One entry of a PEERS map: what a node may know about one peer.
+
+    No sshd host keys here (they travel only in OPENED, for the one peer a
+    stream goes to), so one node's keys can never bloat or break other nodes'
+    maps. ``rev`` is the map version at which this entry last changed.
+    """
+
+    node_id: str
+    name: str
+    online: bool
+    last_seen: float
+    fingerprint: str
+    services: tuple[ServiceInfo, ...] = ()
+    address: str = ""
+    rev: int = 0
+    user: str = ""
+    tags: tuple[str, ...] = ()
 
 
 class Message:
@@ -111,6 +171,8 @@ class Hello(Message):
     proto: int
     role: str  # "agent" (stays connected, receives streams) or "client" (one-shot)
     software: str = ""
+    capver: int = 1
+    caps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +182,8 @@ class Welcome(Message):
     node_id: str
     name: str
     ping_interval: float
+    capver: int = 1
+    caps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +194,8 @@ class Enroll(Message):
     name: str
     csr_pem: str
     software: str = ""
+    capver: int = 1
+    caps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +224,28 @@ class NetMap(Message):
 @dataclass(frozen=True, slots=True)
 class NetMapRequest(Message):
     TYPE: ClassVar[MsgType] = MsgType.NETMAP_REQ
+
+
+@dataclass(frozen=True, slots=True)
+class Peers(Message):
+    """One frame of a peer-map update (capver 2, cap ``peers``).
+
+    ``reset``: this update replaces the receiver's whole map (it is a full
+    map); otherwise it is a delta that applies only to a map at version
+    ``base``: upsert ``peers``, drop ``removed`` (node ids). A receiver whose
+    version is not ``base`` asks for a full map (NETMAP_REQ) instead of
+    guessing. A large update is split over several frames with the same
+    ``version``; ``more`` is true on all but the last, and the receiver
+    applies the update when the last one arrives, so it never sees half a map.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.PEERS
+    version: int
+    base: int
+    reset: bool
+    peers: tuple[Peer, ...] = ()
+    removed: tuple[str, ...] = ()
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +334,29 @@ MESSAGES: dict[int, type[Message]] = {
         Ping,
         Pong,
         Error,
+        Peers,
     )
 }
+
+#: The capability a peer must have announced before we send it this type.
+REQUIRES: dict[MsgType, str] = {MsgType.PEERS: CAP_PEERS}
+
+
+def is_ignorable(msg_type: int) -> bool:
+    """Whether a receiver that does not know ``msg_type`` may skip it."""
+    return msg_type >= IGNORABLE_MIN
+
+
+def may_send(msg_type: MsgType, peer_caps: frozenset[str]) -> bool:
+    """Whether a peer that announced ``peer_caps`` understands ``msg_type``."""
+    need = REQUIRES.get(msg_type)
+    return need is None or need in peer_caps
+
+
+def negotiate_caps(theirs: tuple[str, ...]) -> frozenset[str]:
+    """The capabilities both sides have (unknown names are ignored, not errors)."""
+    return frozenset(theirs[:MAX_CAPS]) & frozenset(OUR_CAPS)
+
 
 T = TypeVar("T")
 
