@@ -46,6 +46,7 @@ def test_server_and_destination_agree(
 
 
 def test_nothing_exposed_denies_everything_and_says_so() -> None:
-    d = decide(SRC, "labpc", (), "ssh")
+    none: tuple[ServiceInfo, ...] = ()
+    d = decide(SRC, "labpc", none, "ssh")
     assert not d.allowed
     assert d.reason == "labpc does not expose 'ssh' (exposed: none)"

@@ -14,12 +14,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from homeport.crypto import identity
 from homeport.server.admin import AdminOps, admin_request, parse_duration
 from homeport.server.app import prepare_data_dir, start_server_thread
 from homeport.server.cli import register
-from homeport.server.state import ServerState
 from homeport.store.db import open_store
+from homeport.store.registry import Registry
 from homeport.wire import authkey
 
 DEADLINE = 20.0
@@ -119,10 +118,7 @@ def test_second_server_on_same_data_is_refused(tmp_path: Path) -> None:
 
 
 def test_admin_ops_bad_requests() -> None:
-    state: ServerState[str] = ServerState(
-        open_store("sqlite://"), ca=identity.create_ca(), server_pin="sha256:" + "ab" * 32
-    )
-    ops = AdminOps(state)
+    ops = AdminOps(Registry(open_store("sqlite://"), server_pin="sha256:" + "ab" * 32))
     for bad in ([1, 2], {"op": 3}, {"op": "nodes.remove"}, {"op": "keys.revoke", "key_id": "x"}):
         answer = ops.handle(bad)
         assert answer["ok"] is False and answer["error"]

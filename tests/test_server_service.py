@@ -8,10 +8,12 @@ connection and leave the server serving.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from homeport.crypto import identity, tls
+from homeport.proto.netmap import PeerView
 from homeport.server.admin import admin_request
 from homeport.server.app import ServerHandle, start_server_thread
 from homeport.server.service import ServiceConfig
@@ -91,12 +94,12 @@ class Ctl:
                 self.pending.append(m.decode_untrusted(t, body))
 
     def recv_type(self, cls: type[m.Message]) -> m.Message:
-        """Skip NETMAP pushes until a ``cls`` arrives."""
+        """Skip peer-map pushes until a ``cls`` arrives."""
         while True:
             msg = self.recv()
             if isinstance(msg, cls):
                 return msg
-            assert isinstance(msg, m.NetMap), msg
+            assert isinstance(msg, m.NetMap | m.Peers), msg
 
     def expect_closed(self) -> None:
         """Reads until EOF (ignoring frames)."""
@@ -140,20 +143,38 @@ def enroll(srv: ServerHandle, name: str, tmp: Path) -> Node:
     return Node(msg.node_id, name, cert, key, fp)
 
 
-def hello(srv: ServerHandle, node: Node, role: str) -> Ctl:
+#: A well-formed OpenSSH public key line (an all-zero Ed25519 key).
+HOST_KEY = "ssh-ed25519 " + base64.b64encode(
+    struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + bytes(32)
+).decode("ascii")
+
+
+def hello(srv: ServerHandle, node: Node, role: str, *, capver: int = 1) -> Ctl:
+    """HELLO as a first-release node (capver 1) by default; capver 2 announces ``peers``."""
     c = Ctl(srv, node)
-    c.send(m.Hello(proto=1, role=role))
+    caps = m.OUR_CAPS if capver >= 2 else ()
+    c.send(m.Hello(proto=1, role=role, capver=capver, caps=caps))
     w = c.recv()
     assert isinstance(w, m.Welcome), w
     assert (w.node_id, w.name) == (node.node_id, node.name)
     return c
 
 
-def agent(srv: ServerHandle, node: Node, services: tuple[m.ServiceInfo, ...]) -> Ctl:
-    c = hello(srv, node, "agent")
-    c.send(m.Announce(services=services, host_keys=("ssh-ed25519 AAAAtest",)))
-    nm = c.recv_type(m.NetMap)
-    assert isinstance(nm, m.NetMap) and nm.self_id == node.node_id
+def agent(
+    srv: ServerHandle, node: Node, services: tuple[m.ServiceInfo, ...], *, capver: int = 2
+) -> Ctl:
+    """An agent that has announced and (capver 2) seen itself online in its peer map."""
+    c = hello(srv, node, "agent", capver=capver)
+    c.send(m.Announce(services=services, host_keys=(HOST_KEY,)))
+    if capver >= 2:
+        view = PeerView()
+        while True:
+            msg = c.recv_type(m.Peers)
+            assert isinstance(msg, m.Peers)
+            view.apply(msg)
+            me = view.peers.get(node.node_id)
+            if me is not None and me.online and me.services == services:
+                return c
     return c
 
 
@@ -257,7 +278,8 @@ def test_hello_without_certificate(server: ServerHandle) -> None:
 def test_hello_wrong_version_and_role(server: ServerHandle, tmp_path: Path) -> None:
     node = enroll(server, unique("v"), tmp_path)
     for msg, code in [
-        (m.Hello(proto=99, role="client"), "bad-version"),
+        (m.Hello(proto=99, role="client"), "upgrade"),
+        (m.Hello(proto=1, role="client", capver=0), "upgrade"),
         (m.Hello(proto=1, role="king"), "bad-request"),
     ]:
         c = Ctl(server, node)
@@ -288,7 +310,7 @@ def test_full_stream_through_relay(server: ServerHandle, tmp_path: Path) -> None
     assert isinstance(opened, m.Opened)
     assert opened.token == tc.hex() and opened.stream_id == inc.stream_id and opened.port == 22
     assert opened.peer.fingerprint == lab.fingerprint
-    assert opened.peer.host_keys == ("ssh-ed25519 AAAAtest",)
+    assert opened.peer.host_keys == (HOST_KEY,)
     payload = os.urandom(512 * 1024)
     opener_data.sendall(payload)
     assert recv_exact(agent_data, len(payload)) == payload
@@ -364,26 +386,59 @@ def test_self_stream_allowed(server: ServerHandle, tmp_path: Path) -> None:
     a.close()
 
 
-def test_netmap_pushed_to_agents_on_change(server: ServerHandle, tmp_path: Path) -> None:
+def test_peer_map_pushed_to_agents_on_change(server: ServerHandle, tmp_path: Path) -> None:
     one = enroll(server, unique("one"), tmp_path)
     two = enroll(server, unique("two"), tmp_path)
     a1 = agent(server, one, ())
+    view = PeerView()
 
-    def until(pred: Callable[[m.NetMap], bool]) -> None:
-        while True:
-            nm = a1.recv_type(m.NetMap)
-            assert isinstance(nm, m.NetMap)
-            if pred(nm):
-                return
+    def until(pred: Callable[[], bool]) -> None:
+        while not pred():
+            msg = a1.recv_type(m.Peers)
+            assert isinstance(msg, m.Peers)
+            view.apply(msg)
 
-    def node(nm: m.NetMap, node_id: str) -> m.NodeInfo:
-        return next(n for n in nm.nodes if n.node_id == node_id)
+    def peer(node_id: str) -> m.Peer | None:
+        return view.peers.get(node_id)
 
     a2 = agent(server, two, (m.ServiceInfo("ssh", 22),))
-    until(lambda nm: node(nm, two.node_id).online and bool(node(nm, two.node_id).services))
+    until(lambda: (p := peer(two.node_id)) is not None and p.online and bool(p.services))
     a2.close()
-    until(lambda nm: not node(nm, two.node_id).online)
+    until(lambda: (p := peer(two.node_id)) is not None and not p.online)
     a1.close()
+
+
+def test_first_release_agent_is_served_without_peer_maps(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    """A capver-1 agent (no caps) still gets streams; it is never sent a PEERS frame."""
+    lab = enroll(server, unique("old"), tmp_path)
+    laptop = enroll(server, unique("new"), tmp_path)
+    a = agent(server, lab, (m.ServiceInfo("ssh", 22),), capver=1)
+    c = hello(server, laptop, "client", capver=2)
+    wait_for(
+        lambda: bool(
+            [
+                n
+                for n in admin_request(server.data_dir, {"op": "nodes.list"})["nodes"]
+                if n["name"] == lab.name and n["online"] and n["services"]
+            ]
+        )
+    )
+    token = new_token()
+    c.send(m.Open(dst=lab.name, service="ssh", token=token.hex()))
+    inc = a.recv()  # the very next frame: no PEERS (or NETMAP) came before it
+    assert isinstance(inc, m.Incoming), inc
+    c.send(m.NetMapRequest())  # a capver-2 client asks: PEERS, a full map
+    full = c.recv_type(m.Peers)
+    assert isinstance(full, m.Peers) and full.reset
+    old_client = hello(server, laptop, "client", capver=1)
+    old_client.send(m.NetMapRequest())  # a first-release `homeport status`: the old NETMAP
+    nm = old_client.recv()
+    assert isinstance(nm, m.NetMap)
+    assert any(n.name == lab.name and n.online and not n.host_keys for n in nm.nodes)
+    for x in (a, c, old_client):
+        x.close()
 
 
 # -- sessions -------------------------------------------------------------------------------
@@ -478,7 +533,7 @@ def test_silent_connection_is_closed_after_handshake_timeout(server: ServerHandl
     ("frame", "code"),
     [
         (HEADER.pack(0x7FFFFFFF, 1), "too-large"),
-        (HEADER.pack(6, 0x99) + b"{}{}{", "unknown-type"),
+        (HEADER.pack(6, 0x7E) + b"{}{}{", "unknown-type"),  # below the ignorable range
         (HEADER.pack(4, 0x03) + b"{x}", "malformed"),
         (m.encode(m.NetMapRequest()), "order"),
     ],

@@ -173,6 +173,12 @@ class ControlLink(asyncio.Protocol):
             return
         self.send(m.Error(code=code, message=message))
 
+    def finish(self) -> None:
+        """Close cleanly once what was sent is flushed (TLS close_notify)."""
+        if self.transport is not None and not self._ended:
+            self._flush()
+            self.transport.close()
+
     def abort(self, reason: str) -> None:
         """Drop the connection at once (no TLS close)."""
         log.info("control connection %s dropped: %s", self.address, reason)

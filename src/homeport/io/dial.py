@@ -248,7 +248,15 @@ def connect_control(
         tls, ControlConnection(Role.CLIENT, time.monotonic()), _server_what(state)
     )
     try:
-        client.send(m.Hello(proto=m.PROTOCOL_VERSION, role=role, software=SOFTWARE))
+        client.send(
+            m.Hello(
+                proto=m.PROTOCOL_VERSION,
+                role=role,
+                software=SOFTWARE,
+                capver=m.CAPVER,
+                caps=m.OUR_CAPS,
+            )
+        )
         msg = client.recv(deadline)
         if not isinstance(msg, m.Welcome):
             raise DialError("protocol", f"unexpected {msg.TYPE.name} from the server")
@@ -260,14 +268,39 @@ def connect_control(
 
 
 def request_netmap(state: NodeState, *, timeout: float = DEFAULT_TIMEOUT) -> m.NetMap:
-    """One NETMAP over a client-role connection (``homeport status``)."""
+    """This node's peer map, as a NETMAP table, over a client-role connection (``status``).
+
+    A capver-2 server answers with PEERS frames (a full map, possibly split over
+    several frames); a first-release server with one NETMAP.
+    """
+    from homeport.proto.netmap import PeerView
+
     deadline = time.monotonic() + timeout
     with connect_control(state, "client", timeout=timeout) as client:
         client.send(m.NetMapRequest())
+        view = PeerView()
         while True:
             msg = client.recv(deadline)
             if isinstance(msg, m.NetMap):
                 return msg
+            if isinstance(msg, m.Peers) and view.apply(msg):
+                self_id = client.welcome.node_id if client.welcome is not None else ""
+                return m.NetMap(
+                    self_id=self_id,
+                    nodes=tuple(
+                        m.NodeInfo(
+                            node_id=p.node_id,
+                            name=p.name,
+                            online=p.online,
+                            last_seen=p.last_seen,
+                            fingerprint=p.fingerprint,
+                            services=p.services,
+                            address=p.address,
+                            path="relay",
+                        )
+                        for p in view.peers.values()
+                    ),
+                )
 
 
 # -- streams -----------------------------------------------------------------------
@@ -424,6 +457,8 @@ def enroll(
                 name=name,
                 csr_pem=csr.decode(),
                 software=SOFTWARE,
+                capver=m.CAPVER,
+                caps=m.OUR_CAPS,
             )
         )
         msg = client.recv(deadline)

@@ -13,7 +13,7 @@ answer ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 The client (:func:`admin_request`) prefers the running server (so removals
 take effect on live sessions); when the data directory exists but no server
 answers, it opens the store itself through the same
-:class:`~homeport.server.state.ServerState` and runs the request in-process.
+:class:`~homeport.store.registry.Registry` and runs the request in-process.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from homeport.server.state import ServerState
-from homeport.store.db import NodeRow
+from homeport.proto.coord import NodeRecord, NodeStatus
+from homeport.store.registry import Registry
 
 log = logging.getLogger("homeport.server.admin")
 
@@ -71,17 +71,19 @@ def parse_duration(text: str) -> float | None:
 
 
 class AdminOps:
-    """Executes admin requests against a ServerState (live server or offline)."""
+    """Executes admin requests: keys in the registry; nodes from the live server or the registry."""
 
     def __init__(
         self,
-        state: ServerState[Any],
+        registry: Registry,
         *,
-        remove_node: Callable[[str], NodeRow] | None = None,
+        nodes: Callable[[], list[NodeStatus]] | None = None,
+        remove_node: Callable[[str], NodeRecord] | None = None,
         live: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.state = state
+        self.registry = registry
+        self._nodes = nodes or registry.node_list
         self._remove = remove_node
         self.live = live
         self._clock = clock
@@ -120,7 +122,7 @@ class AdminOps:
         if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
             raise TypeError("expiry_seconds must be a number or null")
         now = self._clock()
-        key = self.state.create_auth_key(
+        key = self.registry.create_auth_key(
             now=now,
             reusable=reusable,
             expiry_seconds=None if expiry is None else float(expiry),
@@ -147,7 +149,7 @@ class AdminOps:
                     "last_used_at": k.last_used_at,
                     "note": k.note,
                 }
-                for k in self.state.list_auth_keys(self._clock())
+                for k in self.registry.list_auth_keys(self._clock())
             ]
         }
 
@@ -155,7 +157,7 @@ class AdminOps:
         key_id = req.get("key_id")
         if not isinstance(key_id, str):
             raise TypeError("key_id must be a string")
-        if not self.state.revoke_auth_key(key_id):
+        if not self.registry.revoke_auth_key(key_id):
             raise AdminError(f"no auth key {key_id!r}")
         return {"key_id": key_id}
 
@@ -173,7 +175,7 @@ class AdminOps:
                     "fingerprint": n.fingerprint,
                     "created_at": n.created_at,
                 }
-                for n in self.state.node_list()
+                for n in self._nodes()
             ],
         }
 
@@ -185,7 +187,7 @@ class AdminOps:
             if self._remove is not None:
                 node = self._remove(name)
             else:
-                node = self.state.remove_node(name, self._clock()).node
+                node = self.registry.remove_node(name, self._clock())
         except KeyError:
             raise AdminError(f"no node named {name!r}") from None
         return {"name": node.name, "node_id": node.node_id}
@@ -332,10 +334,10 @@ def admin_request(
             f"no homeport server data in {data_dir} — run this on the server host, "
             "or pass --data DIR"
         )
-    from homeport.server.app import open_offline_state
+    from homeport.server.app import open_offline_registry
 
-    state = open_offline_state(data_dir, db_url=db_url)
+    registry = open_offline_registry(data_dir, db_url=db_url)
     try:
-        return AdminOps(state).handle(request)
+        return AdminOps(registry).handle(request)
     finally:
-        state.store.close()
+        registry.close()

@@ -21,11 +21,12 @@ from typing import Any
 
 from homeport.crypto import identity
 from homeport.crypto.tls import control_server_context, fingerprint
+from homeport.proto.coord import Coordinator
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.relay import Relay
-from homeport.server.service import ControlSession, Service, ServiceConfig
-from homeport.server.state import ServerState
+from homeport.server.service import Service, ServiceConfig
 from homeport.store.db import default_url, open_store
+from homeport.store.registry import Registry, WriteBehind
 
 log = logging.getLogger("homeport.server")
 
@@ -105,11 +106,11 @@ def load_server_files(data_dir: Path) -> ServerFiles:
     return ServerFiles(data_dir, ca, ca_crt, tls_cert, tls_key, pin)
 
 
-def open_offline_state(data_dir: Path, *, db_url: str | None = None) -> ServerState[Any]:
-    """The state of a server that is not running (admin commands on the server host)."""
+def open_offline_registry(data_dir: Path, *, db_url: str | None = None) -> Registry:
+    """The records of a server that is not running (admin commands on the server host)."""
     files = load_server_files(data_dir)
     store = open_store(db_url or default_url(str(data_dir)))
-    return ServerState(store, ca=files.ca, server_pin=files.pin)
+    return Registry(store, server_pin=files.pin)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -158,15 +159,30 @@ async def serve(
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
     store = open_store(db_url or default_url(str(data_dir)))
-    state: ServerState[ControlSession] = ServerState(store, ca=files.ca, server_pin=files.pin)
+    registry = Registry(store, server_pin=files.pin)
     cfg = config or ServiceConfig()
+    core = Coordinator(
+        ca=files.ca,
+        server_pin=files.pin,
+        nodes=await asyncio.to_thread(registry.load_nodes),
+        open_timeout=cfg.open_timeout,
+        unpaired_timeout=cfg.unpaired_timeout,
+        ping_interval=cfg.ping_interval,
+    )
+    writer = WriteBehind(registry)
     relay = Relay(unpaired_timeout=cfg.unpaired_timeout)
     ctx = control_server_context(files.tls_cert, files.tls_key, files.ca_cert)
-    service = Service(state, relay, ctx, cfg)
+    service = Service(core, registry, writer, relay, ctx, config=cfg)
     admin = None
     try:
         admin = await start_admin_server(
-            data_dir / ADMIN_SOCKET, AdminOps(state, remove_node=service.remove_node, live=True)
+            data_dir / ADMIN_SOCKET,
+            AdminOps(
+                registry,
+                nodes=service.node_list,
+                remove_node=service.remove_node,
+                live=True,
+            ),
         )
         host, port = parse_listen(listen)
         bound_host, bound_port = await service.start(host, port)
@@ -180,6 +196,7 @@ async def serve(
             with contextlib.suppress(OSError):
                 (data_dir / ADMIN_SOCKET).unlink()
         await service.stop()
+        writer.close()
         store.close()
 
 

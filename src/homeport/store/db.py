@@ -55,7 +55,7 @@ from sqlalchemy.pool import StaticPool
 from homeport.wire.control import ServiceInfo
 
 #: The schema this code writes. Bump it and append to MIGRATIONS together.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: How long a SQLite writer waits for another writer before failing (ms).
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
@@ -107,12 +107,35 @@ auth_keys = Table(
 )
 
 
+# Every certificate a node may authenticate with (several overlap during renewal).
+# ``nodes.fingerprint`` stays the node's first certificate; this table is what
+# authentication reads.
+node_certs = Table(
+    "node_certs",
+    metadata,
+    Column("fingerprint", String(80), primary_key=True),
+    Column("node_id", String(32), nullable=False, index=True),
+    Column("cert_pem", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+
 def _migrate_to_1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[nodes, auth_keys])
 
 
+def _migrate_to_2(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[node_certs])
+    conn.execute(
+        insert(node_certs).from_select(
+            ["fingerprint", "node_id", "cert_pem", "created_at"],
+            select(nodes.c.fingerprint, nodes.c.id, nodes.c.cert_pem, nodes.c.created_at),
+        )
+    )
+
+
 #: MIGRATIONS[i] brings a database from version i to version i + 1.
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migrate_to_1,)
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migrate_to_1, _migrate_to_2)
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -345,6 +368,14 @@ class Store:
     @staticmethod
     def _insert_node(conn: Connection, node: NodeRow) -> None:
         conn.execute(
+            insert(node_certs).values(
+                fingerprint=node.fingerprint,
+                node_id=node.node_id,
+                cert_pem=node.cert_pem,
+                created_at=node.created_at,
+            )
+        )
+        conn.execute(
             insert(nodes).values(
                 id=node.node_id,
                 name=node.name,
@@ -373,10 +404,36 @@ class Store:
         return None if row is None else _node(row)
 
     def node_by_fingerprint(self, fingerprint: str) -> NodeRow | None:
-        """The node (live or tombstone) with this certificate fingerprint."""
+        """The node (live or tombstone) owning this certificate fingerprint (any of its certs)."""
         with self._read() as conn:
-            row = conn.execute(select(nodes).where(nodes.c.fingerprint == fingerprint)).first()
+            row = conn.execute(
+                select(nodes)
+                .join(node_certs, node_certs.c.node_id == nodes.c.id)
+                .where(node_certs.c.fingerprint == fingerprint)
+            ).first()
         return None if row is None else _node(row)
+
+    def add_node_cert(self, node_id: str, fingerprint: str, cert_pem: str, now: float) -> None:
+        """Let ``node_id`` also authenticate with this certificate (renewal overlap)."""
+        with self._write() as conn:
+            conn.execute(
+                insert(node_certs).values(
+                    fingerprint=fingerprint, node_id=node_id, cert_pem=cert_pem, created_at=now
+                )
+            )
+
+    def node_fingerprints(self) -> dict[str, tuple[str, ...]]:
+        """Every node's certificate fingerprints, oldest first."""
+        out: dict[str, list[str]] = {}
+        with self._read() as conn:
+            rows = conn.execute(
+                select(node_certs.c.node_id, node_certs.c.fingerprint).order_by(
+                    node_certs.c.created_at
+                )
+            ).all()
+        for node_id, fp in rows:
+            out.setdefault(node_id, []).append(fp)
+        return {k: tuple(v) for k, v in out.items()}
 
     def node_by_name(self, name: str) -> NodeRow | None:
         """The live node called ``name``, else its most recent tombstone, else None."""

@@ -1,0 +1,1036 @@
+"""The coordinator core: every decision of the server, as a sans-I/O machine.
+
+Theory of operation (the model is aioquic's ``QuicConnection``, scaled to
+many connections). The server's network shell (:mod:`homeport.server.service`)
+owns sockets, TLS, the relay's threads and the database writer; this class owns
+*what happens*: which sessions are authenticated, which node is online where,
+every stream from OPEN to its end, the peer maps, and every timer. The shell
+only feeds it inputs and executes the commands it returns:
+
+==============================  ===================================================
+input (method)                  when
+==============================  ===================================================
+``session_started``             a control connection finished TLS
+``message``                     a decoded control message arrived on it
+``session_ended``               it ended (any reason)
+``enroll_done``                 the database answered an :class:`EnrollRequest`
+``relay_event``                 the relay spliced a stream or saw it end
+``relay_refused``               the relay could not take an :class:`RelayExpect`
+``remove_node``                 an admin removed a node
+``handle_timer``                ``get_timer()`` came due
+==============================  ===================================================
+
+Commands (drained with :meth:`Coordinator.commands`): :class:`Send`,
+:class:`SendEncoded`, :class:`Close`, :class:`Finish`, the relay's
+:class:`RelayExpect` / :class:`RelayExtend` / :class:`RelayCancel` /
+:class:`RelayRefuse` / :class:`RelayCut`, the write-behind :class:`Persist`,
+:class:`EnrollRequest`, and :class:`Note` (a log line).
+
+Why so strict: with the flow in one pure object, the whole stream set-up —
+timeouts, refusals, removal, session replacement — is tested with a fake clock
+and in-memory node cores (``tests/test_proto_coord.py``), and no SQL ever runs
+on the event loop: the registry of nodes lives here, in memory, and the
+database is written behind it (:mod:`homeport.store.registry`).
+
+Stream life (one table, one place)::
+
+    OPEN ──▶ WAITING ──ACCEPT──▶ ACCEPTED ──relay started──▶ LIVE ──relay ended──▶ gone
+               │ REJECT/timeout/    │ no splice within         │ node removed: RelayCut
+               │ dst offline/       │ unpaired_timeout
+               ▼ opener gone        ▼
+             gone (OPEN_FAILED)   gone (RelayCancel)
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
+from homeport.crypto.tls import fingerprint
+from homeport.policy.decide import Subject, decide
+from homeport.proto.netmap import PeerBook
+from homeport.wire import authkey, names
+from homeport.wire import control as m
+from homeport.wire.data import token_from_hex_untrusted
+from homeport.wire.errors import WireError
+from homeport.wire.hostkey import sanitize_host_keys
+
+SessionId = int
+
+#: How long the destination agent has to ACCEPT or REJECT an INCOMING.
+OPEN_TIMEOUT = 10.0
+#: How long an accepted stream may wait for the relay to splice its two ends.
+UNPAIRED_TIMEOUT = 10.0
+#: Streams one session may have waiting for the destination's answer.
+MAX_PENDING_OPENS_PER_SESSION = 64
+#: Streams in any state (waiting, accepted, live) over the whole server.
+MAX_STREAMS = 4096
+#: Netmap changes within this window go out as one push per agent.
+NETMAP_COALESCE = 0.05
+#: Longest reject reason / code from an agent that we pass on.
+MAX_REASON = 512
+MAX_CODE = 64
+#: Services one agent may announce (more are dropped).
+MAX_SERVICES = 256
+#: Keepalive interval the server asks nodes to use (WELCOME.ping_interval).
+PING_INTERVAL = 5.0
+
+ROLE_AGENT = "agent"
+ROLE_CLIENT = "client"
+
+
+# -- records ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node as the coordinator knows it (the database is written behind this).
+
+    ``fingerprints``: every certificate the node may authenticate with, so a
+    renewed certificate can overlap the old one; the first is the current one.
+    """
+
+    node_id: str
+    name: str
+    fingerprints: tuple[str, ...]
+    created_at: float
+    cert_pem: str = ""
+    last_seen: float | None = None
+    last_address: str = ""
+    services: tuple[m.ServiceInfo, ...] = ()
+    host_keys: tuple[str, ...] = ()
+    removed_at: float | None = None
+    user: str = ""
+    tags: tuple[str, ...] = ()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.fingerprints[0] if self.fingerprints else ""
+
+    @property
+    def removed(self) -> bool:
+        return self.removed_at is not None
+
+    def subject(self) -> Subject:
+        return Subject(node_id=self.node_id, name=self.name, user=self.user, tags=self.tags)
+
+    def peer_info(self, *, host_keys: bool = False) -> m.PeerInfo:
+        return m.PeerInfo(
+            node_id=self.node_id,
+            name=self.name,
+            fingerprint=self.fingerprint,
+            host_keys=self.host_keys if host_keys else (),
+            user=self.user,
+            tags=self.tags,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One node for ``homeport nodes list`` (admin view, live)."""
+
+    node_id: str
+    name: str
+    online: bool
+    last_seen: float | None
+    address: str
+    services: tuple[m.ServiceInfo, ...]
+    fingerprint: str
+    created_at: float
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    session: SessionId
+    message: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class SendEncoded:
+    """Frames encoded once and shared by many recipients (peer-map pushes)."""
+
+    session: SessionId
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Send ERROR(code, message) and close the session."""
+
+    session: SessionId
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Close the session cleanly once what was sent is flushed (after ENROLLED)."""
+
+    session: SessionId
+
+
+@dataclass(frozen=True, slots=True)
+class RelayExpect:
+    stream_id: str
+    src_node: str
+    dst_node: str
+    src_token: bytes
+    dst_token: bytes
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RelayExtend:
+    stream_id: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class RelayCancel:
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RelayRefuse:
+    """An OPEN that names this token failed: close its data connection."""
+
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RelayCut:
+    """Shut every relayed stream of this node at once."""
+
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetSeen:
+    node_id: str
+    last_seen: float
+    address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetAnnounce:
+    node_id: str
+    services: tuple[m.ServiceInfo, ...]
+    host_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveNode:
+    node_id: str
+    removed_at: float
+
+
+StoreOp = SetSeen | SetAnnounce | RemoveNode
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Write this to the database, in order, off the event loop."""
+
+    op: StoreOp
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRequest:
+    """Atomically consume the auth key and create the node; answer with enroll_done.
+
+    The database checks the key (secret hash, expiry, single use) before the
+    name, so a caller without a valid key learns nothing about names.
+    """
+
+    session: SessionId
+    key_id: str
+    secret: str
+    node: NodeRecord
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A log line (level from :mod:`logging`)."""
+
+    level: int
+    text: str
+
+
+Command = (
+    Send
+    | SendEncoded
+    | Close
+    | Finish
+    | RelayExpect
+    | RelayExtend
+    | RelayCancel
+    | RelayRefuse
+    | RelayCut
+    | Persist
+    | EnrollRequest
+    | Note
+)
+
+
+# -- inputs from the relay and the database -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStarted:
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    stream_id: str
+    bytes_up: int = 0
+    bytes_down: int = 0
+    reason: str = ""
+
+
+RelayEvent = StreamStarted | StreamEnded
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollRefused:
+    code: str
+    message: str
+
+
+# -- internal state -----------------------------------------------------------------------
+
+
+class SessionState(enum.Enum):
+    NEW = "new"  # TLS done, no HELLO/ENROLL yet
+    ENROLLING = "enrolling"  # ENROLL received; waiting for the database
+    AUTHED = "authed"  # HELLO accepted (agent or client)
+
+
+class StreamState(enum.Enum):
+    WAITING = "waiting"  # INCOMING sent; waiting for ACCEPT/REJECT
+    ACCEPTED = "accepted"  # waiting for the relay to splice both ends
+    LIVE = "live"  # spliced
+
+
+@dataclass(slots=True)
+class _Session:
+    sid: SessionId
+    address: str
+    peer_fp: str | None
+    state: SessionState = SessionState.NEW
+    node_id: str = ""
+    role: str = ""
+    capver: int = 1
+    caps: frozenset[str] = frozenset()
+    map_version: int = 0  # the peer map version this session has (PEERS)
+    wants_map: bool = False  # an agent with cap "peers": pushed on change
+    opens: int = 0  # streams it opened that are still WAITING
+
+
+@dataclass(slots=True)
+class _Stream:
+    stream_id: str
+    src: NodeRecord
+    dst: NodeRecord
+    service: m.ServiceInfo
+    opener: SessionId
+    opener_token: bytes
+    dest_token: bytes
+    created_at: float
+    state: StreamState = StreamState.WAITING
+    deadline: float | None = None
+
+
+@dataclass(order=True, slots=True)
+class _Timer:
+    when: float
+    seq: int
+    kind: str = field(compare=False)
+    key: str = field(compare=False)
+
+
+def _ago(seconds: float) -> str:
+    s = max(0.0, seconds)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 36 * 3600:
+        return f"{s / 3600:.0f} h"
+    return f"{s / 86400:.0f} days"
+
+
+def sanitize_services(services: tuple[m.ServiceInfo, ...]) -> tuple[m.ServiceInfo, ...]:
+    """The usable part of an announced service list (bad names/ports and duplicates dropped).
+
+    Dropped rather than refused: an agent is not disconnected over one bad ``--expose``.
+    """
+    seen: set[str] = set()
+    good: list[m.ServiceInfo] = []
+    for svc in services:
+        ok = names.check_service_name(svc.name) is None and 0 < svc.port < 65536
+        if ok and svc.name not in seen:
+            seen.add(svc.name)
+            good.append(svc)
+    return tuple(good[:MAX_SERVICES])
+
+
+class Coordinator:
+    """The server's state and decisions; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        ca: KeyPair,
+        server_pin: str,
+        nodes: list[NodeRecord] | tuple[NodeRecord, ...] = (),
+        open_timeout: float = OPEN_TIMEOUT,
+        unpaired_timeout: float = UNPAIRED_TIMEOUT,
+        ping_interval: float = PING_INTERVAL,
+        max_streams: int = MAX_STREAMS,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self.ca = ca
+        self._ca_pem = ca.cert_pem.decode()
+        self.server_pin = server_pin
+        self.open_timeout = open_timeout
+        self.unpaired_timeout = unpaired_timeout
+        self.ping_interval = ping_interval
+        self.max_streams = max_streams
+        self._random = random_bytes
+        self._out: list[Command] = []
+        self._nodes: dict[str, NodeRecord] = {}
+        self._by_name: dict[str, str] = {}  # live nodes only
+        self._by_fp: dict[str, str] = {}  # live and removed (tombstones are refused by name)
+        self._sessions: dict[SessionId, _Session] = {}
+        self._node_sessions: dict[str, set[SessionId]] = {}
+        self._agents: dict[str, SessionId] = {}
+        self._addresses: dict[str, str] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._tokens: set[bytes] = set()  # opener tokens of streams not yet spliced
+        self._timers: list[_Timer] = []
+        self._timer_seq = 0
+        self._push_due: float | None = None
+        self.book = PeerBook()
+        for node in nodes:
+            self._add_node(node)
+
+    # -- inspection (tests, admin, status) ------------------------------------------------
+    def commands(self) -> list[Command]:
+        """Return and clear the commands produced so far, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def node(self, node_id: str) -> NodeRecord | None:
+        return self._nodes.get(node_id)
+
+    def node_by_name(self, name: str) -> NodeRecord | None:
+        node_id = self._by_name.get(name)
+        return None if node_id is None else self._nodes[node_id]
+
+    def is_online(self, node_id: str) -> bool:
+        return node_id in self._agents
+
+    def agent_session(self, node_id: str) -> SessionId | None:
+        return self._agents.get(node_id)
+
+    def stream_states(self) -> dict[str, StreamState]:
+        return {s.stream_id: s.state for s in self._streams.values()}
+
+    def session_node(self, sid: SessionId) -> str:
+        s = self._sessions.get(sid)
+        return s.node_id if s is not None else ""
+
+    def node_list(self) -> list[NodeStatus]:
+        return [
+            NodeStatus(
+                node_id=n.node_id,
+                name=n.name,
+                online=self.is_online(n.node_id),
+                last_seen=n.last_seen,
+                address=self._addresses.get(n.node_id, n.last_address),
+                services=n.services,
+                fingerprint=n.fingerprint,
+                created_at=n.created_at,
+            )
+            for n in self._nodes.values()
+            if not n.removed
+        ]
+
+    # -- sessions ----------------------------------------------------------------------------
+    def session_started(self, sid: SessionId, peer_fp: str | None, address: str) -> None:
+        self._sessions[sid] = _Session(sid=sid, address=address, peer_fp=peer_fp)
+
+    def session_ended(self, sid: SessionId, now: float) -> None:
+        s = self._sessions.pop(sid, None)
+        if s is None or s.state is not SessionState.AUTHED:
+            return
+        node_id = s.node_id
+        peers = self._node_sessions.get(node_id)
+        if peers is not None:
+            peers.discard(sid)
+            if not peers:
+                del self._node_sessions[node_id]
+        for st in [x for x in self._streams.values() if x.opener == sid]:
+            if st.state is not StreamState.LIVE:
+                self._drop_stream(st)
+                self._emit(RelayCancel(st.stream_id))
+        if s.role == ROLE_AGENT and self._agents.get(node_id) == sid:
+            del self._agents[node_id]
+            node = self._nodes.get(node_id)
+            if node is not None and not node.removed:
+                self._nodes[node_id] = replace(node, last_seen=now)
+                self._emit(Persist(SetSeen(node_id, now)))
+                for st in [x for x in self._streams.values() if x.dst.node_id == node_id]:
+                    if st.state is StreamState.WAITING:
+                        self._fail(st, "offline", f"{node.name} went offline")
+                self._note(logging.INFO, f"agent {node.name} ({node_id}) offline")
+                self._map_changed(node_id, now)
+
+    def message(self, sid: SessionId, msg: m.Message, now: float) -> None:
+        """One decoded control message from session ``sid``."""
+        s = self._sessions.get(sid)
+        if s is None:
+            return
+        if s.state is SessionState.NEW:
+            if isinstance(msg, m.Hello):
+                self._hello(s, msg, now)
+            elif isinstance(msg, m.Enroll):
+                self._enroll(s, msg, now)
+            return
+        if s.state is SessionState.ENROLLING or isinstance(msg, m.Error):
+            return  # closing after ENROLL; an ERROR closes the machine by itself
+        agent = s.role == ROLE_AGENT
+        if isinstance(msg, m.Announce) and agent:
+            self._announce(s, msg, now)
+        elif isinstance(msg, m.NetMapRequest):
+            self._send_map(s, now)
+        elif isinstance(msg, m.Open):
+            self._open(s, msg, now)
+        elif isinstance(msg, m.Accept | m.Reject) and agent:
+            self._answer(s, msg, now)
+        else:
+            self._emit(
+                Close(sid, "bad-request", f"unexpected {msg.TYPE.name} from a {s.role or 'node'}")
+            )
+
+    def _version_problem(self, proto: int, capver: int) -> str | None:
+        if proto != m.PROTOCOL_VERSION:
+            return (
+                f"this server speaks wire version {m.PROTOCOL_VERSION}, the node sent {proto}; "
+                "install the same homeport release on both"
+            )
+        if capver < m.MIN_CAPVER:
+            return (
+                f"this node's homeport is too old (capability version {capver}, the server "
+                f"needs {m.MIN_CAPVER} or newer): upgrade homeport on this node"
+            )
+        return None
+
+    def _hello(self, s: _Session, msg: m.Hello, now: float) -> None:
+        problem = self._version_problem(msg.proto, msg.capver)
+        if problem is not None:
+            self._emit(Close(s.sid, "upgrade", problem))
+            return
+        if msg.role not in (ROLE_AGENT, ROLE_CLIENT):
+            self._emit(Close(s.sid, "bad-request", f"unknown role {msg.role[:32]!r}"))
+            return
+        if s.peer_fp is None:
+            self._emit(
+                Close(
+                    s.sid,
+                    "unknown-node",
+                    "no node certificate presented; enroll first (homeport up)",
+                )
+            )
+            return
+        node_id = self._by_fp.get(s.peer_fp)
+        node = self._nodes.get(node_id) if node_id is not None else None
+        if node is None:
+            self._emit(
+                Close(
+                    s.sid,
+                    "unknown-node",
+                    "this certificate belongs to no node of this network; "
+                    "enroll again with 'homeport up --authkey KEY'",
+                )
+            )
+            return
+        if node.removed:
+            self._emit(
+                Close(
+                    s.sid,
+                    "node-removed",
+                    f"node {node.name!r} was removed by an admin; "
+                    "enroll again with a new auth key to rejoin",
+                )
+            )
+            return
+        s.state = SessionState.AUTHED
+        s.node_id = node.node_id
+        s.role = msg.role
+        s.capver = msg.capver
+        s.caps = m.negotiate_caps(msg.caps)
+        self._node_sessions.setdefault(node.node_id, set()).add(s.sid)
+        self._emit(
+            Send(
+                s.sid,
+                m.Welcome(
+                    proto=m.PROTOCOL_VERSION,
+                    node_id=node.node_id,
+                    name=node.name,
+                    ping_interval=self.ping_interval,
+                    capver=m.CAPVER,
+                    caps=m.OUR_CAPS,
+                ),
+            )
+        )
+        if msg.role != ROLE_AGENT:
+            return
+        old = self._agents.get(node.node_id)
+        self._agents[node.node_id] = s.sid
+        self._addresses[node.node_id] = s.address
+        self._nodes[node.node_id] = replace(node, last_seen=now, last_address=s.address)
+        self._emit(Persist(SetSeen(node.node_id, now, s.address)))
+        if old is not None and old != s.sid:
+            self._emit(
+                Close(old, "session-replaced", "a newer agent session of this node connected")
+            )
+            old_s = self._sessions.get(old)
+            if old_s is not None:
+                old_s.role = ""  # its end must not take the node offline
+        s.wants_map = m.CAP_PEERS in s.caps
+        self._note(logging.INFO, f"agent {node.name} ({node.node_id}) online from {s.address}")
+        self._map_changed(node.node_id, now)
+
+    def _enroll(self, s: _Session, msg: m.Enroll, now: float) -> None:
+        s.state = SessionState.ENROLLING
+        problem = self._version_problem(msg.proto, msg.capver)
+        if problem is not None:
+            self._emit(Close(s.sid, "upgrade", problem))
+            return
+        try:
+            key = authkey.parse_untrusted(msg.auth_key)
+        except WireError:
+            self._refuse_enroll(s, "auth-key-invalid", "not a homeport auth key")
+            return
+        if not hmac.compare_digest(key.server_pin.encode(), self.server_pin.encode()):
+            self._refuse_enroll(
+                s, "auth-key-invalid", "this auth key was made for a different server"
+            )
+            return
+        bad_name = names.check_node_name(msg.name)
+        if bad_name is not None:
+            self._refuse_enroll(s, "bad-name", bad_name)
+            return
+        node_id = "n" + self._random(6).hex()
+        try:
+            cert_pem = sign_node_csr(self.ca, msg.csr_pem.encode(), node_id).decode()
+            fp = fingerprint(cert_der_from_pem(cert_pem.encode()))
+        except (IdentityError, UnicodeError) as exc:
+            self._refuse_enroll(s, "bad-request", str(exc))
+            return
+        node = NodeRecord(
+            node_id=node_id, name=msg.name, fingerprints=(fp,), created_at=now, cert_pem=cert_pem
+        )
+        self._emit(EnrollRequest(s.sid, key.key_id, key.secret, node, now))
+
+    def _refuse_enroll(self, s: _Session, code: str, message: str) -> None:
+        self._note(logging.INFO, f"enrollment from {s.address} refused: {code}: {message}")
+        self._emit(Close(s.sid, code, message))
+
+    def enroll_done(self, sid: SessionId, result: NodeRecord | EnrollRefused, now: float) -> None:
+        """The database's answer to an EnrollRequest."""
+        s = self._sessions.get(sid)
+        if isinstance(result, EnrollRefused):
+            if s is not None:
+                self._refuse_enroll(s, result.code, result.message)
+            return
+        self._add_node(result)
+        self._note(
+            logging.INFO,
+            f"enrolled node {result.name} ({result.node_id})"
+            + (f" from {s.address}" if s is not None else ""),
+        )
+        self._map_changed(result.node_id, now)
+        if s is not None:
+            self._emit(
+                Send(
+                    sid,
+                    m.Enrolled(
+                        node_id=result.node_id,
+                        name=result.name,
+                        cert_pem=result.cert_pem,
+                        ca_pem=self._ca_pem,
+                    ),
+                )
+            )
+            self._emit(Finish(sid))
+
+    def _add_node(self, node: NodeRecord) -> None:
+        self._nodes[node.node_id] = node
+        for fp in node.fingerprints:
+            self._by_fp[fp] = node.node_id
+        if not node.removed:
+            self._by_name[node.name] = node.node_id
+            self.book.upsert(self._peer(node))
+
+    # -- announce and peer maps ---------------------------------------------------------------
+    def _announce(self, s: _Session, msg: m.Announce, now: float) -> None:
+        node = self._nodes[s.node_id]
+        services = sanitize_services(msg.services)
+        host_keys = sanitize_host_keys(msg.host_keys)
+        if node.services == services and node.host_keys == host_keys:
+            return
+        self._nodes[node.node_id] = replace(node, services=services, host_keys=host_keys)
+        self._emit(Persist(SetAnnounce(node.node_id, services, host_keys)))
+        shown = ", ".join(f"{x.name}/{x.port}" for x in services) or "nothing"
+        self._note(logging.INFO, f"agent {node.name} exposes {shown}")
+        if node.services != services:
+            self._map_changed(node.node_id, now)
+
+    def _peer(self, node: NodeRecord) -> m.Peer:
+        online = node.node_id in self._agents
+        return m.Peer(
+            node_id=node.node_id,
+            name=node.name,
+            online=online,
+            last_seen=node.last_seen or 0.0,
+            fingerprint=node.fingerprint,
+            services=node.services,
+            address=self._addresses.get(node.node_id, node.last_address),
+            user=node.user,
+            tags=node.tags,
+        )
+
+    def _map_changed(self, node_id: str, now: float) -> None:
+        node = self._nodes.get(node_id)
+        if node is None or node.removed:
+            self.book.remove(node_id)
+        else:
+            self.book.upsert(self._peer(node))
+        if self._push_due is None:
+            self._push_due = now + NETMAP_COALESCE
+            self._add_timer(self._push_due, "push", "")
+
+    def _push_maps(self) -> None:
+        self._push_due = None
+        version = self.book.version
+        for s in self._sessions.values():
+            if s.wants_map and s.map_version != version and s.state is SessionState.AUTHED:
+                self._emit(
+                    SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, s.map_version))
+                )
+                s.map_version = version
+
+    def _send_map(self, s: _Session, now: float) -> None:
+        if m.CAP_PEERS in s.caps:
+            for frame in self.book.updates_for(s.node_id, 0):
+                self._emit(Send(s.sid, frame))
+            if s.wants_map:
+                s.map_version = self.book.version
+            return
+        # a first-release client (``homeport status`` 0.1): the old one-frame map
+        nodes = tuple(
+            m.NodeInfo(
+                node_id=p.node_id,
+                name=p.name,
+                online=p.online,
+                last_seen=now if p.online else p.last_seen,
+                fingerprint=p.fingerprint,
+                services=p.services,
+                address=p.address,
+                path="relay",
+            )
+            for p in (self._peer(n) for n in self._nodes.values() if not n.removed)
+        )
+        msg = m.NetMap(self_id=s.node_id, nodes=nodes)
+        try:
+            m.encode(msg)
+        except ValueError:  # over MAX_FRAME
+            self._emit(
+                Close(
+                    s.sid,
+                    "upgrade",
+                    "this network's map no longer fits the first-release format; "
+                    "upgrade homeport on this node",
+                )
+            )
+            return
+        self._emit(Send(s.sid, msg))
+
+    # -- streams --------------------------------------------------------------------------------
+    def _open(self, s: _Session, msg: m.Open, now: float) -> None:
+        src = self._nodes[s.node_id]
+        token_text = msg.token[:64]
+        try:
+            token = token_from_hex_untrusted(msg.token)
+        except WireError as exc:
+            self._emit(
+                Send(s.sid, m.OpenFailed(token=token_text, code="bad-request", message=str(exc)))
+            )
+            return
+
+        def refuse(code: str, message: str) -> None:
+            self._note(
+                logging.INFO,
+                f"{src.name}: OPEN {msg.dst[:64]!r}:{msg.service[:64]!r} refused: {code}",
+            )
+            self._emit(RelayRefuse(token))
+            self._emit(Send(s.sid, m.OpenFailed(token=token_text, code=code, message=message)))
+
+        if s.opens >= MAX_PENDING_OPENS_PER_SESSION:
+            refuse("busy", "too many opens in flight")
+            return
+        dst_id = self._by_name.get(msg.dst)
+        dst = self._nodes.get(dst_id) if dst_id is not None else None
+        if dst is None:
+            tomb = next((n for n in self._nodes.values() if n.removed and n.name == msg.dst), None)
+            if tomb is not None and tomb.removed_at is not None:
+                refuse(
+                    "node-removed",
+                    f"{tomb.name} was removed by an admin {_ago(now - tomb.removed_at)} ago",
+                )
+            else:
+                refuse("unknown-node", f"no node named {msg.dst[:64]!r} in this network")
+            return
+        if dst.node_id not in self._agents:
+            seen = (
+                "never seen"
+                if dst.last_seen is None
+                else f"last seen {_ago(now - dst.last_seen)} ago"
+            )
+            refuse("offline", f"{dst.name} is offline ({seen}); is 'homeport up' running there?")
+            return
+        decision = decide(src.subject(), dst.name, dst.services, msg.service)
+        if not decision.allowed or decision.service is None:
+            refuse(decision.code, decision.reason)
+            return
+        if len(self._streams) >= self.max_streams:
+            refuse("busy", "the server has too many streams being set up; retry")
+            return
+        if token in self._tokens:
+            refuse("bad-request", "token already in use")
+            return
+        st = _Stream(
+            stream_id="s" + self._random(6).hex(),
+            src=src,
+            dst=dst,
+            service=decision.service,
+            opener=s.sid,
+            opener_token=token,
+            dest_token=self._random(len(token)),
+            created_at=now,
+            deadline=now + self.open_timeout,
+        )
+        self._streams[st.stream_id] = st
+        self._tokens.add(token)
+        s.opens += 1
+        self._emit(
+            RelayExpect(
+                st.stream_id,
+                src_node=src.node_id,
+                dst_node=dst.node_id,
+                src_token=token,
+                dst_token=st.dest_token,
+                timeout=self.open_timeout + self.unpaired_timeout,
+            )
+        )
+        self._emit(
+            Send(
+                self._agents[dst.node_id],
+                m.Incoming(
+                    stream_id=st.stream_id,
+                    token=st.dest_token.hex(),
+                    src=src.peer_info(),
+                    service=st.service.name,
+                ),
+            )
+        )
+        self._add_timer(now + self.open_timeout, "stream", st.stream_id)
+        self._note(
+            logging.INFO,
+            f"stream {st.stream_id}: {src.name} -> {dst.name}:{st.service.name} requested "
+            f"({decision.rule})",
+        )
+
+    def relay_refused(self, stream_id: str, code: str, message: str) -> None:
+        """The relay could not take a RelayExpect (full, token clash)."""
+        st = self._streams.get(stream_id)
+        if st is not None and st.state is StreamState.WAITING:
+            self._fail(st, code, message)
+
+    def _answer(self, s: _Session, msg: m.Accept | m.Reject, now: float) -> None:
+        st = self._streams.get(msg.stream_id)
+        if st is None or st.dst.node_id != s.node_id or st.state is not StreamState.WAITING:
+            self._note(
+                logging.INFO,
+                f"{s.node_id} answered unknown or expired stream {msg.stream_id[:32]!r}",
+            )
+            return
+        self._leave_waiting(st)
+        if isinstance(msg, m.Reject):
+            self._note(
+                logging.INFO,
+                f"stream {st.stream_id}: rejected by {st.dst.name}: {msg.code[:MAX_CODE]!r}",
+            )
+            self._drop_stream(st)
+            self._emit(RelayCancel(st.stream_id))
+            self._emit(
+                Send(
+                    st.opener,
+                    m.OpenFailed(
+                        token=st.opener_token.hex(),
+                        code=msg.code[:MAX_CODE] or "rejected",
+                        message=msg.message[:MAX_REASON],
+                    ),
+                )
+            )
+            return
+        st.state = StreamState.ACCEPTED
+        st.deadline = now + self.unpaired_timeout
+        self._add_timer(st.deadline, "stream", st.stream_id)
+        self._emit(RelayExtend(st.stream_id, self.unpaired_timeout))
+        dst = self._nodes.get(st.dst.node_id, st.dst)
+        self._emit(
+            Send(
+                st.opener,
+                m.Opened(
+                    token=st.opener_token.hex(),
+                    stream_id=st.stream_id,
+                    peer=dst.peer_info(host_keys=True),
+                    port=st.service.port,
+                ),
+            )
+        )
+
+    def relay_event(self, ev: RelayEvent, now: float) -> None:
+        st = self._streams.get(ev.stream_id)
+        if st is None:
+            return
+        if isinstance(ev, StreamStarted):
+            self._leave_waiting(st)
+            self._tokens.discard(st.opener_token)
+            st.state = StreamState.LIVE
+            st.deadline = None
+        else:
+            self._note(
+                logging.INFO,
+                f"stream {st.stream_id}: ended ({ev.reason or 'closed'}), "
+                f"{ev.bytes_up} bytes up, {ev.bytes_down} bytes down",
+            )
+            self._drop_stream(st)
+
+    def _leave_waiting(self, st: _Stream) -> None:
+        if st.state is StreamState.WAITING:
+            opener = self._sessions.get(st.opener)
+            if opener is not None:
+                opener.opens -= 1
+
+    def _drop_stream(self, st: _Stream) -> None:
+        self._leave_waiting(st)
+        st.state = StreamState.LIVE  # so a second _leave_waiting never counts again
+        self._streams.pop(st.stream_id, None)
+        self._tokens.discard(st.opener_token)
+
+    def _fail(self, st: _Stream, code: str, message: str) -> None:
+        self._note(logging.INFO, f"stream {st.stream_id}: failed: {code}: {message}")
+        opener, token = st.opener, st.opener_token.hex()
+        self._drop_stream(st)
+        self._emit(RelayCancel(st.stream_id))
+        if opener in self._sessions:
+            self._emit(Send(opener, m.OpenFailed(token=token, code=code, message=message)))
+
+    # -- admin ------------------------------------------------------------------------------------
+    def remove_node(self, name: str, now: float) -> NodeRecord:
+        """Tombstone the live node ``name``: close its sessions, fail and cut its streams.
+
+        Raises:
+            KeyError: no live node has this name.
+        """
+        node_id = self._by_name.get(name)
+        if node_id is None:
+            raise KeyError(name)
+        node = replace(self._nodes[node_id], removed_at=now)
+        self._nodes[node_id] = node
+        del self._by_name[name]
+        self._emit(Persist(RemoveNode(node_id, now)))
+        sessions = set(self._node_sessions.pop(node_id, set()))
+        agent = self._agents.pop(node_id, None)
+        if agent is not None:
+            sessions.add(agent)
+        for sid in sorted(sessions):
+            s = self._sessions.get(sid)
+            if s is not None:
+                s.role = ""  # its end is not an "offline" event any more
+                s.wants_map = False
+            self._emit(Close(sid, "node-removed", "this node was removed by an admin"))
+        cut = 0
+        for st in [x for x in self._streams.values() if node_id in (x.src.node_id, x.dst.node_id)]:
+            cut += 1
+            if st.state is StreamState.WAITING and st.opener not in sessions:
+                self._fail(st, "node-removed", f"{node.name} was removed by an admin")
+            else:
+                self._drop_stream(st)
+                self._emit(RelayCancel(st.stream_id))
+        self._emit(RelayCut(node_id))
+        self._addresses.pop(node_id, None)
+        self._note(
+            logging.INFO,
+            f"node {node.name} ({node_id}) removed; {len(sessions)} session(s) closed, "
+            f"{cut} stream(s) cut",
+        )
+        self._map_changed(node_id, now)
+        return node
+
+    # -- time -----------------------------------------------------------------------------------
+    def _add_timer(self, when: float, kind: str, key: str) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, _Timer(when, self._timer_seq, kind, key))
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must next run (None: nothing is waiting)."""
+        while self._timers and not self._timer_live(self._timers[0]):
+            heapq.heappop(self._timers)
+        return self._timers[0].when if self._timers else None
+
+    def _timer_live(self, t: _Timer) -> bool:
+        if t.kind == "push":
+            return self._push_due == t.when
+        st = self._streams.get(t.key)
+        return st is not None and st.deadline == t.when
+
+    def handle_timer(self, now: float) -> None:
+        while self._timers and self._timers[0].when <= now:
+            t = heapq.heappop(self._timers)
+            if not self._timer_live(t):
+                continue
+            if t.kind == "push":
+                self._push_maps()
+                continue
+            st = self._streams[t.key]
+            if st.state is StreamState.WAITING:
+                self._fail(
+                    st, "timeout", f"{st.dst.name} did not answer within {self.open_timeout:g}s"
+                )
+            elif st.state is StreamState.ACCEPTED:
+                self._note(logging.INFO, f"stream {st.stream_id}: not spliced in time; dropped")
+                self._drop_stream(st)
+                self._emit(RelayCancel(st.stream_id))
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _emit(self, cmd: Command) -> None:
+        self._out.append(cmd)
+
+    def _note(self, level: int, text: str) -> None:
+        self._out.append(Note(level, text))

@@ -1,0 +1,300 @@
+"""The registry: the coordinator's records on disk, written behind, off the event loop.
+
+Why: the coordinator core (:mod:`homeport.proto.coord`) keeps every node in
+memory and decides without touching the database; what it decides is written
+here, in order, by one writer thread (:class:`WriteBehind`). HELLO, OPEN,
+ANNOUNCE and peer-map building therefore never wait for SQL, and a slow
+database (PostgreSQL across a network) stalls no session.
+
+This module is the only one outside :mod:`homeport.store.db` that talks to the
+store (``tests/test_architecture.py`` enforces it): auth keys (create, list,
+revoke), enrollment (the one atomic "consume key + insert node" transaction,
+whose answer the core awaits), the write-behind operations, and the admin
+views used while no server runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import hmac
+import logging
+import queue
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from homeport.proto.coord import (
+    EnrollRefused,
+    EnrollRequest,
+    NodeRecord,
+    NodeStatus,
+    RemoveNode,
+    SetAnnounce,
+    SetSeen,
+    StoreOp,
+)
+from homeport.store.db import AuthKeyRow, KeyOutcome, NameTaken, NodeRow, Store, StoreError
+from homeport.wire import authkey
+
+log = logging.getLogger("homeport.registry")
+
+T = TypeVar("T")
+
+#: Writes queued for the database before the oldest is reported as dropped.
+MAX_PENDING_WRITES = 100_000
+#: A never-matching hash compared for unknown key ids, so "unknown id" and
+#: "wrong secret" take the same path and time.
+_DUMMY_HASH = "0" * 64
+
+
+class KeyStatus(enum.Enum):
+    VALID = "valid"
+    USED = "used"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKeyInfo:
+    """An auth key as the admin sees it: never the secret, never its hash."""
+
+    key_id: str
+    reusable: bool
+    created_at: float
+    expires_at: float | None
+    uses: int
+    last_used_at: float | None
+    status: KeyStatus
+    note: str
+
+
+_STATUS = {
+    KeyOutcome.CONSUMED: KeyStatus.VALID,
+    KeyOutcome.USED: KeyStatus.USED,
+    KeyOutcome.EXPIRED: KeyStatus.EXPIRED,
+    KeyOutcome.REVOKED: KeyStatus.REVOKED,
+    KeyOutcome.UNKNOWN: KeyStatus.REVOKED,
+}
+
+_KEY_ERRORS = {
+    KeyOutcome.UNKNOWN: ("auth-key-invalid", "auth key is not valid for this server"),
+    KeyOutcome.REVOKED: ("auth-key-invalid", "auth key was revoked by an admin"),
+    KeyOutcome.USED: (
+        "auth-key-used",
+        "auth key was already used (single-use); ask the admin for a new one",
+    ),
+    KeyOutcome.EXPIRED: ("auth-key-expired", "auth key has expired; ask the admin for a new one"),
+}
+
+
+def _record(row: NodeRow, fingerprints: tuple[str, ...]) -> NodeRecord:
+    fps = (row.fingerprint, *(f for f in fingerprints if f != row.fingerprint))
+    return NodeRecord(
+        node_id=row.node_id,
+        name=row.name,
+        fingerprints=fps,
+        created_at=row.created_at,
+        cert_pem=row.cert_pem,
+        last_seen=row.last_seen,
+        last_address=row.last_address,
+        services=row.services,
+        host_keys=row.host_keys,
+        removed_at=row.removed_at,
+    )
+
+
+class Registry:
+    """Typed, intention-level access to the store for the server."""
+
+    def __init__(self, store: Store, *, server_pin: str) -> None:
+        self.store = store
+        self.server_pin = server_pin
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- nodes -------------------------------------------------------------------
+    def load_nodes(self) -> list[NodeRecord]:
+        """Every node, live and tombstoned, for the coordinator to start from."""
+        fps = self.store.node_fingerprints()
+        return [
+            _record(row, fps.get(row.node_id, ()))
+            for row in self.store.list_nodes(include_removed=True)
+        ]
+
+    def node_list(self) -> list[NodeStatus]:
+        """Live nodes as the admin sees them while no server runs (all offline)."""
+        return [
+            NodeStatus(
+                node_id=n.node_id,
+                name=n.name,
+                online=False,
+                last_seen=n.last_seen,
+                address=n.last_address,
+                services=n.services,
+                fingerprint=n.fingerprint,
+                created_at=n.created_at,
+            )
+            for n in self.store.list_nodes()
+        ]
+
+    def remove_node(self, name: str, now: float) -> NodeRecord:
+        """Tombstone the live node ``name`` (no server running). Raises KeyError."""
+        row = self.store.node_by_name(name)
+        if row is None or row.removed or not self.store.remove_node(row.node_id, now):
+            raise KeyError(name)
+        return _record(row, ())
+
+    def apply(self, op: StoreOp) -> None:
+        """Execute one write-behind operation."""
+        if isinstance(op, SetSeen):
+            self.store.set_node_seen(op.node_id, op.last_seen, op.address)
+        elif isinstance(op, SetAnnounce):
+            self.store.set_node_announce(op.node_id, op.services, op.host_keys)
+        elif isinstance(op, RemoveNode):
+            self.store.remove_node(op.node_id, op.removed_at)
+
+    # -- enrollment ---------------------------------------------------------------
+    def enroll(self, req: EnrollRequest) -> NodeRecord | EnrollRefused:
+        """Check the key (before the name), then consume it and insert the node atomically."""
+        row = self.store.get_auth_key(req.key_id)
+        stored = row.secret_hash if row is not None else _DUMMY_HASH
+        if not hmac.compare_digest(stored.encode(), authkey.hash_secret(req.secret).encode()):
+            row = None
+        if row is None:
+            return EnrollRefused(*_KEY_ERRORS[KeyOutcome.UNKNOWN])
+        early = row.outcome_at(req.now)
+        if early is not KeyOutcome.CONSUMED:
+            return EnrollRefused(*_KEY_ERRORS[early])
+        name = req.node.name
+        existing = self.store.node_by_name(name)
+        if existing is not None and not existing.removed:
+            return EnrollRefused("name-taken", f"a node named {name!r} already exists")
+        node = req.node
+        try:
+            outcome = self.store.enroll_node(
+                req.key_id,
+                NodeRow(
+                    node_id=node.node_id,
+                    name=node.name,
+                    fingerprint=node.fingerprint,
+                    cert_pem=node.cert_pem,
+                    created_at=node.created_at,
+                ),
+                req.now,
+            )
+        except NameTaken:
+            return EnrollRefused("name-taken", f"a node named {name!r} already exists")
+        if outcome is not KeyOutcome.CONSUMED:
+            return EnrollRefused(*_KEY_ERRORS[outcome])
+        return node
+
+    # -- auth keys --------------------------------------------------------------------
+    def create_auth_key(
+        self,
+        *,
+        now: float,
+        reusable: bool = False,
+        expiry_seconds: float | None = None,
+        note: str = "",
+    ) -> authkey.AuthKey:
+        """Create a key; only its hash is stored, so this is the one time it exists."""
+        if expiry_seconds is not None and expiry_seconds <= 0:
+            raise ValueError("expiry must be positive")
+        key = authkey.AuthKey(
+            key_id=secrets.token_hex(6), secret=secrets.token_hex(16), server_pin=self.server_pin
+        )
+        self.store.insert_auth_key(
+            AuthKeyRow(
+                key_id=key.key_id,
+                secret_hash=authkey.hash_secret(key.secret),
+                created_at=now,
+                reusable=reusable,
+                expires_at=None if expiry_seconds is None else now + expiry_seconds,
+                note=note[:256],
+            )
+        )
+        return key
+
+    def list_auth_keys(self, now: float) -> list[AuthKeyInfo]:
+        return [
+            AuthKeyInfo(
+                key_id=r.key_id,
+                reusable=r.reusable,
+                created_at=r.created_at,
+                expires_at=r.expires_at,
+                uses=r.uses,
+                last_used_at=r.last_used_at,
+                status=_STATUS[r.outcome_at(now)],
+                note=r.note,
+            )
+            for r in self.store.list_auth_keys()
+        ]
+
+    def revoke_auth_key(self, key_id: str) -> bool:
+        return self.store.revoke_auth_key(key_id)
+
+
+class WriteBehind:
+    """One thread that runs database work in submission order.
+
+    ``submit`` is fire-and-forget (the coordinator's Persist commands);
+    ``call`` returns a future (enrollment, admin operations) and runs after
+    everything submitted before it, so an admin reading back sees its writes.
+    A failing write is logged with its operation and never stops the thread.
+    """
+
+    def __init__(self, registry: Registry, *, max_pending: int = MAX_PENDING_WRITES) -> None:
+        self.registry = registry
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._max = max_pending
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._run, name="registry-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, op: StoreOp) -> None:
+        if self._queue.qsize() >= self._max:
+            self._dropped += 1
+            log.error("database writer is %d writes behind; dropped %s", self._max, op)
+            return
+
+        def work() -> None:
+            self.registry.apply(op)
+
+        self._queue.put(work)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def work() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._queue.put(work)
+        return fut
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything submitted so far is written."""
+        self.call(lambda: None).result(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is None:
+                return
+            try:
+                work()
+            except (StoreError, Exception):
+                log.exception("database write failed")
