@@ -21,6 +21,7 @@ import pytest
 from homeport.agent.runtime import Agent, ExitCode
 from homeport.crypto import identity
 from homeport.io.dial import DialError, resolve
+from homeport.node.files import write_private
 from homeport.node.state import NodeState
 from homeport.proto.backoff import Backoff
 
@@ -60,7 +61,7 @@ def test_agent_keeps_retrying_while_dns_fails(no_dns: list[str], tmp_path: Path)
     )
     ca = identity.create_ca()
     key = identity.new_private_key_pem()
-    identity.write_private(state.key_path, key)
+    write_private(state.key_path, key)
     state.cert_path.write_bytes(identity.sign_node_csr(ca, identity.make_csr(key, "early"), "n0"))
     state.ca_path.write_bytes(ca.cert_pem)
     agent = Agent(state, (), host_keys=(), backoff=Backoff(base=0.02, cap=0.05))

@@ -132,6 +132,8 @@ FAST_PATH_ALLOWED = {
     "homeport",
     "homeport.client",
     "homeport.client.nc",
+    "homeport.wire",
+    "homeport.wire.names",
     "_socket",
     "_json",
     "_thread",

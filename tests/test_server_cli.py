@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from homeport.crypto import identity
 from homeport.server.admin import AdminOps, admin_request, parse_duration
-from homeport.server.app import prepare_data_dir, start_server_thread
+from homeport.server.app import start_server_thread
 from homeport.server.cli import register
+from homeport.server.datadir import prepare_data_dir
 from homeport.server.state import ServerState
 from homeport.store.db import open_store
 from homeport.wire import authkey

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from homeport.crypto import identity, tls
+from homeport.io import tlsctx
+from homeport.node.files import write_private
 from homeport.server.admin import admin_request
 from homeport.server.app import ServerHandle, start_server_thread
 from homeport.server.service import ServiceConfig
@@ -65,7 +67,7 @@ class Ctl:
     """A blocking control-connection client for tests."""
 
     def __init__(self, srv: ServerHandle, node: Node | None = None) -> None:
-        ctx = tls.control_client_context(
+        ctx = tlsctx.control_client_context(
             None if node is None else node.cert, None if node is None else node.key
         )
         raw = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
@@ -135,7 +137,7 @@ def enroll(srv: ServerHandle, name: str, tmp: Path) -> Node:
     c.close()
     cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
     cert.write_text(msg.cert_pem)
-    identity.write_private(key, key_pem)
+    write_private(key, key_pem)
     fp = tls.fingerprint(identity.cert_der_from_pem(msg.cert_pem.encode()))
     return Node(msg.node_id, name, cert, key, fp)
 
