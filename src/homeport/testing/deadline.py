@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 #: Seconds between two polls of a :func:`wait_for` condition (short: tests stay fast).
 POLL_INTERVAL = 0.01
+#: Default bound of :func:`wait_for` (seconds): generous for a loaded 2-core machine.
+DEFAULT_TIMEOUT = 10.0
 
 
 class Deadline:
@@ -32,7 +34,7 @@ class Deadline:
 
 def wait_for(
     cond: Callable[[], bool],
-    timeout: float,
+    timeout: float = DEFAULT_TIMEOUT,
     what: str = "the condition",
     *,
     interval: float = POLL_INTERVAL,
