@@ -27,7 +27,8 @@ must be consumed exactly::
 
     ssh-ed25519                         string key[32]                   (RFC 8709)
     ecdsa-sha2-nistpN (256/384/521)     string "nistpN", string Q        (RFC 5656)
-                                        (Q = 0x04 || X || Y: 65/97/133 bytes)
+                                        (Q = 0x04 || X || Y: 65/97/133 bytes,
+                                        a point on the curve)
     ssh-rsa                             mpint e, mpint n                 (RFC 4253)
                                         (n of 1024..16384 bits, e > 0)
     sk-ssh-ed25519@openssh.com          string key[32], string application
@@ -63,6 +64,31 @@ ECDSA_CURVES = {
     "ecdsa-sha2-nistp256": ("nistp256", 65),
     "ecdsa-sha2-nistp384": ("nistp384", 97),
     "ecdsa-sha2-nistp521": ("nistp521", 133),
+}
+#: NIST curves (FIPS 186-4 D.1.2): the prime p and the coefficient b of y² = x³ - 3x + b.
+#: OpenSSH refuses a point that is not on its curve, so we do too.
+_CURVE_P_B = {
+    "nistp256": (
+        0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF,
+        0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
+    ),
+    "nistp384": (
+        2**384 - 2**128 - 2**96 + 2**32 - 1,
+        int(
+            "b3312fa7e23ee7e4988e056be3f82d19181d9c6efe8141120314088f"
+            "5013875ac656398d8a2ed19d2a85c8edd3ec2aef",
+            16,
+        ),
+    ),
+    "nistp521": (
+        2**521 - 1,
+        int(
+            "051953eb9618e1c9a1f929a21a0b68540eea2da725b99b315f3b8b48"
+            "9918ef109e156193951ec7e937b1652c0bd3bb1bf073573df883d2c3"
+            "4f1ef451fd46b503f00",
+            16,
+        ),
+    ),
 }
 #: The key types we accept (what OpenSSH's sshd serves; no DSA, no certificates).
 KEY_TYPES = frozenset({ED25519, RSA, SK_ED25519, SK_ECDSA, *ECDSA_CURVES})
@@ -108,9 +134,14 @@ def _check_mpint(value: bytes, what: str) -> int:
     return int.from_bytes(value, "big").bit_length()
 
 
-def _check_point(q: bytes, length: int) -> None:
+def _check_point(q: bytes, curve: str, length: int) -> None:
     if len(q) != length or q[0] != 0x04:
         raise WireError("host key ECDSA point is not an uncompressed point of its curve")
+    p, b = _CURVE_P_B[curve]
+    half = (length - 1) // 2
+    x, y = int.from_bytes(q[1 : 1 + half], "big"), int.from_bytes(q[1 + half :], "big")
+    if x >= p or y >= p or (y * y - (x * x * x - 3 * x + b)) % p:
+        raise WireError("host key ECDSA point is not on its curve")
 
 
 def _check_application(app: bytes) -> None:
@@ -140,13 +171,13 @@ def _check_blob(key_type: str, blob: bytes) -> None:
     elif key_type == SK_ECDSA:
         if len(rest) != 3 or rest[0] != b"nistp256":
             raise WireError("sk-ecdsa host key must hold nistp256, a point and an application")
-        _check_point(rest[1], ECDSA_CURVES["ecdsa-sha2-nistp256"][1])
+        _check_point(rest[1], "nistp256", ECDSA_CURVES["ecdsa-sha2-nistp256"][1])
         _check_application(rest[2])
     else:
         curve, point_len = ECDSA_CURVES[key_type]
         if len(rest) != 2 or rest[0] != curve.encode():
             raise WireError(f"{key_type} host key must hold curve {curve} and a point")
-        _check_point(rest[1], point_len)
+        _check_point(rest[1], curve, point_len)
 
 
 def _printable(line: str) -> bool:
