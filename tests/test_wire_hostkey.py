@@ -157,7 +157,7 @@ def test_not_text_is_a_wire_error() -> None:
 
 def test_sanitize_keeps_valid_deduplicated_capped() -> None:
     many = [line("ssh-ed25519", bytes([i]) * 32) for i in range(MAX_HOST_KEYS + 5)]
-    got = sanitize_host_keys(["junk", ED, ED + " dup", 42, "", SK_ED, *many])  # type: ignore[list-item]
+    got = sanitize_host_keys(["junk", ED, ED + " dup", 42, "", SK_ED, *many])
     assert got[:2] == (ED, SK_ED)
     assert len(got) == MAX_HOST_KEYS and len(set(got)) == MAX_HOST_KEYS
 

@@ -71,6 +71,8 @@ def peer_uid(conn: socket.socket) -> int:
     if len(raw) != _UCRED.size:
         raise OSError(errno.EPROTO, f"SO_PEERCRED returned {len(raw)} bytes")
     _pid, uid, _gid = _UCRED.unpack(raw)
+    if uid < 0:  # (uid_t)-1: the kernel has no credentials for this peer
+        raise OSError(errno.ENOTCONN, "the peer has no credentials")
     return int(uid)
 
 

@@ -198,12 +198,21 @@ class AdminOps:
 class AdminServer:
     """``admin.sock`` being served; :meth:`close` stops it and removes the socket file."""
 
-    def __init__(self, server: asyncio.AbstractServer, listener: unixsock.UnixListener) -> None:
+    def __init__(
+        self,
+        server: asyncio.AbstractServer,
+        listener: unixsock.UnixListener,
+        connections: set[asyncio.StreamWriter],
+    ) -> None:
         self.server = server
         self.listener = listener
+        self._connections = connections
 
     def close(self) -> None:
+        """Stop accepting, cut open admin connections, remove ``admin.sock``."""
         self.server.close()
+        for writer in list(self._connections):
+            writer.transport.abort()
         self.listener.close()
 
 
@@ -228,8 +237,10 @@ async def start_admin_server(path: Path, ops: AdminOps) -> AdminServer:
             ) from None
         raise AdminError(f"cannot serve {path}: {exc.strerror or exc}") from exc
     allowed = allowed_uids()
+    connections: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.add(writer)
         try:
             refusal = unixsock.peer_refusal(writer.get_extra_info("socket"), allowed)
             if refusal is not None:
@@ -254,6 +265,7 @@ async def start_admin_server(path: Path, ops: AdminOps) -> AdminServer:
         except (ConnectionError, OSError):
             return
         finally:
+            connections.discard(writer)
             writer.close()
 
     try:
@@ -261,7 +273,7 @@ async def start_admin_server(path: Path, ops: AdminOps) -> AdminServer:
     except BaseException:
         listener.close()
         raise
-    return AdminServer(server, listener)
+    return AdminServer(server, listener, connections)
 
 
 # -- client side ----------------------------------------------------------------------
