@@ -8,6 +8,14 @@ from hypothesis import strategies as st
 
 from homeport.wire import names
 
+CHECKS = (
+    names.node_name_problem,
+    names.service_name_problem,
+    names.service_ref_problem,
+    names.host_name_problem,
+    names.target_host_problem,
+)
+
 
 @pytest.mark.parametrize("name", ["a", "0", "labpc", "lab-pc-2", "x" * 63, "a-b"])
 def test_good_node_names(name: str) -> None:
@@ -90,26 +98,14 @@ def test_bad_target_hosts(host: str) -> None:
 
 def test_long_names_get_a_short_message_not_a_traceback() -> None:
     huge = "x" * 100_000
-    for check in (
-        names.node_name_problem,
-        names.service_name_problem,
-        names.service_ref_problem,
-        names.host_name_problem,
-        names.target_host_problem,
-    ):
+    for check in CHECKS:
         problem = check(huge)
         assert problem is not None and len(problem) < 200 and "100000 characters" in problem
 
 
 @given(st.text(max_size=300))
 def test_every_check_answers_none_or_one_line(text: str) -> None:
-    for check in (
-        names.node_name_problem,
-        names.service_name_problem,
-        names.service_ref_problem,
-        names.host_name_problem,
-        names.target_host_problem,
-    ):
+    for check in CHECKS:
         problem = check(text)
         assert problem is None or (problem and "\n" not in problem.replace(repr(text), ""))
 

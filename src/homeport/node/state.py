@@ -228,16 +228,19 @@ def sanitize_host_key(line: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _require(text: str, problem: str | None) -> str:
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
 def check_host_name(host: str) -> str:
     """Validate a peer name used as a file name and a known_hosts pattern.
 
     Raises:
         ValueError: :func:`homeport.wire.names.host_name_problem`'s reason.
     """
-    problem = names.host_name_problem(host)
-    if problem is not None:
-        raise ValueError(problem)
-    return host
+    return _require(host, names.host_name_problem(host))
 
 
 def render_known_hosts(host: str, port: int, host_keys: tuple[str, ...] | list[str]) -> str:
@@ -276,7 +279,4 @@ def check_node_name(name: str) -> str:
     Raises:
         ValueError: :func:`homeport.wire.names.node_name_problem`'s reason.
     """
-    problem = names.node_name_problem(name)
-    if problem is not None:
-        raise ValueError(problem)
-    return name
+    return _require(name, names.node_name_problem(name))
