@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,10 @@ import pytest
 from homeport.agent.runtime import Agent, ExitCode
 from homeport.crypto import identity
 from homeport.io.dial import DialError, resolve
+from homeport.node.files import write_private
 from homeport.node.state import NodeState
 from homeport.proto.backoff import Backoff
+from homeport.testing.deadline import wait_for
 
 NAME = "homeport-boot-test.invalid"
 
@@ -60,7 +61,7 @@ def test_agent_keeps_retrying_while_dns_fails(no_dns: list[str], tmp_path: Path)
     )
     ca = identity.create_ca()
     key = identity.new_private_key_pem()
-    identity.write_private(state.key_path, key)
+    write_private(state.key_path, key)
     state.cert_path.write_bytes(identity.sign_node_csr(ca, identity.make_csr(key, "early"), "n0"))
     state.ca_path.write_bytes(ca.cert_pem)
     agent = Agent(state, (), host_keys=(), backoff=Backoff(base=0.02, cap=0.05))
@@ -71,11 +72,12 @@ def test_agent_keeps_retrying_while_dns_fails(no_dns: list[str], tmp_path: Path)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    deadline = time.monotonic() + 20
-    while len(no_dns) < 5:
-        assert time.monotonic() < deadline, "the agent stopped trying to resolve its server"
+
+    def retried() -> bool:
         assert t.is_alive(), f"the agent exited on a DNS failure: {result}"
-        time.sleep(0.01)
+        return len(no_dns) >= 5
+
+    wait_for(retried, 20, "the agent to keep trying to resolve its server")
     agent.stop()
     t.join(20)
     assert result == [int(ExitCode.STOPPED)]

@@ -183,6 +183,18 @@ def test_up_not_enrolled_is_fatal(tmp_path: Path) -> None:
     assert "not enrolled" in res.output
 
 
+@pytest.mark.parametrize(("name", "says"), [("LabPC", "lowercase"), ("x" * 300, "300 characters")])
+def test_up_bad_name_is_a_usage_error_before_any_network(
+    tmp_path: Path, name: str, says: str
+) -> None:
+    group = click.Group()
+    register_agent(group)
+    args = ["up", "--state", str(tmp_path), "--server", "127.0.0.1:1", "--authkey", "k"]
+    res = CliRunner().invoke(group, [*args, "--name", name])
+    assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output
+    assert len(res.output) < 300
+
+
 def test_up_bad_auth_key_is_fatal(tmp_path: Path) -> None:
     group = click.Group()
     register_agent(group)

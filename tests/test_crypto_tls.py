@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from homeport.crypto import identity, tls
+from homeport.io import tlsctx
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +24,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def contexts(d: Path) -> list[ssl.SSLContext]:
     return [
-        tls.control_client_context(d / "node.crt", d / "node.key"),
-        tls.control_server_context(d / "node.crt", d / "node.key", d / "ca.crt"),
-        tls.stream_context(
+        tlsctx.control_client_context(d / "node.crt", d / "node.key"),
+        tlsctx.control_server_context(d / "node.crt", d / "node.key", d / "ca.crt"),
+        tlsctx.stream_context(
             server_side=True, cert=d / "node.crt", key=d / "node.key", ca_cert=d / "ca.crt"
         ),
-        tls.stream_context(
+        tlsctx.stream_context(
             server_side=False, cert=d / "node.crt", key=d / "node.key", ca_cert=d / "ca.crt"
         ),
     ]

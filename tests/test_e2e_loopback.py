@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from homeport.testing.deadline import wait_for
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
-from tests.harness import HOMEPORT, Homeport, free_port, serve_in_threads, wait_for
+from tests.harness import HOMEPORT, Homeport, free_port, serve_in_threads
 
 pytestmark = pytest.mark.integration
 
@@ -186,23 +187,29 @@ def test_nc_echo_service_round_trip_and_half_close(net: Net) -> None:
 def test_forward_tcp_service(net: Net) -> None:
     port = free_port()
     net.hp.spawn(
-        [*HOMEPORT, "forward", "--state", str(net.laptop), str(port), f"labpc:{net.echo.port}"],
+        [
+            *HOMEPORT,
+            "forward",
+            "--json",
+            "--state",
+            str(net.laptop),
+            str(port),
+            f"labpc:{net.echo.port}",
+        ],
         "forward",
     )
-
-    def talk() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(b"hello through forward")
-                s.shutdown(socket.SHUT_WR)
-                data = b""
-                while chunk := s.recv(4096):
-                    data += chunk
-                return data == b"hello through forward"
-        except OSError:
-            return False
-
-    wait_for(talk, 20, "forward to echo service")
+    # The forwarder reports "listening" once its socket accepts: wait for that event,
+    # then connect exactly once (no retrying until something happens to work).
+    wait_for(lambda: '"event": "listening"' in net.hp.log("forward"), 20, "forward listening")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"hello through forward")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data == b"hello through forward"
+    wait_for(lambda: '"event": "closed"' in net.hp.log("forward"), 20, "the closed event")
+    assert '"ok": true' in net.hp.log("forward"), net.hp.log("forward")
 
 
 def test_status_json_shows_nodes(net: Net) -> None:
@@ -254,11 +261,23 @@ def test_used_auth_key_is_refused(net: Net) -> None:
 
 
 def test_expired_auth_key_is_refused(net: Net) -> None:
+    """A key whose expiry has passed: made by injecting an admin clock an hour in the
+    past (no waiting for a real expiry), through the same database the server uses."""
     import time
 
-    key = net.hp.keys_create("--expiry", "1s")
-    start = time.monotonic()
-    wait_for(lambda: time.monotonic() - start > 1.2, 5, "key expiry")
+    from homeport.server.admin import AdminOps
+    from homeport.server.datadir import open_offline_registry
+
+    registry = open_offline_registry(net.hp.data_dir)
+    try:
+        an_hour_ago = time.time() - 3600
+        answer = AdminOps(registry, clock=lambda: an_hour_ago).handle(
+            {"op": "keys.create", "expiry_seconds": 60}
+        )
+    finally:
+        registry.close()
+    assert answer["ok"] and answer["expires_at"] < time.time(), answer
+    key = str(answer["key"])
     proc = net.hp.up("late", key=key)
     assert proc.wait(timeout=30) != 0
     assert "expired" in net.hp.log("agent-late").lower()

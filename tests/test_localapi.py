@@ -284,7 +284,8 @@ def test_another_uid_is_refused() -> None:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(DEADLINE)
                 s.connect(str(server.path))
-                s.sendall(nc.open_request("labpc", "22", 1.0))
+                # The refusal comes at accept, before any request: read it first. (Sending
+                # first races the server's close: EPIPE instead of the reply.)
                 return s.makefile("rb").readline().decode()
 
         # the default: the directory is 0700 (like the state dir) and the socket 0600

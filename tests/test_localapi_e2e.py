@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from homeport.io.localapi import MAX_REQUEST, SOCKET_NAME
+from homeport.testing.deadline import wait_for
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
-from tests.harness import HOMEPORT, Homeport, serve_in_threads, wait_for
+from tests.harness import HOMEPORT, Homeport, serve_in_threads
 
 pytestmark = pytest.mark.integration
 

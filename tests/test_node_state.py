@@ -14,7 +14,11 @@ from homeport.node import state as ns
 from homeport.policy.services import Service
 
 ED = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJCM22JZUrvyZbfuD74UOXyFBC4Z3UDAooS0XFHTNSR+"
-EC = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBGWw72i4eLI="
+EC = (
+    "ecdsa-sha2-nistp256 "
+    "AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBMlaCzgJAqx+bxyVVZ"
+    "QgPkY9kM2Qb5AB2O1+OOa54wqJnqtpzflpTP8rGcKnwlVyPWK7yzqeB8cGqNvSl5bu8qc="
+)
 
 
 def enrolled(tmp_path: Path) -> ns.NodeState:

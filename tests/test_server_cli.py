@@ -15,8 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from homeport.server.admin import AdminOps, admin_request, parse_duration
-from homeport.server.app import prepare_data_dir, start_server_thread
+from homeport.server.app import start_server_thread
 from homeport.server.cli import register
+from homeport.server.datadir import prepare_data_dir
 from homeport.store.db import open_store
 from homeport.store.registry import Registry
 from homeport.wire import authkey

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from homeport.server.relay import Relay, RelayFull, StreamState, TokenInUse
+from homeport.testing.deadline import wait_for
 
 DEADLINE = 10.0
 TC = b"c" * 16
@@ -22,14 +22,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 @pytest.fixture

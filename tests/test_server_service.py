@@ -9,12 +9,11 @@ connection and leave the server serving.
 from __future__ import annotations
 
 import base64
-import contextlib
+import logging
 import os
 import socket
 import ssl
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,13 @@ from pathlib import Path
 import pytest
 
 from homeport.crypto import identity, tls
+from homeport.io import tlsctx
+from homeport.node.files import write_private
 from homeport.proto.netmap import PeerView
 from homeport.server.admin import admin_request
 from homeport.server.app import ServerHandle, start_server_thread
 from homeport.server.service import ServiceConfig
+from homeport.testing.deadline import wait_for
 from homeport.wire import control as m
 from homeport.wire.data import encode_preamble, new_token
 from homeport.wire.frame import HEADER, FrameDecoder
@@ -39,14 +41,6 @@ CONFIG = ServiceConfig(
     open_timeout=1.0,
     unpaired_timeout=2.0,
 )
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    end = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ class Ctl:
     """A blocking control-connection client for tests."""
 
     def __init__(self, srv: ServerHandle, node: Node | None = None) -> None:
-        ctx = tls.control_client_context(
+        ctx = tlsctx.control_client_context(
             None if node is None else node.cert, None if node is None else node.key
         )
         raw = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
@@ -138,7 +132,7 @@ def enroll(srv: ServerHandle, name: str, tmp: Path) -> Node:
     c.close()
     cert, key = tmp / f"{name}.crt", tmp / f"{name}.key"
     cert.write_text(msg.cert_pem)
-    identity.write_private(key, key_pem)
+    write_private(key, key_pem)
     fp = tls.fingerprint(identity.cert_der_from_pem(msg.cert_pem.encode()))
     return Node(msg.node_id, name, cert, key, fp)
 
@@ -204,10 +198,21 @@ def still_serving(srv: ServerHandle) -> None:
 
 
 def is_closed(sock: socket.socket) -> bool:
+    """Whether the server closed ``sock`` (EOF or reset) before its timeout (DEADLINE).
+
+    A timeout is *not* a close: a server that never closed must fail the test.
+    """
     try:
         return sock.recv(4096) == b""
-    except (ConnectionResetError, TimeoutError):
+    except ConnectionResetError:
         return True
+    except TimeoutError:
+        return False
+
+
+def server_logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    """Whether the server (its own thread) logged a line containing ``text``."""
+    return any(text in r.getMessage() for r in caplog.records if r.name == "homeport.server")
 
 
 _counter = iter(range(10_000))
@@ -516,16 +521,27 @@ def test_garbage_closes_only_that_connection(server: ServerHandle, payload: byte
     still_serving(server)
 
 
-def test_silent_connection_is_closed_after_handshake_timeout(server: ServerHandle) -> None:
+def test_silent_connection_is_closed_after_handshake_timeout(
+    server: ServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="homeport.server")
     s = socket.create_connection((server.host, server.port), timeout=DEADLINE)
-    t0 = time.monotonic()
     assert is_closed(s)
-    assert time.monotonic() - t0 < CONFIG.handshake_timeout + 3
     s.close()
+    wait_for(
+        lambda: server_logged(caplog, f"sent nothing within {CONFIG.handshake_timeout:g}s"),
+        DEADLINE,
+        "the handshake timeout to be the reason",
+    )
     partial = socket.create_connection((server.host, server.port), timeout=DEADLINE)
     partial.sendall(b"HPD")  # a preamble that never completes
     assert is_closed(partial)
     partial.close()
+    wait_for(
+        lambda: server_logged(caplog, f"no preamble within {CONFIG.handshake_timeout:g}s"),
+        DEADLINE,
+        "the preamble timeout to be the reason",
+    )
     still_serving(server)
 
 
@@ -551,35 +567,102 @@ def test_malformed_frames_get_error_and_close(
     still_serving(server)
 
 
-def test_unauthenticated_tls_without_opener_is_closed(server: ServerHandle) -> None:
+def test_unauthenticated_tls_without_opener_is_closed(
+    server: ServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="homeport.server")
     c = Ctl(server)
-    t0 = time.monotonic()
     c.expect_closed()
-    assert time.monotonic() - t0 < CONFIG.handshake_timeout + 3
     c.close()
+    wait_for(
+        lambda: server_logged(caplog, "no HELLO or ENROLL within"),
+        DEADLINE,
+        "the opener timeout to be the reason",
+    )
 
 
-def test_wrong_alpn_is_refused(server: ServerHandle) -> None:
+def _alpn_client(srv: ServerHandle, alpn: list[str] | None) -> ssl.SSLSocket:
+    """A TLS client that differs from :class:`Ctl` only in the ALPN it offers."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    raw = socket.create_connection((server.host, server.port), timeout=DEADLINE)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    raw = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
+    s = ctx.wrap_socket(raw)  # the handshake itself succeeds: OpenSSL does not refuse
+    tls.check_pin(s.getpeercert(binary_form=True), srv.pin)
+    return s
+
+
+def _answer_to_out_of_order_frame(s: ssl.SSLSocket) -> m.Message | None:
+    """Send NETMAP_REQUEST first (an order error); the server's answer, or None if it
+    closed the connection without one."""
     try:
-        s = ctx.wrap_socket(raw)
+        s.sendall(m.encode(m.NetMapRequest()))
+        decoder = FrameDecoder()
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return None
+            for t, body in decoder.feed_untrusted(data):
+                return m.decode_untrusted(t, body)
     except (ssl.SSLError, ConnectionError):
-        raw.close()
-        return
-    with contextlib.suppress(ssl.SSLError, ConnectionError):
-        assert s.recv(1) == b""
-    s.close()
+        return None
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("alpn", [["h2"], None], ids=["h2", "no-alpn"])
+def test_wrong_alpn_is_refused(
+    server: ServerHandle, caplog: pytest.LogCaptureFixture, alpn: list[str] | None
+) -> None:
+    """The same client and frame get an answer with the right ALPN and none without it,
+    and the server says the ALPN is why: the ALPN check is what refuses."""
+    caplog.set_level(logging.INFO, logger="homeport.server")
+    right = _answer_to_out_of_order_frame(_alpn_client(server, [tls.ALPN_CONTROL]))
+    assert isinstance(right, m.Error) and right.code == "order", right
+    assert not server_logged(caplog, "ALPN is")
+    wrong = _alpn_client(server, alpn)
+    assert wrong.selected_alpn_protocol() is None
+    assert _answer_to_out_of_order_frame(wrong) is None
+    wait_for(
+        lambda: server_logged(caplog, f"ALPN is None, not {tls.ALPN_CONTROL!r}"),
+        DEADLINE,
+        "the server to log the ALPN refusal",
+    )
     still_serving(server)
 
 
-def test_unauthenticated_slots_are_released(server: ServerHandle) -> None:
-    assert server.service is not None
-    service = server.service
-    wait_for(lambda: service.unauthenticated == 0)
+def test_unauthenticated_slots_are_released(tmp_path: Path) -> None:
+    """Every way an unauthenticated connection ends gives its slot back, and a
+    connection that authenticates gives it back while it stays open.
+
+    Its own server, so the count starts at a known zero whatever ran before.
+    """
+    cfg = ServiceConfig(handshake_timeout=60.0, idle_timeout=60.0)
+    with start_server_thread(tmp_path / "srv", config=cfg) as srv:
+        assert srv.service is not None
+        service = srv.service
+        assert service.unauthenticated == 0
+        node = enroll(srv, "slots", tmp_path)
+        wait_for(lambda: service.unauthenticated == 0, DEADLINE, "enrollment's slot back")
+        silent = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
+        partial = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
+        partial.sendall(b"HPD")
+        tls_idle = Ctl(srv)  # TLS done, no HELLO yet
+        authed = Ctl(srv, node)
+        wait_for(lambda: service.unauthenticated == 4, DEADLINE, "4 unauthenticated slots")
+        authed.send(m.Hello(proto=1, role="client"))
+        assert isinstance(authed.recv(), m.Welcome)
+        wait_for(lambda: service.unauthenticated == 3, DEADLINE, "HELLO to release its slot")
+        silent.close()
+        partial.close()
+        tls_idle.close()
+        wait_for(lambda: service.unauthenticated == 0, DEADLINE, "closed connections' slots")
+        authed.close()
+        still_serving(srv)
+        wait_for(lambda: service.unauthenticated == 0, DEADLINE, "still_serving's slot")
 
 
 # -- keepalive ---------------------------------------------------------------------------------
@@ -597,24 +680,25 @@ def test_idle_agent_goes_offline(tmp_path: Path) -> None:
 
         assert online()
         a.expect_closed()  # we never PING: the server times us out
-        wait_for(lambda: not online())
+        wait_for(lambda: not online(), DEADLINE, "the idle agent to go offline")
         a.close()
 
 
 def test_unauthenticated_limit(tmp_path: Path) -> None:
-    cfg = ServiceConfig(handshake_timeout=5.0, max_unauthenticated=2)
+    # The handshake timeout is far beyond DEADLINE: a close seen within DEADLINE can
+    # only be the busy refusal, not the timeout.
+    cfg = ServiceConfig(handshake_timeout=600.0, max_unauthenticated=2)
     with start_server_thread(tmp_path / "srv", config=cfg) as srv:
         assert srv.service is not None
         service = srv.service
         silent = [
             socket.create_connection((srv.host, srv.port), timeout=DEADLINE) for _ in range(2)
         ]
-        wait_for(lambda: service.unauthenticated == 2)
+        wait_for(lambda: service.unauthenticated == 2, DEADLINE, "2 unauthenticated slots")
         extra = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
-        t0 = time.monotonic()
-        assert is_closed(extra)
-        assert time.monotonic() - t0 < 2.0  # refused at once, not after the handshake timeout
+        assert is_closed(extra)  # refused at once: the handshake timeout is 600 s
+        assert service.unauthenticated == 2  # the two silent ones still hold their slots
         for s in [*silent, extra]:
             s.close()
-        wait_for(lambda: service.unauthenticated == 0)
+        wait_for(lambda: service.unauthenticated == 0, DEADLINE, "the slots back")
         still_serving(srv)

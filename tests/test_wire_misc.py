@@ -112,8 +112,28 @@ def test_parse_expose(spec: str, expected: Service) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["ssh", "=1.2.3.4:5", "a=b", "a=h:0", "a=h:x", "a b=h:1", "22=h:1"]
+    "spec",
+    [
+        "ssh",
+        "=1.2.3.4:5",
+        "a=b",
+        "a=h:0",
+        "a=h:x",
+        "a b=h:1",
+        "22=h:1",
+        "a=h h:1",  # target host with a space
+        "a=-h:1",
+        "a=[::g]:1",  # not an IPv6 address
+        "a=h:99999999999999999999",
+        "x" * 64 + "=h:1",
+    ],
 )
 def test_parse_expose_errors(spec: str) -> None:
     with pytest.raises(ValueError):
         parse_expose(spec)
+
+
+def test_parse_expose_long_spec_gives_a_short_message() -> None:
+    with pytest.raises(ValueError) as err:
+        parse_expose("n" * 10_000 + "=127.0.0.1:22")
+    assert "10000 characters, the limit is 63" in str(err.value) and len(str(err.value)) < 300

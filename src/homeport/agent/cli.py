@@ -109,6 +109,11 @@ def up(  # noqa: PLR0917 - click passes options positionally
     except node_state.NotEnrolled:
         if not (server and authkey and name):
             _fail(f"not enrolled ({state_dir}): {node_state.ENROLL_HINT}")
+        from homeport.wire.names import node_name_problem
+
+        problem = node_name_problem(name)
+        if problem is not None:  # the server says the same (bad-name), after a round trip
+            _fail(problem, 2)
         st = _enroll_with_retry(server, authkey, name, state_dir)
     except node_state.StateError as exc:
         _fail(str(exc))

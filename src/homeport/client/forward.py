@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from homeport.io.dial import DialError, open_stream
 from homeport.io.pump import pump
 from homeport.node.state import NodeState
+from homeport.wire import names
 
 #: Concurrent forwarded connections; beyond this, new ones are closed at once.
 MAX_CONNECTIONS = 256
@@ -44,12 +45,10 @@ def parse_target(text: str) -> ForwardSpec:
     """
     node, sep, service = text.rpartition(":")
     if not sep or not node or not service:
-        raise ValueError(f"{text!r}: expected NODE:PORT or NODE:SERVICE, e.g. labpc:8888")
-    if service.isdigit():
-        if not 0 < int(service) < 65536:
-            raise ValueError(f"{text!r}: port out of range")
-    elif not service.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"{text!r}: bad service name")
+        raise ValueError(f"{text[:80]!r}: expected NODE:PORT or NODE:SERVICE, e.g. labpc:8888")
+    problem = names.host_name_problem(node) or names.service_ref_problem(service)
+    if problem is not None:
+        raise ValueError(problem)
     return ForwardSpec(node, service)
 
 

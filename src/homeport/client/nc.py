@@ -7,10 +7,11 @@ Two paths:
   (:mod:`homeport.io.localapi`), asks the agent to open the stream over the
   control connection it already holds, and receives a connected unix socket
   that carries the stream's plain bytes (the agent keeps the end-to-end TLS and
-  the pump). This path imports only ``_socket``, ``_json`` and ``_thread`` —
-  no ``ssl``, ``dataclasses``, ``pathlib`` or homeport modules; that is why this
-  module has no ``from __future__ import annotations`` and no dataclass, and
-  why the client side of the local API is written here rather than imported.
+  the pump). This path imports only ``_socket``, ``_json``, ``_thread`` and
+  the import-free :mod:`homeport.wire.names` — no ``ssl``, ``dataclasses``,
+  ``pathlib`` or other homeport modules; that is why this module has no
+  ``from __future__ import annotations`` and no dataclass, and why the client
+  side of the local API is written here rather than imported.
 * **Direct (no agent, or the agent asks us to).** nc opens the stream itself
   (:func:`homeport.io.dial.open_stream`: control TLS, OPEN, data connection,
   end-to-end TLS) with the standard library only.
@@ -38,6 +39,8 @@ node, not exposed …) is final: it is the answer a direct dial would get.
 
 import os
 import sys
+
+from homeport.wire import names  # import-free: the one table of name rules
 
 USAGE = "usage: homeport nc [--state DIR] [--timeout SECONDS] [--fdpass] HOST PORT"
 EXIT_OK = 0
@@ -143,12 +146,9 @@ def parse_args(argv: list[str]) -> NcArgs:
     host, service = positional
     if not host:
         raise UsageError("empty HOST")
-    if not service or not (
-        service.isdigit() or service.replace("-", "").replace("_", "").isalnum()
-    ):
-        raise UsageError(f"bad PORT {service!r}")
-    if service.isdigit() and not 0 < int(service) < 65536:
-        raise UsageError(f"port {service} out of range")
+    problem = names.service_ref_problem(service)
+    if problem is not None:
+        raise UsageError(problem)
     return NcArgs(host=host, service=service, state=state, timeout=timeout, fdpass=fdpass)
 
 
@@ -173,7 +173,7 @@ def main(argv: list[str]) -> int:
         print(f"homeport nc: {exc}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
     handoff = _fdpass_socket() if args.fdpass else None
-    if _plain_host(args.host) and args.service.isascii():  # else the direct path reports it
+    if names.host_name_problem(args.host) is None:  # else the direct path reports it
         code = _agent_open(args, handoff)
         if code is not None:
             return code
@@ -183,16 +183,6 @@ def main(argv: list[str]) -> int:
 # -- the warm path: ask the local agent ------------------------------------------------
 
 
-def _plain_host(host: str) -> bool:
-    """``node.state.check_host_name``'s rule, without importing ``re``."""
-    return (
-        0 < len(host) <= 253
-        and host.isascii()
-        and all(c.isalnum() or c in "._-" for c in host)
-        and not host.startswith(".")
-    )
-
-
 def state_dir(arg: str | None) -> str:
     """``node.state.resolve_dir`` without pathlib: --state, else $HOMEPORT_STATE, else default."""
     raw = arg or os.environ.get(ENV_STATE) or DEFAULT_STATE
@@ -200,8 +190,8 @@ def state_dir(arg: str | None) -> str:
 
 
 def open_request(host: str, service: str, timeout: float) -> bytes:
-    """The local API request line. ``host`` passed :func:`_plain_host` and ``service``
-    :func:`parse_args`, so neither holds a character JSON would need to escape."""
+    """The local API request line. ``host`` passed ``names.host_name_problem`` and
+    ``service`` :func:`parse_args`, so neither holds a character JSON would need to escape."""
     return f'{{"op":"open","dst":"{host}","service":"{service}","timeout":{timeout!r}}}\n'.encode()
 
 

@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from homeport.node.files import write_public
+
 AGENT_UNIT = "homeport-agent.service"
 SERVER_UNIT = "homeport-server.service"
 #: The agent's exit status when the server says this node was removed
@@ -130,7 +132,4 @@ def plan(
 def install(p: UnitPlan) -> None:
     """Write the unit file (0644), creating its directory."""
     p.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.path.with_name(p.path.name + ".tmp")
-    tmp.write_text(p.text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, p.path)
+    write_public(p.path, p.text.encode())

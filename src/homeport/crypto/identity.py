@@ -13,6 +13,9 @@ stream is ever set up for it.
 The node's private key is generated on the node and never leaves it; only a
 certificate signing request travels to the server.
 
+Pure: every function takes and returns bytes. Writing keys to disk is
+:mod:`homeport.node.files` (``write_private``), reading them is the caller's.
+
 This module imports ``cryptography`` (≈90 ms); the ssh hot path (``homeport nc``)
 never imports it — it only loads PEM files with the stdlib ``ssl`` module.
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -197,19 +199,6 @@ def cert_der_from_pem(cert_pem: bytes) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only (0600), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 __all__ = [
     "IdentityError",
     "KeyPair",
@@ -219,5 +208,4 @@ __all__ = [
     "make_csr",
     "new_private_key_pem",
     "sign_node_csr",
-    "write_private",
 ]

@@ -11,6 +11,10 @@ Two kinds of TLS run in homeport (see docs/architecture.md):
   server announced for that one stream. The relay forwards these records
   untouched and holds no key that could decrypt or forge them.
 
+This module is pure: it builds contexts with homeport's TLS policy (``*_policy``)
+and checks pins, but loads no file. Loading a node's or the server's key and
+certificates into a context is :mod:`homeport.io.tlsctx`.
+
 This module must stay import-light: ``homeport nc`` imports it on every ``ssh``.
 """
 
@@ -48,10 +52,9 @@ def check_pin(der: bytes | None, expected: str) -> None:
         raise PinMismatch(f"peer certificate {got[:23]}… is not the pinned {expected[:23]}…")
 
 
-def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(
-        ssl.PROTOCOL_TLS_CLIENT if purpose is ssl.Purpose.SERVER_AUTH else ssl.PROTOCOL_TLS_SERVER
-    )
+def base_context(*, server_side: bool) -> ssl.SSLContext:
+    """A TLS 1.3-only context with homeport's options and no credentials yet."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     # A TCP FIN without close_notify is a truncation, i.e. an integrity failure,
     # never a clean end of stream. CPython up to 3.11.3 (Debian 12 ships 3.11.2)
@@ -64,44 +67,60 @@ def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
     return ctx
 
 
-def control_client_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """Context for dialing the server; the caller pins the server certificate itself.
+def control_client_policy() -> ssl.SSLContext:
+    """Context for dialing the server, before any credential is loaded.
 
     Chain verification is off because the trust anchor is the pinned
     fingerprint, checked with :func:`check_pin` right after the handshake and
     before any secret (an auth key) is sent. TLS 1.3 still verifies the
     server's CertificateVerify signature, so the peer must hold the key.
     """
-    ctx = _base(ssl.Purpose.SERVER_AUTH)
+    ctx = base_context(server_side=False)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    if cert is not None and key is not None:
-        ctx.load_cert_chain(str(cert), str(key))
     ctx.set_alpn_protocols([ALPN_CONTROL])
     return ctx
 
 
-def control_server_context(cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
+def control_server_policy() -> ssl.SSLContext:
     """Context for the server's listener: a node certificate is optional (enrollment)."""
-    ctx = _base(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(ca_cert))
+    ctx = base_context(server_side=True)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols([ALPN_CONTROL])
     return ctx
 
 
-def stream_context(*, server_side: bool, cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
+def stream_policy(*, server_side: bool) -> ssl.SSLContext:
     """Context for an end-to-end stream: mutual auth, both chained to the network CA.
 
     The per-stream pin (:func:`check_pin`) is applied after the handshake by the
     caller, since one context serves every stream of a node.
     """
-    ctx = _base(ssl.Purpose.CLIENT_AUTH if server_side else ssl.Purpose.SERVER_AUTH)
+    ctx = base_context(server_side=server_side)
     if not server_side:
         ctx.check_hostname = False
-    ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(ca_cert))
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols([ALPN_STREAM])
+    return ctx
+
+
+# -- transitional: file-loading builders, moved to homeport.io.tlsctx ------------------
+# agent/runtime.py and tests/test_io_pump.py still call these two names; they go
+# (with their entry in tests/test_architecture.py PURE_IO_TRANSITIONAL) once those
+# import homeport.io.tlsctx instead.
+
+
+def control_client_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """Deprecated: use :func:`homeport.io.tlsctx.control_client_context`."""
+    ctx = control_client_policy()
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def stream_context(*, server_side: bool, cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
+    """Deprecated: use :func:`homeport.io.tlsctx.stream_context`."""
+    ctx = stream_policy(server_side=server_side)
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.load_verify_locations(cafile=str(ca_cert))
     return ctx

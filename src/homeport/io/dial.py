@@ -29,7 +29,7 @@ from pathlib import Path
 from homeport import __version__
 from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
-from homeport.io import tlsstream
+from homeport.io import tlsctx, tlsstream
 from homeport.io.pump import tune_socket
 from homeport.io.tlsstream import TlsStream
 from homeport.node import state as node_state
@@ -232,7 +232,7 @@ def _server_what(state: NodeState) -> str:
 def _control_tls(
     state: NodeState, family: socket.AddressFamily, addr: tuple[str, int], deadline: float
 ) -> ssl.SSLSocket:
-    ctx = hptls.control_client_context(state.cert_path, state.key_path)
+    ctx = tlsctx.control_client_context(state.cert_path, state.key_path)
     sock = _connect(family, addr, deadline, "server")
     return _tls_client(sock, ctx, deadline, state.server_pin, _server_what(state))
 
@@ -366,7 +366,7 @@ def open_stream(
         data.setblocking(True)
         tune_socket(data)
         # The ClientHello rides behind the preamble (see tlsstream.begin_client).
-        ctx = hptls.stream_context(
+        ctx = tlsctx.stream_context(
             server_side=False, cert=state.cert_path, key=state.key_path, ca_cert=state.ca_path
         )
         started, client_hello = tlsstream.begin_client(data, ctx)
@@ -447,7 +447,7 @@ def enroll(
     family, addr = resolve(host, port)
     what = f"server {server}"
     sock = _connect(family, addr, deadline, "server")
-    tls = _tls_client(sock, hptls.control_client_context(), deadline, auth_key.server_pin, what)
+    tls = _tls_client(sock, tlsctx.control_client_context(), deadline, auth_key.server_pin, what)
     with ControlClient(tls, ControlConnection(Role.CLIENT, time.monotonic()), what) as client:
         csr = keys.new_key_and_csr(state_dir, name)
         client.send(

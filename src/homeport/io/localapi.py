@@ -31,7 +31,8 @@ Protocol (version 1), one request per connection:
   that handed the descriptor on (ssh's ``ProxyUseFdpass``) has left; the write
   then fails quietly.
 
-Security: the socket file is created 0600 (umask) inside the state directory
+Security (shared with the admin socket, :mod:`homeport.io.unixsock`): the socket
+file is created 0600 inside the state directory
 (0700), and every connection's peer uid (``SO_PEERCRED``) must equal the
 agent's own, because whoever can talk to this socket can open streams with this
 node's identity. Requests are untrusted bytes: bounded, parsed strictly, and a
@@ -45,14 +46,11 @@ and ``_json`` because it runs on every ``ssh`` and must not import this module.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import select
 import socket
-import stat
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from homeport.errors import CodedError
+from homeport.io import unixsock
+from homeport.wire import names
 
 log = logging.getLogger("homeport.agent.localapi")
 
@@ -82,8 +82,6 @@ MIN_TIMEOUT, MAX_TIMEOUT = 0.1, 3600.0
 MAX_MESSAGE = 1024
 #: ``listen()`` backlog: bursts of ssh start-ups (e.g. a parallel rsync) queue here.
 BACKLOG = 128
-
-_UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
 class RequestError(CodedError):
@@ -108,29 +106,17 @@ def socket_path(state_dir: Path) -> Path:
 
 
 def _check_dst(dst: str) -> str:
-    # The same rule as node.state.check_host_name (dst becomes a file name under
-    # known_hosts/), kept here without a regex import for symmetry with nc.
-    ok = (
-        0 < len(dst) <= 253
-        and dst.isascii()
-        and all(c.isalnum() or c in "._-" for c in dst)
-        and not dst.startswith(".")
-    )
-    if not ok:
-        raise RequestError("bad-request", f"bad host name {dst[:64]!r}")
+    # dst becomes a file name under known_hosts/: the peer host name rule.
+    problem = names.host_name_problem(dst)
+    if problem is not None:
+        raise RequestError("bad-request", problem)
     return dst
 
 
 def _check_service(service: str) -> str:
-    ok = (
-        0 < len(service) <= 64
-        and service.isascii()
-        and all(c.isalnum() or c in "-_" for c in service)
-    )
-    if not ok:
-        raise RequestError("bad-request", f"bad PORT {service[:64]!r}")
-    if service.isdigit() and not 0 < int(service) < 65536:
-        raise RequestError("bad-request", f"port {service} out of range")
+    problem = names.service_ref_problem(service)
+    if problem is not None:
+        raise RequestError("bad-request", problem)
     return service
 
 
@@ -216,13 +202,6 @@ def read_request(conn: socket.socket, timeout: float = REQUEST_TIMEOUT) -> bytes
             raise RequestError("bad-request", f"request longer than {MAX_REQUEST} bytes")
 
 
-def peer_uid(conn: socket.socket) -> int:
-    """The uid of the process that connected ``conn`` (Linux ``SO_PEERCRED``)."""
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    _pid, uid, _gid = _UCRED.unpack(raw)
-    return int(uid)
-
-
 # -- server ------------------------------------------------------------------------
 
 
@@ -242,37 +221,22 @@ class LocalApiServer:
         self.path = path
         self.handler = handler
         self._sock: socket.socket | None = None
-        self._ino: int | None = None
+        self._listener: unixsock.UnixListener | None = None
         self._wake_r, self._wake_w = -1, -1
         self._thread: threading.Thread | None = None
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = False
 
     def start(self) -> None:
-        """Bind and start accepting.
+        """Bind (0600, see :mod:`homeport.io.unixsock`) and start accepting.
 
         Raises:
-            OSError: cannot bind (path too long for ``sun_path``, permissions), or
-            another live agent already serves this state directory (``EADDRINUSE``).
+            OSError: cannot bind (permissions, a missing directory), or another
+            live agent already serves this state directory (``EADDRINUSE``).
         """
-        if not hasattr(socket, "SO_PEERCRED"):
-            raise OSError(errno.ENOTSUP, "no SO_PEERCRED on this platform")
-        path = str(self.path)
-        _remove_stale(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # umask, not chmod after bind: the file must never exist with wider access.
-            old = os.umask(0o177)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old)
-            sock.listen(BACKLOG)
-            self._ino = os.stat(path).st_ino
-        except BaseException:
-            sock.close()
-            raise
-        self._sock = sock
+        listener = unixsock.bind_listener(self.path, BACKLOG)
+        self._listener = listener
+        self._sock = listener.sock
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._accept_loop, name="localapi", daemon=True)
         self._thread.start()
@@ -287,11 +251,8 @@ class LocalApiServer:
                 os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                if os.stat(self.path).st_ino == self._ino:
-                    os.unlink(self.path)
-            self._sock.close()
+        if self._listener is not None:
+            self._listener.close()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -317,14 +278,9 @@ class LocalApiServer:
             self._admit(conn)
 
     def _admit(self, conn: socket.socket) -> None:
-        try:
-            uid = peer_uid(conn)
-        except OSError as exc:
-            log.warning("local API: cannot read peer credentials: %s", exc)
-            conn.close()
-            return
-        if uid != os.geteuid():
-            log.warning("local API: refused a connection from uid %d", uid)
+        refusal = unixsock.peer_refusal(conn, (os.geteuid(),))
+        if refusal is not None:
+            log.warning("local API: %s", refusal)
             self._refuse(conn, "forbidden", f"the agent serves only uid {os.geteuid()}")
             return
         if not self._slots.acquire(blocking=False):
@@ -366,31 +322,3 @@ class LocalApiServer:
                         send_reply(conn, error_reply("internal", "local agent error"))
         finally:
             self._slots.release()
-
-
-def _remove_stale(path: str) -> None:
-    """Remove a socket file no agent listens on; refuse to take over a live one.
-
-    Raises:
-        OSError: ``EADDRINUSE`` when another process accepts on ``path``, or
-        ``EEXIST`` when ``path`` is not a socket (never delete what we did not make).
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except OSError:
-        pass  # timeout (a live but busy listener) or EACCES: do not steal it
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is in use (another agent of this state directory?)")

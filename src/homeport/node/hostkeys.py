@@ -14,7 +14,7 @@ import logging
 import subprocess
 from collections.abc import Iterable
 
-from homeport.node.state import MAX_HOST_KEYS, sanitize_host_key
+from homeport.wire.hostkey import sanitize_host_keys
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def parse_keys(lines: Iterable[str], *, with_host: bool) -> tuple[str, ...]:
 
     ``with_host``: lines are ssh-keyscan output (``host type key``).
     """
-    out: list[str] = []
+    keys: list[str] = []
     for raw in lines:
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -37,13 +37,8 @@ def parse_keys(lines: Iterable[str], *, with_host: bool) -> tuple[str, ...]:
         parts = line.split()
         if with_host:
             parts = parts[1:]
-        try:
-            key = sanitize_host_key(" ".join(parts[:2]))
-        except ValueError:
-            continue
-        if key not in out:
-            out.append(key)
-    return tuple(out[:MAX_HOST_KEYS])
+        keys.append(" ".join(parts[:2]))
+    return sanitize_host_keys(keys)
 
 
 def keyscan(host: str, port: int) -> tuple[str, ...]:

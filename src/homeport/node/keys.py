@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from homeport.node.state import CA_FILE, CERT_FILE, KEY_FILE, ensure_dir, write_public
+from homeport.node.files import write_private, write_public
+from homeport.node.state import CA_FILE, CERT_FILE, KEY_FILE, ensure_dir
 
 
 def new_key_and_csr(state_dir: Path, name: str) -> bytes:
@@ -21,7 +22,7 @@ def new_key_and_csr(state_dir: Path, name: str) -> bytes:
 
     ensure_dir(state_dir)
     key_pem = identity.new_private_key_pem()
-    identity.write_private(state_dir / KEY_FILE, key_pem)
+    write_private(state_dir / KEY_FILE, key_pem)
     return identity.make_csr(key_pem, name)
 
 

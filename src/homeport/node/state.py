@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from homeport.node.files import write_private
 from homeport.policy.services import Service
+from homeport.wire import hostkey, names
+from homeport.wire.errors import WireError
 
 ENV_STATE = "HOMEPORT_STATE"
 DEFAULT_STATE = "~/.local/state/homeport"
@@ -34,28 +36,8 @@ CA_FILE = "ca.crt"
 KNOWN_HOSTS_DIR = "known_hosts"
 #: node.json is tiny; refuse to parse anything absurd (a corrupted or foreign file).
 MAX_STATE_FILE = 1024 * 1024
-#: Most host key lines we write for one peer (a real sshd has 3 or 4).
-MAX_HOST_KEYS = 32
-#: Longest host key line we accept ("type base64"); RSA-16384 fits.
-MAX_HOST_KEY_LINE = 8 * 1024
-#: Key types OpenSSH prints in ``ssh-keyscan`` output and ``*.pub`` files.
-KNOWN_KEY_TYPES = frozenset(
-    {
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-        "ssh-dss",
-    }
-)
-_B64 = re.compile(r"^[A-Za-z0-9+/]+={0,3}$")
-#: Node names as the server allows them (DNS-label-like); also safe as file names.
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-#: Host names nc may be asked for (%h from ssh): a file name, so no "/" and no "..".
-_HOST = re.compile(r"^[A-Za-z0-9._-]{1,253}$")
+#: Most host key lines we write for one peer (the wire rule's limit).
+MAX_HOST_KEYS = hostkey.MAX_HOST_KEYS
 
 ENROLL_HINT = "run homeport up --server HOST:PORT --authkey KEY --name NAME"
 
@@ -209,17 +191,6 @@ def load_services(state_dir: Path) -> tuple[Service, ...]:
         return ()
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def save(state: NodeState) -> None:
     """Write node.json atomically (the PEM files are written by enrollment)."""
     ensure_dir(state.dir)
@@ -238,12 +209,7 @@ def save(state: NodeState) -> None:
             for s in state.services
         ],
     }
-    _atomic_write(state.dir / STATE_FILE, (json.dumps(obj, indent=2) + "\n").encode(), 0o600)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    """Write a non-secret file (certificate, CA) atomically."""
-    _atomic_write(path, data, 0o644)
+    write_private(state.dir / STATE_FILE, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # -- known_hosts ----------------------------------------------------------------
@@ -253,28 +219,28 @@ def sanitize_host_key(line: str) -> str:
     """Return ``"type base64"`` for a host key line, or raise ValueError.
 
     Host keys come from the server (which got them from the peer agent), so they
-    are untrusted text that ends up in a file ssh parses: a newline would let a
-    malicious peer add a line for another host, a ``@cert-authority`` marker would
-    let it vouch for every host. Only a known key type and pure base64 pass.
+    are untrusted text that ends up in a file ssh parses: only a real OpenSSH
+    public key passes (:func:`homeport.wire.hostkey.parse_host_key_untrusted`).
     """
-    if len(line) > MAX_HOST_KEY_LINE:
-        raise ValueError("host key line too long")
-    parts = line.split()
-    if len(parts) < 2 or any(c in line for c in "\r\n\x00"):
-        raise ValueError("host key must be one line 'type base64'")
-    key_type, blob = parts[0], parts[1]
-    if key_type not in KNOWN_KEY_TYPES:
-        raise ValueError(f"unknown host key type {key_type[:40]!r}")
-    if not _B64.fullmatch(blob):
-        raise ValueError("host key is not base64")
-    return f"{key_type} {blob}"
+    try:
+        return hostkey.parse_host_key_untrusted(line).line()
+    except WireError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _require(text: str, problem: str | None) -> str:
+    if problem is not None:
+        raise ValueError(problem)
+    return text
 
 
 def check_host_name(host: str) -> str:
-    """Validate a peer name used as a file name and a known_hosts pattern."""
-    if not _HOST.fullmatch(host) or host in (".", "..") or host.startswith("."):
-        raise ValueError(f"bad host name {host[:64]!r}")
-    return host
+    """Validate a peer name used as a file name and a known_hosts pattern.
+
+    Raises:
+        ValueError: :func:`homeport.wire.names.host_name_problem`'s reason.
+    """
+    return _require(host, names.host_name_problem(host))
 
 
 def render_known_hosts(host: str, port: int, host_keys: tuple[str, ...] | list[str]) -> str:
@@ -303,14 +269,14 @@ def write_known_hosts(
     kh = state_dir / KNOWN_HOSTS_DIR
     kh.mkdir(mode=0o700, exist_ok=True)
     path = kh / host
-    _atomic_write(path, text.encode(), 0o600)
+    write_private(path, text.encode())
     return path
 
 
 def check_node_name(name: str) -> str:
-    """Validate a node name before asking the server (it re-checks: ``bad-name``)."""
-    if not _NAME.fullmatch(name):
-        raise ValueError(
-            f"bad node name {name!r}: use lowercase letters, digits and '-', up to 63 characters"
-        )
-    return name
+    """Validate a node name before asking the server (it re-checks: ``bad-name``).
+
+    Raises:
+        ValueError: :func:`homeport.wire.names.node_name_problem`'s reason.
+    """
+    return _require(name, names.node_name_problem(name))

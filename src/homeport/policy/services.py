@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from homeport.wire import names
+
 #: The ssh service always answers on port 22, whatever its local target.
 SSH_NAME = "ssh"
 SSH_PORT = 22
+#: How much of a bad ``--expose`` spec an error message repeats.
+MAX_SHOWN_SPEC = 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +45,25 @@ def parse_expose(spec: str) -> Service:
     Raises:
         ValueError: with a message fit for the user.
     """
+    shown = spec if len(spec) <= MAX_SHOWN_SPEC else spec[:MAX_SHOWN_SPEC] + "…"
     name, sep, target = spec.partition("=")
     host, sep2, port_text = target.rpartition(":")
     if not sep or not sep2 or not name or not host:
-        raise ValueError(f"--expose {spec!r}: expected NAME=HOST:PORT, e.g. jupyter=127.0.0.1:8888")
-    if not name.replace("-", "").replace("_", "").isalnum() or name.isdigit():
-        raise ValueError(f"--expose {spec!r}: service name must be letters, digits, - or _")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"--expose {spec!r}: {port_text!r} is not a port number") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"--expose {spec!r}: port {port} out of range")
-    host = host.strip("[]")
+        raise ValueError(
+            f"--expose {shown!r}: expected NAME=HOST:PORT, e.g. jupyter=127.0.0.1:8888"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        raise ValueError(f"--expose {shown!r}: {port_text[:16]!r} is not a port number")
+    port = int(port_text)
+    problem = (
+        names.service_name_problem(name)
+        or names.target_host_problem(host)
+        or names.port_problem(port)
+    )
+    if problem is not None:
+        raise ValueError(f"--expose {shown!r}: {problem}")
     return Service(
         name=name, port=SSH_PORT if name == SSH_NAME else port, target_host=host, target_port=port
     )

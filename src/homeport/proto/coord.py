@@ -378,7 +378,7 @@ def sanitize_services(services: tuple[m.ServiceInfo, ...]) -> tuple[m.ServiceInf
     seen: set[str] = set()
     good: list[m.ServiceInfo] = []
     for svc in services:
-        ok = names.check_service_name(svc.name) is None and 0 < svc.port < 65536
+        ok = names.service_name_problem(svc.name) is None and names.port_problem(svc.port) is None
         if ok and svc.name not in seen:
             seen.add(svc.name)
             good.append(svc)
@@ -629,7 +629,7 @@ class Coordinator:
                 s, "auth-key-invalid", "this auth key was made for a different server"
             )
             return
-        bad_name = names.check_node_name(msg.name)
+        bad_name = names.node_name_problem(msg.name)
         if bad_name is not None:
             self._refuse_enroll(s, "bad-name", bad_name)
             return

@@ -3,8 +3,9 @@
 Why a unix socket and no admin password: whoever can read the server's data
 directory (0700) already owns the network — they hold the CA key. So the
 admin interface is exactly as reachable as that directory: ``admin.sock``
-lives in it (0600, created under a umask) and additionally checks the peer's
-uid (SO_PEERCRED). Elsewhere there is nothing to connect to, and the CLI says
+lives in it (0600 from the start) and additionally checks the peer's uid
+(SO_PEERCRED; unreadable credentials are refused), with the agent's local API's
+rules (:mod:`homeport.io.unixsock`). Elsewhere there is nothing to connect to, and the CLI says
 so.
 
 Protocol: JSON lines. Each request ``{"op": "keys.create", ...}`` gets one
@@ -19,19 +20,19 @@ answers, it opens the store itself through the same
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import json
 import logging
 import os
 import re
-import socket
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from homeport.io import unixsock
 from homeport.proto.coord import NodeRecord, NodeStatus
+from homeport.server.datadir import has_server_data, open_offline_registry
 from homeport.store.registry import Registry
 
 log = logging.getLogger("homeport.server.admin")
@@ -41,8 +42,8 @@ ADMIN_SOCKET = "admin.sock"
 MAX_ADMIN_LINE = 64 * 1024
 #: How long the CLI waits for the running server's answer.
 ADMIN_TIMEOUT = 10.0
-#: sun_path is 108 bytes on Linux; longer paths go through /proc/self/fd.
-_SUN_PATH_MAX = 100
+#: listen(2) backlog of admin.sock (admin commands are rare and short).
+ADMIN_BACKLOG = 16
 
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -193,59 +194,59 @@ class AdminOps:
         return {"name": node.name, "node_id": node.node_id}
 
 
-# -- the socket path -------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _bindable(path: Path) -> Iterator[str]:
-    """A path for bind/connect even when ``path`` exceeds sun_path (via /proc/self/fd)."""
-    if len(os.fsencode(str(path))) < _SUN_PATH_MAX:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
-def _peer_uid(sock: Any) -> int | None:
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except (OSError, AttributeError):
-        return None
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
-def _ping_socket(path: Path, timeout: float = 1.0) -> bool:
-    """True if a server answers on ``path``."""
-    try:
-        answer = _request_socket(path, {"op": "ping"}, timeout)
-    except (OSError, AdminError):
-        return False
-    return bool(answer.get("ok"))
-
-
 # -- server side ---------------------------------------------------------------------
 
 
-async def start_admin_server(path: Path, ops: AdminOps) -> asyncio.AbstractServer:
-    """Serve ``ops`` on the unix socket ``path`` (0600).
+class AdminServer:
+    """``admin.sock`` being served; :meth:`close` stops it and removes the socket file."""
+
+    def __init__(
+        self,
+        server: asyncio.AbstractServer,
+        listener: unixsock.UnixListener,
+        connections: set[asyncio.StreamWriter],
+    ) -> None:
+        self.server = server
+        self.listener = listener
+        self._connections = connections
+
+    def close(self) -> None:
+        """Stop accepting, cut open admin connections, remove ``admin.sock``."""
+        self.server.close()
+        for writer in list(self._connections):
+            writer.transport.abort()
+        self.listener.close()
+
+
+def allowed_uids() -> frozenset[int]:
+    """Who may use the admin socket: the server's own uid, and root (who can read
+    the data directory anyway)."""
+    return frozenset({os.geteuid(), 0})
+
+
+async def start_admin_server(path: Path, ops: AdminOps) -> AdminServer:
+    """Serve ``ops`` on the unix socket ``path`` (0600, see :mod:`homeport.io.unixsock`).
 
     Raises:
-        AdminError: another server already answers on ``path``.
+        AdminError: another server already answers on ``path``, or it cannot be bound.
     """
-    if path.exists() or path.is_symlink():
-        if await asyncio.to_thread(_ping_socket, path):
-            raise AdminError(f"another homeport server is already running with {path.parent}")
-        path.unlink()
+    try:
+        listener = await asyncio.to_thread(unixsock.bind_listener, path, ADMIN_BACKLOG)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AdminError(
+                f"another homeport server is already running with {path.parent}"
+            ) from None
+        raise AdminError(f"cannot serve {path}: {exc.strerror or exc}") from exc
+    allowed = allowed_uids()
+    connections: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        uid = _peer_uid(writer.get_extra_info("socket"))
+        connections.add(writer)
         try:
-            if uid is not None and uid not in (os.getuid(), 0):
-                log.warning("admin connection from uid %d refused", uid)
+            refusal = unixsock.peer_refusal(writer.get_extra_info("socket"), allowed)
+            if refusal is not None:
+                log.warning("admin socket: %s", refusal)
                 return
             while True:
                 try:
@@ -266,26 +267,22 @@ async def start_admin_server(path: Path, ops: AdminOps) -> asyncio.AbstractServe
         except (ConnectionError, OSError):
             return
         finally:
+            connections.discard(writer)
             writer.close()
 
-    old_umask = os.umask(0o177)
     try:
-        with _bindable(path) as bind_path:
-            server = await asyncio.start_unix_server(handle, bind_path, limit=MAX_ADMIN_LINE)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
-    return server
+        server = await asyncio.start_unix_server(handle, sock=listener.sock, limit=MAX_ADMIN_LINE)
+    except BaseException:
+        listener.close()
+        raise
+    return AdminServer(server, listener, connections)
 
 
 # -- client side ----------------------------------------------------------------------
 
 
 def _request_socket(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        with _bindable(path) as connect_path:
-            sock.connect(connect_path)
+    with unixsock.connect(path, timeout) as sock:
         sock.sendall(json.dumps(request).encode() + b"\n")
         buf = bytearray()
         while not buf.endswith(b"\n"):
@@ -302,10 +299,6 @@ def _request_socket(path: Path, request: dict[str, Any], timeout: float) -> dict
     if not isinstance(answer, dict):
         raise AdminError("the server sent a malformed admin answer")
     return answer
-
-
-def has_server_data(data_dir: Path) -> bool:
-    return (data_dir / "ca.key").is_file() and (data_dir / "ca.crt").is_file()
 
 
 def admin_request(
@@ -334,8 +327,6 @@ def admin_request(
             f"no homeport server data in {data_dir} — run this on the server host, "
             "or pass --data DIR"
         )
-    from homeport.server.app import open_offline_registry
-
     registry = open_offline_registry(data_dir, db_url=db_url)
     try:
         return AdminOps(registry).handle(request)

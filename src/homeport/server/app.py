@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -19,14 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from homeport.crypto import identity
-from homeport.crypto.tls import control_server_context, fingerprint
+from homeport.io.loop import new_event_loop
+from homeport.io.tlsctx import control_server_context
 from homeport.proto.coord import Coordinator
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
+from homeport.server.datadir import prepare_data_dir
 from homeport.server.relay import Relay
 from homeport.server.service import Service, ServiceConfig
-from homeport.store.db import default_url, open_store
-from homeport.store.registry import Registry, WriteBehind
+from homeport.store.registry import WriteBehind, database_url, open_registry
 
 log = logging.getLogger("homeport.server")
 
@@ -35,18 +34,6 @@ DEFAULT_LISTEN = "0.0.0.0:8443"
 WANT_NOFILE = 65536
 #: How long ServerHandle waits for the server thread to come up / go down.
 THREAD_START_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class ServerFiles:
-    """The server's identity files inside (or next to) its data directory."""
-
-    data_dir: Path
-    ca: identity.KeyPair
-    ca_cert: Path
-    tls_cert: Path
-    tls_key: Path
-    pin: str
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -62,64 +49,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not 0 <= port < 65536:
         raise ValueError(f"--listen {text!r}: port out of range")
     return host, port
-
-
-def _ensure_dir(data_dir: Path) -> None:
-    if not data_dir.exists():
-        data_dir.mkdir(mode=0o700, parents=True)
-    os.chmod(data_dir, 0o700)
-
-
-def prepare_data_dir(
-    data_dir: Path, tls_cert: Path | None = None, tls_key: Path | None = None
-) -> ServerFiles:
-    """Create (first start) or load the CA and the server certificate; write ``server.pin``."""
-    _ensure_dir(data_dir)
-    ca_key, ca_crt = data_dir / "ca.key", data_dir / "ca.crt"
-    if not ca_key.exists():
-        ca = identity.create_ca()
-        identity.write_private(ca_key, ca.key_pem)
-        ca_crt.write_bytes(ca.cert_pem)
-        log.info("created network CA in %s", data_dir)
-    ca = identity.KeyPair(key_pem=ca_key.read_bytes(), cert_pem=ca_crt.read_bytes())
-    if tls_cert is None or tls_key is None:
-        tls_cert, tls_key = data_dir / "server.crt", data_dir / "server.key"
-        if not tls_key.exists():
-            server = identity.create_server_identity(ca)
-            identity.write_private(tls_key, server.key_pem)
-            tls_cert.write_bytes(server.cert_pem)
-    pin = fingerprint(identity.cert_der_from_pem(tls_cert.read_bytes()))
-    (data_dir / "server.pin").write_text(pin + "\n")
-    return ServerFiles(data_dir, ca, ca_crt, tls_cert, tls_key, pin)
-
-
-def load_server_files(data_dir: Path) -> ServerFiles:
-    """Load an existing data directory without creating anything (offline admin)."""
-    ca_key, ca_crt = data_dir / "ca.key", data_dir / "ca.crt"
-    ca = identity.KeyPair(key_pem=ca_key.read_bytes(), cert_pem=ca_crt.read_bytes())
-    tls_cert, tls_key = data_dir / "server.crt", data_dir / "server.key"
-    pin_file = data_dir / "server.pin"
-    if pin_file.exists():
-        pin = pin_file.read_text().strip()
-    else:
-        pin = fingerprint(identity.cert_der_from_pem(tls_cert.read_bytes()))
-    return ServerFiles(data_dir, ca, ca_crt, tls_cert, tls_key, pin)
-
-
-def open_offline_registry(data_dir: Path, *, db_url: str | None = None) -> Registry:
-    """The records of a server that is not running (admin commands on the server host)."""
-    files = load_server_files(data_dir)
-    store = open_store(db_url or default_url(str(data_dir)))
-    return Registry(store, server_pin=files.pin)
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 def _raise_nofile() -> None:
@@ -158,8 +87,7 @@ async def serve(
 ) -> None:
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
-    store = open_store(db_url or default_url(str(data_dir)))
-    registry = Registry(store, server_pin=files.pin)
+    registry = open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
     cfg = config or ServiceConfig()
     core = Coordinator(
         ca=files.ca,
@@ -192,12 +120,10 @@ async def serve(
     finally:
         log.info("shutting down")
         if admin is not None:
-            admin.close()
-            with contextlib.suppress(OSError):
-                (data_dir / ADMIN_SOCKET).unlink()
+            admin.close()  # and removes admin.sock if it is still the one it bound
         await service.stop()
         writer.close()
-        store.close()
+        registry.close()
 
 
 def _banner(running: Running, listen_host: str) -> str:
@@ -261,7 +187,7 @@ def run_server(
             started=started,
         )
 
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             runner.run(main())
         except OSError as exc:
@@ -269,7 +195,7 @@ def run_server(
             return 1
         except Exception as exc:
             from homeport.server.admin import AdminError
-            from homeport.store.db import StoreError
+            from homeport.store.registry import StoreError
 
             if isinstance(exc, AdminError | StoreError):
                 log.error("cannot start: %s", exc)
@@ -368,7 +294,7 @@ def start_server_thread(
 
     def thread_main() -> None:
         try:
-            with asyncio.Runner(loop_factory=_new_loop) as runner:
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
                 runner.run(main())
         except BaseException as exc:
             handle._error = exc

@@ -36,7 +36,16 @@ from homeport.proto.coord import (
     SetSeen,
     StoreOp,
 )
-from homeport.store.db import AuthKeyRow, KeyOutcome, NameTaken, NodeRow, Store, StoreError
+from homeport.store.db import (
+    AuthKeyRow,
+    KeyOutcome,
+    NameTaken,
+    NodeRow,
+    Store,
+    default_url,
+    open_store,
+)
+from homeport.store.db import StoreError as StoreError  # noqa: PLC0414 (re-exported)
 from homeport.wire import authkey
 
 log = logging.getLogger("homeport.registry")
@@ -104,6 +113,16 @@ def _record(row: NodeRow, fingerprints: tuple[str, ...]) -> NodeRecord:
         host_keys=row.host_keys,
         removed_at=row.removed_at,
     )
+
+
+def open_registry(url: str, *, server_pin: str) -> Registry:
+    """Open (creating and migrating) the database at ``url``. Raises StoreError."""
+    return Registry(open_store(url), server_pin=server_pin)
+
+
+def database_url(data_dir: str) -> str:
+    """The embedded SQLite database inside a server data directory."""
+    return default_url(data_dir)
 
 
 class Registry:

@@ -1,0 +1,91 @@
+"""The server's data directory: its CA, its TLS identity, and the state of a stopped server.
+
+Kept apart from :mod:`homeport.server.app` (which runs the server) so that
+:mod:`homeport.server.admin` can open the state of a server that is not
+running without importing the module that starts one: ``app`` imports
+``admin`` to serve ``admin.sock``, and nothing here imports either of them.
+
+Files (see docs/architecture.md): ``ca.key`` (0600) and ``ca.crt``, the
+network CA; ``server.key`` (0600) and ``server.crt`` unless ``--tls-cert`` /
+``--tls-key`` name others; ``server.pin``, the SHA-256 pin nodes check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from homeport.crypto import identity
+from homeport.crypto.tls import fingerprint
+from homeport.node.files import write_private, write_public
+from homeport.store.registry import Registry, database_url, open_registry
+
+log = logging.getLogger("homeport.server")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFiles:
+    """The server's identity files inside (or next to) its data directory."""
+
+    data_dir: Path
+    ca: identity.KeyPair
+    ca_cert: Path
+    tls_cert: Path
+    tls_key: Path
+    pin: str
+
+
+def ensure_dir(data_dir: Path) -> None:
+    """Create the data directory (0700) or tighten an existing one to 0700."""
+    if not data_dir.exists():
+        data_dir.mkdir(mode=0o700, parents=True)
+    os.chmod(data_dir, 0o700)
+
+
+def prepare_data_dir(
+    data_dir: Path, tls_cert: Path | None = None, tls_key: Path | None = None
+) -> ServerFiles:
+    """Create (first start) or load the CA and the server certificate; write ``server.pin``."""
+    ensure_dir(data_dir)
+    ca_key, ca_crt = data_dir / "ca.key", data_dir / "ca.crt"
+    if not ca_key.exists():
+        ca = identity.create_ca()
+        write_private(ca_key, ca.key_pem)
+        write_public(ca_crt, ca.cert_pem)
+        log.info("created network CA in %s", data_dir)
+    ca = identity.KeyPair(key_pem=ca_key.read_bytes(), cert_pem=ca_crt.read_bytes())
+    if tls_cert is None or tls_key is None:
+        tls_cert, tls_key = data_dir / "server.crt", data_dir / "server.key"
+        if not tls_key.exists():
+            server = identity.create_server_identity(ca)
+            write_private(tls_key, server.key_pem)
+            write_public(tls_cert, server.cert_pem)
+    pin = fingerprint(identity.cert_der_from_pem(tls_cert.read_bytes()))
+    write_public(data_dir / "server.pin", (pin + "\n").encode())
+    return ServerFiles(data_dir, ca, ca_crt, tls_cert, tls_key, pin)
+
+
+def load_server_files(data_dir: Path) -> ServerFiles:
+    """Load an existing data directory without creating anything (offline admin)."""
+    ca_key, ca_crt = data_dir / "ca.key", data_dir / "ca.crt"
+    ca = identity.KeyPair(key_pem=ca_key.read_bytes(), cert_pem=ca_crt.read_bytes())
+    tls_cert, tls_key = data_dir / "server.crt", data_dir / "server.key"
+    pin_file = data_dir / "server.pin"
+    if pin_file.exists():
+        pin = pin_file.read_text().strip()
+    else:
+        pin = fingerprint(identity.cert_der_from_pem(tls_cert.read_bytes()))
+    return ServerFiles(data_dir, ca, ca_crt, tls_cert, tls_key, pin)
+
+
+def has_server_data(data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds a server (its CA): false on every other host."""
+    return (data_dir / "ca.key").is_file() and (data_dir / "ca.crt").is_file()
+
+
+def open_offline_registry(data_dir: Path, *, db_url: str | None = None) -> Registry:
+    """The records of a server that is not running (admin commands on the server host)."""
+    files = load_server_files(data_dir)
+    return open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
