@@ -257,6 +257,8 @@ class Agent:
             log.warning("cannot connect to server %s: %s", self.state.server, _why(exc))
             self.core.connect_failed(_why(exc), loop.time())
             self._drain()
+        if self._stopping and not action.done():
+            action.set_result(None)  # stop() may have run before this future existed
         return await action
 
     async def _connect(self) -> None:
