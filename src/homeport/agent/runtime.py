@@ -1,40 +1,45 @@
-"""The agent (``homeport up``): one control connection, forever, and a worker per stream.
+"""The agent (``homeport up``): a thin I/O driver of the pure node core.
 
-Theory of operation:
+Theory of operation. Every protocol decision of the agent lives in
+:class:`homeport.proto.node.NodeCore` (HELLO/WELCOME/ANNOUNCE, the INCOMING
+decision and the stream limit, routing OPENED/OPEN_FAILED to local opens, fatal
+errors, the reconnect schedule). This module only feeds it events and carries
+out its commands:
 
-* **Never give up on the network.** A box may boot before its network or DNS is
-  up, the server may restart, a NAT may drop the connection silently. Every
-  failure to connect or to keep the connection is logged and retried with
-  jittered exponential backoff (:class:`~homeport.proto.backoff.Backoff`). The
-  one exception is ``ERROR(node-removed)``: an admin removed this node, its
-  certificate will never be accepted again, so the agent exits non-zero with a
-  clear message instead of spinning.
-* **Dead links are found in seconds.** The sans-I/O
-  :class:`~homeport.proto.control.ControlConnection` pings every
-  ``ping_interval`` and declares the link dead after ``idle_timeout`` of
-  silence (15 s by default), instead of TCP's many-minute retransmission timeout.
-* **The destination decides.** Every ``INCOMING`` is checked against this
-  node's own exposed services (:func:`homeport.policy.services.resolve`) before
-  anything is connected, even though the server checked first. Every decision
-  is logged with its reason.
-* **The event loop never blocks on a stream.** asyncio handles control traffic
-  and target connects; each accepted stream's data connection, end-to-end TLS
-  handshake and pump run in their own thread (the pump is a blocking,
-  single-threaded ``poll`` loop: :mod:`homeport.io.pump`), at most
-  :data:`MAX_STREAMS` at once.
+* **Control connection**: :func:`homeport.io.control.connect_control` (the one
+  asyncio driver shared with the server: framing, 5 s pings, dead after 15 s of
+  silence, WELCOME deadline), then the server pin is checked here, then the
+  core is told the session started. The core answers a lost session or a failed
+  connect with a :class:`~homeport.proto.node.Reconnect` delay (jittered
+  backoff, forever) and ``ERROR(node-removed)`` with a
+  :class:`~homeport.proto.node.Fatal` (exit code 3: an admin removed this node,
+  its certificate will never be accepted again).
+* **Incoming streams**: the core decides; on ``ConnectTarget`` this driver
+  connects the local target (asyncio, bounded by :data:`TARGET_CONNECT_TIMEOUT`)
+  and reports back; on ``StartStream`` the stream's data connection, end-to-end
+  TLS handshake and pump run in their own thread (the pump is a blocking,
+  single-threaded ``poll`` loop: :mod:`homeport.io.pump`), so the event loop
+  never blocks on a stream.
 * **Warm opens for local clients.** ``homeport nc`` on this machine asks the
   agent over ``<state>/agent.sock`` (:mod:`homeport.io.localapi`) instead of
-  building its own control session: the agent sends OPEN over the connection it
-  already holds, runs the end-to-end handshake and hands nc a connected unix
-  socket; the pump runs here, like an incoming stream's (same limit, same cancel).
+  building its own control session. Each request's thread picks a random token,
+  asks the core (on the loop) to admit it, dials the data connection with the
+  ClientHello behind the preamble while OPEN is under way, waits for the core to
+  route the answer back, finishes the handshake, writes known_hosts and hands nc
+  a connected unix socket; the pump runs here, like an incoming stream's (same
+  limit, same cancel).
+
+Threads never touch the core: they hop onto the event loop with
+``call_soon_threadsafe``, and the loop drains the core's commands after every
+input (:meth:`Agent._drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
-import enum
 import logging
 import os
 import signal
@@ -50,28 +55,25 @@ from typing import Any
 from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
 from homeport.io import localapi, tlsstream
+from homeport.io.control import ControlLink, connect_control
 from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.pump import PumpEnd, pump
 from homeport.node import hostkeys
 from homeport.node import state as node_state
 from homeport.node.state import NodeState
-from homeport.policy.services import SSH_NAME, Service, resolve
+from homeport.policy.services import SSH_NAME, Service
+from homeport.proto import node as core
 from homeport.proto.backoff import Backoff
-from homeport.proto.control import (
-    ConnectionClosed,
-    ControlConnection,
-    MessageReceived,
-    Role,
-)
+from homeport.proto.control import ConnectionClosed
+from homeport.proto.node import LOCAL_FALLBACK_CODES, ExitCode, NodeConfig, NodeCore, StreamRecord
 from homeport.wire import control as m
-from homeport.wire.data import new_token, token_from_hex_untrusted
-from homeport.wire.errors import WireError
+from homeport.wire.data import new_token
 
 log = logging.getLogger("homeport.agent")
 
-#: Concurrent streams per agent; beyond this, INCOMING is answered REJECT(busy).
-MAX_STREAMS = 256
+__all__ = ["Agent", "ExitCode", "StreamRecord", "run_agent", "run_in_loop"]
+
 #: Seconds to open the control connection (TCP + TLS) before backing off.
 CONNECT_TIMEOUT = 10.0
 #: Seconds to wait for WELCOME after HELLO.
@@ -80,53 +82,47 @@ WELCOME_TIMEOUT = 10.0
 TARGET_CONNECT_TIMEOUT = 5.0
 #: Seconds for a stream's data connection plus end-to-end TLS handshake.
 STREAM_SETUP_TIMEOUT = 10.0
-#: Bytes read from the control connection at a time.
-CONTROL_READ_SIZE = 64 * 1024
 #: Seconds ``stop()`` waits for stream threads to finish after cancelling them.
 STOP_GRACE = 2.0
-#: Server ERROR codes after which reconnecting can never succeed.
-FATAL_ERROR_CODES = frozenset({"node-removed"})
-#: OPEN_FAILED codes after which nc should dial by itself rather than report.
-LOCAL_FALLBACK_CODES = frozenset({"busy"})
 #: Seconds a local open waits for the event loop to admit it (it only does
 #: bookkeeping and one write, so this is only reached if the loop is wedged).
 LOCAL_ADMIT_TIMEOUT = 2.0
-
-
-class ExitCode(enum.IntEnum):
-    STOPPED = 0
-    FATAL = 2
-    NODE_REMOVED = 3
-
-
-class _Fatal(Exception):
-    def __init__(self, code: ExitCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _Reconnect(Exception):
-    """The control connection is over; log this message and reconnect."""
+#: Recent control links aborted on exit: an ended link may still be finishing its
+#: TLS close (up to the driver's SSL shutdown timeout), and none may outlive the loop.
+MAX_RECENT_LINKS = 16
 
 
 class _LocalRefused(CodedError):
     """A local open the agent cannot serve now; the client should dial by itself."""
 
 
-@dataclass(frozen=True, slots=True)
-class StreamRecord:
-    """What the agent decided for one INCOMING (kept for tests and logs)."""
+class _ServerRefused(Exception):
+    """We refused the server after TLS (pin mismatch, wrong ALPN): retry later."""
 
-    stream_id: str
-    src: str
-    service: str
-    accepted: bool
-    code: str
-    reason: str
+
+class _AnswerFailed(DialError):
+    """The core failed an admitted local open; ``fallback`` says whether nc should dial."""
+
+    def __init__(self, code: str, message: str, fallback: bool) -> None:
+        super().__init__(code, message)
+        self.fallback = fallback
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalWait:
+    """A local open's thread waiting for the core: admission, then the server's answer."""
+
+    worker: threading.Thread
+    admitted: concurrent.futures.Future[None]
+    answer: concurrent.futures.Future[m.Opened]
+
+
+#: What ends one connection attempt: the core's next step, or None when stopping.
+_Action = core.Reconnect | core.Fatal | None
 
 
 class Agent:
-    """The agent's state across reconnects; run with :meth:`run`, stop with :meth:`stop`."""
+    """The agent's I/O across reconnects; run with :meth:`run`, stop with :meth:`stop`."""
 
     def __init__(
         self,
@@ -145,36 +141,52 @@ class Agent:
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self._fixed_host_keys = host_keys
-        self.backoff = backoff or Backoff()
         self.on_decision = on_decision
+        self.core = NodeCore(
+            NodeConfig(name=state.name, server=state.server, services=services, software=SOFTWARE),
+            backoff=backoff,
+        )
         self.connected = threading.Event()  # set while a session is READY (tests poll it)
-        self._active = 0
         self._threads: set[threading.Thread] = set()
         self._cancel_r, self._cancel_w = os.pipe()  # readable = all pumps stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._conn: ControlConnection | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: ControlLink | None = None
+        self._recent: collections.deque[ControlLink] = collections.deque(maxlen=MAX_RECENT_LINKS)
+        self._action: asyncio.Future[_Action] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._targets: dict[str, socket.socket] = {}  # connected targets awaiting StartStream
         self._stream_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None  # e2e client side of local opens
         self._local_api = local_api
         self._api: LocalApiServer | None = None
-        # Local opens waiting for OPENED/OPEN_FAILED, by token hex (event loop only).
-        self._local_opens: dict[str, concurrent.futures.Future[m.Message]] = {}
+        self._local: dict[bytes, _LocalWait] = {}  # by token (event loop only)
+
+    @property
+    def backoff(self) -> Backoff:
+        return self.core.backoff
+
+    @property
+    def active_streams(self) -> int:
+        return self.core.active
 
     # -- lifecycle ------------------------------------------------------------
     def stop(self) -> None:
         """Ask the agent to exit (thread-safe; also from a signal handler)."""
         self._stopping = True
-        loop, main = self._loop, self._main
-        if loop is not None and main is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(main.cancel)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed between the check and the call
+                loop.call_soon_threadsafe(self._on_stop)
 
-    @property
-    def active_streams(self) -> int:
-        return self._active
+    def _on_stop(self) -> None:
+        # cancel() alone can be lost in 3.11's wait_for; resolving the action cannot.
+        if self._action is not None and not self._action.done():
+            self._action.set_result(None)
+        if self._main is not None:
+            self._main.cancel()
 
     async def run(self) -> int:
         """Connect, serve, reconnect; return an :class:`ExitCode`."""
@@ -190,35 +202,31 @@ class Agent:
         self._start_local_api()
         try:
             while not self._stopping:
-                started = time.monotonic()
-                try:
-                    await self._session()
-                except _Reconnect as exc:
-                    log.warning("control connection lost: %s", exc)
-                except _Fatal as exc:
-                    log.error("%s", exc)
-                    return int(exc.code)
-                except (OSError, ssl.SSLError, TimeoutError) as exc:
-                    log.warning("cannot connect to server %s: %s", self.state.server, _why(exc))
-                finally:
-                    self.connected.clear()
-                    self._conn = None
-                    self._fail_local_opens()
-                    if self._writer is not None:
-                        # abort(), not close(): no TLS close handshake to wait for on a
-                        # link we are abandoning (and none may outlive the loop).
-                        self._writer.transport.abort()
-                        self._writer = None
-                self.backoff.connected_for(time.monotonic() - started)
-                if self._stopping:
+                action = await self._attempt()
+                if isinstance(action, core.Fatal):
+                    log.error("%s", action.message)
+                    return action.exit_code
+                if action is None or self._stopping:
                     break
-                delay = self.backoff.next_delay()
-                log.info("reconnecting in %.1fs", delay)
-                await asyncio.sleep(delay)
+                log.info("reconnecting in %.1fs", action.delay)
+                await asyncio.sleep(action.delay)
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
         finally:
+            self.connected.clear()
+            self.core.stop()
+            self._drain()
+            self._link = None
+            for link in self._recent:
+                # abort(), not close(): no TLS close handshake to wait for on a
+                # link we are abandoning (and none may outlive the loop).
+                if not link.ended:
+                    link.abort("agent stopping")
+                elif link.transport is not None:
+                    link.transport.abort()  # ended, maybe still in its TLS close
+            if self._timer is not None:
+                self._timer.cancel()
             if self._api is not None:
                 self._api.close()
             await asyncio.sleep(0)  # let the aborted transport report connection_lost
@@ -228,6 +236,9 @@ class Agent:
 
     async def _shutdown_streams(self) -> None:
         os.write(self._cancel_w, b"x")
+        for sock in self._targets.values():
+            sock.close()
+        self._targets.clear()
         deadline = time.monotonic() + STOP_GRACE
         while self._threads and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -235,27 +246,54 @@ class Agent:
         os.close(self._cancel_w)
 
     # -- one control connection ---------------------------------------------
-    async def _session(self) -> None:
+    async def _attempt(self) -> _Action:
+        """One connection attempt; returns when the core says what comes next."""
+        loop = asyncio.get_running_loop()
+        action: asyncio.Future[_Action] = loop.create_future()
+        self._action = action
+        try:
+            await self._connect()
+        except (OSError, ssl.SSLError, TimeoutError, _ServerRefused) as exc:
+            log.warning("cannot connect to server %s: %s", self.state.server, _why(exc))
+            self.core.connect_failed(_why(exc), loop.time())
+            self._drain()
+        if self._stopping and not action.done():
+            action.set_result(None)  # stop() may have run before this future existed
+        return await action
+
+    async def _connect(self) -> None:
         # Host keys first, so ANNOUNCE follows WELCOME at once: a client that
         # sees this node online can immediately open streams to its services.
-        host_keys = await self._host_keys()
+        self.core.set_host_keys(await self._host_keys())
+        self._drain()
         host, port = self.state.server_address()
         ctx = hptls.control_client_context(self.state.cert_path, self.state.key_path)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=""),
-            CONNECT_TIMEOUT,
+        link = await connect_control(
+            host,
+            port,
+            ctx,
+            self,
+            ping_interval=self.ping_interval,
+            idle_timeout=self.idle_timeout,
+            answer_timeout=WELCOME_TIMEOUT,
+            connect_timeout=CONNECT_TIMEOUT,
         )
-        self._writer = writer
-        sslobj = writer.get_extra_info("ssl_object")
-        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        self._recent.append(link)
+        if link.ended:  # refused by the driver itself (ALPN)
+            ev = await link.wait_closed()
+            raise _ServerRefused(ev.reason)
         try:
-            hptls.check_pin(der, self.state.server_pin)
+            hptls.check_pin(link.peer_cert_der(), self.state.server_pin)
         except hptls.PinMismatch as exc:
-            raise _Reconnect(f"server certificate does not match the pinned one ({exc})") from exc
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link.abort("server pin mismatch")
+            raise _ServerRefused(
+                f"server certificate does not match the pinned one ({exc})"
+            ) from exc
+        if link.transport is not None:
+            sock = link.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._stream_ctx = hptls.stream_context(
             server_side=True,
             cert=self.state.cert_path,
@@ -268,90 +306,26 @@ class Agent:
             key=self.state.key_path,
             ca_cert=self.state.ca_path,
         )
-        loop = asyncio.get_running_loop()
-        conn = ControlConnection(
-            Role.CLIENT,
-            loop.time(),
-            ping_interval=self.ping_interval,
-            idle_timeout=self.idle_timeout,
-        )
-        self._conn = conn
-        self._send(m.Hello(proto=m.PROTOCOL_VERSION, role="agent", software=SOFTWARE))
-        welcome_by = loop.time() + WELCOME_TIMEOUT
-        while not self._stopping:  # cancel() alone can be lost in 3.11's wait_for
-            timer = conn.get_timer()
-            now = loop.time()
-            wait = max(0.0, (timer if timer is not None else now) - now)
-            if self._conn is conn and not self.connected.is_set():
-                wait = min(wait, max(0.0, welcome_by - now))
-            try:
-                data = await asyncio.wait_for(reader.read(CONTROL_READ_SIZE), wait)
-            except TimeoutError:
-                if not self.connected.is_set() and loop.time() >= welcome_by:
-                    raise _Reconnect("no WELCOME from the server") from None
-                conn.handle_timer(loop.time())
-            else:
-                conn.receive_data(data, loop.time())
-            while (ev := conn.next_event()) is not None:
-                if isinstance(ev, MessageReceived):
-                    self._on_message(ev.message, host_keys)
-                else:
-                    self._flush()
-                    raise _Reconnect(_closed_text(ev))
-            self._flush()
-
-    def _send(self, msg: m.Message) -> None:
-        if self._conn is None:
+        if self._stopping:
+            link.abort("agent stopping")
             return
-        self._conn.send(msg)
-        self._flush()
+        self._link = link
+        self.core.session_started(asyncio.get_running_loop().time())
+        self._drain()
 
-    def _flush(self) -> None:
-        if self._conn is None or self._writer is None:
+    # ControlHandler
+    def control_message(self, link: ControlLink, msg: m.Message) -> None:
+        if link is not self._link:
+            return  # a link we already gave up on (or not yet checked)
+        self.core.message_received(msg, asyncio.get_running_loop().time())
+        self._drain()
+
+    def control_closed(self, link: ControlLink, ev: ConnectionClosed) -> None:
+        if link is not self._link:
             return
-        data = self._conn.data_to_send()
-        if data:
-            self._writer.write(data)
-
-    def _on_message(self, msg: m.Message, host_keys: tuple[str, ...]) -> None:
-        if isinstance(msg, m.Welcome):
-            self._send(
-                m.Announce(
-                    services=tuple(m.ServiceInfo(s.name, s.port) for s in self.services),
-                    host_keys=host_keys,
-                )
-            )
-            log.info(
-                "connected to %s as %s (%s); announced %d services, %d host keys",
-                self.state.server,
-                msg.name,
-                msg.node_id,
-                len(self.services),
-                len(host_keys),
-            )
-            self.connected.set()
-        elif isinstance(msg, m.Opened | m.OpenFailed):
-            fut = self._local_opens.pop(msg.token, None)
-            if fut is None:
-                log.debug("%s for an unknown token", msg.TYPE.name)
-            elif not fut.done():
-                fut.set_result(msg)
-        elif isinstance(msg, m.Incoming):
-            task = asyncio.create_task(self._on_incoming(msg))
-            self._tasks.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self._tasks.discard)
-        elif isinstance(msg, m.Error):
-            if msg.code in FATAL_ERROR_CODES:
-                raise _Fatal(
-                    ExitCode.NODE_REMOVED,
-                    f"this node was removed by an admin ({msg.message}); "
-                    "enroll again with a new auth key",
-                )
-            raise _Reconnect(f"server error {msg.code}: {msg.message}")
-        elif isinstance(msg, m.NetMap):
-            log.debug("network map: %d nodes", len(msg.nodes))
-        else:
-            log.debug("ignoring %s", msg.TYPE.name)
+        self._link = None
+        self.core.session_ended(_closed_text(ev), asyncio.get_running_loop().time())
+        self._drain()
 
     async def _host_keys(self) -> tuple[str, ...]:
         if self._fixed_host_keys is not None:
@@ -362,69 +336,124 @@ class Agent:
         target = (ssh.target_host, ssh.target_port)
         return await asyncio.get_running_loop().run_in_executor(None, hostkeys.collect, target)
 
-    # -- streams ------------------------------------------------------------
-    def _decide(self, msg: m.Incoming, accepted: bool, code: str, reason: str) -> None:
-        src = f"{msg.src.name} ({msg.src.node_id})"
-        verb = "accepted" if accepted else f"rejected [{code}]"
-        log.info("stream %s from %s for %r: %s: %s", msg.stream_id, src, msg.service, verb, reason)
+    # -- carrying out the core's commands ----------------------------------------------
+    def _drain(self) -> None:
+        """Carry out every command the core made (event loop only)."""
+        while (cmd := self.core.next_command()) is not None:
+            if isinstance(cmd, core.Send):
+                if self._link is not None:
+                    self._link.send(cmd.msg)
+            elif isinstance(cmd, core.Decided):
+                self._log_decision(cmd.record)
+            elif isinstance(cmd, core.ConnectTarget):
+                task = asyncio.get_running_loop().create_task(self._connect_target(cmd))
+                self._tasks.add(task)  # the loop keeps only weak references to tasks
+                task.add_done_callback(self._tasks.discard)
+            elif isinstance(cmd, core.StartStream):
+                self._start_stream(cmd)
+            elif isinstance(cmd, core.DropTarget):
+                target = self._targets.pop(cmd.stream_id, None)
+                if target is not None:
+                    target.close()
+            elif isinstance(cmd, core.LocalOpenAdmitted | core.LocalOpenSucceeded):
+                self._local_answer(cmd)
+            elif isinstance(cmd, core.LocalOpenFailed):
+                self._local_failed(cmd)
+            elif isinstance(cmd, core.SessionReady):
+                log.info(
+                    "connected to %s as %s (%s); announced %d services, %d host keys%s",
+                    self.state.server,
+                    cmd.name,
+                    cmd.node_id,
+                    cmd.services,
+                    cmd.host_keys,
+                    "; peer map pushed" if cmd.peers else "",
+                )
+                self.connected.set()
+            elif isinstance(cmd, core.SessionLost):
+                self.connected.clear()
+                if not self._stopping:
+                    log.warning("control connection lost: %s", cmd.reason)
+            elif (
+                isinstance(cmd, core.Reconnect | core.Fatal)
+                and self._action is not None
+                and not self._action.done()
+            ):
+                self._action.set_result(cmd)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        when = self.core.get_timer()
+        if self._timer is not None:
+            if when is not None and self._timer.when() == when:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.core.handle_timer(asyncio.get_running_loop().time())
+        self._drain()
+
+    def _log_decision(self, rec: StreamRecord) -> None:
+        verb = "accepted" if rec.accepted else f"rejected [{rec.code}]"
+        log.info(
+            "stream %s from %s for %r: %s: %s (rule %s)",
+            rec.stream_id,
+            rec.src,
+            rec.service,
+            verb,
+            rec.reason,
+            rec.rule,
+        )
         if self.on_decision is not None:
-            self.on_decision(StreamRecord(msg.stream_id, src, msg.service, accepted, code, reason))
-        if not accepted:
-            self._send(m.Reject(stream_id=msg.stream_id, code=code, message=reason))
+            self.on_decision(rec)
 
-    async def _on_incoming(self, msg: m.Incoming) -> None:
-        if self._active >= MAX_STREAMS:
-            self._decide(msg, False, "busy", f"{MAX_STREAMS} streams already active")
-            return
-        self._active += 1
-        handed_off = False
+    # -- streams ------------------------------------------------------------
+    async def _connect_target(self, cmd: core.ConnectTarget) -> None:
+        svc = cmd.service
         try:
-            try:
-                token = token_from_hex_untrusted(msg.token)
-            except WireError as exc:
-                self._decide(msg, False, "protocol", f"bad stream token: {exc}")
-                return
-            verdict = resolve(self.services, msg.service)
-            if not verdict.allowed or verdict.service is None:
-                self._decide(msg, False, "not-exposed", verdict.reason)
-                return
-            svc = verdict.service
-            try:
-                target = await _connect_target(svc.target_host, svc.target_port)
-            except OSError as exc:
-                self._decide(msg, False, "service-down", _connect_reason(exc, svc))
-                return
-            conn = self._conn
-            if conn is None:
-                target.close()
-                return  # the control connection died meanwhile; the server cancels the stream
-            self._send(m.Accept(stream_id=msg.stream_id))
-            self._decide(msg, True, "", verdict.reason)
-            t = threading.Thread(
-                target=self._stream_worker,
-                args=(msg, token, target),
-                name=f"stream-{msg.stream_id}",
-                daemon=True,
-            )
-            self._threads.add(t)
-            t.start()
-            handed_off = True
-        finally:
-            if not handed_off:
-                self._active -= 1
+            target = await _connect_target(svc.target_host, svc.target_port)
+        except OSError as exc:
+            self.core.target_failed(cmd.stream_id, _connect_reason(exc, svc))
+        else:
+            self._targets[cmd.stream_id] = target
+            self.core.target_connected(cmd.stream_id)
+        self._drain()
 
-    def _stream_worker(self, msg: m.Incoming, token: bytes, target: socket.socket) -> None:
+    def _start_stream(self, cmd: core.StartStream) -> None:
+        target = self._targets.pop(cmd.stream_id, None)
+        if target is None:  # cannot happen: the core starts only what we connected
+            self.core.stream_ended(cmd.stream_id)
+            return
+        t = threading.Thread(
+            target=self._stream_worker,
+            args=(cmd, target),
+            name=f"stream-{cmd.stream_id}",
+            daemon=True,
+        )
+        self._threads.add(t)
+        try:
+            t.start()
+        except RuntimeError:  # cannot start a thread: resource exhaustion
+            self._threads.discard(t)
+            target.close()
+            self.core.stream_ended(cmd.stream_id)
+
+    def _stream_worker(self, cmd: core.StartStream, target: socket.socket) -> None:
         """Data connection, e2e TLS server handshake + pin, pump (blocking, own thread)."""
-        peer = msg.src.name or msg.src.node_id
+        peer = cmd.src.name or cmd.src.node_id
         try:
             ctx = self._stream_ctx
             assert ctx is not None
-            data = dial_data(self.state, token, timeout=STREAM_SETUP_TIMEOUT)
+            data = dial_data(self.state, cmd.token, timeout=STREAM_SETUP_TIMEOUT)
             tls = e2e_handshake(
                 data,
                 ctx,
                 server_side=True,
-                expected_pin=msg.src.fingerprint,
+                expected_pin=cmd.src.fingerprint,
                 peer_name=peer,
                 timeout=STREAM_SETUP_TIMEOUT,
             )
@@ -434,31 +463,40 @@ class Agent:
             log.log(
                 level,
                 "stream %s from %s ended: %s (%d bytes in, %d bytes out)",
-                msg.stream_id,
+                cmd.stream_id,
                 peer,
                 res.reason,
                 res.sent,
                 res.received,
             )
         except DialError as exc:
-            log.warning("stream %s from %s failed: %s", msg.stream_id, peer, exc.message)
+            log.warning("stream %s from %s failed: %s", cmd.stream_id, peer, exc.message)
         except Exception:
-            log.exception("stream %s from %s crashed", msg.stream_id, peer)
+            log.exception("stream %s from %s crashed", cmd.stream_id, peer)
         finally:
             target.close()
-            loop = self._loop
-            me = threading.current_thread()
-            if loop is not None and not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(self._stream_done, me)
-                except RuntimeError:  # loop closed between the check and the call
-                    self._stream_done(me)
-            else:
-                self._stream_done(me)
+            self._on_loop(self._stream_done, cmd.stream_id, threading.current_thread())
 
-    def _stream_done(self, t: threading.Thread) -> None:
+    def _stream_done(self, stream_id: str, t: threading.Thread) -> None:
         self._threads.discard(t)
-        self._active -= 1
+        self.core.stream_ended(stream_id)
+        self._drain()
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the event loop (from a worker thread); dropped once it is gone.
+
+        Once the loop is closed the agent is over: only the thread set still
+        matters (``_shutdown_streams`` waits for it to empty).
+        """
+        loop = self._loop
+        try:
+            if loop is None or loop.is_closed():
+                raise RuntimeError("loop closed")
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            for arg in args:
+                if isinstance(arg, threading.Thread):
+                    self._threads.discard(arg)
 
     # -- local opens (homeport nc on this machine) ------------------------------------
     def _start_local_api(self) -> None:
@@ -475,45 +513,47 @@ class Agent:
         self._api = api
         log.info("local API on %s", path)
 
-    def _fail_local_opens(self) -> None:
-        """The session is gone: no OPENED will ever come for what it carried."""
-        opens, self._local_opens = self._local_opens, {}
-        err = DialError("eof", f"server {self.state.server} closed the connection")
-        for fut in opens.values():
-            if not fut.done():
-                fut.set_exception(err)
+    def _local_answer(self, cmd: core.LocalOpenAdmitted | core.LocalOpenSucceeded) -> None:
+        wait = self._local.get(cmd.token)
+        if wait is None:
+            return
+        if isinstance(cmd, core.LocalOpenAdmitted):
+            self._threads.add(wait.worker)
+            if not wait.admitted.done():
+                wait.admitted.set_result(None)
+        elif not wait.answer.done():
+            wait.answer.set_result(cmd.opened)
+
+    def _local_failed(self, cmd: core.LocalOpenFailed) -> None:
+        if not cmd.admitted:
+            wait = self._local.pop(cmd.token, None)
+            if wait is not None and not wait.admitted.done():
+                wait.admitted.set_exception(_LocalRefused(cmd.code, cmd.message))
+            return
+        wait = self._local.get(cmd.token)
+        if wait is not None and not wait.answer.done():
+            wait.answer.set_exception(_AnswerFailed(cmd.code, cmd.message, cmd.fallback))
 
     def _local_begin(
-        self,
-        req: OpenRequest,
-        token: bytes,
-        worker: threading.Thread,
-        admitted: concurrent.futures.Future[None],
-        answer: concurrent.futures.Future[m.Message],
+        self, req: OpenRequest, token: bytes, wait: _LocalWait, timeout: float
     ) -> None:
-        """Event loop side of a local open: admit it (limit, session up) and send OPEN."""
-        if not admitted.set_running_or_notify_cancel():
+        """Event loop side of a local open: hand it to the core (which admits it or not)."""
+        if not wait.admitted.set_running_or_notify_cancel():
             return  # the worker gave up waiting for us
-        if self._stopping or self._conn is None or not self.connected.is_set():
-            admitted.set_exception(
-                _LocalRefused("not-connected", f"not connected to server {self.state.server}")
-            )
-            return
-        if self._active >= MAX_STREAMS:
-            admitted.set_exception(_LocalRefused("busy", f"{MAX_STREAMS} streams already active"))
-            return
-        self._active += 1
-        self._threads.add(worker)
-        self._local_opens[token.hex()] = answer
-        self._send(m.Open(dst=req.dst, service=req.service, token=token.hex()))
-        admitted.set_result(None)
+        self._local[token] = wait
+        self.core.open_local(
+            token, req.dst, req.service, asyncio.get_running_loop().time(), timeout
+        )
+        self._drain()
 
-    def _local_done(self, token_hex: str, worker: threading.Thread) -> None:
-        self._local_opens.pop(token_hex, None)
-        self._stream_done(worker)
+    def _local_done(self, token: bytes, worker: threading.Thread) -> None:
+        self._local.pop(token, None)
+        self._threads.discard(worker)
+        self.core.local_open_ended(token)
+        self._drain()
 
     def _admit_local(
-        self, req: OpenRequest, token: bytes, answer: concurrent.futures.Future[m.Message]
+        self, req: OpenRequest, token: bytes, wait: _LocalWait, timeout: float
     ) -> None:
         """Ask the event loop to admit a local open (called from its worker thread).
 
@@ -521,20 +561,18 @@ class Agent:
             _LocalRefused: not admitted; nothing was counted or sent.
         """
         loop = self._loop
-        admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        me = threading.current_thread()
         try:
-            if loop is None:
+            if loop is None or self._stopping:
                 raise RuntimeError("no event loop")
-            loop.call_soon_threadsafe(self._local_begin, req, token, me, admitted, answer)
+            loop.call_soon_threadsafe(self._local_begin, req, token, wait, timeout)
         except RuntimeError:  # the loop is closed: the agent is stopping
             raise _LocalRefused("not-connected", "the agent is stopping") from None
         try:
-            admitted.result(timeout=LOCAL_ADMIT_TIMEOUT)
+            wait.admitted.result(timeout=LOCAL_ADMIT_TIMEOUT)
         except concurrent.futures.TimeoutError:
-            if admitted.cancel():  # the loop never looked at it: nothing to undo
+            if wait.admitted.cancel():  # the loop never looked at it: nothing to undo
                 raise _LocalRefused("busy", "the agent did not answer in time") from None
-            admitted.result()  # decided meanwhile: its outcome stands
+            wait.admitted.result()  # decided meanwhile: its outcome stands
 
     def _serve_local(self, conn: socket.socket, req: OpenRequest) -> None:
         """One local ``open``, in its local API thread, for the whole life of the stream.
@@ -548,32 +586,26 @@ class Agent:
         timeout = req.timeout if req.timeout is not None else STREAM_SETUP_TIMEOUT
         deadline = time.monotonic() + timeout
         token = new_token()
-        answer: concurrent.futures.Future[m.Message] = concurrent.futures.Future()
+        me = threading.current_thread()
+        wait = _LocalWait(me, concurrent.futures.Future(), concurrent.futures.Future())
         try:
-            self._admit_local(req, token, answer)
+            self._admit_local(req, token, wait, timeout)
         except _LocalRefused as exc:
             log.info("local open of %s:%s handed back: %s", req.dst, req.service, exc.message)
             with contextlib.suppress(OSError):
                 send_reply(conn, error_reply(exc.code, exc.message, fallback=True))
             return
-        me = threading.current_thread()
         try:
-            self._local_stream(conn, req, token, answer, deadline)
+            self._local_stream(conn, req, token, wait.answer, deadline)
         finally:
-            loop = self._loop
-            try:
-                if loop is None or loop.is_closed():
-                    raise RuntimeError("loop closed")
-                loop.call_soon_threadsafe(self._local_done, token.hex(), me)
-            except RuntimeError:
-                self._stream_done(me)
+            self._on_loop(self._local_done, token, me)
 
     def _local_stream(
         self,
         conn: socket.socket,
         req: OpenRequest,
         token: bytes,
-        answer: concurrent.futures.Future[m.Message],
+        answer: concurrent.futures.Future[m.Opened],
         deadline: float,
     ) -> None:
         def left() -> float:
@@ -587,14 +619,13 @@ class Agent:
                 started, client_hello = tlsstream.begin_client(data, ctx)
                 data.sendall(client_hello)  # rides behind the preamble, like nc's
                 try:
-                    msg = answer.result(timeout=left())
+                    # The core fails the open at the deadline; the slack only
+                    # covers a wedged event loop.
+                    msg = answer.result(timeout=left() + LOCAL_ADMIT_TIMEOUT)
                 except concurrent.futures.TimeoutError:
                     raise DialError(
                         "timeout", f"no answer from server {self.state.server}"
                     ) from None
-                if isinstance(msg, m.OpenFailed):
-                    raise DialError(msg.code, msg.message or msg.code)
-                assert isinstance(msg, m.Opened)
             except BaseException:
                 data.close()
                 raise
@@ -610,9 +641,10 @@ class Agent:
             )
         except DialError as exc:
             log.info("local open of %s:%s failed: %s", req.dst, req.service, exc.message)
-            # "busy" is about this session (opens in flight), not about the peer:
-            # nc's own session may well get through.
-            fallback = exc.code in LOCAL_FALLBACK_CODES
+            if isinstance(exc, _AnswerFailed):
+                fallback = exc.fallback
+            else:
+                fallback = exc.code in LOCAL_FALLBACK_CODES
             with contextlib.suppress(OSError):
                 send_reply(conn, error_reply(exc.code, exc.message, fallback=fallback))
             return

@@ -1,0 +1,636 @@
+"""The node (agent) protocol core: sans-I/O, events in, commands out.
+
+Theory of operation. Everything the agent *decides* lives here, as a pure
+state machine in the style of h11 and aioquic's ``QuicConnection``; the agent
+runtime (:mod:`homeport.agent.runtime`) only feeds it and carries out what it
+asks. The core never touches a socket, a thread, a future or the clock: every
+input carries ``now`` where time matters, and the random stream token of a
+local open is chosen by the driver and passed in, so a test can replay any
+sequence of inputs and get exactly the same commands back.
+
+The driver's loop::
+
+    core.session_started(now)               # TLS up, server pin checked
+    core.message_received(msg, now)         # each message the control machine decoded
+    core.target_connected(stream_id) / core.target_failed(stream_id, reason)
+    core.stream_ended(stream_id)            # an accepted stream's pump finished
+    core.open_local(token, dst, service, now, timeout) / core.local_open_ended(token)
+    core.session_ended(reason, now) / core.connect_failed(reason, now)
+    core.handle_timer(now)                  # when core.get_timer() is due
+    while (cmd := core.next_command()) is not None: carry_out(cmd)
+
+What it owns:
+
+* **The session across reconnects.** ``session_started`` sends HELLO (wire
+  version, our capability version and caps, role ``agent``); WELCOME makes the
+  session READY and sends ANNOUNCE (services and sshd host keys); new host keys
+  while READY are announced again. When a session ends (or a connect fails) the
+  core asks for a reconnect after a jittered backoff delay
+  (:class:`~homeport.proto.backoff.Backoff`), forever, except after a fatal
+  ERROR (``node-removed``: :class:`Fatal` with exit code 3), because an admin
+  removed this node and its certificate will never be accepted again.
+* **The destination's decision.** Every INCOMING is answered by this node,
+  never by trusting the server's routing: a bad token is refused, at
+  :data:`MAX_STREAMS` the answer is REJECT(busy), and otherwise the one access
+  decision :func:`homeport.policy.decide.decide` runs (REJECT(not-exposed) with
+  its reason) before anything local is connected. An allowed stream becomes a
+  :class:`ConnectTarget`; the driver reports the outcome, and only then does
+  the core send ACCEPT (and :class:`StartStream`) or REJECT(service-down).
+  Every outcome is one :class:`StreamRecord` (in a :class:`Decided` command).
+* **Local opens** (``homeport nc`` through ``agent.sock``): admitted only while
+  READY and under the stream limit, sent as OPEN, and the matching OPENED or
+  OPEN_FAILED is routed back by token. A session that ends, or a deadline that
+  passes, fails every open still waiting with a reason the user can read.
+* **One stream limit.** Incoming streams (from INCOMING until ``stream_ended``)
+  and local opens (from admission until ``local_open_ended``) share
+  :data:`MAX_STREAMS`: each is a worker thread and a few descriptors.
+* **The peer map** from PEERS frames (capability ``peers`` only): for now a
+  placeholder (:class:`PeerMapPlaceholder`) that keeps the version and count.
+
+Commands are drained with :meth:`NodeCore.next_command`, in the order they were
+made; the queue never holds more than one input's worth of commands if the
+driver drains after each input, and a single input makes at most one command
+per local open or pending stream, so it is bounded by :data:`MAX_STREAMS`.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
+from homeport.policy.services import Service
+from homeport.proto.backoff import Backoff
+from homeport.wire import control as m
+from homeport.wire.data import token_from_hex_untrusted
+from homeport.wire.errors import WireError
+
+#: Concurrent streams per agent (incoming and local opens together); beyond
+#: this INCOMING is answered REJECT(busy) and a local open is handed back.
+MAX_STREAMS = 256
+#: Server ERROR codes after which reconnecting can never succeed.
+FATAL_ERROR_CODES = frozenset({"node-removed"})
+#: OPEN_FAILED codes after which nc should dial by itself rather than report:
+#: "busy" is about this session (opens in flight), not about the peer.
+LOCAL_FALLBACK_CODES = frozenset({"busy"})
+#: Seconds a local open waits for OPENED/OPEN_FAILED when the caller names no timeout.
+DEFAULT_OPEN_TIMEOUT = 10.0
+#: Most peers the placeholder peer map tracks (a bound on untrusted deltas).
+MAX_PEERS = 65536
+#: The role this core announces in HELLO (it stays connected and receives streams).
+ROLE_AGENT = "agent"
+#: Rules named in a record when the core refused before any policy rule ran.
+RULE_LIMIT = "stream-limit"
+RULE_MALFORMED = "malformed"
+RULE_DUPLICATE = "duplicate"
+
+
+class ExitCode(enum.IntEnum):
+    """The agent's process exit codes (systemd's RestartPreventExitStatus uses 3)."""
+
+    STOPPED = 0
+    FATAL = 2
+    NODE_REMOVED = 3
+
+
+class SessionState(enum.Enum):
+    """Where the node is with the server (the control machine has its own states)."""
+
+    IDLE = "idle"  # no control connection (connecting, or waiting to reconnect)
+    HELLO_SENT = "hello-sent"  # connected, HELLO sent, waiting for WELCOME
+    READY = "ready"  # WELCOME received, ANNOUNCE sent: streams may flow
+    FATAL = "fatal"  # a fatal ERROR: the node must exit (sticky)
+    STOPPED = "stopped"  # the driver is shutting down (sticky)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """What the core needs to know about this node; no paths, no I/O."""
+
+    name: str
+    server: str  # "host:port", for messages only
+    services: tuple[Service, ...] = ()
+    software: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRecord:
+    """One decision on an INCOMING, for logs and tests.
+
+    ``code`` is ``"ok"`` for an accepted stream, else the REJECT code;
+    ``rule`` names what decided (a policy rule, or the core's own check).
+    """
+
+    stream_id: str
+    src: str  # "name (node id)"
+    service: str
+    accepted: bool
+    code: str
+    reason: str
+    rule: str
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write ``msg`` on the current control connection."""
+
+    msg: m.Message
+
+
+@dataclass(frozen=True, slots=True)
+class SessionReady:
+    """WELCOME arrived and ANNOUNCE went out: the node is online."""
+
+    node_id: str
+    name: str
+    services: int
+    host_keys: int
+    peers: bool  # whether the server will push PEERS (it announced the capability)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLost:
+    """The control connection is over (after being started); ``reason`` is for the log."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Open a new control connection after ``delay`` seconds."""
+
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal:
+    """Stop for good and exit with ``exit_code``: reconnecting can never succeed."""
+
+    exit_code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """A decision on an INCOMING was made (log it, hand it to observers)."""
+
+    record: StreamRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectTarget:
+    """Connect the local target of an allowed stream; report with target_connected/failed."""
+
+    stream_id: str
+    service: Service
+
+
+@dataclass(frozen=True, slots=True)
+class StartStream:
+    """ACCEPT was sent: dial the data connection, run the e2e TLS server and the pump.
+
+    The peer's certificate must have ``src.fingerprint``. Call
+    :meth:`NodeCore.stream_ended` when the stream is over.
+    """
+
+    stream_id: str
+    token: bytes
+    src: m.PeerInfo
+    service: Service
+
+
+@dataclass(frozen=True, slots=True)
+class DropTarget:
+    """Close the target connected for ``stream_id``: the stream will not go ahead."""
+
+    stream_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LocalOpenAdmitted:
+    """OPEN went out for this local open; dial the data connection meanwhile."""
+
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LocalOpenSucceeded:
+    """The server answered OPENED: pin ``opened.peer`` in the e2e handshake."""
+
+    token: bytes
+    opened: m.Opened
+
+
+@dataclass(frozen=True, slots=True)
+class LocalOpenFailed:
+    """This local open is over without a stream.
+
+    ``fallback``: the agent could not help (not connected, busy), so the
+    client should dial by itself; otherwise the failure is the final answer.
+    ``admitted`` says whether it had been admitted (and so counts until
+    :meth:`NodeCore.local_open_ended`).
+    """
+
+    token: bytes
+    code: str
+    message: str
+    fallback: bool
+    admitted: bool
+
+
+Command = (
+    Send
+    | SessionReady
+    | SessionLost
+    | Reconnect
+    | Fatal
+    | Decided
+    | ConnectTarget
+    | StartStream
+    | DropTarget
+    | LocalOpenAdmitted
+    | LocalOpenSucceeded
+    | LocalOpenFailed
+)
+
+
+# -- the peer map (placeholder) -------------------------------------------------------------
+
+
+@dataclass
+class PeerMapPlaceholder:
+    """PLACEHOLDER until ``proto.netmap.PeerView`` lands: the last PEERS version and count.
+
+    It applies resets and deltas to a set of node ids only, so the count is
+    right; it does not detect version gaps or hold peer details. The lead
+    replaces it with the real PeerView (same two calls: ``apply`` and the
+    ``version``/``count`` read-outs).
+    """
+
+    version: int = 0
+    frames: int = 0
+    _ids: set[str] = field(default_factory=set)
+    _more: bool = False  # the last frame said more frames of its version follow
+
+    @property
+    def count(self) -> int:
+        return len(self._ids)
+
+    def apply(self, msg: m.Peers) -> None:
+        self.frames += 1
+        continues = self._more and msg.version == self.version
+        if msg.reset and not continues:
+            self._ids = set()  # the first frame of a full map
+        self._ids.difference_update(msg.removed)
+        for peer in msg.peers:
+            if len(self._ids) >= MAX_PEERS:
+                break
+            self._ids.add(peer.node_id)
+        self.version = msg.version
+        self._more = msg.more
+
+
+# -- the core --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """An allowed INCOMING whose local target is being connected."""
+
+    msg: m.Incoming
+    token: bytes
+    service: Service
+    reason: str
+    rule: str
+    epoch: int
+
+
+class _OpenState(enum.Enum):
+    WAITING = "waiting"  # OPEN sent, no answer yet
+    ANSWERED = "answered"  # OPENED routed to the driver
+    FAILED = "failed"  # failure routed to the driver
+
+
+@dataclass
+class _LocalOpen:
+    token: bytes
+    dst: str
+    service: str
+    deadline: float
+    state: _OpenState = _OpenState.WAITING
+
+
+class NodeCore:
+    """The agent's protocol state across reconnects (one per agent process)."""
+
+    def __init__(self, config: NodeConfig, *, backoff: Backoff | None = None) -> None:
+        self.config = config
+        self.name = config.name
+        self.node_id = ""
+        self.backoff = backoff or Backoff()
+        self.state = SessionState.IDLE
+        self.host_keys: tuple[str, ...] = ()
+        #: Capabilities the current server announced in WELCOME (intersected with ours).
+        self.server_caps: frozenset[str] = frozenset()
+        self.server_capver = 1
+        self.peers = PeerMapPlaceholder()
+        #: Messages ignored because they came where they make no sense (for tests).
+        self.ignored = 0
+        self._epoch = 0  # one per session; stale pending streams are dropped
+        self._session_start = 0.0
+        self._pending: dict[str, _Pending] = {}
+        self._streams: set[str] = set()
+        self._local: dict[bytes, _LocalOpen] = {}
+        self._commands: collections.deque[Command] = collections.deque()
+
+    # -- read-outs ------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Whether a session is READY (WELCOME received)."""
+        return self.state is SessionState.READY
+
+    @property
+    def active(self) -> int:
+        """Streams counting against :data:`MAX_STREAMS` (pending, running, local)."""
+        return len(self._pending) + len(self._streams) + len(self._local)
+
+    @property
+    def peers_expected(self) -> bool:
+        """Whether this server pushes PEERS (it announced the ``peers`` capability)."""
+        return m.CAP_PEERS in self.server_caps
+
+    def next_command(self) -> Command | None:
+        """Pop the next command, or None."""
+        return self._commands.popleft() if self._commands else None
+
+    # -- session lifecycle ---------------------------------------------------------------
+    def session_started(self, now: float) -> None:
+        """A control connection is up (TLS done, server pin checked): send HELLO."""
+        if self.state in (SessionState.FATAL, SessionState.STOPPED):
+            return
+        if self.state is not SessionState.IDLE:
+            self._end_session("replaced by a new connection", now, reconnect=False)
+        self._epoch += 1
+        self._session_start = now
+        self.state = SessionState.HELLO_SENT
+        self.server_caps, self.server_capver = frozenset(), 1
+        self._send(
+            m.Hello(
+                proto=m.PROTOCOL_VERSION,
+                role=ROLE_AGENT,
+                software=self.config.software,
+                capver=m.CAPVER,
+                caps=m.OUR_CAPS,
+            )
+        )
+
+    def session_ended(self, reason: str, now: float) -> None:
+        """The control connection is over; ``reason`` says why (for logs and local opens)."""
+        if self.state in (SessionState.IDLE, SessionState.FATAL, SessionState.STOPPED):
+            return
+        self._end_session(reason, now, reconnect=True)
+
+    def connect_failed(self, reason: str, now: float) -> None:
+        """A connect attempt failed before any session started: try again later."""
+        del reason, now  # the driver logs it; the schedule does not depend on it
+        if self.state is SessionState.IDLE:
+            self._commands.append(Reconnect(self.backoff.next_delay()))
+
+    def stop(self) -> None:
+        """The driver is shutting down: fail what waits, schedule nothing more."""
+        if self.state is SessionState.STOPPED:
+            return
+        self._fail_waiting("not-connected", "the agent is stopping", fallback=True)
+        self.state = SessionState.STOPPED
+
+    def set_host_keys(self, host_keys: Sequence[str]) -> None:
+        """This node's sshd host keys (re)read; announced again if they changed while READY."""
+        keys = tuple(host_keys)
+        if keys == self.host_keys:
+            return
+        self.host_keys = keys
+        if self.state is SessionState.READY:
+            self._send(self._announce())
+
+    def _end_session(self, reason: str, now: float, *, reconnect: bool) -> None:
+        self.state = SessionState.IDLE
+        self.server_caps, self.server_capver = frozenset(), 1
+        self._commands.append(SessionLost(reason))
+        self._fail_waiting("eof", f"server {self.config.server} closed the connection ({reason})")
+        self.backoff.connected_for(now - self._session_start)
+        if reconnect:
+            self._commands.append(Reconnect(self.backoff.next_delay()))
+
+    def _announce(self) -> m.Announce:
+        return m.Announce(
+            services=tuple(m.ServiceInfo(s.name, s.port) for s in self.config.services),
+            host_keys=self.host_keys,
+        )
+
+    def _send(self, msg: m.Message) -> None:
+        self._commands.append(Send(msg))
+
+    # -- messages from the server ------------------------------------------------------------
+    def message_received(self, msg: m.Message, now: float) -> None:
+        """One message the control machine decoded (PING/PONG never get here)."""
+        del now  # no decision depends on the arrival time yet
+        if self.state not in (SessionState.HELLO_SENT, SessionState.READY):
+            self.ignored += 1  # a late message of a session we already gave up on
+            return
+        if isinstance(msg, m.Error):
+            self._on_error(msg)
+        elif self.state is SessionState.HELLO_SENT:
+            if isinstance(msg, m.Welcome):
+                self._on_welcome(msg)
+            else:
+                self.ignored += 1  # the control machine refuses these; belt and braces
+        elif isinstance(msg, m.Incoming):
+            self._on_incoming(msg)
+        elif isinstance(msg, m.Opened | m.OpenFailed):
+            self._on_open_answer(msg)
+        elif isinstance(msg, m.Peers):
+            if self.peers_expected:
+                self.peers.apply(msg)
+            else:
+                self.ignored += 1  # the server did not announce ``peers``: not for us
+        else:
+            self.ignored += 1  # NETMAP (capver 1 push), a second WELCOME, ...
+
+    def _on_welcome(self, msg: m.Welcome) -> None:
+        self.state = SessionState.READY
+        self.node_id = msg.node_id
+        self.name = msg.name or self.name
+        self.server_capver = msg.capver
+        self.server_caps = m.negotiate_caps(msg.caps)
+        # ANNOUNCE right after WELCOME: a client that sees this node online can
+        # open streams to its services at once.
+        self._send(self._announce())
+        self._commands.append(
+            SessionReady(
+                node_id=msg.node_id,
+                name=self.name,
+                services=len(self.config.services),
+                host_keys=len(self.host_keys),
+                peers=self.peers_expected,
+            )
+        )
+
+    def _on_error(self, msg: m.Error) -> None:
+        if msg.code in FATAL_ERROR_CODES:
+            self.state = SessionState.FATAL
+            self._fail_waiting("eof", f"this node was removed from server {self.config.server}")
+            self._commands.append(
+                Fatal(
+                    int(ExitCode.NODE_REMOVED),
+                    f"this node was removed by an admin ({msg.message}); "
+                    "enroll again with a new auth key",
+                )
+            )
+        # Any other ERROR: the control machine closes; session_ended follows.
+
+    # -- INCOMING: the destination's decision ---------------------------------------------------
+    def _on_incoming(self, msg: m.Incoming) -> None:
+        if msg.stream_id in self._pending or msg.stream_id in self._streams:
+            self._refuse(msg, "protocol", "duplicate stream id", RULE_DUPLICATE)
+            return
+        if self.active >= MAX_STREAMS:
+            self._refuse(msg, "busy", f"{MAX_STREAMS} streams already active", RULE_LIMIT)
+            return
+        try:
+            token = token_from_hex_untrusted(msg.token)
+        except WireError as exc:
+            self._refuse(msg, "protocol", f"bad stream token: {exc}", RULE_MALFORMED)
+            return
+        src = Subject(msg.src.node_id, msg.src.name, msg.src.user, msg.src.tags)
+        decision = decide(src, self.name, self.config.services, msg.service)
+        if not decision.allowed or decision.service is None:
+            self._refuse(msg, decision.code, decision.reason, decision.rule or RULE_NOT_EXPOSED)
+            return
+        self._pending[msg.stream_id] = _Pending(
+            msg, token, decision.service, decision.reason, decision.rule, self._epoch
+        )
+        self._commands.append(ConnectTarget(msg.stream_id, decision.service))
+
+    def target_connected(self, stream_id: str) -> None:
+        """The local target of ``stream_id`` is connected: ACCEPT and start the stream."""
+        p = self._pending.pop(stream_id, None)
+        if p is None:
+            self._commands.append(DropTarget(stream_id, "unknown stream"))
+            return
+        if p.epoch != self._epoch or self.state is not SessionState.READY:
+            # The control connection died meanwhile: the server cancels the stream.
+            self._commands.append(DropTarget(stream_id, "control connection lost"))
+            self._record(p.msg, False, "session-lost", "control connection lost", p.rule)
+            return
+        self._streams.add(stream_id)
+        self._send(m.Accept(stream_id=stream_id))
+        self._record(p.msg, True, "ok", p.reason, p.rule)
+        self._commands.append(StartStream(stream_id, p.token, p.msg.src, p.service))
+
+    def target_failed(self, stream_id: str, reason: str) -> None:
+        """The local target of ``stream_id`` could not be connected: REJECT(service-down)."""
+        p = self._pending.pop(stream_id, None)
+        if p is None:
+            return
+        live = p.epoch == self._epoch and self.state is SessionState.READY
+        self._refuse(p.msg, "service-down", reason, p.rule, send=live)
+
+    def stream_ended(self, stream_id: str) -> None:
+        """An accepted stream is over (its worker finished); frees its slot."""
+        self._streams.discard(stream_id)
+
+    def _refuse(
+        self, msg: m.Incoming, code: str, reason: str, rule: str, *, send: bool = True
+    ) -> None:
+        self._record(msg, False, code, reason, rule)
+        if send:
+            self._send(m.Reject(stream_id=msg.stream_id, code=code, message=reason))
+
+    def _record(self, msg: m.Incoming, accepted: bool, code: str, reason: str, rule: str) -> None:
+        src = f"{msg.src.name} ({msg.src.node_id})"
+        rec = StreamRecord(msg.stream_id, src, msg.service, accepted, code, reason, rule)
+        self._commands.append(Decided(rec))
+
+    # -- local opens ----------------------------------------------------------------------
+    def open_local(
+        self,
+        token: bytes,
+        dst: str,
+        service: str,
+        now: float,
+        timeout: float = DEFAULT_OPEN_TIMEOUT,
+    ) -> None:
+        """A local client asks for a stream to ``dst:service``; ``token`` names its data conn.
+
+        Answers with :class:`LocalOpenAdmitted` (then later
+        :class:`LocalOpenSucceeded` or :class:`LocalOpenFailed`) or at once
+        with :class:`LocalOpenFailed` (``admitted`` false). An admitted open
+        counts against the limit until :meth:`local_open_ended`.
+        """
+        if self.state is not SessionState.READY:
+            what = (
+                "the agent is stopping"
+                if self.state is SessionState.STOPPED
+                else f"not connected to server {self.config.server}"
+            )
+            self._commands.append(LocalOpenFailed(token, "not-connected", what, True, False))
+            return
+        if self.active >= MAX_STREAMS:
+            msg = f"{MAX_STREAMS} streams already active"
+            self._commands.append(LocalOpenFailed(token, "busy", msg, True, False))
+            return
+        if token in self._local:  # the driver reused a token: a bug, never a collision
+            self._commands.append(LocalOpenFailed(token, "local", "token in use", True, False))
+            return
+        self._local[token] = _LocalOpen(token, dst, service, now + timeout)
+        self._send(m.Open(dst=dst, service=service, token=token.hex()))
+        self._commands.append(LocalOpenAdmitted(token))
+
+    def local_open_ended(self, token: bytes) -> None:
+        """The driver is done with this local open (any outcome); frees its slot."""
+        self._local.pop(token, None)
+
+    def _on_open_answer(self, msg: m.Opened | m.OpenFailed) -> None:
+        try:
+            token = token_from_hex_untrusted(msg.token)
+        except WireError:
+            self.ignored += 1
+            return
+        lo = self._local.get(token)
+        if lo is None or lo.state is not _OpenState.WAITING:
+            self.ignored += 1  # timed out already, or never ours
+            return
+        if isinstance(msg, m.Opened):
+            lo.state = _OpenState.ANSWERED
+            self._commands.append(LocalOpenSucceeded(token, msg))
+        else:
+            lo.state = _OpenState.FAILED
+            fallback = msg.code in LOCAL_FALLBACK_CODES
+            text = msg.message or msg.code
+            self._commands.append(LocalOpenFailed(token, msg.code, text, fallback, True))
+
+    def _fail_waiting(self, code: str, message: str, *, fallback: bool = False) -> None:
+        for lo in self._local.values():
+            if lo.state is _OpenState.WAITING:
+                lo.state = _OpenState.FAILED
+                self._commands.append(LocalOpenFailed(lo.token, code, message, fallback, True))
+
+    # -- time -----------------------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must run next (a local open's deadline), or None."""
+        waiting = [lo.deadline for lo in self._local.values() if lo.state is _OpenState.WAITING]
+        return min(waiting) if waiting else None
+
+    def handle_timer(self, now: float) -> None:
+        """Fail local opens whose answer did not come in time."""
+        for lo in self._local.values():
+            if lo.state is _OpenState.WAITING and now >= lo.deadline:
+                lo.state = _OpenState.FAILED
+                msg = f"no answer from server {self.config.server}"
+                self._commands.append(LocalOpenFailed(lo.token, "timeout", msg, False, True))
