@@ -211,11 +211,7 @@ FILE_METHODS = frozenset(
     }
 )  # fmt: skip
 #: Known I/O calls still in a pure module, with the reason they go away. Keep it empty.
-PURE_IO_TRANSITIONAL: dict[str, frozenset[str]] = {
-    # crypto.tls.control_client_context / stream_context: deprecated shims that
-    # agent/runtime.py and tests/test_io_pump.py still call; homeport.io.tlsctx replaces them.
-    "homeport.crypto.tls": frozenset({"load_cert_chain", "load_verify_locations"}),
-}
+PURE_IO_TRANSITIONAL: dict[str, frozenset[str]] = {}
 
 
 def module_name(path: Path) -> str:

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from homeport.crypto import identity
-from homeport.crypto.tls import fingerprint, stream_context
+from homeport.crypto.tls import fingerprint
 from homeport.io.dial import DialError, e2e_handshake
 from homeport.io.pump import PumpEnd, PumpResult, pump
+from homeport.io.tlsctx import stream_context
 from homeport.io.tlsstream import TlsStream
 
 MB = 1024 * 1024

@@ -54,10 +54,11 @@ from typing import Any
 
 from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
-from homeport.io import localapi, tlsstream
+from homeport.io import localapi, tlsctx, tlsstream
 from homeport.io.control import ControlLink, connect_control
 from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
+from homeport.io.loop import new_event_loop
 from homeport.io.pump import PumpEnd, pump
 from homeport.node import hostkeys
 from homeport.node import state as node_state
@@ -267,7 +268,7 @@ class Agent:
         self.core.set_host_keys(await self._host_keys())
         self._drain()
         host, port = self.state.server_address()
-        ctx = hptls.control_client_context(self.state.cert_path, self.state.key_path)
+        ctx = tlsctx.control_client_context(self.state.cert_path, self.state.key_path)
         link = await connect_control(
             host,
             port,
@@ -294,13 +295,13 @@ class Agent:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._stream_ctx = hptls.stream_context(
+        self._stream_ctx = tlsctx.stream_context(
             server_side=True,
             cert=self.state.cert_path,
             key=self.state.key_path,
             ca_cert=self.state.ca_path,
         )
-        self._client_ctx = hptls.stream_context(
+        self._client_ctx = tlsctx.stream_context(
             server_side=False,
             cert=self.state.cert_path,
             key=self.state.key_path,
@@ -747,15 +748,6 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 def run_agent(
     state: NodeState,
     services: tuple[Service, ...],
@@ -788,7 +780,7 @@ def run_in_loop(agent: Agent) -> int:
                 loop.add_signal_handler(sig, agent.stop)
         return await agent.run()
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main())
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ssl
-from pathlib import Path
 
 #: ALPN names keep a control connection from being mistaken for a stream.
 ALPN_CONTROL = "homeport-control/1"
@@ -101,26 +100,4 @@ def stream_policy(*, server_side: bool) -> ssl.SSLContext:
         ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.set_alpn_protocols([ALPN_STREAM])
-    return ctx
-
-
-# -- transitional: file-loading builders, moved to homeport.io.tlsctx ------------------
-# agent/runtime.py and tests/test_io_pump.py still call these two names; they go
-# (with their entry in tests/test_architecture.py PURE_IO_TRANSITIONAL) once those
-# import homeport.io.tlsctx instead.
-
-
-def control_client_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """Deprecated: use :func:`homeport.io.tlsctx.control_client_context`."""
-    ctx = control_client_policy()
-    if cert is not None and key is not None:
-        ctx.load_cert_chain(str(cert), str(key))
-    return ctx
-
-
-def stream_context(*, server_side: bool, cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
-    """Deprecated: use :func:`homeport.io.tlsctx.stream_context`."""
-    ctx = stream_policy(server_side=server_side)
-    ctx.load_cert_chain(str(cert), str(key))
-    ctx.load_verify_locations(cafile=str(ca_cert))
     return ctx
