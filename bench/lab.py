@@ -80,6 +80,8 @@ T_BULK_VS_DIRECT = 0.9
 T_BULK_VS_RTUN = 2.0
 T_RAW_VS_SSH_L = 2.0
 T_RELAY_CPU = 0.3
+#: CPU-s/GiB each end of a stream (client agent or nc or forward; target agent) may spend.
+T_END_CPU = 0.8
 T_SETUP_VS_DIRECT = 1.15
 T_NC_OVERHEAD_MS = 30.0
 

@@ -5,6 +5,7 @@ Each phase fills :class:`Results`; nothing here writes the document.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -37,6 +38,7 @@ from bench.lab import (
     PATHS,
     PY,
     RTUN,
+    RUSAGE,
     BenchError,
     Lab,
     Procs,
@@ -142,21 +144,62 @@ def time_ssh_true(lab: Lab, host: str) -> float:
     return elapsed
 
 
+def sshd_tree(lab: Lab) -> Any | None:
+    """The target sshd's listener (its sessions are its descendants), or None."""
+    proc = lab.target.process
+    return psutil.Process(proc.pid) if proc is not None and proc.poll() is None else None
+
+
+def tree_cpu(root: Any) -> float:
+    """CPU seconds of ``root`` and its live descendants (each with what it reaped).
+
+    A session that has ended is counted once it is reaped: in its parent's
+    children times. So callers let the tree settle before the last sample.
+    """
+    total = cpu_seconds(root)
+    for child in root.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += cpu_seconds(child)
+    return total
+
+
+def settle(root: Any, before: set[int], timeout: float = 10.0) -> None:
+    """Wait (bounded) until every process born under ``root`` since ``before`` is reaped."""
+    clock = Deadline(timeout)
+    while not clock.expired():
+        if not {c.pid for c in root.children(recursive=True)} - before:
+            return
+        time.sleep(0.01)  # bounded by the deadline; sshd reaps its own children
+
+
 def bulk_once(
     lab: Lab, host: str, watch: dict[str, Any], rusage: Path | None
 ) -> tuple[float, dict[str, float]]:
-    """One ``cat FILE | ssh HOST 'cat > /dev/null'``; MB/s of the ssh wall time."""
+    """One ``cat FILE | ssh HOST 'cat > /dev/null'``; MB/s of the ssh wall time.
+
+    CPU per party: the homeport processes in ``watch`` (psutil before/after);
+    ``ssh`` from ``bench/rusage_exec.py`` wrapped around it (wait4: ssh plus
+    the ProxyCommand it reaped, minus that ProxyCommand's own figure);
+    ``sshd`` = the target sshd's whole tree (listener, session, remote
+    ``cat``), read after the session has been reaped. Not measured for the
+    reverse-tunnel path (two sshds, and the tunnel's ssh).
+    """
     gib = lab.size / GIB
     timeout = 120 + lab.size / 2e6
     if rusage is not None:
         rusage.unlink(missing_ok=True)
+    ssh_rusage = lab.tmp / "ssh-rusage.json"
+    ssh_rusage.unlink(missing_ok=True)
+    sshd = sshd_tree(lab) if host != RTUN else None
+    sshd_pids = {c.pid for c in sshd.children(recursive=True)} if sshd is not None else set()
+    sshd_before = tree_cpu(sshd) if sshd is not None else 0.0
     before = {k: cpu_seconds(p) for k, p in watch.items()}
     start = time.perf_counter()
     cat = subprocess.Popen(["cat", str(lab.data_file)], stdout=subprocess.PIPE)
     assert cat.stdout is not None
     try:
         ssh = subprocess.Popen(
-            lab.ssh(host, "cat > /dev/null"),
+            [PY, "-I", "-S", str(RUSAGE), str(ssh_rusage), "--", *lab.ssh(host, "cat > /dev/null")],
             stdin=cat.stdout,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -178,10 +221,15 @@ def bulk_once(
     if ssh.returncode != 0:
         raise BenchError(f"ssh exit {ssh.returncode}: {ssh_error(err)}")
     cpu = {k: (after[k] - before[k]) / gib for k in watch}
-    if rusage is not None:
-        used = read_rusage(rusage)
-        if used is not None:
-            cpu["nc"] = used / gib
+    nc_used = read_rusage(rusage) if rusage is not None else None
+    if nc_used is not None:
+        cpu["nc"] = nc_used / gib
+    ssh_used = read_rusage(ssh_rusage)
+    if ssh_used is not None:
+        cpu["ssh"] = (ssh_used - (nc_used or 0.0)) / gib
+    if sshd is not None:
+        settle(sshd, sshd_pids)
+        cpu["sshd"] = (tree_cpu(sshd) - sshd_before) / gib
     return lab.size / elapsed / 1e6, cpu
 
 
@@ -199,6 +247,11 @@ def read_rusage(path: Path) -> float | None:
     return None
 
 
+def party_cpu(key: str, proc: Any) -> float:
+    """``sshd`` is a whole tree (listener + the ``-L`` session); the rest one process."""
+    return tree_cpu(proc) if key == "sshd" else cpu_seconds(proc)
+
+
 def raw_once(lab: Lab, port: int, watch: dict[str, Any]) -> tuple[float, dict[str, float]]:
     """Source → PORT (a forwarder) → sink; MB/s from the sink's first byte to EOF."""
     while True:
@@ -212,12 +265,12 @@ def raw_once(lab: Lab, port: int, watch: dict[str, Any]) -> tuple[float, dict[st
         [PY, str(ENDPOINTS), "source", "--port", "LOCALPORT", "--bytes", str(lab.size)],
     )
     timeout = 120 + lab.size / 2e6
-    before = {k: cpu_seconds(p) for k, p in watch.items()}
+    before = {k: party_cpu(k, p) for k, p in watch.items()}
     try:
         res = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise BenchError(f"source did not finish within {timeout:.0f}s") from None
-    after = {k: cpu_seconds(p) for k, p in watch.items()}
+    after = {k: party_cpu(k, p) for k, p in watch.items()}
     if res.returncode != 0:
         raise BenchError(f"source exit {res.returncode}: {one_line(res.stderr)}")
     try:
@@ -273,6 +326,35 @@ def fmt_stat(series: Series, digits: int = 0, unit: str = "") -> str:
     if len(vals) == 1:
         return f"{med:.{digits}f} {unit}".strip()
     return f"{med:.{digits}f} ({min(vals):.{digits}f}{DASH}{max(vals):.{digits}f}) {unit}".strip()
+
+
+def series_json(series: Series) -> dict[str, Any]:
+    return {
+        "label": series.label,
+        "values": series.values,
+        "cpu": series.cpu,
+        "error": series.error,
+    }
+
+
+def series_from_json(doc: dict[str, Any]) -> Series:
+    return Series(
+        str(doc["label"]),
+        [float(v) for v in doc["values"]],
+        {str(k): [float(x) for x in v] for k, v in doc["cpu"].items()},
+        doc["error"],
+    )
+
+
+def results_json(res: Results, meta: dict[str, Any]) -> dict[str, Any]:
+    """The measurements, for a later run to show as "before" (``--before``)."""
+    return {
+        "meta": meta,
+        **{
+            part: {k: series_json(s) for k, s in getattr(res, part).items()}
+            for part in ("bulk", "raw", "setup", "interactive", "startup")
+        },
+    }
 
 
 def rotated(items: Sequence[_T], turn: int) -> list[_T]:
@@ -515,6 +597,9 @@ def phase_raw(lab: Lab, res: Results, repeats: int) -> None:
             watch = hp_watch(lab, fproc) if key == "forward" else {}
             if key == "ssh-L" and fproc is not None:
                 watch = {"ssh client": psutil.Process(fproc.pid)}
+                sshd = sshd_tree(lab)
+                if sshd is not None:
+                    watch["sshd"] = sshd
             try:
                 mbps, cpu = raw_once(lab, port, watch)
             except (BenchError, psutil.Error) as exc:

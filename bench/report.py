@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.lab import (
     BANNER,
@@ -31,6 +32,7 @@ from bench.lab import (
     RTUN,
     T_BULK_VS_DIRECT,
     T_BULK_VS_RTUN,
+    T_END_CPU,
     T_NC_OVERHEAD_MS,
     T_RAW_VS_SSH_L,
     T_RELAY_CPU,
@@ -38,7 +40,7 @@ from bench.lab import (
     Lab,
     X,
 )
-from bench.phases import ECHO_ROUNDS, ForeignLoad, Results, Series, fmt_stat
+from bench.phases import ECHO_ROUNDS, ForeignLoad, Results, Series, fmt_stat, series_from_json
 
 # --------------------------------------------------------------------------- report
 
@@ -68,6 +70,76 @@ class Target:
         if self.passed is None:
             return "MISS (not measured)"
         return "PASS" if self.passed else "MISS"
+
+
+#: (party, key in the bulk series, key in the raw-stream series, target CPU-s/GiB).
+#: A tuple of keys is summed (the client end of ssh is the laptop agent plus nc).
+PARTIES: list[tuple[str, tuple[str, ...], tuple[str, ...], float | None]] = [
+    ("ssh (client)", ("ssh",), (), None),
+    ("sshd (session + remote cat)", ("sshd",), (), None),
+    ("client end: laptop agent + nc / homeport forward", ("laptop agent", "nc"), ("forward",), 0.8),
+    ("relay (server)", ("server",), ("server",), 0.3),
+    ("target agent", ("agent",), ("agent",), 0.8),
+]
+
+
+def party_cpu(series: Series | None, keys: Sequence[str]) -> float | None:
+    """Median over runs of the summed CPU-s/GiB of ``keys`` (None if any is missing)."""
+    if series is None or not series.ok or not keys:
+        return None
+    cols = [series.cpu.get(k) for k in keys]
+    if any(not c for c in cols):
+        return None
+    runs = min(len(c) for c in cols if c)
+    return statistics.median(sum(c[i] for c in cols if c) for i in range(runs))
+
+
+def fmt_num(val: float | None) -> str:
+    return DASH if val is None else f"{val:.2f}"
+
+
+def party_table(res: Results, before: dict[str, Any] | None) -> str:
+    """CPU-s/GiB per party, ssh bulk and raw stream, next to the targets (and a baseline)."""
+    bulk, raw = res.bulk.get(HOMEPORT), res.raw.get("forward")
+    old_bulk = old_raw = None
+    if before is not None:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            old_bulk = series_from_json(before["bulk"][HOMEPORT])
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            old_raw = series_from_json(before["raw"]["forward"])
+    direct = res.bulk.get(DIRECT)
+    rows = []
+    for party, bkeys, rkeys, goal in PARTIES:
+        row = [party]
+        if before is not None:
+            row.append(fmt_num(party_cpu(old_bulk, bkeys)))
+        row.append(fmt_num(party_cpu(bulk, bkeys)))
+        row.append(fmt_num(party_cpu(direct, bkeys)) if bkeys[0] in ("ssh", "sshd") else DASH)
+        if before is not None:
+            row.append(fmt_num(party_cpu(old_raw, rkeys)))
+        row.append(fmt_num(party_cpu(raw, rkeys)))
+        row.append(DASH if goal is None else f"≤ {goal}")
+        rows.append(row)
+    header = ["party"]
+    if before is not None:
+        header.append("ssh bulk via homeport: before")
+    header += ["ssh bulk via homeport" + (": now" if before is not None else ""), "direct ssh"]
+    if before is not None:
+        header.append("raw stream (forward): before")
+    header += ["raw stream (forward)" + (": now" if before is not None else ""), "target"]
+
+    def mbps(series: Series | None) -> str:
+        med = series.median() if series is not None else None
+        return DASH if med is None else f"{med:.0f}"
+
+    rows_line = ["MB/s (median)"]
+    if before is not None:
+        rows_line.append(mbps(old_bulk))
+    rows_line += [mbps(bulk), mbps(direct)]
+    if before is not None:
+        rows_line.append(mbps(old_raw))
+    rows_line += [mbps(raw), DASH]
+    return md_table(header, [*rows, rows_line])
 
 
 def targets(res: Results, gib: float) -> list[Target]:
@@ -124,6 +196,22 @@ def targets(res: Results, gib: float) -> list[Target]:
                 measured,
                 f"≤ {T_RELAY_CPU} CPU-s/GiB",
                 None if val is None else val <= T_RELAY_CPU,
+            )
+        )
+    for what, series, keys in (
+        ("ssh bulk", res.bulk.get(HOMEPORT), ("laptop agent", "nc")),
+        ("ssh bulk", res.bulk.get(HOMEPORT), ("agent",)),
+        ("raw stream", raw.get("forward"), ("forward",)),
+        ("raw stream", raw.get("forward"), ("agent",)),
+    ):
+        val = party_cpu(series, keys)
+        name = "target agent" if keys == ("agent",) else " + ".join(keys)
+        out.append(
+            Target(
+                f"end CPU during {what}: {name}",
+                "n/a" if val is None else f"{val:.2f} CPU-s/GiB",
+                f"≤ {T_END_CPU} CPU-s/GiB",
+                None if val is None else val <= T_END_CPU,
             )
         )
     out.append(
@@ -267,6 +355,17 @@ def render(
     )
     if lab.hp_error:
         add(f"\n**homeport could not be set up: {lab.hp_error}** — its rows are not measured.")
+    before: dict[str, Any] | None = args.before_doc
+    add("\n### CPU-s/GiB per party\n")
+    if before is not None:
+        meta = before.get("meta", {})
+        add(
+            f'"before" is `{meta.get("commit", "?")}`, measured on this machine on '
+            f'{meta.get("started", "?")} with `{meta.get("argv", "?")}` (`--before`); "now" is '
+            "this run. Medians over the runs; the client end of ssh is the laptop agent "
+            "(it runs the pump; ssh gets the socket by ProxyUseFdpass) plus `homeport nc`.\n"
+        )
+    add(party_table(res, before))
 
     add(
         f"\n### 1. Bulk: `cat FILE | ssh HOST 'cat > /dev/null'` ({size_mib} MiB, "

@@ -41,7 +41,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -77,6 +79,7 @@ from bench.phases import (
     phase_raw,
     phase_setup,
     phase_startup,
+    results_json,
 )
 from bench.report import machine_facts, render
 from homeport.testing.sshd import make_sshd, sshd_available
@@ -102,7 +105,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="development mode: 64 MiB, 5 set-up runs, 1 repeat"
     )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the measurements here (JSON)"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="JSON of an earlier run (--json) on this machine: shown as the baseline",
+    )
     args = parser.parse_args(argv)
+    args.before_doc = json.loads(args.before.read_text()) if args.before else None
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.size_mib is None:
         args.size_mib = 64 if args.quick else 1024
@@ -223,6 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(doc)
+    if args.json is not None:
+        meta = {
+            "commit": dict(facts).get("repository", "?"),
+            "started": f"{started:%Y-%m-%d %H:%M} UTC",
+            "argv": shlex.join(["python", "-m", "bench.ssh_paths", *args.argv]),
+        }
+        args.json.write_text(json.dumps(results_json(res, meta), indent=1))
+        log(f"wrote {args.json}")
     log(f"wrote {args.out}")
     return 0
 
