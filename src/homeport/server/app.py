@@ -21,8 +21,8 @@ from typing import Any
 
 from homeport.crypto import identity
 from homeport.crypto.tls import control_server_context, fingerprint
+from homeport.relay import InProcessRelay
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
-from homeport.server.relay import Relay
 from homeport.server.service import ControlSession, Service, ServiceConfig
 from homeport.server.state import ServerState
 from homeport.store.db import default_url, open_store
@@ -160,7 +160,7 @@ async def serve(
     store = open_store(db_url or default_url(str(data_dir)))
     state: ServerState[ControlSession] = ServerState(store, ca=files.ca, server_pin=files.pin)
     cfg = config or ServiceConfig()
-    relay = Relay(unpaired_timeout=cfg.unpaired_timeout)
+    relay = InProcessRelay(unpaired_timeout=cfg.unpaired_timeout)
     ctx = control_server_context(files.tls_cert, files.tls_key, files.ca_cert)
     service = Service(state, relay, ctx, cfg)
     admin = None

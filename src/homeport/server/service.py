@@ -45,7 +45,7 @@ from homeport.proto.control import (
     Role,
     State,
 )
-from homeport.server.relay import UNPAIRED_TIMEOUT, Relay, RelayFull, TokenInUse
+from homeport.relay import UNPAIRED_TIMEOUT, Relay, RelayFull, TokenInUse
 from homeport.server.state import (
     AuthError,
     EnrollError,
