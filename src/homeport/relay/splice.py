@@ -7,10 +7,13 @@ into Python and costs ~0.2 CPU-s/GiB; but one blocking thread per direction
 and 16,384 pipe fds at 4,096 streams — over this host's 20,000-fd limit.
 Here each worker owns one ``epoll`` and serves any number of streams:
 
-* **Edge-triggered readiness.** Each socket is registered once
-  (``EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET``); a direction remembers "readable"
-  / "writable" until a splice returns EAGAIN, so there is no ``epoll_ctl`` per
-  chunk, and a worker only wakes for sockets that changed.
+* **Level-triggered readiness, one splice each way per chunk.** A socket is
+  watched for input while its direction has pipe room and for output only
+  while a write came up short; a short read means "drained" and a short write
+  "full", so the common path is epoll_wait + splice in + splice out, with no
+  EAGAIN round trip and no ``epoll_ctl`` (the mask changes only on
+  backpressure). A hung-up socket is dropped from epoll (HUP is reported
+  whatever the mask) and treated as never blocking again.
 * **Pooled pipes.** A direction leases a pipe from its worker only while bytes
   sit in it (read from the source, not yet written to the destination), and
   gives it back as soon as it is empty. Idle streams hold no pipe; a worker
@@ -79,26 +82,32 @@ class _Dir:
         "buf",
         "done",
         "dst",
+        "dst_hup",
         "end",
         "eof",
         "off",
         "pending",
         "pipe",
         "pipe_cap",
+        "pipe_full",
         "rd",
         "src",
+        "src_hup",
         "wr",
     )
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src = src
         self.dst = dst
-        self.rd = True  # src may be readable (until EAGAIN)
-        self.wr = True  # dst may be writable (until EAGAIN)
+        self.rd = True  # src is readable (as far as we know)
+        self.wr = True  # dst is writable (as far as we know)
+        self.src_hup = False  # src hung up: reads never block again (data, EOF or error)
+        self.dst_hup = False  # dst hung up: writes never block again (they fail)
         self.eof = False  # src reached EOF
         self.done = False  # dst half-closed after the last byte
         self.pipe: tuple[int, int] | None = None
         self.pipe_cap = 0
+        self.pipe_full = False  # the pipe refused more (its slots are used up)
         self.pending = 0  # bytes in the pipe / buffer
         self.buf: memoryview | None = None  # copy mode
         self.off = 0
@@ -150,6 +159,7 @@ class _Worker:
         os.set_blocking(self.wake_w, False)
         self.inbox: collections.deque[tuple[str, SpliceStream | None, str]] = collections.deque()
         self.fds: dict[int, tuple[SpliceStream, int]] = {}  # fd -> (stream, 0 src / 1 dst)
+        self.masks: dict[int, int] = {}  # fd -> the epoll mask registered
         self.streams: set[SpliceStream] = set()
         self.free: list[tuple[int, int, int]] = []  # (r, w, capacity)
         self.made = 0
@@ -181,14 +191,16 @@ class _Worker:
                     if entry is None:
                         continue
                     st, side = entry
-                    readable = ev & (
-                        select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
-                    )
-                    writable = ev & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR)
                     rdir, wdir = (st.up, st.down) if side == 0 else (st.down, st.up)
-                    if readable:
+                    if ev & (select.EPOLLHUP | select.EPOLLERR):
+                        # Reported whatever the mask, level-triggered: stop
+                        # watching; from now on the socket never blocks.
+                        self._forget_fd(fd)
+                        rdir.rd = rdir.src_hup = True
+                        wdir.wr = wdir.dst_hup = True
+                    if ev & (select.EPOLLIN | select.EPOLLRDHUP):
                         rdir.rd = True
-                    if writable:
+                    if ev & select.EPOLLOUT:
                         wdir.wr = True
                     dirty.add(st)
                 while self.starved and (self.free or self.made < MAX_PIPES):
@@ -230,14 +242,44 @@ class _Worker:
             self._end(st, "relay is shutting down", registered=False)
             return
         self.streams.add(st)
-        mask = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
         for side, sock in enumerate((st.src, st.dst)):
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             fd = sock.fileno()
             self.fds[fd] = (st, side)
-            self.ep.register(fd, mask)
+            self.masks[fd] = 0
+            self.ep.register(fd, 0)
+
+    def _forget_fd(self, fd: int) -> None:
+        if self.masks.pop(fd, None) is not None and self.ep is not None:
+            with contextlib.suppress(OSError):
+                self.ep.unregister(fd)
+
+    def _watch(self, st: SpliceStream) -> None:
+        """Level-triggered interest: read while there is room, write while blocked."""
+        assert self.ep is not None
+        for side, sock in enumerate((st.src, st.dst)):
+            fd = sock.fileno()
+            old = self.masks.get(fd)
+            if old is None:
+                continue  # hung up: no longer watched
+            rdir, wdir = (st.up, st.down) if side == 0 else (st.down, st.up)
+            mask = 0
+            if not rdir.eof and self._room(rdir) > 0 and st not in self.starved:
+                mask |= select.EPOLLIN | select.EPOLLRDHUP
+            if wdir.pending and not wdir.wr:
+                mask |= select.EPOLLOUT
+            if mask != old:
+                self.ep.modify(fd, mask)
+                self.masks[fd] = mask
+
+    def _room(self, d: _Dir) -> int:
+        if d.pipe_full:
+            return 0
+        if not self.engine.use_splice:
+            return 0 if d.pending else COPY_CHUNK
+        return (d.pipe_cap if d.pipe is not None else PIPE_SIZE) - d.pending
 
     # -- moving bytes -------------------------------------------------------------
     def _step(self, st: SpliceStream) -> None:
@@ -252,9 +294,19 @@ class _Worker:
             return
         if st.up.done and st.down.done:
             self._end(st, "closed")
+        else:
+            self._watch(st)
 
     def _move(self, st: SpliceStream, d: _Dir) -> int:
-        """Move what can move without blocking; returns bytes delivered to ``dst``."""
+        """Move what can move without blocking; returns bytes delivered to ``dst``.
+
+        Level-triggered: a short read means the socket is drained and a short
+        write that its buffer is full, so the common path costs one splice
+        each way and no EAGAIN; epoll reports the socket again when it is
+        ready (see :meth:`_watch`).
+        """
+        if not ((d.rd and not d.eof) or (d.pending and d.wr) or (d.eof and not d.done)):
+            return 0  # nothing this direction can do now (the common case for one side)
         moved = 0
         splicing = self.engine.use_splice
         while True:
@@ -268,22 +320,22 @@ class _Worker:
                         n = d.dst.send(d.buf[d.off : d.end])
                         d.off += n
                 except BlockingIOError:
-                    d.wr = False
-                    continue
+                    n = 0
                 d.pending -= n
                 moved += n
+                if n:
+                    d.pipe_full = False
+                if d.pending and not d.dst_hup:
+                    d.wr = False  # short write: the socket buffer is full
                 continue
-            # copy mode refills its buffer only once it is empty
-            room = d.pipe_cap - d.pending if splicing else (0 if d.pending else COPY_CHUNK)
-            if not d.eof and d.rd and (room > 0 or d.pipe is None):
+            room = self._room(d)
+            if not d.eof and d.rd and room > 0:
                 if not self._lease(st, d):
                     break  # no pipe free: wait for one (backpressure)
                 try:
                     if splicing:
                         assert d.pipe is not None
-                        n = os.splice(
-                            d.src.fileno(), d.pipe[1], d.pipe_cap - d.pending, flags=_IN_FLAGS
-                        )
+                        n = os.splice(d.src.fileno(), d.pipe[1], room, flags=_IN_FLAGS)
                     else:
                         assert d.buf is not None
                         n = d.src.recv_into(d.buf)
@@ -291,18 +343,18 @@ class _Worker:
                 except BlockingIOError:
                     # An empty pipe always has room, so EAGAIN then means the
                     # socket is drained; with bytes in the pipe it may mean the
-                    # pipe's slots are full: keep "readable" and drain first.
+                    # pipe's slots are full: drain first, then read again.
                     if d.pending == 0:
-                        d.rd = False
-                        self._release(d)
+                        d.rd = d.src_hup
                         break
-                    if not d.wr:
-                        break
+                    d.pipe_full = True  # no IN interest until the pipe drains
                     continue
                 if n == 0:
                     d.eof = True
                 else:
                     d.pending += n
+                    if n < room and not d.src_hup:
+                        d.rd = False  # short read: drained (epoll says when there is more)
                 continue
             break
         if d.pending == 0:
@@ -339,6 +391,7 @@ class _Worker:
 
     def _release(self, d: _Dir, *, dirty: bool = False) -> None:
         d.buf = None
+        d.pipe_full = False
         if d.pipe is None:
             return
         r, w = d.pipe
@@ -358,11 +411,10 @@ class _Worker:
         self.streams.discard(st)
         for sock in (st.src, st.dst):
             if registered:
-                with contextlib.suppress(OSError, ValueError):
-                    fd = sock.fileno()
+                fd = sock.fileno()
+                if fd >= 0:
                     self.fds.pop(fd, None)
-                    if self.ep is not None and fd >= 0:
-                        self.ep.unregister(fd)
+                    self._forget_fd(fd)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
