@@ -22,6 +22,7 @@ LAYERS = {
     "store": 2,
     "node": 2,
     "io": 3,
+    "relay": 3,
     "server": 4,
     "agent": 4,
     "client": 4,

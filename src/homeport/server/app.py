@@ -21,16 +21,16 @@ from typing import Any
 from homeport.io.loop import new_event_loop
 from homeport.io.tlsctx import control_server_context
 from homeport.proto.coord import Coordinator
+from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.datadir import prepare_data_dir
-from homeport.server.relay import Relay
 from homeport.server.service import Service, ServiceConfig
 from homeport.store.registry import WriteBehind, database_url, open_registry
 
 log = logging.getLogger("homeport.server")
 
 DEFAULT_LISTEN = "0.0.0.0:8443"
-#: File descriptors we ask for: each relayed stream holds 6 (2 sockets, 2 pipes).
+#: File descriptors we ask for: each relayed stream holds 2 sockets (pipes are pooled).
 WANT_NOFILE = 65536
 #: How long ServerHandle waits for the server thread to come up / go down.
 THREAD_START_TIMEOUT = 30.0
@@ -98,9 +98,16 @@ async def serve(
         ping_interval=cfg.ping_interval,
     )
     writer = WriteBehind(registry)
-    relay = Relay(unpaired_timeout=cfg.unpaired_timeout)
+    services: list[Service] = []  # the relay reports to the service built right after it
+
+    def relay_event(ev: RelayEvent) -> None:
+        for svc in services:
+            svc.relay_event(ev)
+
+    relay = InProcessRelay(unpaired_timeout=cfg.unpaired_timeout, on_event=relay_event)
     ctx = control_server_context(files.tls_cert, files.tls_key, files.ca_cert)
     service = Service(core, registry, writer, relay, ctx, config=cfg)
+    services.append(service)
     admin = None
     try:
         admin = await start_admin_server(

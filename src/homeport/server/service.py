@@ -5,12 +5,12 @@ classified by its first byte (peeked, never consumed) within
 ``handshake_timeout``:
 
 * ``0x16`` (a TLS handshake record): a control connection. asyncio runs TLS
-  (``connect_accepted_socket``), and a :class:`ControlSession` drives the
+  (``connect_accepted_socket``), and a :class:`homeport.io.control.ControlLink` drives the
   sans-I/O :class:`homeport.proto.control.ControlConnection`: bytes in,
   events out, bytes back, one timer.
 * ``'H'``: a data connection. The 20-byte preamble is read (exactly; the
   end-to-end TLS bytes that follow stay in the kernel) and the socket goes to
-  the :class:`homeport.server.relay.Relay`.
+  the relay (:mod:`homeport.relay`).
 * anything else: closed with a logged reason.
 
 Every decision (enrollment, authentication, may this stream open, peer maps,
@@ -38,6 +38,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from homeport import relay as hprelay
 from homeport.crypto.tls import fingerprint
 from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
 from homeport.proto import coord as c
@@ -47,7 +48,7 @@ from homeport.proto.control import (
     ConnectionClosed,
     Role,
 )
-from homeport.server.relay import UNPAIRED_TIMEOUT, Relay, RelayFull, TokenInUse
+from homeport.relay import UNPAIRED_TIMEOUT, Relay, RelayFull, TokenInUse
 from homeport.store.registry import Registry, WriteBehind
 from homeport.wire import control as m
 from homeport.wire.data import (
@@ -450,12 +451,18 @@ class Service:
         self.core.enroll_done(req.session, result, time.time())
         self._run()
 
-    def relay_event(self, ev: c.RelayEvent) -> None:
+    def relay_event(self, ev: hprelay.RelayEvent) -> None:
         """From the relay, on any thread: a stream was spliced or ended."""
         loop = self._loop
-        if loop is not None and not self._closing:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._relay_event, ev)
+        if loop is None or self._closing:
+            return
+        core_ev: c.RelayEvent
+        if isinstance(ev, hprelay.StreamStarted):
+            core_ev = c.StreamStarted(ev.stream_id)
+        else:
+            core_ev = c.StreamEnded(ev.stream_id, ev.bytes_up, ev.bytes_down, ev.reason)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._relay_event, core_ev)
 
     def _relay_event(self, ev: c.RelayEvent) -> None:
         self.core.relay_event(ev, time.time())

@@ -1,14 +1,25 @@
-"""The relay on real loopback TCP: pairing, byte-exact splicing, half-close, timeouts, cuts."""
+"""The in-process relay on real loopback TCP: pairing, byte-exact splicing, half-close,
+timeouts, cuts, events, and a bounded number of threads at 4,096 streams."""
 
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from homeport.server.relay import Relay, RelayFull, StreamState, TokenInUse
+from homeport.relay import InProcessRelay as Relay
+from homeport.relay import (
+    RelayEvent,
+    RelayFull,
+    StreamEnded,
+    StreamStarted,
+    StreamState,
+    TokenInUse,
+)
 from homeport.testing.deadline import wait_for
 
 DEADLINE = 10.0
@@ -267,3 +278,75 @@ def test_close_ends_everything(listener: socket.socket, sockets: list[socket.soc
     for s in (src, dst, parked):
         assert is_closed(s)
     assert not r.statistics().streams
+
+
+def test_events_report_start_and_end_with_byte_counts(
+    listener: socket.socket, sockets: list[socket.socket]
+) -> None:
+    events: list[RelayEvent] = []
+    r = Relay(on_event=events.append)
+    try:
+        src, dst = spliced(r, listener, sockets)
+        src.sendall(b"12345")
+        assert recv_exact(dst, 5) == b"12345"
+        dst.sendall(b"ab")
+        assert recv_exact(src, 2) == b"ab"
+        src.shutdown(socket.SHUT_WR)
+        dst.shutdown(socket.SHUT_WR)
+        assert src.recv(1) == b"" and dst.recv(1) == b""
+        wait_for(lambda: len(events) == 2)
+        assert events == [
+            StreamStarted("s1", "nsrc", "ndst"),
+            StreamEnded("s1", bytes_up=5, bytes_down=2, reason="closed"),
+        ]
+        # a cut names its reason
+        src2, dst2 = spliced(r, listener, sockets, "s2")
+        r.cut_node("ndst")
+        wait_for(lambda: len(events) == 4)
+        assert events[3] == StreamEnded("s2", 0, 0, "node removed")
+        assert is_closed(src2) and is_closed(dst2)
+    finally:
+        r.close()
+
+
+def test_thread_count_is_bounded_at_4096_streams(listener: socket.socket) -> None:
+    """4,096 streams (16,384 fds in this process) ride on the fixed worker pool."""
+    n = 4096
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4 * n + 512:
+        pytest.skip(f"RLIMIT_NOFILE {soft} is too low for {n} streams")
+    listener.listen(1024)
+    before = threading.active_count()
+    r = Relay(workers=2)
+    outside: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        assert threading.active_count() == before + 2
+        for i in range(n):
+            a = socket.create_connection(listener.getsockname())
+            a_in, _ = listener.accept()
+            b = socket.create_connection(listener.getsockname())
+            b_in, _ = listener.accept()
+            tc, ta = b"c%015d" % i, b"a%015d" % i
+            r.attach(tc, a_in)
+            r.expect(f"s{i}", src_node="x", dst_node="y", src_token=tc, dst_token=ta)
+            r.attach(ta, b_in)
+            outside.append((a, b))
+        stats = r.statistics()
+        assert len(stats.streams) == n
+        assert stats.threads == 2
+        assert threading.active_count() == before + 2
+        # every stream is live: one byte each way through a spread of them
+        for a, b in outside[:: n // 64] + outside[-1:]:
+            a.settimeout(DEADLINE)
+            b.settimeout(DEADLINE)
+            a.sendall(b"p")
+            assert b.recv(1) == b"p"
+            b.sendall(b"q")
+            assert a.recv(1) == b"q"
+        assert r.statistics().pipes <= 2 * 512  # pooled: idle streams hold no pipe
+    finally:
+        r.close()
+        for a, b in outside:
+            a.close()
+            b.close()
+    assert threading.active_count() == before
