@@ -181,7 +181,8 @@ class ControlLink(asyncio.Protocol):
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once (no TLS close)."""
-        log.info("control connection %s dropped: %s", self.address, reason)
+        if not self._ended:
+            log.info("control connection %s dropped: %s", self.address, reason)
         transport = self.transport
         self._end(ConnectionClosed("abort", reason))
         if transport is not None:
@@ -264,7 +265,10 @@ class ControlLink(asyncio.Protocol):
     def _no_answer(self) -> None:
         self._answer_deadline = None
         if self.conn.state is not State.READY and not self._ended:
-            self.abort(f"handshake not finished within {self._answer_timeout:g}s")
+            if self.role is Role.SERVER and self.conn.state is State.START:
+                self.abort(f"no HELLO or ENROLL within {self._answer_timeout:g}s")
+            else:
+                self.abort(f"no answer to the handshake within {self._answer_timeout:g}s")
 
     def _end(self, ev: ConnectionClosed) -> None:
         if self._ended:
