@@ -242,6 +242,20 @@ def test_entry_size_is_exactly_what_encode_writes() -> None:
     assert one - empty == entry_size(p)
 
 
+def test_encoded_frames_are_exactly_m_encode() -> None:
+    """The book's fast encoder (stored entry JSON) writes what m.encode writes."""
+    book = PeerBook()
+    for i in range(450):
+        book.upsert(mkpeer(i, name=f"ünï-{i}", user='o"ps\\', tags=("tag:a", "tag:\u00e9")))
+    base = book.version
+    for i in range(0, 450, 7):
+        book.remove(mkpeer(i).node_id)
+    book.upsert(mkpeer(3, online=False, last_seen=T0 + 0.1))
+    for b in (0, base, base + 3, book.version):
+        frames = book.updates_for("v", b)
+        assert book.encoded_updates_for("v", b) == b"".join(m.encode(f) for f in frames)
+
+
 def test_envelope_bound_holds_for_the_largest_versions() -> None:
     big = 2**63 - 1
     body = m.encode(m.Peers(version=big, base=big, reset=False, more=False))[5:]
@@ -476,6 +490,29 @@ def test_filter_encodes_per_viewer() -> None:
     assert "host-1" in {p.name for p in b[0].peers}
 
 
+def test_audience_shares_filtered_encodings() -> None:
+    def team(viewer: str) -> str:
+        return viewer.split("/", maxsplit=1)[0]
+
+    def visible(viewer: str, p: m.Peer) -> bool:
+        return team(viewer) in p.tags
+
+    book = PeerBook(visible=visible, audience=team)
+    for i in range(30):
+        book.upsert(mkpeer(i, tags=(("red", "green", "blue")[i % 3],)))
+    base = book.version
+    book.upsert(mkpeer(40, tags=("red",)))
+    before = book.encodes
+    viewers = [f"{t}/{i}" for t in ("red", "green", "blue") for i in range(100)]
+    for v in viewers:
+        assert decode_all(book.encoded_updates_for(v, base)) == book.updates_for(v, base)
+    assert book.encodes == before + 3, "one encoding per audience"
+    (red,) = decode_all(book.encoded_updates_for("red/1", base))
+    (green,) = decode_all(book.encoded_updates_for("green/1", base))
+    assert [p.node_id for p in red.peers] == [mkpeer(40).node_id] and red.removed == ()
+    assert green.peers == () and green.removed == (mkpeer(40).node_id,)
+
+
 # -- property: every view converges to the book ---------------------------------------------------
 VIEWERS = ("v0", "v1", "v2")
 TAGS = ("tag:a", "tag:b", "tag:c")
@@ -526,10 +563,15 @@ class Session:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=OPS, filtered=st.booleans())
-def test_views_converge_to_the_book(ops: list[tuple[object, ...]], filtered: bool) -> None:
+@given(ops=OPS, mode=st.sampled_from(["all", "filter", "audience"]))
+def test_views_converge_to_the_book(ops: list[tuple[object, ...]], mode: str) -> None:
     policy = Policy()
-    book = PeerBook(visible=policy.visible if filtered else None, max_removal_log=3)
+    filtered = mode != "all"
+    book = PeerBook(
+        visible=policy.visible if filtered else None,
+        audience=(lambda v: v) if mode == "audience" else None,
+        max_removal_log=3,
+    )
     sessions = [Session(v) for v in VIEWERS]
     # what each viewer should hold at each version (to check every applied state)
     history: dict[int, dict[str, dict[str, m.Peer]]] = {}
@@ -542,7 +584,9 @@ def test_views_converge_to_the_book(ops: list[tuple[object, ...]], filtered: boo
         history[book.version] = {v: expected(v) for v in VIEWERS}
 
     def send(s: Session, base: int) -> None:
-        frames = decode_all(book.encoded_updates_for(s.viewer, base))
+        data = book.encoded_updates_for(s.viewer, base)
+        assert data == b"".join(m.encode(f) for f in book.updates_for(s.viewer, base))
+        frames = decode_all(data)
         if filtered:
             for f in frames:
                 assert all(policy.visible(s.viewer, p) for p in f.peers), "a hidden entry leaked"
