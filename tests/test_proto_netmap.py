@@ -427,6 +427,17 @@ def test_too_many_peers_is_refused_and_the_rest_skipped() -> None:
     assert small.receive(f).status is Status.REFUSED and len(small.peers) == 3
 
 
+def test_apply_is_receive_reduced_to_applied() -> None:
+    book = book_of(600)
+    view = PeerView()
+    assert [view.apply(f) for f in book.updates_for("v", 0)] == [False, False, True]
+    assert view.count == 600 == len(view.peers)
+    book.upsert(mkpeer(1000))
+    book.upsert(mkpeer(1001))
+    assert not view.apply(book.updates_for("v", 601)[0]), "a gap: not applied"
+    assert view.count == 600
+
+
 def test_peers_mapping_is_read_only() -> None:
     view = synced(book_of(2))
     with pytest.raises(TypeError):

@@ -491,6 +491,11 @@ class PeerView:
         """node_id -> entry, read-only."""
         return types.MappingProxyType(self._peers)
 
+    @property
+    def count(self) -> int:
+        """Peers in the applied map."""
+        return len(self._peers)
+
     def get_by_name(self, name: str) -> m.Peer | None:
         node_id = self._by_name.get(name)
         return None if node_id is None else self._peers.get(node_id)
@@ -504,6 +509,15 @@ class PeerView:
         self._skip = False
         self._want_full = True
         self._asked = True
+
+    def apply(self, msg: m.Peers) -> bool:
+        """:meth:`receive`, reduced to "was an update applied".
+
+        For one-shot readers (``homeport status`` asks once and reads the full
+        map). A long-lived agent uses :meth:`receive`: it must act on NEED_FULL
+        and REFUSED, which this hides.
+        """
+        return self.receive(msg).status is Status.APPLIED
 
     def receive(self, msg: m.Peers) -> Outcome:
         """Take one PEERS frame (in arrival order) and say what happened."""
