@@ -63,7 +63,7 @@ import json
 import math
 import types
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from homeport.wire import control as m
 from homeport.wire.frame import MAX_FRAME, encode_frame
@@ -228,13 +228,13 @@ class PeerBook:
         """
         node_id = peer.node_id
         old = self._entries.get(node_id)
-        if old is not None and dataclasses.replace(peer, rev=old.peer.rev) == old.peer:
+        if old is not None and replace(peer, rev=old.peer.rev) == old.peer:
             return False
         if not 0 < len(node_id) <= MAX_NODE_ID:
             raise ValueError(f"node id of {len(node_id)} characters (1..{MAX_NODE_ID})")
         if not math.isfinite(peer.last_seen):
             raise ValueError(f"{node_id}: last_seen {peer.last_seen!r} is not finite")
-        new = dataclasses.replace(peer, rev=self._version + 1)
+        new = replace(peer, rev=self._version + 1)
         encoded = entry_json(new)
         size = len(encoded)
         if size > MAX_ENTRY_BYTES:
@@ -364,7 +364,7 @@ class PeerBook:
             cur_removed.append(node_id)
             used += size
         flush()
-        frames[-1] = dataclasses.replace(frames[-1], more=False)
+        frames[-1] = replace(frames[-1], more=False)
         return frames
 
     def encoded_updates_for(self, viewer_id: str, base: int) -> bytes:
@@ -405,11 +405,12 @@ class PeerBook:
         for p in frame.peers:
             e = entries.get(p.node_id)
             parts.append(e.json if e is not None and e.peer is p else entry_json(p))
-        obj = _plain(dataclasses.replace(frame, peers=()))
+        obj = _plain(replace(frame, peers=()))
         assert isinstance(obj, dict)
         obj["peers"] = _HOLE
-        body = _dumps(obj).replace(_HOLE_JSON, b"[" + b",".join(parts) + b"]", 1)
-        return encode_frame(m.MsgType.PEERS, body)
+        # the hole is the first string in the body: version, base and reset come first
+        head, _, tail = _dumps(obj).partition(_HOLE_JSON)
+        return encode_frame(m.MsgType.PEERS, b"".join((head, b"[", b",".join(parts), b"]", tail)))
 
 
 # -- the node side ----------------------------------------------------------------------------
