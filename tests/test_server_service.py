@@ -396,6 +396,8 @@ def test_peer_map_pushed_to_agents_on_change(server: ServerHandle, tmp_path: Pat
     two = enroll(server, unique("two"), tmp_path)
     a1 = agent(server, one, ())
     view = PeerView()
+    view.expect_full()  # a fresh view cannot apply deltas: ask for a full map first
+    a1.send(m.NetMapRequest())
 
     def until(pred: Callable[[], bool]) -> None:
         while not pred():
