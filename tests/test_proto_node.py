@@ -470,3 +470,18 @@ def test_the_core_is_deterministic() -> None:
         return out
 
     assert run() == run()
+
+
+def test_a_gap_in_the_peer_map_asks_once_for_a_full_map(node: Node) -> None:
+    node.connect()
+    node.recv(m.Peers(version=3, base=0, reset=True, peers=(peer(1),)))
+    sent = [
+        c.msg
+        for c in node.recv(m.Peers(version=6, base=5, reset=False, peers=(peer(2),)))
+        if isinstance(c, n.Send)
+    ]
+    assert sent == [m.NetMapRequest()]
+    # the next delta of the same gap is ignored, not asked for again
+    assert node.recv(m.Peers(version=7, base=6, reset=False, peers=(peer(3),))) == []
+    node.recv(m.Peers(version=7, base=0, reset=True, peers=(peer(1), peer(2), peer(3))))
+    assert (node.core.peers.version, node.core.peers.count) == (7, 3)

@@ -735,8 +735,9 @@ class Coordinator:
 
     def _send_map(self, s: _Session, now: float) -> None:
         if m.CAP_PEERS in s.caps:
-            for frame in self.book.updates_for(s.node_id, 0):
-                self._emit(Send(s.sid, frame))
+            # encoded once and written straight to the transport: a 10,000-node map
+            # (~3.3 MiB over ~50 frames) must not sit in the control machine's queue
+            self._emit(SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, 0)))
             if s.wants_map:
                 s.map_version = self.book.version
             return

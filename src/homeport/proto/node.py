@@ -44,8 +44,9 @@ What it owns:
 * **One stream limit.** Incoming streams (from INCOMING until ``stream_ended``)
   and local opens (from admission until ``local_open_ended``) share
   :data:`MAX_STREAMS`: each is a worker thread and a few descriptors.
-* **The peer map** from PEERS frames (capability ``peers`` only): for now a
-  placeholder (:class:`PeerMapPlaceholder`) that keeps the version and count.
+* **The peer map** from PEERS frames (capability ``peers`` only): a
+  :class:`~homeport.proto.netmap.PeerView`; a delta that does not follow the
+  version we hold makes the core ask once for a full map (NETMAP_REQ).
 
 Commands are drained with :meth:`NodeCore.next_command`, in the order they were
 made; the queue never holds more than one input's worth of commands if the
@@ -58,11 +59,12 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
 from homeport.policy.services import Service
 from homeport.proto.backoff import Backoff
+from homeport.proto.netmap import PeerView, Status
 from homeport.wire import control as m
 from homeport.wire.data import token_from_hex_untrusted
 from homeport.wire.errors import WireError
@@ -77,8 +79,6 @@ FATAL_ERROR_CODES = frozenset({"node-removed"})
 LOCAL_FALLBACK_CODES = frozenset({"busy"})
 #: Seconds a local open waits for OPENED/OPEN_FAILED when the caller names no timeout.
 DEFAULT_OPEN_TIMEOUT = 10.0
-#: Most peers the placeholder peer map tracks (a bound on untrusted deltas).
-MAX_PEERS = 65536
 #: The role this core announces in HELLO (it stays connected and receives streams).
 ROLE_AGENT = "agent"
 #: Rules named in a record when the core refused before any policy rule ran.
@@ -260,42 +260,6 @@ Command = (
 )
 
 
-# -- the peer map (placeholder) -------------------------------------------------------------
-
-
-@dataclass
-class PeerMapPlaceholder:
-    """PLACEHOLDER until ``proto.netmap.PeerView`` lands: the last PEERS version and count.
-
-    It applies resets and deltas to a set of node ids only, so the count is
-    right; it does not detect version gaps or hold peer details. The lead
-    replaces it with the real PeerView (same two calls: ``apply`` and the
-    ``version``/``count`` read-outs).
-    """
-
-    version: int = 0
-    frames: int = 0
-    _ids: set[str] = field(default_factory=set)
-    _more: bool = False  # the last frame said more frames of its version follow
-
-    @property
-    def count(self) -> int:
-        return len(self._ids)
-
-    def apply(self, msg: m.Peers) -> None:
-        self.frames += 1
-        continues = self._more and msg.version == self.version
-        if msg.reset and not continues:
-            self._ids = set()  # the first frame of a full map
-        self._ids.difference_update(msg.removed)
-        for peer in msg.peers:
-            if len(self._ids) >= MAX_PEERS:
-                break
-            self._ids.add(peer.node_id)
-        self.version = msg.version
-        self._more = msg.more
-
-
 # -- the core --------------------------------------------------------------------------------
 
 
@@ -339,7 +303,9 @@ class NodeCore:
         #: Capabilities the current server announced in WELCOME (intersected with ours).
         self.server_caps: frozenset[str] = frozenset()
         self.server_capver = 1
-        self.peers = PeerMapPlaceholder()
+        self.peers = PeerView()
+        #: Why the last peer-map update was refused (over a limit), if one was.
+        self.map_refused = ""
         #: Messages ignored because they came where they make no sense (for tests).
         self.ignored = 0
         self._epoch = 0  # one per session; stale pending streams are dropped
@@ -378,6 +344,7 @@ class NodeCore:
             self._end_session("replaced by a new connection", now, reconnect=False)
         self._epoch += 1
         self._session_start = now
+        self.peers.expect_full()
         self.state = SessionState.HELLO_SENT
         self.server_caps, self.server_capver = frozenset(), 1
         self._send(
@@ -456,11 +423,18 @@ class NodeCore:
             self._on_open_answer(msg)
         elif isinstance(msg, m.Peers):
             if self.peers_expected:
-                self.peers.apply(msg)
+                self._on_peers(msg)
             else:
                 self.ignored += 1  # the server did not announce ``peers``: not for us
         else:
             self.ignored += 1  # NETMAP (capver 1 push), a second WELCOME, ...
+
+    def _on_peers(self, msg: m.Peers) -> None:
+        outcome = self.peers.receive(msg)
+        if outcome.status is Status.NEED_FULL:
+            self._send(m.NetMapRequest())  # a gap: ask once for a full map, never guess
+        elif outcome.status is Status.REFUSED:
+            self.map_refused = outcome.reason
 
     def _on_welcome(self, msg: m.Welcome) -> None:
         self.state = SessionState.READY
