@@ -459,11 +459,12 @@ class NodeCore:
         if msg.code in FATAL_ERROR_CODES:
             self.state = SessionState.FATAL
             self._fail_waiting("eof", f"this node was removed from server {self.config.server}")
+            said = "this node was removed by an admin"
+            extra = f" ({msg.message[:200]})" if msg.message and msg.message != said else ""
             self._commands.append(
                 Fatal(
                     int(ExitCode.NODE_REMOVED),
-                    f"this node was removed by an admin ({msg.message}); "
-                    "enroll again with a new auth key",
+                    f"{said}{extra}; enroll again with a new auth key",
                 )
             )
         # Any other ERROR: the control machine closes; session_ended follows.
