@@ -287,19 +287,7 @@ def request_netmap(state: NodeState, *, timeout: float = DEFAULT_TIMEOUT) -> m.N
                 self_id = client.welcome.node_id if client.welcome is not None else ""
                 return m.NetMap(
                     self_id=self_id,
-                    nodes=tuple(
-                        m.NodeInfo(
-                            node_id=p.node_id,
-                            name=p.name,
-                            online=p.online,
-                            last_seen=p.last_seen,
-                            fingerprint=p.fingerprint,
-                            services=p.services,
-                            address=p.address,
-                            path="relay",
-                        )
-                        for p in view.peers.values()
-                    ),
+                    nodes=tuple(m.node_info(p) for p in view.peers.values()),
                 )
 
 

@@ -743,17 +743,7 @@ class Coordinator:
             return
         # a first-release client (``homeport status`` 0.1): the old one-frame map
         nodes = tuple(
-            m.NodeInfo(
-                node_id=p.node_id,
-                name=p.name,
-                online=p.online,
-                last_seen=now if p.online else p.last_seen,
-                fingerprint=p.fingerprint,
-                services=p.services,
-                address=p.address,
-                path="relay",
-            )
-            for p in (self._peer(n) for n in self._nodes.values() if not n.removed)
+            m.node_info(self._peer(n), now=now) for n in self._nodes.values() if not n.removed
         )
         msg = m.NetMap(self_id=s.node_id, nodes=nodes)
         try:

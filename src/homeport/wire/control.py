@@ -159,6 +159,20 @@ class Peer:
     tags: tuple[str, ...] = ()
 
 
+def node_info(peer: Peer, *, now: float | None = None) -> NodeInfo:
+    """A PEERS entry as a capver-1 NETMAP row (``now``: last seen of an online node)."""
+    return NodeInfo(
+        node_id=peer.node_id,
+        name=peer.name,
+        online=peer.online,
+        last_seen=now if now is not None and peer.online else peer.last_seen,
+        fingerprint=peer.fingerprint,
+        services=peer.services,
+        address=peer.address,
+        path="relay",
+    )
+
+
 class Message:
     """Base of all control messages; subclasses are frozen dataclasses."""
 
