@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
 from homeport.policy.decide import Subject, decide
+from homeport.proto.audit import Audit
 from homeport.proto.netmap import PeerBook
 from homeport.wire import authkey, names
 from homeport.wire import control as m
@@ -279,6 +280,7 @@ Command = (
     | Persist
     | EnrollRequest
     | Note
+    | Audit
 )
 
 

@@ -429,6 +429,8 @@ class Service:
             self._enroll(cmd)
         elif isinstance(cmd, c.Note):
             log.log(cmd.level, "%s", cmd.text)
+        elif isinstance(cmd, c.Audit):
+            log.debug("audit %s %s", cmd.kind, cmd.as_dict())
 
     def _enroll(self, req: c.EnrollRequest) -> None:
         loop = asyncio.get_running_loop()
