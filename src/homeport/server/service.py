@@ -42,6 +42,7 @@ from homeport import relay as hprelay
 from homeport.crypto.tls import fingerprint
 from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
 from homeport.proto import coord as c
+from homeport.proto.audit import Audit
 from homeport.proto.control import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PING_INTERVAL,
@@ -429,7 +430,7 @@ class Service:
             self._enroll(cmd)
         elif isinstance(cmd, c.Note):
             log.log(cmd.level, "%s", cmd.text)
-        elif isinstance(cmd, c.Audit):
+        elif isinstance(cmd, Audit):
             log.debug("audit %s %s", cmd.kind, cmd.as_dict())
 
     def _enroll(self, req: c.EnrollRequest) -> None:
