@@ -591,7 +591,7 @@ class _Compiler:
                     value,
                     path,
                     f"{text!r} is an IP address: homeport has no overlay IP addresses; "
-                    "a host alias names a node (e.g. \"labpc\")",
+                    'a host alias names a node (e.g. "labpc")',
                 )
                 continue
             problem = names.node_name_problem(text)
@@ -678,13 +678,15 @@ class _Compiler:
             return rules
         for i, item in enumerate(node.value):
             path = f"acls[{i}]"
-            members = self.obj(item, path, ("action", "src", "dst", "proto"), ("action", "src", "dst"))
+            members = self.obj(
+                item, path, ("action", "src", "dst", "proto"), ("action", "src", "dst")
+            )
             if members is None:
                 continue
             if "action" in members:
                 action = self.string(members["action"], f"{path}.action")
                 if action is not None and action != "accept":
-                    self.err(members["action"], f"{path}.action", "only \"accept\" (rules grant)")
+                    self.err(members["action"], f"{path}.action", 'only "accept" (rules grant)')
             if "proto" in members:
                 proto = self.string(members["proto"], f"{path}.proto")
                 if proto is not None and proto not in ("tcp", "6"):
@@ -729,7 +731,7 @@ class _Compiler:
                 if text in ("accept", "check"):
                     action = SshAction(text)
                 elif text is not None:
-                    self.err(members["action"], f"{path}.action", "use \"accept\" or \"check\"")
+                    self.err(members["action"], f"{path}.action", 'use "accept" or "check"')
             period = DEFAULT_CHECK_PERIOD if action is SshAction.CHECK else 0.0
             if "checkPeriod" in members:
                 cp = members["checkPeriod"]
@@ -738,7 +740,7 @@ class _Compiler:
                 if text is not None and (value is None or value > MAX_CHECK_PERIOD):
                     self.err(cp, f"{path}.checkPeriod", f"bad duration {text!r} (e.g. 12h, always)")
                 elif action is not SshAction.CHECK:
-                    self.err(cp, f"{path}.checkPeriod", "checkPeriod needs action \"check\"")
+                    self.err(cp, f"{path}.checkPeriod", 'checkPeriod needs action "check"')
                 elif value is not None:
                     period = value
             src: list[Sel] = []
@@ -855,7 +857,8 @@ class _Compiler:
                         self.err(
                             t.pos,
                             f"{t.name}.{key}[{j}]",
-                            f"{target!r}: expected host:port ({dst if isinstance(dst, str) else 'port'})",
+                            f"{target!r}: expected host:port "
+                            f"({dst if isinstance(dst, str) else 'bad port'})",
                         )
                         continue
                     got = acl_check(policy, src, dst, int(port_text))

@@ -36,10 +36,10 @@ from typing import Generic, Protocol, TypeVar
 from homeport.policy.acl import CompiledPolicy, Subject, acl_check
 
 __all__ = [
+    "CODE_POLICY",
     "RULE_DEFAULT_DENY",
     "RULE_NOT_EXPOSED",
     "RULE_SERVICE_EXPOSED",
-    "CODE_POLICY",
     "CompiledPolicy",
     "Decision",
     "Exposed",

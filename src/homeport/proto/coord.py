@@ -17,6 +17,8 @@ input (method)                  when
 ``relay_event``                 the relay spliced a stream or saw it end
 ``relay_refused``               the relay could not take an :class:`RelayExpect`
 ``remove_node``                 an admin removed a node
+``policy_changed``              an admin set a new ACL policy (or none)
+``policy_refused``              an admin's policy was refused (audit only)
 ``handle_timer``                ``get_timer()`` came due
 ==============================  ===================================================
 
@@ -53,9 +55,12 @@ from dataclasses import dataclass, field, replace
 
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
+from homeport.policy.acl import CompiledPolicy, may_see, src_rules
 from homeport.policy.decide import Subject, decide
+from homeport.proto import audit
 from homeport.proto.audit import Audit
 from homeport.proto.netmap import PeerBook
+from homeport.proto.policy import policy_message
 from homeport.wire import authkey, names
 from homeport.wire import control as m
 from homeport.wire.data import token_from_hex_untrusted
@@ -215,6 +220,14 @@ class RelayCut:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayCutStream:
+    """End one stream now, waiting or spliced (a policy change denied it)."""
+
+    stream_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetSeen:
     node_id: str
     last_seen: float
@@ -277,6 +290,7 @@ Command = (
     | RelayCancel
     | RelayRefuse
     | RelayCut
+    | RelayCutStream
     | Persist
     | EnrollRequest
     | Note
@@ -401,6 +415,7 @@ class Coordinator:
         ping_interval: float = PING_INTERVAL,
         max_streams: int = MAX_STREAMS,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        policy: CompiledPolicy | None = None,
     ) -> None:
         self.ca = ca
         self._ca_pem = ca.cert_pem.decode()
@@ -423,7 +438,10 @@ class Coordinator:
         self._timers: list[_Timer] = []
         self._timer_seq = 0
         self._push_due: float | None = None
-        self.book = PeerBook()
+        #: The ACL policy in force (None: no policy file; see policy.decide).
+        self.policy = policy
+        self._policy_version = 1
+        self.book = PeerBook(self._visible, audience=self._audience)
         for node in nodes:
             self._add_node(node)
 
@@ -612,6 +630,7 @@ class Coordinator:
             if old_s is not None:
                 old_s.role = ""  # its end must not take the node offline
         s.wants_map = m.CAP_PEERS in s.caps
+        self._send_policy(s)
         self._note(logging.INFO, f"agent {node.name} ({node.node_id}) online from {s.address}")
         self._map_changed(node.node_id, now)
 
@@ -745,7 +764,9 @@ class Coordinator:
             return
         # a first-release client (``homeport status`` 0.1): the old one-frame map
         nodes = tuple(
-            m.node_info(self._peer(n), now=now) for n in self._nodes.values() if not n.removed
+            m.node_info(peer, now=now)
+            for peer in (self._peer(n) for n in self._nodes.values() if not n.removed)
+            if self._visible(s.node_id, peer)
         )
         msg = m.NetMap(self_id=s.node_id, nodes=nodes)
         try:
@@ -805,7 +826,21 @@ class Coordinator:
             )
             refuse("offline", f"{dst.name} is offline ({seen}); is 'homeport up' running there?")
             return
-        decision = decide(src.subject(), dst.name, dst.services, msg.service)
+        decision = decide(src.subject(), dst.subject(), dst.services, msg.service, self.policy)
+        self._emit(
+            Audit(
+                audit.STREAM,
+                now,
+                (
+                    ("src", src.name),
+                    ("dst", dst.name),
+                    ("service", msg.service[:64]),
+                    ("verdict", decision.verdict.value),
+                    ("code", decision.code),
+                    ("rule", decision.rule),
+                ),
+            )
+        )
         if not decision.allowed or decision.service is None:
             refuse(decision.code, decision.reason)
             return
@@ -985,6 +1020,106 @@ class Coordinator:
         )
         self._map_changed(node_id, now)
         return node
+
+    # -- the ACL policy ------------------------------------------------------------------------
+    def _visible(self, viewer_id: str, peer: m.Peer) -> bool:
+        """PeerBook's filter: a node learns only the peers it may reach on some port."""
+        if self.policy is None:
+            return True
+        viewer = self._nodes.get(viewer_id)
+        if viewer is None:
+            return False
+        return may_see(
+            self.policy, viewer.subject(), Subject(peer.node_id, peer.name, peer.user, peer.tags)
+        )
+
+    def _audience(self, viewer_id: str) -> tuple[object, ...]:
+        """Viewers selected by the same rules (and, for autogroup:self, of the same user) see
+        the same peers, so their map frames are encoded once."""
+        if self.policy is None:
+            return ()
+        viewer = self._nodes.get(viewer_id)
+        if viewer is None:
+            return ("?", viewer_id)
+        subj = viewer.subject()
+        return (src_rules(self.policy, subj), "" if subj.tags else subj.user)
+
+    def _send_policy(self, s: _Session) -> None:
+        if m.CAP_POLICY not in s.caps or s.role != ROLE_AGENT:
+            return
+        node = self._nodes.get(s.node_id)
+        if node is not None:
+            self._emit(
+                Send(s.sid, policy_message(self.policy, node.subject(), self._policy_version))
+            )
+
+    def policy_changed(self, compiled: CompiledPolicy | None, now: float) -> int:
+        """A new policy (None: back to no policy) is in force from now on.
+
+        New streams are decided under it at once; every agent that understands
+        POLICY gets its new rules; peer maps are recomputed (a full map for
+        everyone, since who may see whom changed); and every stream the new
+        policy denies is ended now (waiting ones fail with the reason, spliced
+        ones are cut by the relay). Returns how many streams were ended.
+        """
+        self.policy = compiled
+        self._policy_version += 1
+        digest = "none" if compiled is None else compiled.digest
+        self._emit(
+            Audit(
+                audit.POLICY_SET,
+                now,
+                (
+                    ("digest", digest),
+                    ("acls", str(0 if compiled is None else len(compiled.acls))),
+                    ("ssh", str(0 if compiled is None else len(compiled.ssh))),
+                ),
+            )
+        )
+        for s in self._sessions.values():
+            if s.state is SessionState.AUTHED:
+                self._send_policy(s)
+        ended = 0
+        for st in list(self._streams.values()):
+            src = self._nodes.get(st.src.node_id, st.src)
+            dst = self._nodes.get(st.dst.node_id, st.dst)
+            d = decide(src.subject(), dst.subject(), dst.services, st.service.name, compiled)
+            if d.allowed:
+                continue
+            ended += 1
+            self._emit(
+                Audit(
+                    audit.STREAM,
+                    now,
+                    (
+                        ("src", src.name),
+                        ("dst", dst.name),
+                        ("service", st.service.name),
+                        ("verdict", "cut"),
+                        ("code", d.code),
+                        ("rule", d.rule),
+                    ),
+                )
+            )
+            if st.state is StreamState.WAITING:
+                self._fail(st, d.code, d.reason)  # RelayCancel: the relay never splices it
+            else:
+                self._note(logging.INFO, f"stream {st.stream_id}: cut: {d.reason}")
+                self._drop_stream(st)
+                self._emit(RelayCutStream(st.stream_id, d.reason))
+        self.book.reset_all()
+        if self._push_due is None:
+            self._push_due = now + NETMAP_COALESCE
+            self._add_timer(self._push_due, "push", "")
+        self._note(
+            logging.INFO,
+            f"policy {digest} in force (version {self._policy_version}); {ended} stream(s) ended",
+        )
+        return ended
+
+    def policy_refused(self, reason: str, now: float) -> None:
+        """An admin's policy was refused (the old one stays): recorded for the audit log."""
+        self._emit(Audit(audit.POLICY_REFUSED, now, (("reason", reason[:MAX_REASON]),)))
 
     # -- time -----------------------------------------------------------------------------------
     def _add_timer(self, when: float, kind: str, key: str) -> None:

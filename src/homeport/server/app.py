@@ -23,7 +23,7 @@ from homeport.io.tlsctx import control_server_context
 from homeport.proto.coord import Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
-from homeport.server.datadir import prepare_data_dir
+from homeport.server.datadir import PolicyFileError, load_policy, prepare_data_dir
 from homeport.server.service import Service, ServiceConfig
 from homeport.store.registry import WriteBehind, database_url, open_registry
 
@@ -87,6 +87,7 @@ async def serve(
 ) -> None:
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
+    policy = load_policy(data_dir)  # a bad policy file stops the start (PolicyFileError)
     registry = open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
     cfg = config or ServiceConfig()
     core = Coordinator(
@@ -96,6 +97,7 @@ async def serve(
         open_timeout=cfg.open_timeout,
         unpaired_timeout=cfg.unpaired_timeout,
         ping_interval=cfg.ping_interval,
+        policy=policy,
     )
     writer = WriteBehind(registry)
     services: list[Service] = []  # the relay reports to the service built right after it
@@ -117,6 +119,10 @@ async def serve(
                 nodes=service.node_list,
                 remove_node=service.remove_node,
                 live=True,
+                data_dir=data_dir,
+                set_policy=service.set_policy,
+                policy_refused=service.policy_refused,
+                node_by_name=core.node_by_name,
             ),
         )
         host, port = parse_listen(listen)
@@ -204,7 +210,7 @@ def run_server(
             from homeport.server.admin import AdminError
             from homeport.store.registry import StoreError
 
-            if isinstance(exc, AdminError | StoreError):
+            if isinstance(exc, AdminError | StoreError | PolicyFileError):
                 log.error("cannot start: %s", exc)
                 return 1
             raise

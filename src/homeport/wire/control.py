@@ -25,6 +25,7 @@ Message table (c = node or CLI, s = server)::
     0x0f  PONG         c↔s                                                                1
     0x10  ERROR        s→c   fatal: the server closes the connection after this           1
     0x80  PEERS        s→c   this node's peer map, full or delta, versioned (cap peers)   2
+    0x90  POLICY       s→c   the ACL rules that can grant streams to this node (cap policy) 3
 
 Evolution rules (why: old and new nodes must interoperate during an upgrade,
 the way Tailscale's capability version lets old clients talk to new servers):
@@ -47,7 +48,7 @@ the way Tailscale's capability version lets old clients talk to new servers):
 History: capver 1 (2026-11) first version. capver 2 (2026-12): HELLO/WELCOME
 carry ``capver``/``caps``; PEERS (per-node, versioned, delta-encoded peer map,
 no host keys); host keys travel only in OPENED; PeerInfo carries ``user`` and
-``tags`` for policy decisions.
+``tags`` for policy decisions. capver 3 (2027-01): POLICY (cap ``policy``).
 """
 
 from __future__ import annotations
@@ -66,15 +67,17 @@ from homeport.wire.frame import encode_frame
 #: for an incompatible protocol; peers of another wire version get ERROR(upgrade).
 PROTOCOL_VERSION = 1
 #: Our capability version (grows with every protocol feature; see the module doc).
-CAPVER = 2
+CAPVER = 3
 #: The oldest capability version this code still serves.
 MIN_CAPVER = 1
 #: The first type number that a receiver may skip when it does not know it.
 IGNORABLE_MIN = 0x80
 #: Capability names. ``peers``: understands PEERS (and wants it pushed, if an agent).
 CAP_PEERS = "peers"
+#: ``policy``: understands POLICY and enforces it on every INCOMING.
+CAP_POLICY = "policy"
 #: Every capability this code implements, announced in HELLO and WELCOME.
-OUR_CAPS: tuple[str, ...] = (CAP_PEERS,)
+OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_POLICY)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -101,6 +104,7 @@ class MsgType(enum.IntEnum):
     PONG = 0x0F
     ERROR = 0x10
     PEERS = 0x80
+    POLICY = 0x90
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +267,45 @@ class Peers(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySel:
+    """One resolved selector of a POLICY rule (``kind`` as in ``policy.acl.SelKind``).
+
+    ``ports`` ("22,80,8000-8999" or "*") is set on destination entries only;
+    ``text`` is what the policy file said (``group:dev``), for explanations.
+    """
+
+    kind: str
+    value: str = ""
+    text: str = ""
+    ports: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    name: str  # where it is in the file: "acls[3]"
+    src: tuple[PolicySel, ...]
+    dst: tuple[PolicySel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy(Message):
+    """The ACL rules that can grant a stream to the receiving node (capver 3, cap ``policy``).
+
+    ``active`` false: no policy file (every node may reach every exposed
+    service). ``user``/``tags``: who the server says this node is, for the
+    rules' destination selectors. ``version`` grows with every push.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.POLICY
+    version: int
+    active: bool
+    rules: tuple[PolicyRule, ...] = ()
+    user: str = ""
+    tags: tuple[str, ...] = ()
+    digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Open(Message):
     TYPE: ClassVar[MsgType] = MsgType.OPEN
     dst: str
@@ -349,11 +392,12 @@ MESSAGES: dict[int, type[Message]] = {
         Pong,
         Error,
         Peers,
+        Policy,
     )
 }
 
 #: The capability a peer must have announced before we send it this type.
-REQUIRES: dict[MsgType, str] = {MsgType.PEERS: CAP_PEERS}
+REQUIRES: dict[MsgType, str] = {MsgType.PEERS: CAP_PEERS, MsgType.POLICY: CAP_POLICY}
 
 
 def is_ignorable(msg_type: int) -> bool:
