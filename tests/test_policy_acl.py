@@ -358,7 +358,8 @@ def test_the_seed_acl_users_bring() -> None:
 def test_accept_beats_check_whatever_the_order() -> None:
     rules = (
         '{"action": "check", "src": ["*"], "dst": ["*"], "users": ["ubuntu"], "checkPeriod": "1h"}',
-        '{"action": "accept", "src": ["group:admin"], "dst": ["*"], "users": ["autogroup:nonroot"]}',
+        '{"action": "accept", "src": ["group:admin"], "dst": ["*"], '
+        '"users": ["autogroup:nonroot"]}',
     )
     for order in (rules, rules[::-1]):
         p = compile_policy(
