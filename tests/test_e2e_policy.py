@@ -29,7 +29,12 @@ ALLOW_LAPTOP = """{
 }
 """
 DENY_ALL = '{"acls": []}\n'
-BAD = '{\n  "acls": [\n    {"action": "accept", "src": ["laptop"], "dst": ["labpc:*"], "ports": []},\n  ],\n}\n'
+BAD = """{
+  "acls": [
+    {"action": "accept", "src": ["laptop"], "dst": ["labpc:*"], "ports": []},
+  ],
+}
+"""
 
 
 def echo_server() -> socket.socket:

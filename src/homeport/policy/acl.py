@@ -852,14 +852,13 @@ class _Compiler:
                 for j, target in enumerate(targets):
                     key = "accept" if want else "deny"
                     host, _, port_text = target.rpartition(":")
-                    dst = self.subject(host) if host else "missing host"
-                    if isinstance(dst, str) or not port_text.isdigit():
-                        self.err(
-                            t.pos,
-                            f"{t.name}.{key}[{j}]",
-                            f"{target!r}: expected host:port "
-                            f"({dst if isinstance(dst, str) else 'bad port'})",
-                        )
+                    dst = self.subject(host) if host else "expected host:port, e.g. tag:db:5432"
+                    if not isinstance(dst, str) and not (
+                        port_text.isdigit() and len(port_text) < 6
+                    ):
+                        dst = "expected host:port with one port number"
+                    if isinstance(dst, str):
+                        self.err(t.pos, f"{t.name}.{key}[{j}]", f"{target!r}: {dst}")
                         continue
                     got = acl_check(policy, src, dst, int(port_text))
                     if got.allowed != want:
