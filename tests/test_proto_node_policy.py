@@ -56,6 +56,10 @@ def test_no_policy_pushed_keeps_the_default(node: Node) -> None:  # noqa: F811
     node.recv(m.Policy(version=3, active=False))  # the admin removed the policy
     assert node.core.policy is None
     assert any(isinstance(c, n.ConnectTarget) for c in node.recv(incoming("s5")))
+    node.recv(pushed(version=4))
+    node.core.session_ended("test", node.clock.now)
+    node.connect()  # a new session starts without a policy until the server sends one
+    assert node.core.policy is None and node.core.policy_version == 0
 
 
 def test_an_older_push_never_overrides_a_newer_one(node: Node) -> None:  # noqa: F811

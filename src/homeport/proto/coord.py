@@ -630,7 +630,8 @@ class Coordinator:
             if old_s is not None:
                 old_s.role = ""  # its end must not take the node offline
         s.wants_map = m.CAP_PEERS in s.caps
-        self._send_policy(s)
+        if self.policy is not None:  # a node starts every session with no policy in force
+            self._send_policy(s)
         self._note(logging.INFO, f"agent {node.name} ({node.node_id}) online from {s.address}")
         self._map_changed(node.node_id, now)
 

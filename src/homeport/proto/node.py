@@ -475,8 +475,9 @@ class NodeCore:
         self.name = msg.name or self.name
         self.server_capver = msg.capver
         self.server_caps = m.negotiate_caps(msg.caps)
-        if m.CAP_POLICY not in self.server_caps:  # a server without policies: none in force
-            self.policy, self.policy_problem, self.policy_version = None, "", 0
+        # Every session starts with no policy in force; a server with a policy sends
+        # POLICY right after WELCOME, before any INCOMING can arrive on this session.
+        self.policy, self.policy_problem, self.policy_version = None, "", 0
         # ANNOUNCE right after WELCOME: a client that sees this node online can
         # open streams to its services at once.
         self._send(self._announce())
