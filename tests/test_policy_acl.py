@@ -18,6 +18,7 @@ from homeport.policy.acl import (
     PortRange,
     Sel,
     SelKind,
+    SelSet,
     SshGrant,
     SshVerdict,
     Subject,
@@ -452,3 +453,20 @@ def test_rule_order_never_changes_a_verdict(
     shuffled = list(rules)
     rnd.shuffle(shuffled)  # type: ignore[attr-defined]
     assert _grants(_compiled(shuffled)) == _grants(_compiled(rules))
+
+
+subjects_st = st.builds(
+    Subject,
+    st.just("n"),
+    st.sampled_from(["labpc", "db1", "x"]),
+    st.sampled_from(["", "alice@example.com", "bob@example.com"]),
+    st.lists(st.sampled_from(["tag:db", "tag:web"]), max_size=2, unique=True).map(tuple),
+)
+
+
+@given(st.lists(st.sampled_from(DST_SELS), max_size=5), subjects_st, subjects_st)
+@settings(max_examples=300, deadline=None)
+def test_selector_sets_match_exactly_like_their_selectors(
+    sels: list[Sel], subj: Subject, src: Subject
+) -> None:
+    assert SelSet.of(sels).matches(subj, src) == any(s.matches(subj, src) for s in sels)

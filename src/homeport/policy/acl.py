@@ -165,6 +165,63 @@ class Sel:
 
 
 @dataclass(frozen=True, slots=True)
+class SelSet:
+    """Many selectors matched at once: O(1) per subject (plus its tags), whatever their number.
+
+    Why: a group expands to one selector per member, and visibility asks "may
+    this viewer reach that peer" for every pair of a map, so matching must not
+    walk every member of every group.
+    """
+
+    any: bool = False
+    member: bool = False
+    tagged: bool = False
+    self_: bool = False
+    users: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+    nodes: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, sels: Iterable[Sel]) -> SelSet:
+        kinds: set[SelKind] = set()
+        users: set[str] = set()
+        tags: set[str] = set()
+        nodes: set[str] = set()
+        for sel in sels:
+            kinds.add(sel.kind)
+            {SelKind.USER: users, SelKind.TAG: tags, SelKind.NODE: nodes}.get(sel.kind, set()).add(
+                sel.value
+            )
+        return cls(
+            SelKind.ANY in kinds,
+            SelKind.MEMBER in kinds,
+            SelKind.TAGGED in kinds,
+            SelKind.SELF in kinds,
+            frozenset(users),
+            frozenset(tags),
+            frozenset(nodes),
+        )
+
+    def matches(self, subj: Subject, src: Subject | None = None) -> bool:
+        """Same answer as ``any(sel.matches(subj, src) for sel in sels)``."""
+        if self.any or subj.name in self.nodes:
+            return True
+        if subj.tags:
+            return self.tagged or not self.tags.isdisjoint(subj.tags)
+        if not subj.user:
+            return False
+        if self.member or subj.user in self.users:
+            return True
+        return (
+            self.self_
+            and src is not None
+            and not src.tags
+            and bool(src.user)
+            and src.user == subj.user
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PortRange:
     lo: int
     hi: int
@@ -200,9 +257,16 @@ class AclRule:
     name: str
     src: tuple[Sel, ...]
     dst: tuple[DstEntry, ...]
+    #: ``src`` and every ``dst`` selector as sets (derived; for fast matching).
+    src_set: SelSet = field(init=False, compare=False, repr=False)
+    dst_set: SelSet = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src_set", SelSet.of(self.src))
+        object.__setattr__(self, "dst_set", SelSet.of(d.sel for d in self.dst))
 
     def grants(self, src: Subject, dst: Subject, port: int) -> bool:
-        if not any(s.matches(src) for s in self.src):
+        if not self.src_set.matches(src) or not self.dst_set.matches(dst, src):
             return False
         return any(d.allows(port) and d.sel.matches(dst, src) for d in self.dst)
 
@@ -307,16 +371,17 @@ def acl_check(policy: CompiledPolicy, src: Subject, dst: Subject, port: int) -> 
 
 def may_see(policy: CompiledPolicy, viewer: Subject, peer: Subject) -> bool:
     """Whether ``viewer`` may reach ``peer`` on some port (peer-map visibility)."""
-    return any(
-        any(s.matches(viewer) for s in rule.src)
-        and any(d.sel.matches(peer, viewer) for d in rule.dst)
-        for rule in policy.acls
-    )
+    return any(r.dst_set.matches(peer, viewer) for r in reachable(policy, viewer))
+
+
+def reachable(policy: CompiledPolicy, viewer: Subject) -> tuple[AclRule, ...]:
+    """The rules whose ``src`` selects ``viewer``: what it may reach is their ``dst``."""
+    return tuple(r for r in policy.acls if r.src_set.matches(viewer))
 
 
 def src_rules(policy: CompiledPolicy, viewer: Subject) -> tuple[str, ...]:
     """The names of the rules whose ``src`` selects ``viewer`` (a visibility audience key)."""
-    return tuple(r.name for r in policy.acls if any(s.matches(viewer) for s in r.src))
+    return tuple(r.name for r in reachable(policy, viewer))
 
 
 def rules_for_destination(policy: CompiledPolicy, dst: Subject) -> tuple[AclRule, ...]:

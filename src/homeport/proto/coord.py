@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
-from homeport.policy.acl import CompiledPolicy, may_see, src_rules
+from homeport.policy.acl import AclRule, CompiledPolicy, reachable
 from homeport.policy.decide import Subject, decide
 from homeport.proto import audit
 from homeport.proto.audit import Audit
@@ -84,6 +84,8 @@ MAX_REASON = 512
 MAX_CODE = 64
 #: Services one agent may announce (more are dropped).
 MAX_SERVICES = 256
+#: Viewers whose reachable policy rules are memoised (cleared when the map changes).
+MAX_REACH_CACHE = 65536
 #: Keepalive interval the server asks nodes to use (WELCOME.ping_interval).
 PING_INTERVAL = 5.0
 
@@ -441,6 +443,10 @@ class Coordinator:
         #: The ACL policy in force (None: no policy file; see policy.decide).
         self.policy = policy
         self._policy_version = 1
+        # viewer id -> the rules it may reach through (its peer-map filter), valid while
+        # the book version it was computed at is current (a node's user/tags may change)
+        self._reach: dict[str, tuple[AclRule, ...]] = {}
+        self._reach_version = -1
         self.book = PeerBook(self._visible, audience=self._audience)
         for node in nodes:
             self._add_node(node)
@@ -1030,9 +1036,21 @@ class Coordinator:
         viewer = self._nodes.get(viewer_id)
         if viewer is None:
             return False
-        return may_see(
-            self.policy, viewer.subject(), Subject(peer.node_id, peer.name, peer.user, peer.tags)
-        )
+        me = viewer.subject()
+        subj = Subject(peer.node_id, peer.name, peer.user, peer.tags)
+        return any(r.dst_set.matches(subj, me) for r in self._reachable(viewer_id, me))
+
+    def _reachable(self, viewer_id: str, me: Subject) -> tuple[AclRule, ...]:
+        assert self.policy is not None
+        if self._reach_version != self.book.version:
+            self._reach.clear()
+            self._reach_version = self.book.version
+        rules = self._reach.get(viewer_id)
+        if rules is None:
+            if len(self._reach) >= MAX_REACH_CACHE:
+                self._reach.clear()
+            rules = self._reach[viewer_id] = reachable(self.policy, me)
+        return rules
 
     def _audience(self, viewer_id: str) -> tuple[object, ...]:
         """Viewers selected by the same rules (and, for autogroup:self, of the same user) see
@@ -1043,7 +1061,9 @@ class Coordinator:
         if viewer is None:
             return ("?", viewer_id)
         subj = viewer.subject()
-        return (src_rules(self.policy, subj), "" if subj.tags else subj.user)
+        rules = self._reachable(viewer_id, subj)
+        by_self = any(r.dst_set.self_ for r in rules) and not subj.tags
+        return (tuple(r.name for r in rules), subj.user if by_self else "")
 
     def _send_policy(self, s: _Session) -> None:
         if m.CAP_POLICY not in s.caps or s.role != ROLE_AGENT:
@@ -1065,6 +1085,7 @@ class Coordinator:
         """
         self.policy = compiled
         self._policy_version += 1
+        self._reach.clear()
         digest = "none" if compiled is None else compiled.digest
         self._emit(
             Audit(
