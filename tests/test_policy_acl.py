@@ -27,6 +27,7 @@ from homeport.policy.acl import (
     compile_policy,
     may_see,
     parse_duration,
+    reach_set,
     rules_for_destination,
     ssh_access,
 )
@@ -470,3 +471,20 @@ def test_selector_sets_match_exactly_like_their_selectors(
     sels: list[Sel], subj: Subject, src: Subject
 ) -> None:
     assert SelSet.of(sels).matches(subj, src) == any(s.matches(subj, src) for s in sels)
+
+
+@given(rules_st)
+@settings(max_examples=150, deadline=None)
+def test_visibility_is_reaching_some_port_by_some_rule(
+    rules: list[tuple[list[Sel], list[DstEntry]]],
+) -> None:
+    p = _compiled(rules)
+    for viewer in SUBJECTS:
+        for peer in SUBJECTS:
+            by_definition = any(
+                any(s.matches(viewer) for s in src)
+                and any(d.sel.matches(peer, viewer) for d in dst)
+                for src, dst in rules
+            )
+            assert may_see(p, viewer, peer) == by_definition
+            assert reach_set(p, viewer).matches(peer, viewer) == by_definition

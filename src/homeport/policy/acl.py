@@ -202,6 +202,22 @@ class SelSet:
             frozenset(nodes),
         )
 
+    @classmethod
+    def union(cls, sets: Iterable[SelSet]) -> SelSet:
+        """One set matching what any of ``sets`` matches."""
+        out = cls()
+        for x in sets:
+            out = cls(
+                out.any or x.any,
+                out.member or x.member,
+                out.tagged or x.tagged,
+                out.self_ or x.self_,
+                out.users | x.users,
+                out.tags | x.tags,
+                out.nodes | x.nodes,
+            )
+        return out
+
     def matches(self, subj: Subject, src: Subject | None = None) -> bool:
         """Same answer as ``any(sel.matches(subj, src) for sel in sels)``."""
         if self.any or subj.name in self.nodes:
@@ -310,6 +326,53 @@ class SshTest:
 
 
 @dataclass(frozen=True, slots=True)
+class _SrcIndex:
+    """Rule positions by source selector: the rules a subject's ``src`` matches, found by lookup."""
+
+    always: tuple[int, ...]
+    member: tuple[int, ...]
+    tagged: tuple[int, ...]
+    users: Mapping[str, tuple[int, ...]]
+    tags: Mapping[str, tuple[int, ...]]
+    nodes: Mapping[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, rules: Sequence[AclRule]) -> _SrcIndex:
+        flags: dict[str, list[int]] = {"any": [], "member": [], "tagged": []}
+        by: dict[str, dict[str, list[int]]] = {"users": {}, "tags": {}, "nodes": {}}
+        for i, r in enumerate(rules):
+            ss = r.src_set
+            for name, on in (("any", ss.any), ("member", ss.member), ("tagged", ss.tagged)):
+                if on:
+                    flags[name].append(i)
+            for name, values in (("users", ss.users), ("tags", ss.tags), ("nodes", ss.nodes)):
+                for v in values:
+                    by[name].setdefault(v, []).append(i)
+        frozen = {k: {v: tuple(ix) for v, ix in d.items()} for k, d in by.items()}
+        return cls(
+            tuple(flags["any"]),
+            tuple(flags["member"]),
+            tuple(flags["tagged"]),
+            frozen["users"],
+            frozen["tags"],
+            frozen["nodes"],
+        )
+
+    def lookup(self, subj: Subject) -> list[int]:
+        """Positions of the rules whose ``src`` selects ``subj``, in file order."""
+        hits = set(self.always)
+        hits.update(self.nodes.get(subj.name, ()))
+        if subj.tags:
+            hits.update(self.tagged)
+            for tag in subj.tags:
+                hits.update(self.tags.get(tag, ()))
+        elif subj.user:
+            hits.update(self.member)
+            hits.update(self.users.get(subj.user, ()))
+        return sorted(hits)
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     """A policy ready to evaluate. ``groups`` (name → users) serves explanations only."""
 
@@ -319,6 +382,11 @@ class CompiledPolicy:
     tag_owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     hosts: Mapping[str, str] = field(default_factory=dict)
     text: str = ""
+    #: Which ``acls`` rules a source selector leads to (derived, for O(matches) lookups).
+    src_index: _SrcIndex = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "src_index", _SrcIndex.of(self.acls))
 
     @property
     def digest(self) -> str:
@@ -353,7 +421,7 @@ class AclVerdict:
 
 def acl_check(policy: CompiledPolicy, src: Subject, dst: Subject, port: int) -> AclVerdict:
     """May ``src`` reach ``dst`` on ``port`` under ``policy``'s ``acls``? Pure."""
-    for rule in policy.acls:
+    for rule in reachable(policy, src):
         if rule.grants(src, dst, port):
             return AclVerdict(
                 True,
@@ -371,12 +439,18 @@ def acl_check(policy: CompiledPolicy, src: Subject, dst: Subject, port: int) -> 
 
 def may_see(policy: CompiledPolicy, viewer: Subject, peer: Subject) -> bool:
     """Whether ``viewer`` may reach ``peer`` on some port (peer-map visibility)."""
-    return any(r.dst_set.matches(peer, viewer) for r in reachable(policy, viewer))
+    return reach_set(policy, viewer).matches(peer, viewer)
+
+
+def reach_set(policy: CompiledPolicy, viewer: Subject) -> SelSet:
+    """Every destination ``viewer`` may reach on some port, as one selector set."""
+    return SelSet.union(r.dst_set for r in reachable(policy, viewer))
 
 
 def reachable(policy: CompiledPolicy, viewer: Subject) -> tuple[AclRule, ...]:
     """The rules whose ``src`` selects ``viewer``: what it may reach is their ``dst``."""
-    return tuple(r for r in policy.acls if r.src_set.matches(viewer))
+    acls = policy.acls
+    return tuple(acls[i] for i in policy.src_index.lookup(viewer))
 
 
 def src_rules(policy: CompiledPolicy, viewer: Subject) -> tuple[str, ...]:

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, replace
 
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
-from homeport.policy.acl import AclRule, CompiledPolicy, reachable
+from homeport.policy.acl import CompiledPolicy, SelSet, reach_set
 from homeport.policy.decide import Subject, decide
 from homeport.proto import audit
 from homeport.proto.audit import Audit
@@ -84,7 +84,7 @@ MAX_REASON = 512
 MAX_CODE = 64
 #: Services one agent may announce (more are dropped).
 MAX_SERVICES = 256
-#: Viewers whose reachable policy rules are memoised (cleared when the map changes).
+#: Viewers whose reachable policy rules are memoised (cleared when the policy changes).
 MAX_REACH_CACHE = 65536
 #: Keepalive interval the server asks nodes to use (WELCOME.ping_interval).
 PING_INTERVAL = 5.0
@@ -443,10 +443,9 @@ class Coordinator:
         #: The ACL policy in force (None: no policy file; see policy.decide).
         self.policy = policy
         self._policy_version = 1
-        # viewer id -> the rules it may reach through (its peer-map filter), valid while
-        # the book version it was computed at is current (a node's user/tags may change)
-        self._reach: dict[str, tuple[AclRule, ...]] = {}
-        self._reach_version = -1
+        # who a viewer is (name, user, tags) -> the rules it may reach through (its
+        # peer-map filter); depends only on the policy, cleared when it changes
+        self._reach: dict[tuple[str, str, tuple[str, ...]], SelSet] = {}
         self.book = PeerBook(self._visible, audience=self._audience)
         for node in nodes:
             self._add_node(node)
@@ -1038,19 +1037,17 @@ class Coordinator:
             return False
         me = viewer.subject()
         subj = Subject(peer.node_id, peer.name, peer.user, peer.tags)
-        return any(r.dst_set.matches(subj, me) for r in self._reachable(viewer_id, me))
+        return self._reachable(me).matches(subj, me)
 
-    def _reachable(self, viewer_id: str, me: Subject) -> tuple[AclRule, ...]:
+    def _reachable(self, me: Subject) -> SelSet:
         assert self.policy is not None
-        if self._reach_version != self.book.version:
-            self._reach.clear()
-            self._reach_version = self.book.version
-        rules = self._reach.get(viewer_id)
-        if rules is None:
+        key = (me.name, me.user, me.tags)
+        found = self._reach.get(key)
+        if found is None:
             if len(self._reach) >= MAX_REACH_CACHE:
                 self._reach.clear()
-            rules = self._reach[viewer_id] = reachable(self.policy, me)
-        return rules
+            found = self._reach[key] = reach_set(self.policy, me)
+        return found
 
     def _audience(self, viewer_id: str) -> tuple[object, ...]:
         """Viewers selected by the same rules (and, for autogroup:self, of the same user) see
@@ -1061,9 +1058,8 @@ class Coordinator:
         if viewer is None:
             return ("?", viewer_id)
         subj = viewer.subject()
-        rules = self._reachable(viewer_id, subj)
-        by_self = any(r.dst_set.self_ for r in rules) and not subj.tags
-        return (tuple(r.name for r in rules), subj.user if by_self else "")
+        reach = self._reachable(subj)
+        return (reach, subj.user if reach.self_ and not subj.tags else "")
 
     def _send_policy(self, s: _Session) -> None:
         if m.CAP_POLICY not in s.caps or s.role != ROLE_AGENT:
