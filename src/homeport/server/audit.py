@@ -31,7 +31,6 @@ per poll.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -80,7 +79,7 @@ def format_line(ev: Audit) -> bytes:
 
 def _open_append(path: Path) -> int:
     """Open ``path`` for appending, creating it 0600; an existing file is tightened to 0600."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     fd = os.open(path, flags, AUDIT_MODE)
     try:
         if os.fstat(fd).st_mode & 0o777 != AUDIT_MODE:
@@ -91,10 +90,22 @@ def _open_append(path: Path) -> int:
     return fd
 
 
+def _end_torn_line(fd: int) -> None:
+    """Terminate a last line a crash left without its newline, so the next event is whole.
+
+    The torn record stays unreadable (the reader skips it); without this, the
+    first event after a restart would be glued to it and lost too.
+    """
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        os.write(fd, b"\n")
+
+
 def append_now(path: Path, ev: Audit) -> None:
     """Append one event synchronously and fsync it (offline admin commands: no server runs)."""
     fd = _open_append(path)
     try:
+        _end_torn_line(fd)
         os.write(fd, format_line(ev))
         os.fsync(fd)
     finally:
@@ -115,6 +126,7 @@ class AuditSink:
         self._clock = clock
         self._queue: queue.Queue[object] = queue.Queue(maxsize=MAX_QUEUE)
         self._fd = _open_append(path)
+        _end_torn_line(self._fd)
         self._lock = threading.Lock()
         self._dropped = 0  # not yet reported in the file
         #: Totals for logs and tests.
@@ -146,8 +158,7 @@ class AuditSink:
         self._closed = True
         self._queue.put(_STOP)  # blocks only while the writer drains a full queue
         self._thread.join()
-        with contextlib.suppress(OSError):
-            os.fsync(self._fd)
+        self._sync()
         os.close(self._fd)
 
     # -- the writer thread -------------------------------------------------------------
