@@ -12,6 +12,7 @@ import pytest
 
 from homeport.node import hostkeys as hk
 from homeport.node.hostkeys import Pin, PinVerdict
+from homeport.wire.hostkey import MAX_HOST_KEYS
 
 # real ed25519 public keys (32-byte points); the wire rule checks their structure
 KEY_A = (
@@ -82,7 +83,7 @@ def test_too_many_keys_from_the_server_are_refused() -> None:
         + base64.b64encode(
             b"\x00\x00\x00\x0bssh-ed25519\x00\x00\x00\x20" + bytes([i]) * 32
         ).decode()
-        for i in range(hk.MAX_HOST_KEYS + 1)
+        for i in range(MAX_HOST_KEYS + 1)
     )
     assert hk.check_pin("labpc", None, "n1", keys, NOW).verdict is PinVerdict.BAD_KEYS
 
