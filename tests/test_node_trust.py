@@ -125,6 +125,11 @@ def test_admit_pins_then_refuses_another_node_until_reset(tmp_path: Path) -> Non
     d = hk.admit(tmp_path, "labpc", 2222, "n1111111", (KEY_B,), now=NOW + 1)
     assert d.verdict is PinVerdict.FIRST
     assert _kh(tmp_path) == f"labpc {KEY_B}\n[labpc]:2222 {KEY_B}\n"
+    before = os.stat(tmp_path / "known_hosts" / "labpc").st_mtime_ns
+    hk.admit(tmp_path, "labpc", 2222, "n1111111", (KEY_B,), now=NOW + 2)  # unchanged: no write
+    assert os.stat(tmp_path / "known_hosts" / "labpc").st_mtime_ns == before
+    hk.admit(tmp_path, "labpc", 22, "n1111111", (KEY_B,), now=NOW + 2)  # another port: rewritten
+    assert _kh(tmp_path) == f"labpc {KEY_B}\n"
 
 
 def test_known_hosts_from_before_pins_is_adopted_not_overwritten(tmp_path: Path) -> None:

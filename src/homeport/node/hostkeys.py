@@ -38,7 +38,6 @@ from homeport.node.files import write_private
 from homeport.node.state import (
     KNOWN_HOSTS_DIR,
     check_host_name,
-    render_known_hosts,
     sanitize_host_key,
     write_known_hosts,
 )
@@ -297,6 +296,19 @@ def _legacy_pin(state_dir: Path, name: str) -> Pin | None:
     return Pin(name, "", keys, since)
 
 
+def _stored_key(text: str) -> str:
+    """A key from our own pin file: shape-checked only (cheap, on every warm open).
+
+    The file is ours (0600 in a 0700 directory), and a key only reaches
+    known_hosts through :func:`render_known_hosts` or after it compared equal
+    to a key the server sent, which was fully parsed by :func:`check_pin`.
+    """
+    key_type, sep, b64 = text.partition(" ")
+    if not sep or not key_type or not b64 or not text.isascii() or len(text.split()) != 2:
+        raise ValueError(f"not a host key: {text[:40]!r}")
+    return text
+
+
 def load_pin(state_dir: Path, name: str) -> Pin | None:
     """The pin for ``name`` (or one adopted from an older known_hosts file), or None.
 
@@ -324,7 +336,7 @@ def load_pin(state_dir: Path, name: str) -> Pin | None:
         pin = Pin(
             name=name,
             node_id=str(obj["node_id"]),
-            host_keys=tuple(sanitize_host_key(k) for k in keys),
+            host_keys=tuple(_stored_key(k) for k in keys),
             since=float(obj["since"]),
         )
     except (ValueError, KeyError, TypeError) as exc:
@@ -410,10 +422,14 @@ def admit(
         save_pin(state_dir, decision.pin)
         if decision.verdict is not PinVerdict.SAME:
             log.info("%s: %s", name, decision.reason)
-    text = render_known_hosts(name, port, decision.keys).encode()
-    path = state_dir / KNOWN_HOSTS_DIR / name
+    # What render_known_hosts would write, built without re-parsing every key: only
+    # compared with the file; any difference is written by write_known_hosts (which parses).
+    lines = [f"{name} {k}\n" for k in decision.keys]
+    if port != 22:
+        lines += [f"[{name}]:{port} {k}\n" for k in decision.keys]
+    text = "".join(lines).encode()
     try:
-        with open(path, "rb") as f:
+        with open(os.path.join(state_dir, KNOWN_HOSTS_DIR, name), "rb") as f:
             if f.read(len(text) + 1) == text:
                 return decision
     except OSError:
