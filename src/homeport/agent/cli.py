@@ -83,6 +83,9 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 @click.option("--ssh", "expose_ssh", is_flag=True, help="expose the local sshd (ssh=127.0.0.1:22)")
 @click.option("--expose", multiple=True, metavar="NAME=HOST:PORT", help="expose a local service")
 @click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option(
+    "--shields-up", is_flag=True, help="accept no incoming stream at all (this node can still open)"
+)
 @click.option("--ping-interval", type=float, default=5.0, show_default=True, metavar="S")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
@@ -92,6 +95,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
     expose_ssh: bool,
     expose: tuple[str, ...],
     state: str | None,
+    shields_up: bool,
     ping_interval: float,
     verbose: bool,
 ) -> None:
@@ -122,11 +126,33 @@ def up(  # noqa: PLR0917 - click passes options positionally
         node_state.save(st)
     elif not st.services:
         log.warning("exposing nothing: add --ssh or --expose NAME=HOST:PORT")
+    _mark_shields(st.dir, shields_up)
     from homeport.agent.runtime import run_agent
 
     sys.exit(
-        run_agent(st, st.services, ping_interval=ping_interval, idle_timeout=3 * ping_interval)
+        run_agent(
+            st,
+            st.services,
+            ping_interval=ping_interval,
+            idle_timeout=3 * ping_interval,
+            shields_up=shields_up,
+        )
     )
+
+
+def _mark_shields(state_dir: Path, shields_up: bool) -> None:
+    """Leave a mark for ``homeport status`` (another process) that shields are up, or not."""
+    from homeport.node.files import write_private
+    from homeport.proto.node import SHIELDS_UP_FILE
+
+    path = state_dir / SHIELDS_UP_FILE
+    try:
+        if shields_up:
+            write_private(path, b"shields up: this node accepts no incoming streams\n")
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        logging.getLogger("homeport.up").warning("cannot update %s: %s", path, exc)
 
 
 def register(cli: click.Group) -> None:

@@ -61,7 +61,6 @@ from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_
 from homeport.io.loop import new_event_loop
 from homeport.io.pump import PumpEnd, pump
 from homeport.node import hostkeys
-from homeport.node import state as node_state
 from homeport.node.state import NodeState
 from homeport.policy.services import SSH_NAME, Service
 from homeport.proto import node as core
@@ -136,6 +135,7 @@ class Agent:
         backoff: Backoff | None = None,
         on_decision: Callable[[StreamRecord], None] | None = None,
         local_api: bool = True,
+        shields_up: bool = False,
     ) -> None:
         self.state = state
         self.services = services
@@ -144,7 +144,13 @@ class Agent:
         self._fixed_host_keys = host_keys
         self.on_decision = on_decision
         self.core = NodeCore(
-            NodeConfig(name=state.name, server=state.server, services=services, software=SOFTWARE),
+            NodeConfig(
+                name=state.name,
+                server=state.server,
+                services=services,
+                software=SOFTWARE,
+                shields_up=shields_up,
+            ),
             backoff=backoff,
         )
         self.connected = threading.Event()  # set while a session is READY (tests poll it)
@@ -362,13 +368,16 @@ class Agent:
                 self._local_failed(cmd)
             elif isinstance(cmd, core.SessionReady):
                 log.info(
-                    "connected to %s as %s (%s); announced %d services, %d host keys%s",
+                    "connected to %s as %s (%s); announced %d services, %d host keys%s%s",
                     self.state.server,
                     cmd.name,
                     cmd.node_id,
                     cmd.services,
                     cmd.host_keys,
                     "; peer map pushed" if cmd.peers else "",
+                    "; shields up: refusing every incoming stream"
+                    if self.core.config.shields_up
+                    else "",
                 )
                 self.connected.set()
             elif isinstance(cmd, core.SessionLost):
@@ -656,7 +665,12 @@ class Agent:
             return
         port = msg.port or (int(req.service) if req.service.isdigit() else 22)
         try:
-            _ensure_known_hosts(self.state.dir, req.dst, port, peer.host_keys)
+            _ensure_known_hosts(self.state.dir, req.dst, port, peer.node_id, peer.host_keys)
+        except hostkeys.TrustError as exc:
+            tls.close()
+            with contextlib.suppress(OSError):
+                send_reply(conn, error_reply("untrusted", str(exc)))
+            return
         except (ValueError, OSError) as exc:
             tls.close()
             with contextlib.suppress(OSError):
@@ -755,6 +769,7 @@ def run_agent(
     ping_interval: float = 5.0,
     idle_timeout: float = 15.0,
     host_keys: tuple[str, ...] | None = None,
+    shields_up: bool = False,
 ) -> int:
     """Run the agent in the foreground until SIGINT/SIGTERM or a fatal error.
 
@@ -766,6 +781,7 @@ def run_agent(
         ping_interval=ping_interval,
         idle_timeout=idle_timeout,
         host_keys=host_keys,
+        shields_up=shields_up,
     )
     return run_in_loop(agent)
 
@@ -788,15 +804,12 @@ def _dst(req: OpenRequest) -> tuple[str, str]:
     return req.dst, req.service
 
 
-def _ensure_known_hosts(state_dir: Path, host: str, port: int, host_keys: tuple[str, ...]) -> None:
-    """Write ``known_hosts/<host>`` unless it already says exactly this.
+def _ensure_known_hosts(
+    state_dir: Path, host: str, port: int, node_id: str, host_keys: tuple[str, ...]
+) -> None:
+    """Check ``host`` against its pin and write ``known_hosts/<host>`` (only if it changed).
 
-    Saves the atomic write's fsync (~1 ms) on the warm path, where the same peer
-    is opened again and again; a changed key set is written as before.
+    Raises:
+        hostkeys.TrustError: another node id or other keys than pinned.
     """
-    text = node_state.render_known_hosts(host, port, host_keys).encode()
-    path = state_dir / node_state.KNOWN_HOSTS_DIR / host
-    with contextlib.suppress(OSError):
-        if path.read_bytes() == text:
-            return
-    node_state.write_known_hosts(state_dir, host, port, host_keys)
+    hostkeys.admit(state_dir, host, port, node_id, host_keys)

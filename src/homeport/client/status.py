@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
+from homeport.proto.node import SHIELDS_UP_FILE
 from homeport.wire.control import NetMap, NodeInfo
 
 COLUMNS = ("NAME", "ONLINE", "LAST SEEN", "SERVICES", "PATH")
+SHIELDS_UP_LINE = "shields up: this node accepts no incoming streams (homeport up --shields-up)"
+
+
+def shields_up(state_dir: Path) -> bool:
+    """Whether this node's last ``homeport up`` ran with ``--shields-up`` (its mark file)."""
+    return (state_dir / SHIELDS_UP_FILE).exists()
 
 
 def ago(seconds: float) -> str:

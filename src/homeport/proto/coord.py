@@ -54,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
 from homeport.policy.decide import Subject, decide
+from homeport.proto import audit as au
 from homeport.proto.audit import Audit
 from homeport.proto.netmap import PeerBook
 from homeport.wire import authkey, names
@@ -337,6 +338,7 @@ class _Session:
     map_version: int = 0  # the peer map version this session has (PEERS)
     wants_map: bool = False  # an agent with cap "peers": pushed on change
     opens: int = 0  # streams it opened that are still WAITING
+    enroll_key: str = ""  # the auth key id of an ENROLL in flight (for the audit log)
 
 
 @dataclass(slots=True)
@@ -351,6 +353,7 @@ class _Stream:
     created_at: float
     state: StreamState = StreamState.WAITING
     deadline: float | None = None
+    rule: str = ""  # the rule that let the server pass it on (for the audit log)
 
 
 @dataclass(order=True, slots=True)
@@ -645,6 +648,7 @@ class Coordinator:
         node = NodeRecord(
             node_id=node_id, name=msg.name, fingerprints=(fp,), created_at=now, cert_pem=cert_pem
         )
+        s.enroll_key = key.key_id
         self._emit(EnrollRequest(s.sid, key.key_id, key.secret, node, now))
 
     def _refuse_enroll(self, s: _Session, code: str, message: str) -> None:
@@ -659,6 +663,14 @@ class Coordinator:
                 self._refuse_enroll(s, result.code, result.message)
             return
         self._add_node(result)
+        self._audit(
+            au.ENROLL,
+            now,
+            node=result.name,
+            node_id=result.node_id,
+            key_id=s.enroll_key if s is not None else "",
+            address=s.address if s is not None else "",
+        )
         self._note(
             logging.INFO,
             f"enrolled node {result.name} ({result.node_id})"
@@ -774,7 +786,10 @@ class Coordinator:
             )
             return
 
-        def refuse(code: str, message: str) -> None:
+        def refuse(code: str, message: str, rule: str = "") -> None:
+            self._audit_stream(
+                now, src, msg.dst, None, msg.service, False, code, rule or code, message
+            )
             self._note(
                 logging.INFO,
                 f"{src.name}: OPEN {msg.dst[:64]!r}:{msg.service[:64]!r} refused: {code}",
@@ -807,7 +822,7 @@ class Coordinator:
             return
         decision = decide(src.subject(), dst.name, dst.services, msg.service)
         if not decision.allowed or decision.service is None:
-            refuse(decision.code, decision.reason)
+            refuse(decision.code, decision.reason, decision.rule)
             return
         if len(self._streams) >= self.max_streams:
             refuse("busy", "the server has too many streams being set up; retry")
@@ -825,6 +840,7 @@ class Coordinator:
             dest_token=self._random(len(token)),
             created_at=now,
             deadline=now + self.open_timeout,
+            rule=decision.rule,
         )
         self._streams[st.stream_id] = st
         self._tokens.add(token)
@@ -877,6 +893,19 @@ class Coordinator:
                 logging.INFO,
                 f"stream {st.stream_id}: rejected by {st.dst.name}: {msg.code[:MAX_CODE]!r}",
             )
+            self._audit_stream(
+                now,
+                st.src,
+                st.dst.name,
+                st.dst,
+                st.service.name,
+                False,
+                msg.code[:MAX_CODE] or "rejected",
+                f"{st.dst.name}:{msg.code[:MAX_CODE]}",
+                msg.message[:MAX_REASON],
+                stream_id=st.stream_id,
+                by="destination",
+            )
             self._drop_stream(st)
             self._emit(RelayCancel(st.stream_id))
             self._emit(
@@ -890,6 +919,10 @@ class Coordinator:
                 )
             )
             return
+        self._audit_stream(
+            now, st.src, st.dst.name, st.dst, st.service.name, True, "ok", st.rule, "",
+            stream_id=st.stream_id, by="destination",
+        )  # fmt: skip
         st.state = StreamState.ACCEPTED
         st.deadline = now + self.unpaired_timeout
         self._add_timer(st.deadline, "stream", st.stream_id)
@@ -958,6 +991,7 @@ class Coordinator:
         self._nodes[node_id] = node
         del self._by_name[name]
         self._emit(Persist(RemoveNode(node_id, now)))
+        self._audit(au.NODE_REMOVE, now, node=node.name, node_id=node_id, by="admin")
         sessions = set(self._node_sessions.pop(node_id, set()))
         agent = self._agents.pop(node_id, None)
         if agent is not None:
@@ -1022,6 +1056,45 @@ class Coordinator:
                 self._emit(RelayCancel(st.stream_id))
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _audit(self, kind: str, now: float, **fields: str) -> None:
+        self._emit(Audit(kind, now, tuple(fields.items())))
+
+    def _audit_stream(  # noqa: PLR0917 - one audit record's fields
+        self,
+        now: float,
+        src: NodeRecord,
+        dst_name: str,
+        dst: NodeRecord | None,
+        service: str,
+        allowed: bool,
+        code: str,
+        rule: str,
+        reason: str,
+        *,
+        stream_id: str = "",
+        by: str = "server",
+    ) -> None:
+        """One STREAM record: who asked whom for what, the verdict, its code and rule.
+
+        ``by`` says who decided (the server's early check, or the destination's
+        ACCEPT/REJECT, which is authoritative).
+        """
+        self._audit(
+            au.STREAM,
+            now,
+            stream=stream_id,
+            src=src.name,
+            src_id=src.node_id,
+            dst=dst_name[:64],
+            dst_id=dst.node_id if dst is not None else "",
+            service=service[:64],
+            verdict="allowed" if allowed else "denied",
+            code=code,
+            rule=rule,
+            by=by,
+            reason=reason,
+        )
+
     def _emit(self, cmd: Command) -> None:
         self._out.append(cmd)
 

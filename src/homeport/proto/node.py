@@ -33,9 +33,11 @@ What it owns:
   never by trusting the server's routing: a bad token is refused, at
   :data:`MAX_STREAMS` the answer is REJECT(busy), and otherwise the one access
   decision :func:`homeport.policy.decide.decide` runs (REJECT(not-exposed) with
-  its reason) before anything local is connected. An allowed stream becomes a
-  :class:`ConnectTarget`; the driver reports the outcome, and only then does
-  the core send ACCEPT (and :class:`StartStream`) or REJECT(service-down).
+  its reason) before anything local is connected. A node with shields up
+  (``NodeConfig.shields_up``) refuses every INCOMING first: REJECT(shields-up).
+  An allowed stream becomes a :class:`ConnectTarget`; the driver reports the
+  outcome, and only then does the core send ACCEPT (and :class:`StartStream`)
+  or REJECT(service-down).
   Every outcome is one :class:`StreamRecord` (in a :class:`Decided` command).
 * **Local opens** (``homeport nc`` through ``agent.sock``): admitted only while
   READY and under the stream limit, sent as OPEN, and the matching OPENED or
@@ -85,6 +87,11 @@ ROLE_AGENT = "agent"
 RULE_LIMIT = "stream-limit"
 RULE_MALFORMED = "malformed"
 RULE_DUPLICATE = "duplicate"
+#: REJECT code and rule of a node started with ``--shields-up`` (stable: logs, tests).
+SHIELDS_UP = "shields-up"
+#: File in the state directory that says the last ``homeport up`` ran with ``--shields-up``
+#: (written by ``up``, read by ``status``: the agent and the client are separate processes).
+SHIELDS_UP_FILE = "shields-up"
 
 
 class ExitCode(enum.IntEnum):
@@ -113,6 +120,8 @@ class NodeConfig:
     server: str  # "host:port", for messages only
     services: tuple[Service, ...] = ()
     software: str = ""
+    #: ``up --shields-up``: refuse every INCOMING (REJECT ``shields-up``); opens still work.
+    shields_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +317,8 @@ class NodeCore:
         self.map_refused = ""
         #: Messages ignored because they came where they make no sense (for tests).
         self.ignored = 0
+        #: INCOMING refused because shields are up (for logs and status).
+        self.shields_refused = 0
         self._epoch = 0  # one per session; stale pending streams are dropped
         self._session_start = 0.0
         self._pending: dict[str, _Pending] = {}
@@ -473,6 +484,11 @@ class NodeCore:
     def _on_incoming(self, msg: m.Incoming) -> None:
         if msg.stream_id in self._pending or msg.stream_id in self._streams:
             self._refuse(msg, "protocol", "duplicate stream id", RULE_DUPLICATE)
+            return
+        if self.config.shields_up:  # before anything else: not even the service is looked up
+            self.shields_refused += 1
+            reason = f"{self.name} has shields up: it accepts no incoming streams"
+            self._refuse(msg, SHIELDS_UP, reason, SHIELDS_UP)
             return
         if self.active >= MAX_STREAMS:
             self._refuse(msg, "busy", f"{MAX_STREAMS} streams already active", RULE_LIMIT)

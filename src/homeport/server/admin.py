@@ -27,11 +27,14 @@ import os
 import re
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from homeport.io import unixsock
+from homeport.proto.audit import KEY_CREATE, NODE_REMOVE, Audit
 from homeport.proto.coord import NodeRecord, NodeStatus
+from homeport.server.audit import append_now, audit_path
 from homeport.server.datadir import has_server_data, open_offline_registry
 from homeport.store.registry import Registry
 
@@ -82,8 +85,10 @@ class AdminOps:
         remove_node: Callable[[str], NodeRecord] | None = None,
         live: bool = False,
         clock: Callable[[], float] = time.time,
+        audit: Callable[[Audit], None] | None = None,
     ) -> None:
         self.registry = registry
+        self._audit = audit
         self._nodes = nodes or registry.node_list
         self._remove = remove_node
         self.live = live
@@ -130,6 +135,9 @@ class AdminOps:
             note=note,
         )
         log.info("auth key %s created (reusable=%s)", key.key_id, reusable)
+        if self._audit is not None:
+            fields = (("key_id", key.key_id), ("reusable", str(reusable).lower()))
+            self._audit(Audit(KEY_CREATE, now, (*fields, ("expiry", str(expiry)), ("note", note))))
         return {
             "key": str(key),
             "key_id": key.key_id,
@@ -189,6 +197,9 @@ class AdminOps:
                 node = self._remove(name)
             else:
                 node = self.registry.remove_node(name, self._clock())
+                if self._audit is not None:  # live: the coordinator records it
+                    fields = (("node", node.name), ("node_id", node.node_id), ("by", "offline"))
+                    self._audit(Audit(NODE_REMOVE, self._clock(), fields))
         except KeyError:
             raise AdminError(f"no node named {name!r}") from None
         return {"name": node.name, "node_id": node.node_id}
@@ -329,6 +340,6 @@ def admin_request(
         )
     registry = open_offline_registry(data_dir, db_url=db_url)
     try:
-        return AdminOps(registry).handle(request)
+        return AdminOps(registry, audit=partial(append_now, audit_path(data_dir))).handle(request)
     finally:
         registry.close()

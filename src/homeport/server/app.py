@@ -23,6 +23,7 @@ from homeport.io.tlsctx import control_server_context
 from homeport.proto.coord import Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
+from homeport.server.audit import AuditSink, audit_path
 from homeport.server.datadir import prepare_data_dir
 from homeport.server.service import Service, ServiceConfig
 from homeport.store.registry import WriteBehind, database_url, open_registry
@@ -106,7 +107,8 @@ async def serve(
 
     relay = InProcessRelay(unpaired_timeout=cfg.unpaired_timeout, on_event=relay_event)
     ctx = control_server_context(files.tls_cert, files.tls_key, files.ca_cert)
-    service = Service(core, registry, writer, relay, ctx, config=cfg)
+    audit = AuditSink(audit_path(data_dir))
+    service = Service(core, registry, writer, relay, ctx, config=cfg, audit=audit.submit)
     services.append(service)
     admin = None
     try:
@@ -117,6 +119,7 @@ async def serve(
                 nodes=service.node_list,
                 remove_node=service.remove_node,
                 live=True,
+                audit=audit.submit,
             ),
         )
         host, port = parse_listen(listen)
@@ -131,6 +134,7 @@ async def serve(
         await service.stop()
         writer.close()
         registry.close()
+        await asyncio.to_thread(audit.close)
 
 
 def _banner(running: Running, listen_host: str) -> str:

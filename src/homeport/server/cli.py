@@ -1,4 +1,4 @@
-"""Server-side commands: ``server``, ``keys create|list|revoke``, ``nodes list|remove``.
+"""Server-side commands: ``server``, ``keys``, ``nodes``, ``audit``.
 
 Heavy modules (asyncio, cryptography, SQLAlchemy) are imported inside the
 command functions so ``homeport --help`` and ``homeport nc`` stay fast.
@@ -239,3 +239,44 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps({"name": answer["name"], "node_id": answer["node_id"]}))
         else:
             click.echo(f"removed {answer['name']} ({answer['node_id']})")
+
+    @cli.command("audit")
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing events as they come.")
+    @click.option("--since", metavar="AGE", default=None, help="Only events this recent: 1h, 7d.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+    @_data_option
+    def audit_cmd(follow: bool, since: str | None, as_json: bool, data_dir: Path | None) -> None:
+        """Print the audit log (audit.jsonl in the data directory; needs its permission)."""
+        from homeport.server import audit as au
+        from homeport.server.admin import parse_duration
+
+        start: float | None = None
+        if since is not None:
+            try:
+                age = parse_duration(since)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--since") from None
+            start = None if age is None else time.time() - age
+        path = au.audit_path(_resolve_data(data_dir))
+
+        def show(events: Any) -> None:
+            for ev in au.since_filter(events, start):
+                click.echo(json.dumps(ev) if as_json else au.render(ev))
+
+        stats = au.ReadStats()
+        try:
+            if path.exists():
+                show(au.read_events(path, stats))
+            elif not follow:
+                raise click.ClickException(f"no audit log at {path} (has the server run here?)")
+            if follow:
+                sys.stdout.flush()
+                show(au.follow(path, stats))
+        except PermissionError as exc:
+            raise click.ClickException(
+                f"cannot read {path}: {exc.strerror}; run as the server's user"
+            ) from None
+        except KeyboardInterrupt:
+            pass
+        if stats.skipped:
+            click.echo(f"({stats.skipped} damaged line(s) skipped)", err=True)

@@ -34,7 +34,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,8 +116,11 @@ class Service:
         ssl_context: ssl.SSLContext,
         *,
         config: ServiceConfig | None = None,
+        audit: Callable[[Audit], None] | None = None,
     ) -> None:
         self.core = core
+        #: Where the core's Audit commands go (:meth:`homeport.server.audit.AuditSink.submit`).
+        self.audit = audit
         self.registry = registry
         self.writer = writer
         self.relay = relay
@@ -430,8 +433,8 @@ class Service:
             self._enroll(cmd)
         elif isinstance(cmd, c.Note):
             log.log(cmd.level, "%s", cmd.text)
-        elif isinstance(cmd, Audit):
-            log.debug("audit %s %s", cmd.kind, cmd.as_dict())
+        elif isinstance(cmd, Audit) and self.audit is not None:
+            self.audit(cmd)  # queued: never waits for the disk
 
     def _enroll(self, req: c.EnrollRequest) -> None:
         loop = asyncio.get_running_loop()
