@@ -697,6 +697,7 @@ class Coordinator:
                     approved=node.approved,
                     expires_at=node.expiry_deadline or 0.0,
                     key_lifetime=self.key_expiry or 0.0,
+                    server_time=now,
                 ),
             )
         )
@@ -1121,6 +1122,9 @@ class Coordinator:
         self._nodes[node_id] = node
         del self._by_name[name]
         self._emit(Persist(RemoveNode(node_id, now)))
+        self._emit(
+            Audit(NODE_REMOVE, now, (("node", node.name), ("node_id", node_id), ("by", reason)))
+        )
         sessions = set(self._node_sessions.pop(node_id, set()))
         agent = self._agents.pop(node_id, None)
         if agent is not None:
@@ -1149,9 +1153,6 @@ class Coordinator:
         self._map_changed(node_id, now)
         self._node_due.pop(("expiry", node_id), None)
         self._node_due.pop(("ephemeral", node_id), None)
-        self._emit(
-            Audit(NODE_REMOVE, now, (("node", node.name), ("node_id", node_id), ("by", reason)))
-        )
         return node
 
     # -- identity: approval, expiry, renewal, ephemeral nodes ------------------------------------
@@ -1278,7 +1279,12 @@ class Coordinator:
         if expires_at != node.expires_at:
             node = self._set_access(node, now, expires_at=expires_at)
         self._emit(
-            Send(s.sid, m.Renewed(cert_pem=cert_pem, expires_at=node.expiry_deadline or 0.0))
+            Send(
+                s.sid,
+                m.Renewed(
+                    cert_pem=cert_pem, expires_at=node.expiry_deadline or 0.0, server_time=now
+                ),
+            )
         )
         self._note(
             logging.INFO,

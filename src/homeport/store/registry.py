@@ -107,7 +107,8 @@ _KEY_ERRORS = {
 
 
 def _record(row: NodeRow, fingerprints: tuple[str, ...]) -> NodeRecord:
-    fps = (row.fingerprint, *(f for f in fingerprints if f != row.fingerprint))
+    # newest certificate first: it is the current one (renewal adds, then prunes old ones)
+    fps = tuple(reversed(fingerprints)) or (row.fingerprint,)
     return NodeRecord(
         node_id=row.node_id,
         name=row.name,

@@ -212,6 +212,9 @@ class Welcome(Message):
     expires_at: float = 0.0
     #: capver 3: the server's node-key lifetime (s; 0 = none): a node renews with a third left.
     key_lifetime: float = 0.0
+    #: capver 3: the server's clock when it sent this, so a node with a wrong clock (or a
+    #: monotonic one) still times its renewal right: it uses ``expires_at - server_time``.
+    server_time: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +354,7 @@ class Renewed(Message):
     TYPE: ClassVar[MsgType] = MsgType.RENEWED
     cert_pem: str
     expires_at: float = 0.0
+    server_time: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
