@@ -47,8 +47,8 @@ import enum
 import heapq
 import hmac
 import logging
+import datetime
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -443,7 +443,7 @@ def _ago(seconds: float) -> str:
 
 def _utc(when: float) -> str:
     """A date people read in logs and errors (UTC, minute precision)."""
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def sanitize_services(services: tuple[m.ServiceInfo, ...]) -> tuple[m.ServiceInfo, ...]:
