@@ -43,11 +43,11 @@ Stream life (one table, one place)::
 
 from __future__ import annotations
 
+import datetime
 import enum
 import heapq
 import hmac
 import logging
-import datetime
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
