@@ -20,7 +20,7 @@ from typing import Any
 
 from homeport.io.loop import new_event_loop
 from homeport.io.tlsctx import control_server_context
-from homeport.proto.coord import Coordinator
+from homeport.proto.coord import DEFAULT_KEY_EXPIRY, Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.datadir import prepare_data_dir
@@ -84,6 +84,7 @@ async def serve(
     db_url: str | None = None,
     config: ServiceConfig | None = None,
     started: Callable[[Running], None] | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> None:
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
@@ -96,6 +97,7 @@ async def serve(
         open_timeout=cfg.open_timeout,
         unpaired_timeout=cfg.unpaired_timeout,
         ping_interval=cfg.ping_interval,
+        key_expiry=key_expiry,
     )
     writer = WriteBehind(registry)
     services: list[Service] = []  # the relay reports to the service built right after it
@@ -117,6 +119,8 @@ async def serve(
                 nodes=service.node_list,
                 remove_node=service.remove_node,
                 live=True,
+                node_action=service.node_action,
+                audit=service.admin_audit,
             ),
         )
         host, port = parse_listen(listen)
@@ -166,6 +170,7 @@ def run_server(
     db_url: str | None = None,
     *,
     idle_timeout: float | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
     setup_logging()
@@ -192,6 +197,7 @@ def run_server(
             db_url=db_url,
             config=cfg,
             started=started,
+            key_expiry=key_expiry,
         )
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -34,7 +34,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -498,6 +498,24 @@ class Service:
         node = self.core.remove_node(name, time.time())
         self._run()
         return node
+
+    def node_action(self, action: str, name: str) -> c.NodeRecord:
+        """approve / expire / extend / disable-expiry ``name`` in the live core. Raises KeyError."""
+        now = time.time()
+        actions: dict[str, Callable[[str, float], c.NodeRecord]] = {
+            "approve": self.core.approve_node,
+            "expire": self.core.expire_node,
+            "extend": self.core.extend_node,
+            "disable-expiry": self.core.set_expiry_disabled,
+        }
+        node = actions[action](name, now)
+        self._run()
+        return node
+
+    def admin_audit(self, kind: str, fields: tuple[tuple[str, str], ...]) -> None:
+        """An admin action outside the core (keys, users): into the audit stream, in order."""
+        self.core.admin_audit(kind, time.time(), fields)
+        self._run()
 
     def node_list(self) -> list[c.NodeStatus]:
         return self.core.node_list()

@@ -351,6 +351,36 @@ class Registry:
         """Names of the live nodes that belong to ``name``."""
         return [n.name for n in self.store.list_nodes() if n.user == name]
 
+    def node_action(
+        self, name: str, action: str, now: float, *, key_expiry: float = 180 * 86400.0
+    ) -> NodeRecord:
+        """approve / expire / extend / disable-expiry the live node ``name`` (no server running).
+
+        Raises:
+            KeyError: no live node has this name.
+            ValueError: unknown action.
+        """
+        row = self.store.node_by_name(name)
+        if row is None or row.removed:
+            raise KeyError(name)
+        approved, expires_at, disabled = row.approved, row.expires_at, row.expiry_disabled
+        if action == "approve":
+            approved = True
+        elif action == "expire":
+            expires_at, disabled = now, False
+        elif action == "extend":
+            expires_at = now + key_expiry
+        elif action == "disable-expiry":
+            disabled = True
+        else:
+            raise ValueError(f"unknown node action {action!r}")
+        self.store.set_node_access(
+            row.node_id, approved=approved, expires_at=expires_at, expiry_disabled=disabled
+        )
+        fresh = self.store.get_node(row.node_id)
+        assert fresh is not None
+        return _record(fresh, ())
+
     def remove_user(self, name: str) -> bool:
         """Delete the user and revoke its auth keys (its nodes are the caller's business)."""
         return self.store.remove_user(name)
