@@ -48,9 +48,11 @@ def _setup_logging(verbose: bool) -> None:
 # still works, so existing scripts keep working, but the agent re-executes
 # itself at once without it: the key travels to the new image through an
 # inherited pipe (``--authkey-file /dev/fd/N``, same PID, so supervisors see no
-# difference). It is then visible only for the few milliseconds before that
-# exec, not for weeks; refusing instead would break every documented command
-# line and push people toward worse workarounds. It remains in the shell
+# difference). A key from the environment is re-executed away the same way, as
+# /proc/PID/environ keeps the environment the process was started with. The key
+# is then visible only for the few milliseconds before that exec, not for
+# weeks. Refusing a literal key instead would break every documented command
+# line and push people toward worse workarounds; it does remain in the shell
 # history, so we say so in a warning.
 
 
@@ -77,12 +79,28 @@ def _scrub_argv(args: list[str]) -> list[str] | None:
     return out if found else None
 
 
-def _reexec_without_key(key: str) -> None:
-    """Replace this process with one whose command line has no key (returns only on failure)."""
+def _we_are_the_program() -> bool:
+    """Whether this process is ``homeport`` itself (not a test runner invoking the command)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name.startswith("homeport") or Path(sys.argv[0]).name == "homeport"
+
+
+def _reexec_without_key(key: str, *, from_env: bool = False) -> None:
+    """Replace this process with one whose command line and environment hold no key.
+
+    Returns only when there is nothing to hide or the exec failed.
+    """
     args = sys.argv[1:]
-    scrubbed = _scrub_argv(args)
+    scrubbed = args if from_env else _scrub_argv(args)
     orig = list(getattr(sys, "orig_argv", []))
-    if scrubbed is None or not orig or orig[len(orig) - len(args) :] != args:
+    if (
+        scrubbed is None
+        or not _we_are_the_program()
+        or not orig
+        or orig[len(orig) - len(args) :] != args
+    ):
         return  # not from our real command line (a test runner): nothing to hide
     prefix = [sys.executable, *orig[1 : len(orig) - len(args)]]
     rfd, wfd = os.pipe()
@@ -96,7 +114,11 @@ def _reexec_without_key(key: str) -> None:
             stream.flush()
     try:
         # same interpreter and arguments, minus the key: no shell, nothing parsed
-        os.execv(sys.executable, [*prefix, *scrubbed, "--authkey-file", f"/dev/fd/{rfd}"])  # noqa: S606
+        os.execve(  # noqa: S606
+            sys.executable,
+            [*prefix, *scrubbed, "--authkey-file", f"/dev/fd/{rfd}"],
+            {k: v for k, v in os.environ.items() if k != AUTHKEY_ENV},
+        )
     except OSError as exc:
         os.close(rfd)
         logging.getLogger("homeport.up").warning(
@@ -140,6 +162,9 @@ def resolve_authkey(literal: str | None, key_file: str | None) -> str | None:
         )
         _reexec_without_key(literal)
         return literal
+    if env_key:
+        # /proc/PID/environ keeps the exec-time environment whatever we pop: re-exec it away
+        _reexec_without_key(env_key, from_env=True)
     return env_key
 
 
