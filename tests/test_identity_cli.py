@@ -1,0 +1,95 @@
+"""``homeport users``, the new ``keys create`` options and ``nodes approve|expire|extend|…``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from homeport.io.dial import enroll
+from homeport.server.app import start_server_thread
+from homeport.server.datadir import prepare_data_dir
+from homeport.wire import authkey
+from tests.test_server_cli import run
+
+
+def test_users_and_bound_keys_offline(tmp_path: Path) -> None:
+    data = tmp_path / "srv"
+    prepare_data_dir(data)
+    d = ("--data", str(data))
+    assert run("users", "create", "alice@example.com", *d)[:2] == (
+        0,
+        "created user alice@example.com\n",
+    )
+    code, _, err = run("users", "create", "alice@example.com", *d)
+    assert code == 1 and "already exists" in err
+    code, _, err = run("users", "create", "Alice", *d)
+    assert code == 1 and "bad user name" in err
+    code, out, _ = run("users", "list", "--json", *d)
+    assert [u["name"] for u in json.loads(out)] == ["alice@example.com"]
+    code, out, err = run("keys", "create", "--user", "alice@example.com", "--approval", *d)
+    assert code == 0 and len(out.splitlines()) == 1
+    assert "user alice@example.com" in err and "needs approval" in err
+    code, _, err = run("keys", "create", "--user", "bob", *d)
+    assert code == 1 and "no user 'bob'" in err and "users create" in err
+    code, _, err = run("keys", "create", "--tag", "server", *d)
+    assert code == 1 and "bad tag" in err
+    code, _, err = run("keys", "create", "--tag", "tag:db", "--user", "alice@example.com", *d)
+    assert code == 1 and "not both" in err
+    code, out, _ = run("keys", "create", "--tag", "tag:db", "--ephemeral", "--json", *d)
+    made = json.loads(out)
+    assert (made["tags"], made["ephemeral"], made["user"]) == (["tag:db"], True, "")
+    code, out, _ = run("keys", "list", *d)
+    assert "alice@example.com" in out and "approval" in out and "tag:db" in out
+    assert "ephemeral" in out
+    code, out, _ = run("users", "remove", "alice@example.com", *d)
+    assert code == 0 and out == "removed user alice@example.com\n"
+    code, _, err = run("users", "remove", "alice@example.com", *d)
+    assert code == 1 and "no user" in err
+
+
+def test_server_key_expiry_option_is_checked() -> None:
+    code, _, err = run("server", "--key-expiry", "1h", "--data", "/nonexistent")
+    assert code == 2 and "at least 1d" in err
+    code, _, err = run("server", "--key-expiry", "soon", "--data", "/nonexistent")
+    assert code == 2 and "--key-expiry" in err
+
+
+def test_live_approval_expiry_and_user_removal(tmp_path: Path) -> None:
+    data = tmp_path / "live"
+    d = ("--data", str(data))
+    with start_server_thread(data) as srv:
+        server = f"{srv.host}:{srv.port}"
+        assert run("users", "create", "alice", *d)[0] == 0
+        key = run("keys", "create", "--user", "alice", "--approval", "--reusable", *d)[1].strip()
+        authkey.parse_untrusted(key)
+        enroll(server, key, "laptop", tmp_path / "s1")
+        enroll(server, key, "phone", tmp_path / "s2")
+        code, out, err = run("nodes", "list", *d)
+        assert code == 0 and "pending" in out and "alice" in out
+        assert "laptop waits for approval: homeport nodes approve laptop" in err
+        assert run("nodes", "approve", "laptop", *d)[1] == "approved laptop\n"
+        code, out, _ = run("nodes", "list", "--json", *d)
+        by_name = {n["name"]: n for n in json.loads(out)}
+        assert by_name["laptop"]["approved"] and not by_name["phone"]["approved"]
+        # 180 days by default for a user's node
+        left = by_name["laptop"]["expires_at"] - time.time()
+        assert 179 * 86400 < left <= 180 * 86400
+        code, out, _ = run("nodes", "expire", "laptop", *d)
+        assert out == "laptop: node key expired now\n"
+        code, out, err = run("nodes", "list", *d)
+        assert "EXPIRED" in out and "laptop: node key expired (homeport nodes extend laptop)" in err
+        code, out, _ = run("nodes", "extend", "laptop", "--json", *d)
+        assert json.loads(out)["expires_at"] > time.time() + 179 * 86400
+        code, out, _ = run("nodes", "disable-expiry", "laptop", *d)
+        assert out == "laptop: key expiry disabled\n"
+        code, _, err = run("nodes", "approve", "ghost", *d)
+        assert code == 1 and "no node named 'ghost'" in err
+        code, _, err = run("users", "remove", "alice", *d)
+        assert code == 1 and "2 node(s): laptop, phone" in err and "--force" in err
+        code, out, _ = run("users", "remove", "alice", "--force", *d)
+        assert out == "removed user alice and laptop, phone\n"
+        code, out, _ = run("nodes", "list", "--json", *d)
+        assert json.loads(out) == []
+        code, out, _ = run("keys", "list", "--json", *d)
+        assert [k["status"] for k in json.loads(out)] == ["revoked"]
