@@ -93,3 +93,21 @@ def test_live_approval_expiry_and_user_removal(tmp_path: Path) -> None:
         assert json.loads(out) == []
         code, out, _ = run("keys", "list", "--json", *d)
         assert [k["status"] for k in json.loads(out)] == ["revoked"]
+
+
+def test_status_shows_pending_approval_and_expiry() -> None:
+    from dataclasses import replace
+
+    from homeport.client.status import self_status
+    from homeport.wire import control as m
+
+    now = 1_800_000_000.0
+    base = m.Welcome(proto=1, node_id="n1", name="laptop", ping_interval=5.0)
+    assert self_status(base, now).warnings == ()
+    pending = self_status(replace(base, approved=False), now)
+    assert not pending.approved and "homeport nodes approve laptop" in pending.warnings[0]
+    soon = self_status(replace(base, expires_at=now + 3 * 86400), now)
+    [warning] = soon.warnings
+    assert "in 3 days" in warning and "homeport nodes extend laptop" in warning
+    far = self_status(replace(base, expires_at=now + 30 * 86400), now)
+    assert far.warnings == () and far.as_json()["key_expires_at"] == now + 30 * 86400

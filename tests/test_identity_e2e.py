@@ -78,7 +78,7 @@ def _spawn_up(
         ],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / f"{name}.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=open(tmp_path / f"{name}.log", "wb"),
         **kw,
     )
 

@@ -41,11 +41,11 @@ def _load(state: str | None) -> Any:
 # -- status ---------------------------------------------------------------------
 
 
-def _netmap(st: Any) -> Any:
+def _netmap(st: Any, welcome: list[Any] | None = None) -> Any:
     from homeport.io.dial import DialError, request_netmap
 
     try:
-        return request_netmap(st)
+        return request_netmap(st, welcome=welcome)
     except DialError as exc:
         _fail(f"cannot get the network map from {st.server}: {exc.message}")
 
@@ -58,11 +58,15 @@ def status(state: str | None, as_json: bool) -> None:
     from homeport.client import status as st_mod
 
     st = _load(state)
-    nm = _netmap(st)
+    welcome: list[Any] = []
+    nm = _netmap(st, welcome)
+    me = st_mod.self_status(welcome[0] if welcome else None)
     if as_json:
-        click.echo(json.dumps(st_mod.to_json(nm), indent=2))
+        click.echo(json.dumps({**st_mod.to_json(nm), **me.as_json()}, indent=2))
     else:
         click.echo(st_mod.render_table(nm), nl=False)
+        for line in me.warnings:
+            click.echo(f"warning: {line}", err=True)
 
 
 # -- nc / ssh / ssh-config --------------------------------------------------------
