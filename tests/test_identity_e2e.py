@@ -141,3 +141,50 @@ def test_two_key_sources_at_once_are_refused(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert "one way only" in res.stderr and "hpk1_y" not in res.stderr
+
+
+def test_a_running_agent_renews_its_key_and_is_never_cut_off(tmp_path: Path) -> None:
+    """Real server and agent, 4.5-second node keys: it renews every ~3 s and stays online."""
+    data = tmp_path / "srv"
+    with start_server_thread(data, key_expiry=4.5) as srv:
+        key = _key(data)
+        proc = _spawn_up(srv, tmp_path, "labpc", ["--authkey", key])
+        cert = tmp_path / "state-labpc" / "node.crt"
+        try:
+            wait_for(lambda: _online(data, "labpc"), 30, "labpc online")
+            seen = {cert.read_bytes()}
+            sessions_before = _sessions(srv)
+
+            def renewed_twice() -> bool:
+                assert proc.poll() is None, (tmp_path / "labpc.log").read_text()
+                assert _online(data, "labpc"), "the node went offline"
+                seen.add(cert.read_bytes())
+                return len(seen) >= 3
+
+            wait_for(renewed_twice, 30, "two renewals", interval=0.05)
+            assert _sessions(srv) == sessions_before  # the same control session throughout
+            log = (tmp_path / "labpc.log").read_text()
+            assert "node key renewed" in log and "expired" not in log
+            assert oct((tmp_path / "state-labpc" / "node.key").stat().st_mode & 0o777) == "0o600"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        # a restarted agent authenticates with the renewed key (the first one is forgotten)
+        proc = _spawn_up(srv, tmp_path, "labpc", [])
+        try:
+            wait_for(lambda: _online(data, "labpc"), 30, "labpc online again")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _sessions(srv: ServerHandle) -> int | None:
+    service = srv.service
+    assert service is not None
+
+    def session() -> int | None:
+        node = service.core.node_by_name("labpc")
+        return None if node is None else service.core.agent_session(node.node_id)
+
+    answer: int | None = srv.call(session)
+    return answer

@@ -281,6 +281,7 @@ def start_server_thread(
     tls_key: Path | None = None,
     db_url: str | None = None,
     config: ServiceConfig | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> ServerHandle:
     """Start a server on a thread; returns once it accepts connections."""
     handle = ServerHandle()
@@ -303,6 +304,7 @@ def start_server_thread(
             db_url=db_url,
             config=config,
             started=started,
+            key_expiry=key_expiry,
         )
 
     def thread_main() -> None:
