@@ -730,23 +730,23 @@ class Coordinator:
         try:
             key = authkey.parse_untrusted(msg.auth_key)
         except WireError:
-            self._refuse_enroll(s, "auth-key-invalid", "not a homeport auth key")
+            self._refuse_enroll(s, "auth-key-invalid", "not a homeport auth key", now)
             return
         if not hmac.compare_digest(key.server_pin.encode(), self.server_pin.encode()):
             self._refuse_enroll(
-                s, "auth-key-invalid", "this auth key was made for a different server"
+                s, "auth-key-invalid", "this auth key was made for a different server", now
             )
             return
         bad_name = names.node_name_problem(msg.name)
         if bad_name is not None:
-            self._refuse_enroll(s, "bad-name", bad_name)
+            self._refuse_enroll(s, "bad-name", bad_name, now)
             return
         node_id = "n" + self._random(6).hex()
         try:
             cert_pem = sign_node_csr(self.ca, msg.csr_pem.encode(), node_id).decode()
             fp = fingerprint(cert_der_from_pem(cert_pem.encode()))
         except (IdentityError, UnicodeError) as exc:
-            self._refuse_enroll(s, "bad-request", str(exc))
+            self._refuse_enroll(s, "bad-request", str(exc), now)
             return
         node = NodeRecord(
             node_id=node_id, name=msg.name, fingerprints=(fp,), created_at=now, cert_pem=cert_pem
@@ -764,7 +764,7 @@ class Coordinator:
             )
         )
 
-    def _refuse_enroll(self, s: _Session, code: str, message: str, now: float = 0.0) -> None:
+    def _refuse_enroll(self, s: _Session, code: str, message: str, now: float) -> None:
         self._note(logging.INFO, f"enrollment from {s.address} refused: {code}: {message}")
         self._emit(
             Audit(

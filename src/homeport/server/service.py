@@ -161,6 +161,7 @@ class Service:
         self._loop = loop
         self._spawn(self._accept_loop(sock))
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._rearm()  # timers of loaded nodes (expiry, ephemeral removal) run without traffic
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
 

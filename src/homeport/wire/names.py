@@ -19,6 +19,10 @@ peer host name         1..253 of ``A-Z a-z 0-9 . _ -``, not  ``nc`` / ``ssh`` ``
 target host            an IPv4/IPv6 address, or a DNS name   ``--expose =HOST:PORT``
                        (labels 1..63 of ``A-Z a-z 0-9 -``,
                        no ``-`` at either end; 1..253)
+user name              1..128: a lowercase login (``a-z 0-9  ``users create``,
+                       . _ - +``, starting alnum), optionally ``keys create --user``
+                       ``@`` a lowercase DNS name; no ``:``
+tag                    ``tag:`` + 1..63 of ``a-z 0-9 -``     ``keys create --tag``
 =====================  ====================================  =======================
 
 Pure and import-free (not even ``re`` or ``__future__``): ``homeport nc``
