@@ -188,3 +188,23 @@ def _sessions(srv: ServerHandle) -> int | None:
 
     answer: int | None = srv.call(session)
     return answer
+
+
+def test_an_expired_agent_is_refused_then_readmitted_by_extend(tmp_path: Path) -> None:
+    """The headless-box story: its key expires, the admin extends it, it is back on its own."""
+    data = tmp_path / "srv"
+    with start_server_thread(data) as srv:
+        key = _key(data)
+        proc = _spawn_up(srv, tmp_path, "headless", ["--authkey", key])
+        try:
+            wait_for(lambda: _online(data, "headless"), 30, "online")
+            assert admin_request(data, {"op": "nodes.expire", "name": "headless"})["ok"]
+            wait_for(lambda: not _online(data, "headless"), 10, "cut off at expiry")
+            log = tmp_path / "headless.log"
+            wait_for(lambda: "homeport nodes extend headless" in log.read_text(), 10, "told why")
+            assert proc.poll() is None  # not fatal: it keeps trying
+            assert admin_request(data, {"op": "nodes.extend", "name": "headless"})["ok"]
+            wait_for(lambda: _online(data, "headless"), 40, "back without touching the node")
+        finally:
+            proc.terminate()
+            proc.wait(10)
