@@ -111,3 +111,34 @@ def test_status_shows_pending_approval_and_expiry() -> None:
     assert "in 3 days" in warning and "homeport nodes extend laptop" in warning
     far = self_status(replace(base, expires_at=now + 30 * 86400), now)
     assert far.warnings == () and far.as_json()["key_expires_at"] == now + 30 * 86400
+
+
+def test_scrub_argv_drops_only_a_literal_key() -> None:
+    from homeport.agent.cli import _scrub_argv
+
+    assert _scrub_argv(["up", "--authkey", "K", "--name", "x"]) == ["up", "--name", "x"]
+    assert _scrub_argv(["up", "--authkey=K", "--ssh"]) == ["up", "--ssh"]
+    assert _scrub_argv(["up", "--authkey", "-"]) is None  # stdin: nothing to hide
+    assert _scrub_argv(["up", "--name", "x"]) is None
+
+
+def test_bad_authkey_inputs_are_clear_errors(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from homeport.agent.cli import up
+
+    def fails(args: list[str], needle: str, stdin: str | None = None) -> None:
+        env = {"HOMEPORT_AUTHKEY": ""}
+        res = CliRunner().invoke(up, [*args, "--state", str(tmp_path / "s")], stdin, env=env)
+        assert res.exit_code == 2, res.output
+        assert needle in res.stderr
+
+    fails(["--authkey-file", str(tmp_path / "missing")], "cannot read auth key file")
+    big = tmp_path / "big"
+    big.write_text("x" * 5000)
+    fails(["--authkey-file", str(big)], "longer than 4096 bytes")
+    two = tmp_path / "two"
+    two.write_text("hpk1_a\nhpk1_b\n")
+    fails(["--authkey-file", str(two)], "exactly one auth key line")
+    fails(["--authkey", "-"], "exactly one auth key line", stdin="")
+    fails(["--authkey", "k", "--authkey-file", str(two)], "one way only")
