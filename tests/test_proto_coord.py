@@ -10,7 +10,6 @@ import pytest
 
 from homeport.proto import audit as au
 from homeport.proto import coord as c
-from homeport.proto.audit import Audit
 from homeport.proto.netmap import PeerView
 from homeport.wire import control as m
 from tests.coordsim import HOST_KEY, T0, Sim
@@ -392,7 +391,7 @@ def test_removal_cuts_live_streams(sim: Sim) -> None:
 
 
 def _audits(sim: Sim, kind: str) -> list[dict[str, str]]:
-    return [x.as_dict() for x in sim.relay if isinstance(x, Audit) and x.kind == kind]
+    return [x.as_dict() for x in sim.audits if x.kind == kind]
 
 
 def test_audit_records_enrollment_streams_and_removal(sim: Sim) -> None:

@@ -60,7 +60,7 @@ from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.loop import new_event_loop
 from homeport.io.pump import PumpEnd, pump
-from homeport.node import hostkeys
+from homeport.node import files, hostkeys
 from homeport.node.state import NodeState
 from homeport.policy.services import SSH_NAME, Service
 from homeport.proto import node as core
@@ -380,6 +380,11 @@ class Agent:
                     else "",
                 )
                 self.connected.set()
+            elif isinstance(cmd, core.Renewed):
+                self._store_renewed(cmd)
+            elif isinstance(cmd, core.NoticeReceived):
+                level = logging.WARNING if cmd.code == "expiry" else logging.INFO
+                log.log(level, "server notice (%s): %s", cmd.code, cmd.message)
             elif isinstance(cmd, core.SessionLost):
                 self.connected.clear()
                 if not self._stopping:
@@ -391,6 +396,34 @@ class Agent:
             ):
                 self._action.set_result(cmd)
         self._arm_timer()
+
+    def _store_renewed(self, cmd: core.Renewed) -> None:
+        """Write the renewed key and certificate, then use them for new connections."""
+        try:
+            store_renewed_identity(self.state, cmd.key_pem, cmd.cert_pem)
+        except OSError as exc:
+            # the old certificate stays valid for the overlap; the next renewal retries
+            log.error("could not store the renewed node certificate: %s", exc)
+            return
+        when = (
+            "never"
+            if cmd.expires_at <= 0
+            else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cmd.expires_at))
+        )
+        log.info("node key renewed; it now expires %s", when)
+        with contextlib.suppress(OSError, ssl.SSLError):
+            self._stream_ctx = tlsctx.stream_context(
+                server_side=True,
+                cert=self.state.cert_path,
+                key=self.state.key_path,
+                ca_cert=self.state.ca_path,
+            )
+            self._client_ctx = tlsctx.stream_context(
+                server_side=False,
+                cert=self.state.cert_path,
+                key=self.state.key_path,
+                ca_cert=self.state.ca_path,
+            )
 
     def _arm_timer(self) -> None:
         when = self.core.get_timer()
@@ -762,6 +795,38 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+#: Suffix of a renewed key/certificate written but not yet moved into place.
+RENEW_SUFFIX = ".next"
+
+
+def store_renewed_identity(state: NodeState, key_pem: bytes, cert_pem: bytes) -> None:
+    """Replace the node key and certificate so that a crash never leaves a mismatched pair.
+
+    Both are written next to the old ones first (atomically, key 0600), then
+    moved into place key first; :func:`finish_renewal` completes a move that a
+    crash interrupted. Until then the old pair keeps working: the server
+    accepts the previous certificate during the overlap.
+    """
+    key_next = state.key_path.with_name(state.key_path.name + RENEW_SUFFIX)
+    cert_next = state.cert_path.with_name(state.cert_path.name + RENEW_SUFFIX)
+    files.write_private(key_next, key_pem)
+    files.write_public(cert_next, cert_pem)
+    finish_renewal(state)
+
+
+def finish_renewal(state: NodeState) -> None:
+    """Complete (or discard) a renewal that was interrupted; call before loading the key."""
+    key_next = state.key_path.with_name(state.key_path.name + RENEW_SUFFIX)
+    cert_next = state.cert_path.with_name(state.cert_path.name + RENEW_SUFFIX)
+    if key_next.exists() and not cert_next.exists():
+        key_next.unlink()  # crashed while writing: the old pair is intact
+        return
+    if key_next.exists():
+        os.replace(key_next, state.key_path)
+    if cert_next.exists():
+        os.replace(cert_next, state.cert_path)
+
+
 def run_agent(
     state: NodeState,
     services: tuple[Service, ...],
@@ -775,6 +840,7 @@ def run_agent(
 
     Returns the process exit code (:class:`ExitCode`).
     """
+    finish_renewal(state)
     agent = Agent(
         state,
         services,

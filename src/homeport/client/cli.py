@@ -41,11 +41,11 @@ def _load(state: str | None) -> Any:
 # -- status ---------------------------------------------------------------------
 
 
-def _netmap(st: Any) -> Any:
+def _netmap(st: Any, welcome: list[Any] | None = None) -> Any:
     from homeport.io.dial import DialError, request_netmap
 
     try:
-        return request_netmap(st)
+        return request_netmap(st, welcome=welcome)
     except DialError as exc:
         _fail(f"cannot get the network map from {st.server}: {exc.message}")
 
@@ -58,14 +58,20 @@ def status(state: str | None, as_json: bool) -> None:
     from homeport.client import status as st_mod
 
     st = _load(state)
-    nm = _netmap(st)
+    welcome: list[Any] = []
+    nm = _netmap(st, welcome)
+    me = st_mod.self_status(welcome[0] if welcome else None)
     shields = st_mod.shields_up(st.dir)
     if as_json:
-        click.echo(json.dumps({**st_mod.to_json(nm), "shields_up": shields}, indent=2))
+        click.echo(
+            json.dumps({**st_mod.to_json(nm), **me.as_json(), "shields_up": shields}, indent=2)
+        )
     else:
         if shields:
             click.echo(st_mod.SHIELDS_UP_LINE)
         click.echo(st_mod.render_table(nm), nl=False)
+        for line in me.warnings:
+            click.echo(f"warning: {line}", err=True)
 
 
 # -- nc / ssh / ssh-config --------------------------------------------------------

@@ -61,8 +61,9 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from homeport.crypto import identity
 from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
 from homeport.policy.services import Service
 from homeport.proto.backoff import Backoff
@@ -76,6 +77,12 @@ from homeport.wire.errors import WireError
 MAX_STREAMS = 256
 #: Server ERROR codes after which reconnecting can never succeed.
 FATAL_ERROR_CODES = frozenset({"node-removed"})
+#: Renew the node key when this fraction of its lifetime is left (well before expiry).
+RENEW_FRACTION = 1 / 3
+#: When the server gives no lifetime: renew this long before expiry.
+RENEW_AHEAD = 7 * 86400.0
+#: A renewal that got no RENEWED within this long is tried again (a new key each time).
+RENEW_RETRY = 300.0
 #: OPEN_FAILED codes after which nc should dial by itself rather than report:
 #: "busy" is about this session (opens in flight), not about the peer.
 LOCAL_FALLBACK_CODES = frozenset({"busy"})
@@ -122,6 +129,28 @@ class NodeConfig:
     software: str = ""
     #: ``up --shields-up``: refuse every INCOMING (REJECT ``shields-up``); opens still work.
     shields_up: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """The server signed a new node key: store ``key_pem``/``cert_pem`` (atomically) and use them.
+
+    The old certificate stays valid on the server for the overlap, so a
+    driver that crashes before writing loses nothing but this renewal.
+    """
+
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+    expires_at: float  # unix time, 0 = never
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeReceived:
+    """A NOTICE from the server (expiry warning, approval): log it, show it in status."""
+
+    code: str
+    message: str
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +284,8 @@ class LocalOpenFailed:
 
 Command = (
     Send
+    | Renewed
+    | NoticeReceived
     | SessionReady
     | SessionLost
     | Reconnect
@@ -325,6 +356,14 @@ class NodeCore:
         self._streams: set[str] = set()
         self._local: dict[bytes, _LocalOpen] = {}
         self._commands: collections.deque[Command] = collections.deque()
+        #: Whether an admin approved this node (WELCOME/NOTICE); False: it reaches no one.
+        self.approved = True
+        #: When the node key expires (server's unix time; 0 = never) and the last notice.
+        self.expires_at = 0.0
+        self.notice: NoticeReceived | None = None
+        self._renew_due: float | None = None  # on the driver's clock
+        self._renew_key: bytes | None = None
+        self._now = 0.0  # the driver's clock at the last input
 
     # -- read-outs ------------------------------------------------------------
     @property
@@ -417,7 +456,7 @@ class NodeCore:
     # -- messages from the server ------------------------------------------------------------
     def message_received(self, msg: m.Message, now: float) -> None:
         """One message the control machine decoded (PING/PONG never get here)."""
-        del now  # no decision depends on the arrival time yet
+        self._now = now
         if self.state not in (SessionState.HELLO_SENT, SessionState.READY):
             self.ignored += 1  # a late message of a session we already gave up on
             return
@@ -432,6 +471,10 @@ class NodeCore:
             self._on_incoming(msg)
         elif isinstance(msg, m.Opened | m.OpenFailed):
             self._on_open_answer(msg)
+        elif isinstance(msg, m.Renewed):
+            self._on_renewed(msg)
+        elif isinstance(msg, m.Notice):
+            self._on_notice(msg)
         elif isinstance(msg, m.Peers):
             if self.peers_expected:
                 self._on_peers(msg)
@@ -453,6 +496,9 @@ class NodeCore:
         self.name = msg.name or self.name
         self.server_capver = msg.capver
         self.server_caps = m.negotiate_caps(msg.caps)
+        self.approved = msg.approved
+        self.expires_at = msg.expires_at
+        self._plan_renewal(msg.expires_at, msg.server_time, msg.key_lifetime)
         # ANNOUNCE right after WELCOME: a client that sees this node online can
         # open streams to its services at once.
         self._send(self._announce())
@@ -465,6 +511,46 @@ class NodeCore:
                 peers=self.peers_expected,
             )
         )
+
+    # -- node-key renewal (cap renew) ---------------------------------------------------------
+    def _plan_renewal(self, expires_at: float, server_time: float, lifetime: float) -> None:
+        """Arm the renewal: a third of the lifetime before expiry, on our own clock.
+
+        Times are differences against the server's clock (``server_time``), so
+        a node whose wall clock is wrong still renews on time.
+        """
+        self._renew_key = None
+        if m.CAP_RENEW not in self.server_caps or expires_at <= 0 or server_time <= 0:
+            self._renew_due = None
+            return
+        ahead = lifetime * RENEW_FRACTION if lifetime > 0 else RENEW_AHEAD
+        self._renew_due = self._now + (expires_at - server_time) - ahead
+
+    def _on_renewed(self, msg: m.Renewed) -> None:
+        key, self._renew_key = self._renew_key, None
+        if key is None:
+            self.ignored += 1  # not asked for (or a late answer to an attempt we gave up on)
+            return
+        self.expires_at = msg.expires_at
+        self._commands.append(Renewed(key, msg.cert_pem.encode(), msg.expires_at))
+        self._renew_due = None
+        if msg.expires_at > 0 and msg.server_time > 0:
+            full = msg.expires_at - msg.server_time  # a fresh key: its whole lifetime is left
+            self._renew_due = self._now + full * (1 - RENEW_FRACTION)
+
+    def _on_notice(self, msg: m.Notice) -> None:
+        if msg.code == "approved":
+            self.approved = True
+        if msg.code == "expiry" and msg.expires_at > 0:
+            self.expires_at = msg.expires_at
+        self.notice = NoticeReceived(msg.code[:64], msg.message[:512], msg.expires_at)
+        self._commands.append(self.notice)
+
+    def _renew_now(self, now: float) -> None:
+        key_pem = identity.new_private_key_pem()
+        self._renew_key = key_pem
+        self._renew_due = now + RENEW_RETRY  # tried again if no RENEWED comes
+        self._send(m.Renew(csr_pem=identity.make_csr(key_pem, self.name).decode()))
 
     def _on_error(self, msg: m.Error) -> None:
         if msg.code in FATAL_ERROR_CODES:
@@ -614,12 +700,20 @@ class NodeCore:
 
     # -- time -----------------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` must run next (a local open's deadline), or None."""
+        """When :meth:`handle_timer` must run next (a local open's deadline, a renewal), or None."""
         waiting = [lo.deadline for lo in self._local.values() if lo.state is _OpenState.WAITING]
+        if self._renew_due is not None and self.state is SessionState.READY:
+            waiting.append(self._renew_due)
         return min(waiting) if waiting else None
 
     def handle_timer(self, now: float) -> None:
-        """Fail local opens whose answer did not come in time."""
+        """Fail local opens whose answer did not come in time; renew the node key when due."""
+        if (
+            self._renew_due is not None
+            and self.state is SessionState.READY
+            and now >= self._renew_due
+        ):
+            self._renew_now(now)
         for lo in self._local.values():
             if lo.state is _OpenState.WAITING and now >= lo.deadline:
                 lo.state = _OpenState.FAILED

@@ -20,7 +20,7 @@ from typing import Any
 
 from homeport.io.loop import new_event_loop
 from homeport.io.tlsctx import control_server_context
-from homeport.proto.coord import Coordinator
+from homeport.proto.coord import DEFAULT_KEY_EXPIRY, Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.audit import AuditSink, audit_path
@@ -85,6 +85,7 @@ async def serve(
     db_url: str | None = None,
     config: ServiceConfig | None = None,
     started: Callable[[Running], None] | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> None:
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
@@ -97,6 +98,7 @@ async def serve(
         open_timeout=cfg.open_timeout,
         unpaired_timeout=cfg.unpaired_timeout,
         ping_interval=cfg.ping_interval,
+        key_expiry=key_expiry,
     )
     writer = WriteBehind(registry)
     services: list[Service] = []  # the relay reports to the service built right after it
@@ -119,7 +121,8 @@ async def serve(
                 nodes=service.node_list,
                 remove_node=service.remove_node,
                 live=True,
-                audit=audit.submit,
+                node_action=service.node_action,
+                audit=service.admin_audit,
             ),
         )
         host, port = parse_listen(listen)
@@ -170,6 +173,7 @@ def run_server(
     db_url: str | None = None,
     *,
     idle_timeout: float | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
     setup_logging()
@@ -196,6 +200,7 @@ def run_server(
             db_url=db_url,
             config=cfg,
             started=started,
+            key_expiry=key_expiry,
         )
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -279,6 +284,7 @@ def start_server_thread(
     tls_key: Path | None = None,
     db_url: str | None = None,
     config: ServiceConfig | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> ServerHandle:
     """Start a server on a thread; returns once it accepts connections."""
     handle = ServerHandle()
@@ -301,6 +307,7 @@ def start_server_thread(
             db_url=db_url,
             config=config,
             started=started,
+            key_expiry=key_expiry,
         )
 
     def thread_main() -> None:

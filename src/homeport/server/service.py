@@ -164,6 +164,7 @@ class Service:
         self._loop = loop
         self._spawn(self._accept_loop(sock))
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._rearm()  # timers of loaded nodes (expiry, ephemeral removal) run without traffic
         bound = sock.getsockname()
         return str(bound[0]), int(bound[1])
 
@@ -501,6 +502,24 @@ class Service:
         node = self.core.remove_node(name, time.time())
         self._run()
         return node
+
+    def node_action(self, action: str, name: str) -> c.NodeRecord:
+        """approve / expire / extend / disable-expiry ``name`` in the live core. Raises KeyError."""
+        now = time.time()
+        actions: dict[str, Callable[[str, float], c.NodeRecord]] = {
+            "approve": self.core.approve_node,
+            "expire": self.core.expire_node,
+            "extend": self.core.extend_node,
+            "disable-expiry": self.core.set_expiry_disabled,
+        }
+        node = actions[action](name, now)
+        self._run()
+        return node
+
+    def admin_audit(self, kind: str, fields: tuple[tuple[str, str], ...]) -> None:
+        """An admin action outside the core (keys, users): into the audit stream, in order."""
+        self.core.admin_audit(kind, time.time(), fields)
+        self._run()
 
     def node_list(self) -> list[c.NodeStatus]:
         return self.core.node_list()
