@@ -24,7 +24,9 @@ from homeport.wire.errors import WireError
 WHOAMI_TIMEOUT = 2.0
 
 
-def whoami(port: DirectPort, server: tuple[str, int], timeout: float = WHOAMI_TIMEOUT) -> tuple[str, int]:
+def whoami(
+    port: DirectPort, server: tuple[str, int], timeout: float = WHOAMI_TIMEOUT
+) -> tuple[str, int]:
     """The ``(ip, port)`` ``server`` sees for a connection from the direct port.
 
     Raises OSError (incl. TimeoutError) or WireError.
@@ -45,7 +47,13 @@ def whoami(port: DirectPort, server: tuple[str, int], timeout: float = WHOAMI_TI
             buf += chunk
             if len(buf) >= probe.MAX_ANSWER_LEN:
                 break
-        return probe.parse_answer_untrusted(buf, nonce)
+        answer = probe.parse_answer_untrusted(buf, nonce)
+        # Let the server close first: TIME_WAIT then sits on its side, not on a
+        # (direct port, server) tuple we may want to use again.
+        with contextlib.suppress(OSError):
+            sock.settimeout(max(0.0, end - time.monotonic()))
+            sock.recv(1)
+        return answer
 
 
 def local_addresses(towards: str | None = None) -> tuple[str, ...]:

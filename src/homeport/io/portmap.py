@@ -62,11 +62,10 @@ def _exchange(
     request: bytes,
     gateway: str,
     timeouts: Sequence[float],
-    accept: type[object] | None = None,
 ) -> bytes | None:
     """Send ``request`` and return the first datagram from the gateway, with retries."""
     for timeout in timeouts:
-        sock.sendto(request, (gateway, natpmp.SERVER_PORT))
+        sock.send(request)
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
             sock.settimeout(left)
@@ -76,7 +75,7 @@ def _exchange(
                 break
             except ConnectionRefusedError:
                 return None  # ICMP port unreachable: nothing listens on 5351
-            if src[0] == gateway:
+            if src[0] == gateway:  # connected: the kernel filters sources already
                 return data
     return None
 
@@ -149,6 +148,7 @@ def request_mapping(
     gateway: str | None = None,
     lifetime: int = DEFAULT_LIFETIME,
     timeouts: Sequence[float] = DEFAULT_TIMEOUTS,
+    server_port: int = natpmp.SERVER_PORT,
 ) -> MappedPort | PortMapFailure:
     """Map TCP ``gateway-public:X -> us:internal_port``; PCP first, then NAT-PMP.
 
@@ -160,7 +160,7 @@ def request_mapping(
         return PortMapFailure("no-gateway", "no IPv4 default gateway")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
-            sock.connect((gw, natpmp.SERVER_PORT))
+            sock.connect((gw, server_port))
             result = _pcp(sock, internal_port, gw, lifetime, timeouts)
             if result is None:
                 result = _natpmp(sock, internal_port, gw, lifetime, timeouts)

@@ -68,7 +68,7 @@ class DirectPort:
         self.listener = listener
         self.port: int = listener.getsockname()[1]
 
-    def socket(self) -> socket.socket:
+    def bound_socket(self) -> socket.socket:
         """A fresh TCP socket bound to ``(host, P)``, not yet connected."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -81,7 +81,7 @@ class DirectPort:
 
     def connect_from(self, addr: tuple[str, int], timeout: float) -> socket.socket:
         """A blocking connect from P to ``addr``; raises OSError (TimeoutError) on failure."""
-        sock = self.socket()
+        sock = self.bound_socket()
         try:
             sock.settimeout(timeout)
             sock.connect(addr)
@@ -167,7 +167,7 @@ def punch(
             for i, cand in enumerate(cands):
                 if next_dial[i] <= now:
                     next_dial[i] = float("inf")
-                    sock = port.socket()
+                    sock = port.bound_socket()
                     sock.setblocking(False)
                     rc = sock.connect_ex((cand.host, cand.port))
                     if rc not in (0, errno.EINPROGRESS):
@@ -187,9 +187,7 @@ def punch(
                 )
             wake = min([end, *(t for t in next_dial if t != float("inf"))])
             for key, _mask in sel.select(max(0.0, wake - now)):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                if sock is port.listener:
+                if key.fileobj is port.listener:
                     try:
                         conn, peer = port.listener.accept()
                     except (BlockingIOError, InterruptedError):
@@ -203,6 +201,9 @@ def punch(
                         None,
                         time.monotonic() - start,
                     )
+                dial = key.fileobj
+                assert isinstance(dial, socket.socket)
+                sock = dial
                 i = key.data
                 cand = pending.pop(sock)
                 sel.unregister(sock)

@@ -84,7 +84,12 @@ def _natpmp_gw(ext_ip: str, lan_ip: str) -> None:
             # NAT-PMP-only gateway: "unsupported version" in NAT-PMP format (RFC 6887 §9).
             sock.sendto(
                 natpmp.natpmp_map_response(
-                    natpmp.NatPmpResult.UNSUPPORTED_VERSION, epoch, 0, 0, 0, 0
+                    natpmp.NatPmpResult.UNSUPPORTED_VERSION,
+                    epoch,
+                    0,
+                    internal=0,
+                    external=0,
+                    lifetime=0,
                 )[:8],
                 src,
             )
@@ -105,7 +110,12 @@ def _natpmp_gw(ext_ip: str, lan_ip: str) -> None:
         ]
         ok = subprocess.run(["iptables", "-w", "5", *rule], check=False).returncode == 0
         result = natpmp.NatPmpResult.SUCCESS if ok else natpmp.NatPmpResult.OUT_OF_RESOURCES
-        sock.sendto(natpmp.natpmp_map_response(result, epoch, op, internal, ext, lifetime), src)
+        sock.sendto(
+            natpmp.natpmp_map_response(
+                result, epoch, op, internal=internal, external=ext, lifetime=lifetime
+            ),
+            src,
+        )
 
 
 def _cand_json(c: Candidate) -> dict[str, object]:

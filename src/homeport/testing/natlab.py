@@ -52,8 +52,8 @@ from homeport.testing.netns import (
 )
 
 __all__ = [
-    "MATRIX",
     "DIRECT_PORT",
+    "MATRIX",
     "Host",
     "Lab",
     "MatrixRow",
@@ -270,7 +270,7 @@ class Lab:
             self._ipt(name, "-A", "FORWARD", "-i", "br0", "-j", "REJECT")
         self._ipt(name, "-A", "INPUT", "-i", "wan", *est)
         self._ipt(name, "-A", "INPUT", "-i", "wan", "-j", "DROP")
-        r = Router(name, wan_ip, lan.split("/")[0], nat)
+        r = Router(name, wan_ip, lan.split("/", maxsplit=1)[0], nat)
         self.routers[name] = r
         return r
 
@@ -287,8 +287,9 @@ class Lab:
     def port_forward(self, router: str, port: int, host: str) -> None:
         """A static TCP port forward ``router-wan:port -> host:port`` (like a home router's)."""
         r, h = self.routers[router], self.hosts[host]
+        dnat = ("-j", "DNAT", "--to-destination", f"{h.ip}:{port}")
         self._ipt(router, "-t", "nat", "-A", "PREROUTING", "-d", r.wan_ip, "-p", "tcp",
-                  "--dport", str(port), "-j", "DNAT", "--to-destination", f"{h.ip}:{port}")  # fmt: skip
+                  "--dport", str(port), *dnat)  # fmt: skip
 
     # -- faults ---------------------------------------------------------------------------
 
@@ -334,7 +335,9 @@ class Lab:
         created, self._created = self._created, []
         for real in reversed(created):
             errors.extend(NatLab._kill_stragglers(real))
-            res = subprocess.run(["ip", "netns", "del", real], capture_output=True, text=True)
+            res = subprocess.run(
+                ["ip", "netns", "del", real], capture_output=True, text=True, check=False
+            )
             if res.returncode != 0 and real in _list_netns():
                 errors.append(f"ip netns del {real}: {res.stderr.strip()}")
         if self._atexit:

@@ -73,7 +73,7 @@ def result_text(protocol: str, code: int) -> str:
     """A human name for a result code (unknown codes are printed as numbers)."""
     enum_type: type[enum.IntEnum] = NatPmpResult if protocol == "natpmp" else PcpResult
     try:
-        return enum_type(code).name.lower().replace("_", "-")
+        return "-".join(enum_type(code).name.lower().split("_"))
     except ValueError:
         return f"result {code}"
 
@@ -141,7 +141,7 @@ def natpmp_public_address_response(result: int, epoch: int, address: str) -> byt
 
 
 def natpmp_map_response(
-    result: int, epoch: int, op: int, internal: int, external: int, lifetime: int
+    result: int, epoch: int, op: int, *, internal: int, external: int, lifetime: int
 ) -> bytes:
     return struct.pack(
         "!BBHIHHI", NATPMP_VERSION, 128 + op, result, epoch, internal, external, lifetime
@@ -227,9 +227,7 @@ def pcp_map_request(
         raise ValueError("port out of range")
     header = struct.pack("!BBHI", PCP_VERSION, _PCP_OP_MAP, 0, lifetime) + _ip16(client_ip)
     body = (
-        nonce
-        + struct.pack("!B3xHH", protocol, internal_port, suggested_port)
-        + _ip16(suggested_ip)
+        nonce + struct.pack("!B3xHH", protocol, internal_port, suggested_port) + _ip16(suggested_ip)
     )
     return header + body
 
