@@ -8,6 +8,8 @@ role runs as a small process there:
 * ``natpmp-gw --ext-ip IP --lan-if IF`` — a stand-in NAT-PMP gateway for a lab
   router: answers public-address and TCP map requests by adding an iptables DNAT
   rule (answers PCP with NAT-PMP "unsupported version", exercising the fallback).
+* ``stun IP1 IP2 PORT1 PORT2`` — a classic STUN responder (RFC 3489 CHANGE-REQUEST),
+  which miniupnpd uses to accept a TEST-NET WAN address as public.
 * ``discover --port P --main IP:PORT [--probe IP:PORT] [--no-portmap]`` — run
   :func:`homeport.io.netcheck.netcheck` from P; prints JSON observations,
   verdict and candidates.
@@ -118,6 +120,48 @@ def _natpmp_gw(ext_ip: str, lan_ip: str) -> None:
         )
 
 
+#: STUN (RFC 5389 framing, RFC 3489 CHANGE-REQUEST) constants for the lab responder.
+_STUN_BINDING = 0x0001
+_STUN_CHANGE_REQUEST = 0x0003
+_STUN_CHANGE_IP = 0x04
+_STUN_CHANGE_PORT = 0x02
+
+
+def _stun(ip1: str, ip2: str, port1: int, port2: int) -> None:
+    """A minimal classic STUN responder on 2 addresses x 2 ports (for miniupnpd's STUN check).
+
+    miniupnpd 2.3.1 learns its public address and whether it may map ports by
+    STUN with CHANGE-REQUEST (RFC 3489 tests). Lab only: answers Binding
+    requests with MAPPED-ADDRESS from the socket the CHANGE-REQUEST flags ask for.
+    """
+    socks = {}
+    for ip in (ip1, ip2):
+        for port in (port1, port2):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((ip, port))
+            socks[ip, port] = s
+    main_sock = socks[ip1, port1]
+    print("ready", flush=True)
+    while True:
+        data, src = main_sock.recvfrom(2048)
+        if len(data) < 20 or int.from_bytes(data[:2], "big") != _STUN_BINDING:
+            continue
+        flags = 0
+        off = 20
+        while off + 4 <= len(data):
+            atype = int.from_bytes(data[off : off + 2], "big")
+            alen = int.from_bytes(data[off + 2 : off + 4], "big")
+            if atype == _STUN_CHANGE_REQUEST and alen == 4:
+                flags = data[off + 7]
+            off += 4 + alen + (-alen % 4)
+        mapped = b"\x00\x01" + src[1].to_bytes(2, "big") + socket.inet_aton(src[0])
+        attr = (1).to_bytes(2, "big") + len(mapped).to_bytes(2, "big") + mapped
+        reply = b"\x01\x01" + len(attr).to_bytes(2, "big") + data[4:20] + attr
+        ip = ip2 if flags & _STUN_CHANGE_IP else ip1
+        port = port2 if flags & _STUN_CHANGE_PORT else port1
+        socks[ip, port].sendto(reply, src)
+
+
 def _cand_json(c: Candidate) -> dict[str, object]:
     return {"kind": c.kind, "host": c.host, "port": c.port}
 
@@ -182,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("natpmp-gw")
     g.add_argument("--ext-ip", required=True)
     g.add_argument("--lan-ip", required=True)
+    st = sub.add_parser("stun")
+    st.add_argument("ip1")
+    st.add_argument("ip2")
+    st.add_argument("port1", type=int)
+    st.add_argument("port2", type=int)
     d = sub.add_parser("discover")
     d.add_argument("--port", type=int, required=True)
     d.add_argument("--main", required=True)
@@ -197,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         _whoami(args.ports)
     elif args.cmd == "natpmp-gw":
         _natpmp_gw(args.ext_ip, args.lan_ip)
+    elif args.cmd == "stun":
+        _stun(args.ip1, args.ip2, args.port1, args.port2)
     elif args.cmd == "discover":
         _discover(args.port, args.main, args.probe, not args.no_portmap)
     else:

@@ -30,16 +30,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import json
 import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from homeport.testing.deadline import wait_for
 from homeport.testing.netns import (
     MAX_PREFIX_LEN,
     CommandError,
@@ -67,6 +71,9 @@ __all__ = [
 DIRECT_PORT = 41641
 #: The lab "server": whoami on its main port and its probe port.
 SERVER_IP = "203.0.113.10"
+#: The server's second address (only the lab STUN responder uses it, for CHANGE-REQUEST).
+SERVER_IP2 = "203.0.113.11"
+STUN_PORTS = (3478, 3479)
 SERVER_MAIN_PORT = 7000
 SERVER_PROBE_PORT = 7001
 _IPT = ("iptables", "-w", "5")
@@ -117,9 +124,12 @@ class Lab:
             raise ValueError(f"bad lab prefix {prefix!r}")
         self.prefix = prefix
         self.routers: dict[str, Router] = {}
+        #: What answers NAT-PMP/PCP in the matrix ("miniupnpd" or the "lab-natpmp" stand-in).
+        self.portmap_daemon = ""
         self.hosts: dict[str, Host] = {}
         self._created: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._ports = _Counter()
         self._atexit = False
 
@@ -213,6 +223,7 @@ class Lab:
         self._segment("inet")
         self._add_ns("server")
         self._plug("server", "eth0", "inet", f"{SERVER_IP}/{cidr_bits}")
+        self._ip("server", "addr", "add", f"{SERVER_IP2}/{cidr_bits}", "dev", "eth0")
 
     def public_host(self, name: str, ip: str) -> Host:
         self._add_ns(name)
@@ -249,7 +260,9 @@ class Lab:
             f"ip_forward in {name}",
             self.cmd(name, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]),
         )
-        masq = ["-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
+        # Only LAN traffic is translated (the router's own traffic keeps its port).
+        subnet = str(ipaddress.ip_interface(lan).network)
+        masq = ["-t", "nat", "-A", "POSTROUTING", "-s", subnet, "-o", "wan", "-j", "MASQUERADE"]
         if nat == "edm":
             masq.append("--random-fully")
         est = ("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
@@ -340,6 +353,9 @@ class Lab:
             )
             if res.returncode != 0 and real in _list_netns():
                 errors.append(f"ip netns del {real}: {res.stderr.strip()}")
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
         if self._atexit:
             atexit.unregister(self.close)
             self._atexit = False
@@ -363,6 +379,68 @@ class Lab:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise NatLabError(f"NAT-PMP gateway did not start: {proc.communicate()[1]}")
+
+    def tmpdir(self) -> Path:
+        """A private directory for lab config files, deleted by :meth:`close`."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"{self.prefix}-")
+        return Path(self._tmp.name)
+
+    def start_stun(self) -> None:
+        """The classic STUN responder on the server's two addresses (miniupnpd needs it)."""
+        p1, p2 = STUN_PORTS
+        proc = self.labnode("server", "stun", SERVER_IP, SERVER_IP2, str(p1), str(p2))
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise NatLabError(f"STUN responder did not start: {proc.communicate()[1]}")
+
+    def start_miniupnpd(self, router: str) -> subprocess.Popen[str]:
+        """Run the real miniupnpd (nftables flavour) on ``router`` with NAT-PMP/PCP on its LAN.
+
+        miniupnpd 2.3.1 refuses to map ports when its WAN address is reserved, and
+        every address the lab may use as "public" (TEST-NET) is reserved to it; with
+        ``ext_perform_stun`` it asks a STUN server instead and, when the four RFC 3489
+        tests pass (no NAT, no filtering), enables mapping. So the server runs a STUN
+        responder (:meth:`start_stun`) and the router accepts its UDP answers.
+        Returns once it listens on UDP 5351 (it does after STUN); :meth:`close` stops it.
+        """
+        r = self.routers[router]
+        d = self.tmpdir()
+        subnet = str(ipaddress.ip_interface(f"{r.lan_gw}/24").network)
+        conf = d / f"miniupnpd-{router}.conf"
+        conf.write_text(
+            "ext_ifname=wan\nlistening_ip=br0\nenable_natpmp=yes\nenable_upnp=no\n"
+            "secure_mode=yes\next_perform_stun=yes\n"
+            f"ext_stun_host={SERVER_IP}\next_stun_port={STUN_PORTS[0]}\n"
+            "upnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\n"
+            f"allow 1024-65535 {subnet} 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
+        )
+        nft = d / f"miniupnpd-{router}.nft"
+        nft.write_text(MINIUPNPD_NFT)
+        self._step(
+            f"nft tables for miniupnpd in {router}", self.cmd(router, ["nft", "-f", str(nft)])
+        )
+        self._ipt(
+            router, "-I", "INPUT", "1", "-i", "wan", "-p", "udp", "-s", SERVER_IP, "-j", "ACCEPT"
+        )
+        self._ipt(
+            router, "-I", "INPUT", "1", "-i", "wan", "-p", "udp", "-s", SERVER_IP2, "-j", "ACCEPT"
+        )
+        proc = self.popen(
+            router,
+            ["miniupnpd", "-d", "-f", str(conf), "-P", str(d / f"miniupnpd-{router}.pid")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise NatLabError(f"miniupnpd on {router} exited with {proc.returncode}")
+            out = self.run(router, ["ss", "-Hlun", "sport = :5351"]).stdout
+            return bool(out.strip())
+
+        wait_for(listening, 10.0, f"miniupnpd on {router} to listen on 5351")
+        return proc
 
     def discover(self, host: str, *, probe: bool = True, portmap: bool = True) -> dict[str, Any]:
         """Run discovery from ``host``'s direct port; the JSON the labnode printed."""
@@ -405,6 +483,21 @@ class Lab:
             for p in procs:
                 self.stop(p)
         return json.loads(outs[0]), json.loads(outs[1])
+
+
+#: The nftables skeleton miniupnpd (nftables flavour) fills: its own table whose base
+#: chains accept (the router's iptables rules do the filtering) and jump to its chains.
+MINIUPNPD_NFT = """table inet miniupnpd {
+  chain forward { type filter hook forward priority 0; policy accept; jump miniupnpd; }
+  chain miniupnpd { }
+  chain prerouting { type nat hook prerouting priority -100; policy accept;
+                     jump prerouting_miniupnpd; }
+  chain postrouting { type nat hook postrouting priority 100; policy accept;
+                      jump postrouting_miniupnpd; }
+  chain prerouting_miniupnpd { }
+  chain postrouting_miniupnpd { }
+}
+"""
 
 
 # -- the direct-path matrix of docs (direct-design.md) ---------------------------------------
@@ -460,7 +553,13 @@ def build_matrix_lab(lab: Lab) -> None:
         for name, ip in hosts:
             lab.host(name, router, ip)
     lab.port_forward("rt_fwd", DIRECT_PORT, "fwd")
-    lab.start_natpmp_gateway("rt_upnp")
+    if shutil.which("miniupnpd") is not None:
+        lab.start_stun()
+        lab.start_miniupnpd("rt_upnp")
+        lab.portmap_daemon = "miniupnpd"
+    else:
+        lab.start_natpmp_gateway("rt_upnp")
+        lab.portmap_daemon = "lab-natpmp"
     # Carrier-grade NAT: the home router's WAN is in 100.64.0.0/10, behind the CGN.
     lab.router("cgn", wan_ip="203.0.113.28", lan="100.64.0.1/24", nat="eim")
     lab.router("rt_cgh", wan_ip="100.64.0.2", lan="10.20.8.1/24", nat="eim", upstream="cgn",
