@@ -142,3 +142,9 @@ def test_default_gateway_parses_proc_route(tmp_path: object) -> None:
     )
     assert default_gateway(str(f)) == "10.168.20.1"
     assert default_gateway(str(tmp_path / "missing")) is None
+
+
+def test_punch_without_candidates_or_listener() -> None:
+    with DirectPort(host="127.0.0.1") as me:
+        res = punch(me, [], 1.0, accept=False)
+    assert isinstance(res, PunchFailure) and res.code == "no-candidates"

@@ -40,7 +40,13 @@ DEFAULT_DEADLINE = 5.0
 #: Most dial sockets open at once in one punch (candidates ≤ 16).
 MAX_ATTEMPTS = 16
 
-_FATAL_DIAL_ERRORS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT}
+#: Dial errors that retrying cannot fix (no route of ours, tuple in use): no redial.
+_FATAL_DIAL_ERRORS = {
+    errno.EADDRINUSE,
+    errno.EADDRNOTAVAIL,
+    errno.EAFNOSUPPORT,
+    errno.ENETUNREACH,
+}
 
 
 def _reuse(sock: socket.socket) -> None:
@@ -135,6 +141,11 @@ def punch(
 ) -> PunchSuccess | PunchFailure:
     """Dial every candidate from P (in order, ``stagger`` apart) and accept on P; first wins.
 
+    A simultaneous open yields *one* connection both sides see as theirs. When two
+    different connections complete at once (A's dial accepted by B while B's dial is
+    accepted by A, e.g. both public), each side may keep a different one; the caller
+    settles that (e.g. the TLS client's choice wins) -- the lab matrix never saw it.
+
     ``deadline`` is in seconds. ``peer_local`` (defaults to ``candidates``) tells an
     accepted connection from a LAN peer (``local``) from one through NATs
     (``direct``). The returned socket is blocking; every other attempt is closed.
@@ -167,7 +178,11 @@ def punch(
             for i, cand in enumerate(cands):
                 if next_dial[i] <= now:
                     next_dial[i] = float("inf")
-                    sock = port.bound_socket()
+                    try:
+                        sock = port.bound_socket()
+                    except OSError as exc:
+                        errors[cand.addr] = errno.errorcode.get(exc.errno or 0, str(exc))
+                        continue
                     sock.setblocking(False)
                     rc = sock.connect_ex((cand.host, cand.port))
                     if rc not in (0, errno.EINPROGRESS):
@@ -215,7 +230,8 @@ def punch(
                     )
                 errors[cand.addr] = errno.errorcode.get(err, str(err))
                 sock.close()
-                next_dial[i] = time.monotonic() + REDIAL_AFTER
+                if err not in _FATAL_DIAL_ERRORS:
+                    next_dial[i] = time.monotonic() + REDIAL_AFTER
     finally:
         close_all()
         if accept:
