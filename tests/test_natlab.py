@@ -126,3 +126,38 @@ def test_lab_cleans_up_namespaces() -> None:
         assert len(names) == 2
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(n in listed for n in names)
+
+
+def test_real_miniupnpd_natpmp_too(lab: tuple[Lab, dict[str, dict[str, Any]]]) -> None:
+    """The NAT-PMP path against the real daemon (the matrix used PCP, which goes first)."""
+    the_lab, _found = lab
+    if the_lab.portmap_daemon != "miniupnpd":
+        pytest.skip("miniupnpd not installed: the matrix used the lab NAT-PMP gateway")
+    code = (
+        "from homeport.io.portmap import request_mapping\n"
+        "m = request_mapping(41700, protocols=('natpmp',), lifetime=120)\n"
+        "print(m.protocol, m.external_ip, m.external_port, m.lifetime)\n"
+    )
+    out = the_lab.run("upnp", [sys.executable, "-c", code]).stdout.split()
+    assert out == ["natpmp", "203.0.113.27", "41700", "120"]
+
+
+def test_routers_drop_unsolicited_inbound(lab: tuple[Lab, dict[str, dict[str, Any]]]) -> None:
+    """A listener behind a home router is unreachable from outside, and silently so."""
+    the_lab, _found = lab
+    listener = the_lab.labnode("cone1", "whoami", "41750")
+    assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+    try:
+        assert _tcp_ok(the_lab, "cone1", "10.20.1.2", 41750, 2.0)  # it does listen
+        code = (
+            "import socket,sys\n"
+            "try:\n socket.create_connection(('203.0.113.21', 41750), timeout=0.5)\n"
+            "except TimeoutError: print('dropped')\n"
+            "except OSError as e: print(type(e).__name__)\n"
+            "else: print('connected')\n"
+        )
+        for outside in ("pub", "cone2"):
+            got = the_lab.run(outside, [sys.executable, "-c", code]).stdout.strip()
+            assert got == "dropped", (outside, got)
+    finally:
+        the_lab.stop(listener)

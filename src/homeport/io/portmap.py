@@ -149,11 +149,13 @@ def request_mapping(
     lifetime: int = DEFAULT_LIFETIME,
     timeouts: Sequence[float] = DEFAULT_TIMEOUTS,
     server_port: int = natpmp.SERVER_PORT,
+    protocols: Sequence[str] = ("pcp", "natpmp"),
 ) -> MappedPort | PortMapFailure:
     """Map TCP ``gateway-public:X -> us:internal_port``; PCP first, then NAT-PMP.
 
-    Blocking, bounded by ``2 * 3 * sum(timeouts)`` seconds at worst. Call again
-    after ``MappedPort.renew_after`` seconds to renew; ``lifetime=0`` deletes.
+    Blocking, bounded by about ``3 * sum(timeouts)`` seconds at worst (PCP, then
+    NAT-PMP's two requests). Call again after ``MappedPort.renew_after`` seconds to
+    renew; ``lifetime=0`` deletes. ``protocols`` limits what is tried (tests).
     """
     gw = gateway or default_gateway()
     if gw is None:
@@ -161,9 +163,13 @@ def request_mapping(
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             sock.connect((gw, server_port))
-            result = _pcp(sock, internal_port, gw, lifetime, timeouts)
-            if result is None:
+            result: MappedPort | PortMapFailure | None = None
+            if "pcp" in protocols:
+                result = _pcp(sock, internal_port, gw, lifetime, timeouts)
+            if result is None and "natpmp" in protocols:
                 result = _natpmp(sock, internal_port, gw, lifetime, timeouts)
+            if result is None:
+                result = PortMapFailure("no-answer", f"the gateway {gw} speaks only NAT-PMP")
         except OSError as exc:
             return PortMapFailure("no-answer", f"port mapping via {gw}: {exc}")
     return result
