@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -58,6 +58,7 @@ from homeport.testing.netns import (
 __all__ = [
     "DIRECT_PORT",
     "MATRIX",
+    "MATRIX_ROUTERS",
     "Host",
     "Lab",
     "MatrixRow",
@@ -514,7 +515,6 @@ class MatrixRow:
     nat_b: str
     path: str  # "direct" | "local" | "mapped" | "relay"
     notes: str = ""
-    probe: tuple[bool, bool] = field(default=(True, True))
 
 
 MATRIX: tuple[MatrixRow, ...] = (
