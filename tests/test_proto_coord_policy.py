@@ -12,7 +12,6 @@ from dataclasses import replace
 from homeport.policy.acl import compile_policy
 from homeport.proto import audit
 from homeport.proto import coord as c
-from homeport.proto.audit import Audit
 from homeport.proto.netmap import PeerView
 from homeport.proto.policy import policy_from_message
 from homeport.wire import control as m
@@ -48,7 +47,7 @@ def network(sim: Sim) -> dict[str, c.NodeRecord]:
 
 
 def audits(sim: Sim, kind: str) -> list[dict[str, str]]:
-    return [x.as_dict() for x in sim.relay if isinstance(x, Audit) and x.kind == kind]
+    return [x.as_dict() for x in sim.audits if x.kind == kind]
 
 
 def view(sim: Sim, sid: int) -> PeerView:
@@ -74,13 +73,14 @@ def test_a_denied_open_is_refused_early_with_one_line() -> None:
     assert not sim.out[db].of(m.Incoming)  # the destination never heard of it
     assert any(isinstance(x, c.RelayRefuse) for x in sim.relay)
     [rec] = audits(sim, audit.STREAM)
-    assert rec == {
+    assert {k: rec[k] for k in ("src", "dst", "service", "verdict", "code", "rule", "reason")} == {
         "src": "bob",
         "dst": "db",
         "service": "5432",
-        "verdict": "deny",
+        "verdict": "denied",
         "code": "policy",
         "rule": "default-deny",
+        "reason": "denied by policy: no rule lets group:dev reach tag:db:5432",
     }
 
 
@@ -90,9 +90,12 @@ def test_an_allowed_open_names_its_rule() -> None:
     web = sim.agent(nodes["web"], (SSH,))
     bob = sim.hello(nodes["bob"], "client")
     sim.send(bob, m.Open(dst="web", service="ssh", token=TOKEN))
-    assert sim.out[web].of(m.Incoming)
-    [rec] = audits(sim, audit.STREAM)
-    assert (rec["verdict"], rec["rule"]) == ("allow", "acls[1]")
+    [inc] = sim.out[web].of(m.Incoming)
+    assert isinstance(inc, m.Incoming)
+    sim.send(web, m.Accept(stream_id=inc.stream_id))  # the destination's answer is audited
+    assert [(r["verdict"], r["rule"]) for r in audits(sim, audit.STREAM)] == [
+        ("allowed", "acls[1]")
+    ]
 
 
 def test_without_a_policy_every_exposed_service_is_reachable() -> None:
@@ -191,7 +194,8 @@ def test_live_and_waiting_streams_denied_by_a_change_are_cut_at_once() -> None:
     assert cuts[0].reason == "denied by policy: no rule lets group:dev reach tag:web:22"
     failed = [x for x in sim.out[bob].of(m.OpenFailed) if isinstance(x, m.OpenFailed)]
     assert [(f.token, f.code) for f in failed] == [(TOKEN2, "policy")]
-    assert [r["verdict"] for r in audits(sim, audit.STREAM)] == ["cut", "cut"]
+    cut = [r for r in audits(sim, audit.STREAM) if r["by"] == "policy-change"]
+    assert [(r["verdict"], r["code"]) for r in cut] == [("denied", "policy")] * 2
     [setrec] = audits(sim, audit.POLICY_SET)
     assert setrec["acls"] == "2"
 

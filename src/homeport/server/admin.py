@@ -20,6 +20,7 @@ answers, it opens the store itself through the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -40,7 +41,17 @@ from homeport.policy.acl import (
     compile_policy,
 )
 from homeport.policy.decide import decide
-from homeport.proto.coord import NodeRecord, NodeStatus
+from homeport.proto.audit import (
+    KEY_CREATE,
+    KEY_REVOKE,
+    NODE_REMOVE,
+    POLICY_REFUSED,
+    POLICY_SET,
+    USER,
+    Audit,
+)
+from homeport.proto.coord import EXPIRY_WARNINGS, NodeRecord, NodeStatus
+from homeport.server.audit import append_now, audit_path
 from homeport.server.datadir import (
     PolicyFileError,
     has_server_data,
@@ -99,6 +110,8 @@ class AdminOps:
         remove_node: Callable[[str], NodeRecord] | None = None,
         live: bool = False,
         clock: Callable[[], float] = time.time,
+        node_action: Callable[[str, str], NodeRecord] | None = None,
+        audit: Callable[[str, tuple[tuple[str, str], ...]], None] | None = None,
         data_dir: Path | None = None,
         set_policy: Callable[[CompiledPolicy | None], None] | None = None,
         policy_refused: Callable[[str], None] | None = None,
@@ -107,6 +120,8 @@ class AdminOps:
         self.registry = registry
         self._nodes = nodes or registry.node_list
         self._remove = remove_node
+        self._node_action = node_action
+        self._audit = audit
         self.live = live
         self._clock = clock
         self.data_dir = data_dir
@@ -126,6 +141,13 @@ class AdminOps:
             "keys.revoke": self._keys_revoke,
             "nodes.list": self._nodes_list,
             "nodes.remove": self._nodes_remove,
+            "nodes.approve": self._nodes_action,
+            "nodes.expire": self._nodes_action,
+            "nodes.extend": self._nodes_action,
+            "nodes.disable-expiry": self._nodes_action,
+            "users.create": self._users_create,
+            "users.list": self._users_list,
+            "users.remove": self._users_remove,
             "policy.set": self._policy_set,
             "policy.get": self._policy_get,
             "policy.explain": self._policy_explain,
@@ -149,12 +171,26 @@ class AdminOps:
     def _ping(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {"live": self.live}
 
+    def _emit_audit(self, kind: str, fields: tuple[tuple[str, str], ...]) -> None:
+        if self._audit is not None:
+            self._audit(kind, fields)
+
     def _keys_create(self, req: dict[str, Any]) -> dict[str, Any]:
         reusable = req.get("reusable", False)
         expiry = req.get("expiry_seconds")
         note = req.get("note", "")
+        user = req.get("user", "")
+        tags = req.get("tags", [])
+        ephemeral = req.get("ephemeral", False)
+        approval = req.get("approval", False)
         if not isinstance(reusable, bool) or not isinstance(note, str):
             raise TypeError("reusable must be a boolean and note a string")
+        if not isinstance(ephemeral, bool) or not isinstance(approval, bool):
+            raise TypeError("ephemeral and approval must be booleans")
+        if not isinstance(user, str) or not (
+            isinstance(tags, list) and all(isinstance(t, str) for t in tags)
+        ):
+            raise TypeError("user must be a string and tags a list of strings")
         if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
             raise TypeError("expiry_seconds must be a number or null")
         now = self._clock()
@@ -163,13 +199,34 @@ class AdminOps:
             reusable=reusable,
             expiry_seconds=None if expiry is None else float(expiry),
             note=note,
+            user=user,
+            tags=tuple(tags),
+            ephemeral=ephemeral,
+            approval=approval,
         )
         log.info("auth key %s created (reusable=%s)", key.key_id, reusable)
+        self._emit_audit(
+            KEY_CREATE,
+            (
+                ("key_id", key.key_id),
+                ("reusable", str(reusable).lower()),
+                ("ephemeral", str(ephemeral).lower()),
+                ("approval", str(approval).lower()),
+                ("user", user),
+                ("tags", ",".join(tags)),
+                ("expiry", str(expiry)),
+                ("note", note),
+            ),
+        )
         return {
             "key": str(key),
             "key_id": key.key_id,
             "reusable": reusable,
             "expires_at": None if expiry is None else now + float(expiry),
+            "user": user,
+            "tags": list(tags),
+            "ephemeral": ephemeral,
+            "approval": approval,
         }
 
     def _keys_list(self, _req: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +241,10 @@ class AdminOps:
                     "expires_at": k.expires_at,
                     "last_used_at": k.last_used_at,
                     "note": k.note,
+                    "user": k.user,
+                    "tags": list(k.tags),
+                    "ephemeral": k.ephemeral,
+                    "approval": k.approval,
                 }
                 for k in self.registry.list_auth_keys(self._clock())
             ]
@@ -195,9 +256,11 @@ class AdminOps:
             raise TypeError("key_id must be a string")
         if not self.registry.revoke_auth_key(key_id):
             raise AdminError(f"no auth key {key_id!r}")
+        self._emit_audit(KEY_REVOKE, (("key_id", key_id),))
         return {"key_id": key_id}
 
     def _nodes_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        now = self._clock()
         return {
             "live": self.live,
             "nodes": [
@@ -210,6 +273,15 @@ class AdminOps:
                     "services": [{"name": s.name, "port": s.port} for s in n.services],
                     "fingerprint": n.fingerprint,
                     "created_at": n.created_at,
+                    "user": n.user,
+                    "tags": list(n.tags),
+                    "approved": n.approved,
+                    "expires_at": None if n.expiry_disabled else n.expires_at,
+                    "ephemeral": n.ephemeral,
+                    "expiry_disabled": n.expiry_disabled,
+                    "expiry_warning": expiry_warning(
+                        None if n.expiry_disabled else n.expires_at, now
+                    ),
                 }
                 for n in self._nodes()
             ],
@@ -224,6 +296,10 @@ class AdminOps:
                 node = self._remove(name)
             else:
                 node = self.registry.remove_node(name, self._clock())
+                # live, the coordinator records it; offline, we do
+                self._emit_audit(
+                    NODE_REMOVE, (("node", node.name), ("node_id", node.node_id), ("by", "offline"))
+                )
         except KeyError:
             raise AdminError(f"no node named {name!r}") from None
         return {"name": node.name, "node_id": node.node_id}
@@ -245,11 +321,22 @@ class AdminOps:
             first = str(exc.problems[0]) if exc.problems else "refused"
             if self._policy_refused is not None:
                 self._policy_refused(first)
+            else:  # no live core to record it: straight into the audit log
+                self._emit_audit(POLICY_REFUSED, (("reason", first),))
             log.info("policy refused: %s", first)
             raise
         save_policy(data_dir, text)  # stored first: a restart keeps what is in force
         if self._set_policy is not None:
             self._set_policy(compiled)
+        else:
+            self._emit_audit(
+                POLICY_SET,
+                (
+                    ("digest", compiled.digest),
+                    ("acls", str(len(compiled.acls))),
+                    ("ssh", str(len(compiled.ssh))),
+                ),
+            )
         log.info(
             "policy %s set (%d acls, %d ssh rules)",
             compiled.digest,
@@ -335,6 +422,85 @@ class AdminOps:
                 "check_period": sd.check_period,
             }
         return answer
+
+    def _nodes_action(self, req: dict[str, Any]) -> dict[str, Any]:
+        action = str(req["op"]).removeprefix("nodes.")
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise TypeError("name must be a string")
+        try:
+            if self._node_action is not None:
+                node = self._node_action(action, name)
+            else:
+                node = self.registry.node_action(name, action, self._clock())
+        except KeyError:
+            raise AdminError(f"no node named {name!r}") from None
+        return {
+            "name": node.name,
+            "node_id": node.node_id,
+            "approved": node.approved,
+            "expires_at": None if node.expiry_disabled else node.expires_at,
+            "expiry_disabled": node.expiry_disabled,
+        }
+
+    def _users_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise TypeError("name must be a string")
+        if not self.registry.create_user(name, self._clock()):
+            raise AdminError(f"user {name!r} already exists")
+        self._emit_audit(USER, (("user", name), ("event", "create")))
+        return {"name": name}
+
+    def _users_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._nodes()
+        return {
+            "users": [
+                {
+                    "name": u.name,
+                    "created_at": u.created_at,
+                    "nodes": sorted(n.name for n in nodes if n.user == u.name),
+                }
+                for u in self.registry.list_users()
+            ]
+        }
+
+    def _users_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("name")
+        force = req.get("force", False)
+        if not isinstance(name, str) or not isinstance(force, bool):
+            raise TypeError("name must be a string and force a boolean")
+        if name not in {u.name for u in self.registry.list_users()}:
+            raise AdminError(f"no user {name!r}")
+        owned = sorted(n.name for n in self._nodes() if n.user == name)
+        if owned and not force:
+            raise AdminError(
+                f"user {name!r} still has {len(owned)} node(s): {', '.join(owned)}; "
+                "remove them first, or use --force to remove them too"
+            )
+        for node_name in owned:
+            with contextlib.suppress(KeyError):
+                if self._remove is not None:
+                    self._remove(node_name)
+                else:
+                    self.registry.remove_node(node_name, self._clock())
+        self.registry.remove_user(name)
+        self._emit_audit(USER, (("user", name), ("event", "remove"), ("nodes", ",".join(owned))))
+        return {"name": name, "removed_nodes": owned}
+
+
+def expiry_warning(expires_at: float | None, now: float) -> str:
+    """``expired``, ``expires in 3 days`` (within 14 days), or "" (why: one wording everywhere)."""
+    if expires_at is None:
+        return ""
+    left = expires_at - now
+    if left <= 0:
+        return "expired"
+    if left > max(EXPIRY_WARNINGS):
+        return ""
+    if left < 86400:
+        return f"expires in {max(1, round(left / 3600))} h"
+    return f"expires in {round(left / 86400)} days"
 
 
 # -- server side ---------------------------------------------------------------------
@@ -472,6 +638,11 @@ def admin_request(
         )
     registry = open_offline_registry(data_dir, db_url=db_url)
     try:
-        return AdminOps(registry, data_dir=data_dir).handle(request)
+        path = audit_path(data_dir)
+
+        def offline_audit(kind: str, fields: tuple[tuple[str, str], ...]) -> None:
+            append_now(path, Audit(kind, time.time(), fields))
+
+        return AdminOps(registry, audit=offline_audit, data_dir=data_dir).handle(request)
     finally:
         registry.close()

@@ -20,9 +20,10 @@ from typing import Any
 
 from homeport.io.loop import new_event_loop
 from homeport.io.tlsctx import control_server_context
-from homeport.proto.coord import Coordinator
+from homeport.proto.coord import DEFAULT_KEY_EXPIRY, Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
+from homeport.server.audit import AuditSink, audit_path
 from homeport.server.datadir import PolicyFileError, load_policy, prepare_data_dir
 from homeport.server.service import Service, ServiceConfig
 from homeport.store.registry import WriteBehind, database_url, open_registry
@@ -84,6 +85,7 @@ async def serve(
     db_url: str | None = None,
     config: ServiceConfig | None = None,
     started: Callable[[Running], None] | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> None:
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
@@ -97,6 +99,7 @@ async def serve(
         open_timeout=cfg.open_timeout,
         unpaired_timeout=cfg.unpaired_timeout,
         ping_interval=cfg.ping_interval,
+        key_expiry=key_expiry,
         policy=policy,
     )
     writer = WriteBehind(registry)
@@ -108,7 +111,8 @@ async def serve(
 
     relay = InProcessRelay(unpaired_timeout=cfg.unpaired_timeout, on_event=relay_event)
     ctx = control_server_context(files.tls_cert, files.tls_key, files.ca_cert)
-    service = Service(core, registry, writer, relay, ctx, config=cfg)
+    audit = AuditSink(audit_path(data_dir))
+    service = Service(core, registry, writer, relay, ctx, config=cfg, audit=audit.submit)
     services.append(service)
     admin = None
     try:
@@ -119,6 +123,8 @@ async def serve(
                 nodes=service.node_list,
                 remove_node=service.remove_node,
                 live=True,
+                node_action=service.node_action,
+                audit=service.admin_audit,
                 data_dir=data_dir,
                 set_policy=service.set_policy,
                 policy_refused=service.policy_refused,
@@ -137,6 +143,7 @@ async def serve(
         await service.stop()
         writer.close()
         registry.close()
+        await asyncio.to_thread(audit.close)
 
 
 def _banner(running: Running, listen_host: str) -> str:
@@ -172,6 +179,7 @@ def run_server(
     db_url: str | None = None,
     *,
     idle_timeout: float | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
     setup_logging()
@@ -198,6 +206,7 @@ def run_server(
             db_url=db_url,
             config=cfg,
             started=started,
+            key_expiry=key_expiry,
         )
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -281,6 +290,7 @@ def start_server_thread(
     tls_key: Path | None = None,
     db_url: str | None = None,
     config: ServiceConfig | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> ServerHandle:
     """Start a server on a thread; returns once it accepts connections."""
     handle = ServerHandle()
@@ -303,6 +313,7 @@ def start_server_thread(
             db_url=db_url,
             config=config,
             started=started,
+            key_expiry=key_expiry,
         )
 
     def thread_main() -> None:

@@ -25,6 +25,9 @@ Message table (c = node or CLI, s = server)::
     0x0f  PONG         c↔s                                                                1
     0x10  ERROR        s→c   fatal: the server closes the connection after this           1
     0x80  PEERS        s→c   this node's peer map, full or delta, versioned (cap peers)   2
+    0x88  RENEW        c→s   agent: a CSR for a new node key before the old expires (renew) 3
+    0x89  RENEWED      s→c   the renewed certificate and the new expiry date (cap renew)   3
+    0x8a  NOTICE       s→c   a notice for the node: expiry warning, approved (cap renew)   3
     0x90  POLICY       s→c   the ACL rules that can grant streams to this node (cap policy) 3
 
 Evolution rules (why: old and new nodes must interoperate during an upgrade,
@@ -74,10 +77,12 @@ MIN_CAPVER = 1
 IGNORABLE_MIN = 0x80
 #: Capability names. ``peers``: understands PEERS (and wants it pushed, if an agent).
 CAP_PEERS = "peers"
+#: ``renew``: understands RENEW/RENEWED/NOTICE (node-key renewal, expiry and approval notices).
+CAP_RENEW = "renew"
 #: ``policy``: understands POLICY and enforces it on every INCOMING.
 CAP_POLICY = "policy"
 #: Every capability this code implements, announced in HELLO and WELCOME.
-OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_POLICY)
+OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_POLICY)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -104,6 +109,9 @@ class MsgType(enum.IntEnum):
     PONG = 0x0F
     ERROR = 0x10
     PEERS = 0x80
+    RENEW = 0x88
+    RENEWED = 0x89
+    NOTICE = 0x8A
     POLICY = 0x90
 
 
@@ -202,6 +210,15 @@ class Welcome(Message):
     ping_interval: float
     capver: int = 1
     caps: tuple[str, ...] = ()
+    #: capver 3: False while an admin has not approved this node (it sees and reaches no one).
+    approved: bool = True
+    #: capver 3: when this node's key expires (unix time; 0 = never).
+    expires_at: float = 0.0
+    #: capver 3: the server's node-key lifetime (s; 0 = none): a node renews with a third left.
+    key_lifetime: float = 0.0
+    #: capver 3: the server's clock when it sent this, so a node with a wrong clock (or a
+    #: monotonic one) still times its renewal right: it uses ``expires_at - server_time``.
+    server_time: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +383,39 @@ class Pong(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Renew(Message):
+    """Agent → server (cap ``renew``): sign a new node key; the old one stays valid meanwhile."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RENEW
+    csr_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed(Message):
+    """Server → agent (cap ``renew``): the new certificate and the node's new expiry (0 = never)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RENEWED
+    cert_pem: str
+    expires_at: float = 0.0
+    server_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Message):
+    """Server → node (cap ``renew``): something the node's owner should know.
+
+    ``code``: ``expiry`` (the key expires at ``expires_at``), ``approved``
+    (an admin approved this node), ``renew-failed``; ``message`` is one
+    sentence for logs and ``homeport status``.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.NOTICE
+    code: str
+    message: str
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Error(Message):
     TYPE: ClassVar[MsgType] = MsgType.ERROR
     code: str
@@ -392,12 +442,21 @@ MESSAGES: dict[int, type[Message]] = {
         Pong,
         Error,
         Peers,
+        Renew,
+        Renewed,
+        Notice,
         Policy,
     )
 }
 
 #: The capability a peer must have announced before we send it this type.
-REQUIRES: dict[MsgType, str] = {MsgType.PEERS: CAP_PEERS, MsgType.POLICY: CAP_POLICY}
+REQUIRES: dict[MsgType, str] = {
+    MsgType.PEERS: CAP_PEERS,
+    MsgType.RENEW: CAP_RENEW,
+    MsgType.RENEWED: CAP_RENEW,
+    MsgType.NOTICE: CAP_RENEW,
+    MsgType.POLICY: CAP_POLICY,
+}
 
 
 def is_ignorable(msg_type: int) -> bool:
