@@ -522,6 +522,7 @@ class Service:
     def admin_audit(self, kind: str, fields: tuple[tuple[str, str], ...]) -> None:
         """An admin action outside the core (keys, users): into the audit stream, in order."""
         self.core.admin_audit(kind, time.time(), fields)
+        self._run()
 
     def set_policy(self, compiled: CompiledPolicy | None) -> None:
         """Put a (compiled, stored) policy in force: pushes, peer maps, cuts denied streams."""
