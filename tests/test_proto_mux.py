@@ -42,7 +42,7 @@ class Pair:
         moved = True
         while moved:
             moved = False
-            for src, dst, name in ((self.a, self.b, "b"), (self.b, self.a, "a")):
+            for src, dst in ((self.a, self.b), (self.b, self.a)):
                 out = src.data_to_send()
                 if out:
                     dst.receive_data(out, self.now)

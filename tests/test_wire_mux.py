@@ -55,7 +55,7 @@ def test_golden_decode_round_trip() -> None:
 def test_every_split_point_gives_the_same_frames() -> None:
     blob = b"".join(f for f, _ in GOLDEN) + w.encode(MuxType.DATA, 9, bytes(range(256)) * 250)
     whole = MuxDecoder().feed_untrusted(blob)
-    for cut in list(range(0, 40)) + [len(blob) // 2, len(blob) - 5, len(blob)]:
+    for cut in [*range(40), len(blob) // 2, len(blob) - 5, len(blob)]:
         d = MuxDecoder()
         got = d.feed_untrusted(blob[:cut]) + d.feed_untrusted(memoryview(blob)[cut:])
         assert got == whole, cut
