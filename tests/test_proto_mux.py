@@ -102,7 +102,7 @@ def test_refuse() -> None:
 
 
 def test_window_limits_sender_and_consumed_returns_credit() -> None:
-    p = Pair()
+    p = Pair(autotune=False)
     sid = p.open()
     big = bytes(1024 * KiB)
     taken = p.a.send_data(sid, big)
@@ -140,12 +140,52 @@ def test_one_stalled_stream_does_not_block_another() -> None:
 
 
 def test_bigger_stream_window_is_granted_after_open() -> None:
-    p = Pair(stream_window=1024 * KiB)
+    p = Pair(stream_window=1024 * KiB, autotune=False)
     sid = p.open()
     assert p.a.send_window(sid) == pm.OUTPUT_HIGH_WATER  # the output buffer caps one call
     assert p.a.send_data(sid, bytes(2048 * KiB)) == pm.OUTPUT_HIGH_WATER
     p.flush()
     assert p.a.send_data(sid, bytes(2048 * KiB)) == 1024 * KiB - pm.OUTPUT_HIGH_WATER
+
+
+def fill(p: Pair, sid: int) -> int:
+    """Send on ``sid`` until the window is used up; return the bytes b received."""
+    got = 0
+    while n := p.a.send_data(sid, bytes(pm.OUTPUT_HIGH_WATER)):
+        got += len(data_of(p.take("b"), sid))
+        assert got > 0 and n > 0
+    return got
+
+
+def test_autotune_grows_a_bulk_stream_within_budget_and_not_a_stalled_one() -> None:
+    p = Pair()
+    bulk, stalled = p.open(), p.open()
+    p.a.send_data(stalled, bytes(pm.INITIAL_WINDOW))
+    p.take("b")  # never consumed: its window must not grow
+    windows = []
+    for _ in range(8):
+        n = fill(p, bulk)  # a window-limited sender: it sends until the credit is gone
+        p.b.consumed(bulk, n)
+        p.flush()
+        windows.append(p.b._streams[bulk].window)
+    assert windows[:5] == [512 * KiB, 1024 * KiB, 2048 * KiB, 4096 * KiB, 8192 * KiB]
+    assert p.b._streams[bulk].window == pm.MAX_STREAM_WINDOW  # doubled up to the cap
+    assert p.b._streams[stalled].window == pm.INITIAL_WINDOW
+    assert p.a.send_window(stalled) == 0
+    # The budget: many bulk streams together grow at most MAX_WINDOW_GROWTH.
+    p2 = Pair()
+    sids = [p2.open() for _ in range(12)]
+    for _ in range(12):
+        for sid in sids:
+            p2.b.consumed(sid, fill(p2, sid))
+            p2.flush()
+    grown = sum(p2.b._streams[sid].window - pm.INITIAL_WINDOW for sid in sids)
+    assert grown == pm.MAX_WINDOW_GROWTH and p2.b._growth_left == 0
+    first = p2.b._streams[sids[0]].window
+    assert first > pm.INITIAL_WINDOW
+    p2.a.reset_stream(sids[0], "done")
+    p2.flush()
+    assert p2.b._growth_left == first - pm.INITIAL_WINDOW  # given back when the stream goes
 
 
 def test_sending_beyond_window_is_a_violation() -> None:

@@ -41,6 +41,17 @@ bounded by window times :data:`MAX_STREAMS`. DATA beyond the credit is a violati
 A side may grant more than the initial window (``stream_window``): it sends the
 difference as a WINDOW right behind its OPEN / OPEN_OK.
 
+Window auto-tuning (receiver side only; the wire does not change): 256 KiB per
+stream caps a bulk copy at 256 KiB per round trip (5 MB/s at 50 ms), and on
+loopback it costs a WINDOW frame — a TLS record, a syscall and a wake-up of the
+sender — every 64 KiB. So when a credit update finds the sender had nearly
+used up its credit although our consumer kept up (``consumed`` was called), the
+window, not the consumer, is the bottleneck: the stream's window doubles, up
+to :data:`MAX_STREAM_WINDOW`, and the growth of all streams of a connection
+together stays within :data:`MAX_WINDOW_GROWTH`, so the receive-side memory
+bound is ``MAX_STREAMS x INITIAL_WINDOW + MAX_WINDOW_GROWTH`` (96 MiB) however
+the peer behaves. A stalled consumer never calls ``consumed`` and never grows.
+
 Keepalive: both sides send PING every :data:`PING_INTERVAL` seconds (PONG is
 automatic; the RTT is taken from it) and declare the connection dead after
 :data:`DEAD_AFTER` seconds in which *nothing* arrived — 3 missed pings and a half,
@@ -66,8 +77,10 @@ from homeport.wire.mux import MuxType
 
 #: Receive window each side grants a new stream, per direction (bytes).
 INITIAL_WINDOW = 256 * 1024
-#: Largest receive window a side may grant one stream (``stream_window``).
-MAX_STREAM_WINDOW = 16 * 1024 * 1024
+#: Largest receive window a stream reaches (``stream_window`` or auto-tuning).
+MAX_STREAM_WINDOW = 8 * 1024 * 1024
+#: Window growth by auto-tuning, summed over a connection's streams (bytes).
+MAX_WINDOW_GROWTH = 32 * 1024 * 1024
 #: Largest send credit a peer may grant (HTTP/2's 2**31 - 1): more is a violation.
 MAX_SEND_WINDOW = w.MAX_WINDOW_INCREMENT
 #: Streams in any state per connection (both directions together); more → OPEN_FAIL busy.
@@ -188,12 +201,21 @@ class StreamState(enum.Enum):
 
 
 class _Stream:
-    __slots__ = ("local_done", "recv_credit", "remote_done", "send_window", "state", "unacked")
+    __slots__ = (
+        "local_done",
+        "recv_credit",
+        "remote_done",
+        "send_window",
+        "state",
+        "unacked",
+        "window",
+    )
 
-    def __init__(self, state: StreamState, recv_credit: int) -> None:
+    def __init__(self, state: StreamState, window: int) -> None:
         self.state = state
         self.send_window = INITIAL_WINDOW  # what the peer lets us send
-        self.recv_credit = recv_credit  # what we let the peer send (granted, not yet used)
+        self.window = window  # the receive window we grant (grows by auto-tuning)
+        self.recv_credit = window  # what we let the peer send (granted, not yet used)
         self.unacked = 0  # consumed bytes not yet returned as WINDOW
         self.local_done = False  # FIN sent
         self.remote_done = False  # FIN received
@@ -211,6 +233,7 @@ class MuxConnection:
         max_streams: int = MAX_STREAMS,
         ping_interval: float = PING_INTERVAL,
         dead_after: float = DEAD_AFTER,
+        autotune: bool = True,
     ) -> None:
         if not INITIAL_WINDOW <= stream_window <= MAX_STREAM_WINDOW:
             raise ValueError(f"stream_window {stream_window} out of range")
@@ -229,7 +252,8 @@ class MuxConnection:
         self._next_ping = now + ping_interval
         self._ping_seq = 0
         self._pings: collections.OrderedDict[int, float] = collections.OrderedDict()
-        self._update_at = max(1, stream_window // 4)
+        self.autotune = autotune
+        self._growth_left = MAX_WINDOW_GROWTH
         self.closed = False
         self.close_reason: ConnectionTerminated | None = None
         #: The latest round-trip time measured by PING/PONG (seconds), None until one.
@@ -343,7 +367,7 @@ class MuxConnection:
             return
         if t is MuxType.RST:
             _, reason = w.code_reason_untrusted(payload)
-            del self._streams[sid]
+            self._drop(sid)
             self._events.append(StreamReset(sid, reason or "reset by peer"))
         elif t is MuxType.FIN:
             if s.state is not StreamState.OPEN or s.remote_done:
@@ -351,7 +375,7 @@ class MuxConnection:
             s.remote_done = True
             self._events.append(StreamEnded(sid))
             if s.local_done:
-                del self._streams[sid]
+                self._drop(sid)
         elif t in (MuxType.OPEN_OK, MuxType.OPEN_FAIL):
             if s.state is not StreamState.OPENING:
                 raise w.MuxError(f"{t.name} for stream {sid} in state {s.state.value}")
@@ -361,7 +385,7 @@ class MuxConnection:
                 self._events.append(StreamAccepted(sid, meta))
             else:
                 code, reason = w.code_reason_untrusted(payload)
-                del self._streams[sid]
+                self._drop(sid)
                 self._events.append(StreamRefused(sid, code or "refused", reason))
         else:  # pragma: no cover - every type is dispatched above
             raise w.MuxError(f"unexpected {t.name}")
@@ -408,7 +432,7 @@ class MuxConnection:
 
     def refuse_stream(self, sid: int, code: str, reason: str) -> None:
         self._stream(sid, StreamState.REQUESTED)
-        del self._streams[sid]
+        self._drop(sid)
         self._queue_fail(sid, code, reason)
 
     def send_data(self, sid: int, data: Buffer) -> int:
@@ -441,9 +465,20 @@ class MuxConnection:
         if s is None or self.closed or n <= 0:
             return
         s.unacked += n
-        if s.unacked >= self._update_at and not s.remote_done:
-            self._queue(w.encode_window(sid, s.unacked))
-            s.recv_credit += s.unacked
+        quarter = s.window // 4
+        if s.unacked >= quarter and not s.remote_done:
+            inc = s.unacked
+            if self.autotune and s.recv_credit < quarter and s.window < MAX_STREAM_WINDOW:
+                # The sender had (nearly) used up its credit while our consumer kept
+                # up: the window, not the consumer, limits this stream. Double it,
+                # within the connection's growth budget.
+                grow = min(s.window, MAX_STREAM_WINDOW - s.window, self._growth_left)
+                if grow > 0:
+                    s.window += grow
+                    self._growth_left -= grow
+                    inc += grow
+            self._queue(w.encode_window(sid, inc))
+            s.recv_credit += inc
             s.unacked = 0
 
     def end_stream(self, sid: int) -> None:
@@ -454,12 +489,13 @@ class MuxConnection:
         s.local_done = True
         self._queue(w.encode(MuxType.FIN, sid))
         if s.remote_done:
-            del self._streams[sid]
+            self._drop(sid)
 
     def reset_stream(self, sid: int, reason: str) -> None:
         """Abort both directions (RST); a stream already gone is left alone."""
-        if self.closed or self._streams.pop(sid, None) is None:
+        if self.closed or sid not in self._streams:
             return
+        self._drop(sid)
         self._queue(w.encode_json(MuxType.RST, sid, {"reason": reason[: w.MAX_REASON_LEN]}))
 
     def goaway(self, reason: str) -> None:
@@ -524,6 +560,10 @@ class MuxConnection:
         if s.state is not state:
             raise MuxUsageError("state", f"stream {sid} is {s.state.value}, not {state.value}")
         return s
+
+    def _drop(self, sid: int) -> None:
+        s = self._streams.pop(sid)
+        self._growth_left += s.window - self.stream_window
 
     def _check_open(self) -> None:
         if self.closed:
