@@ -256,7 +256,13 @@ def test_stalled_stream_does_not_block_others(links: Links) -> None:
             while True:
                 pushed += stalled.send(chunk)
         mux = links.a._mux
-        return mux.has_stream(sid) and mux.send_window(sid) == 0 and mux.pending_output() == 0
+        far = links.b._locals.get(sid)
+        return (
+            far is not None
+            and bool(far.wr_queue)  # b's local socket is full: nothing more is credited
+            and mux.send_window(sid) == 0
+            and mux.pending_output() == 0
+        )
 
     wait_for(window_exhausted, DEADLINE, "the stalled stream to use up its window")
     # Another stream runs at full speed meanwhile; the stalled one stays stalled.

@@ -44,9 +44,9 @@ difference as a WINDOW right behind its OPEN / OPEN_OK.
 Window auto-tuning (receiver side only; the wire does not change): 256 KiB per
 stream caps a bulk copy at 256 KiB per round trip (5 MB/s at 50 ms), and on
 loopback it costs a WINDOW frame — a TLS record, a syscall and a wake-up of the
-sender — every 64 KiB. So when a credit update finds the sender had nearly
-used up its credit although our consumer kept up (``consumed`` was called), the
-window, not the consumer, is the bottleneck: the stream's window doubles, up
+sender — every 64 KiB. So once our consumer has taken two whole windows of a
+stream since its window last grew (a bulk stream whose consumer keeps up:
+``consumed`` is only called for bytes written onward), the window doubles, up
 to :data:`MAX_STREAM_WINDOW`, and the growth of all streams of a connection
 together stays within :data:`MAX_WINDOW_GROWTH`, so the receive-side memory
 bound is ``MAX_STREAMS x INITIAL_WINDOW + MAX_WINDOW_GROWTH`` (96 MiB) however
@@ -206,6 +206,7 @@ class _Stream:
         "recv_credit",
         "remote_done",
         "send_window",
+        "since_grow",
         "state",
         "unacked",
         "window",
@@ -217,6 +218,7 @@ class _Stream:
         self.window = window  # the receive window we grant (grows by auto-tuning)
         self.recv_credit = window  # what we let the peer send (granted, not yet used)
         self.unacked = 0  # consumed bytes not yet returned as WINDOW
+        self.since_grow = 0  # consumed bytes since the window last grew
         self.local_done = False  # FIN sent
         self.remote_done = False  # FIN received
 
@@ -468,11 +470,13 @@ class MuxConnection:
         quarter = s.window // 4
         if s.unacked >= quarter and not s.remote_done:
             inc = s.unacked
-            if self.autotune and s.recv_credit < quarter and s.window < MAX_STREAM_WINDOW:
-                # The sender had (nearly) used up its credit while our consumer kept
-                # up: the window, not the consumer, limits this stream. Double it,
-                # within the connection's growth budget.
+            s.since_grow += s.unacked
+            if self.autotune and s.since_grow >= 2 * s.window and s.window < MAX_STREAM_WINDOW:
+                # Our consumer has taken two whole windows since the last growth: a
+                # bulk stream whose consumer keeps up. Double its window, within
+                # the connection's growth budget.
                 grow = min(s.window, MAX_STREAM_WINDOW - s.window, self._growth_left)
+                s.since_grow = 0
                 if grow > 0:
                     s.window += grow
                     self._growth_left -= grow
