@@ -96,6 +96,7 @@ class Services:
             "sha": self.sha,
             "source": lambda s: self.source(s, int(meta["n"]), str(meta["tag"])),
             "stall": self.keep.append,
+            "spew": lambda s: self.spew(s, str(meta["tag"])),
         }.get(svc)
         if handler is None:
             return Refusal("no-service", f"no service {svc}")
@@ -133,6 +134,15 @@ class Services:
             while data := s.recv(65536):
                 got += data
             self.received[tag] = bytes(got)
+
+    def spew(self, s: socket.socket, tag: str) -> None:
+        """Send until the stream is torn down under us; record how it ended."""
+        try:
+            with s:
+                while True:
+                    s.sendall(bytes(65536))
+        except OSError as exc:
+            self.received[tag] = type(exc).__name__.encode()
 
 
 def pattern(n: int) -> bytes:
@@ -277,6 +287,24 @@ def test_stalled_stream_does_not_block_others(links: Links) -> None:
         got += far.recv(1024 * 1024)
     assert got == bytes(pushed)
     stalled.close()
+
+
+def test_local_failure_resets_only_that_stream(links: Links) -> None:
+    sock, reply = links.a.open_stream({"service": "spew", "tag": "r"})
+    sid = int(reply["sid"])
+    sock.settimeout(DEADLINE)
+    assert sock.recv(65536)  # data flows
+    # The source's consumer dies without reading on: a's write to it fails → RST.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+    wait_for(
+        lambda: "r" in links.services.received, DEADLINE, "the destination's end to be torn down"
+    )
+    assert links.services.received["r"] in (b"BrokenPipeError", b"ConnectionResetError")
+    wait_for(lambda: sid not in links.a._locals and sid not in links.b._locals, what="forgotten")
+    assert not links.a._mux.has_stream(sid) and not links.b._mux.has_stream(sid)
+    data = b"the link itself is fine" * 1000
+    assert echo_round_trip(links.a, data) == data
 
 
 def test_ping_measures_rtt(links: Links) -> None:
