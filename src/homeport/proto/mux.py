@@ -602,7 +602,7 @@ class MuxConnection:
         self.close_reason = ConnectionTerminated(code, reason)
         self._streams.clear()
         if tell_peer:
-            peer_code = tell_code if tell_code is not None else code.replace(":", "-")
+            peer_code = tell_code if tell_code is not None else "-".join(code.split(":"))
             self._out += w.encode_json(
                 MuxType.GOAWAY,
                 0,
