@@ -82,6 +82,8 @@ class Services:
     """The destination's local targets, each the far end of a socketpair run by a thread."""
 
     keep: list[socket.socket] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    late: list[socket.socket] = field(default_factory=list)
     received: dict[str, bytes] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -91,6 +93,13 @@ class Services:
         svc = meta.get("service", "")
         if svc == "refuse":
             return Refusal("no-service", "nothing called refuse here")
+        if svc == "crash":
+            raise RuntimeError("the policy engine fell over")
+        if svc == "slow":  # answers only once the test releases it
+            self.release.wait(DEADLINE)
+            link_end, far = socket.socketpair()
+            self.late.append(far)
+            return link_end, {}
         handler: Callable[[socket.socket], None] | None = {
             "echo": self.echo,
             "sha": self.sha,
@@ -174,7 +183,7 @@ def links(pki: Pki) -> Iterator[Links]:
     yield Links(a, b, services, dead)
     a.close()
     b.close()
-    for s in services.keep:
+    for s in services.keep + services.late:
         s.close()
 
 
@@ -307,6 +316,24 @@ def test_local_failure_resets_only_that_stream(links: Links) -> None:
     assert echo_round_trip(links.a, data) == data
 
 
+def test_crashing_destination_refuses_and_slow_one_times_out(links: Links) -> None:
+    with pytest.raises(MuxLinkError) as exc:
+        links.a.open_stream({"service": "crash"})
+    assert exc.value.code == "error" and "fell over" in exc.value.message
+    with pytest.raises(MuxLinkError) as exc:
+        links.a.open_stream({"service": "slow"}, timeout=0.2)
+    assert exc.value.code == "timeout"
+    wait_for(lambda: not links.a._locals, what="the abandoned stream to be reset")
+    links.services.release.set()  # the late answer meets a stream that is gone
+    wait_for(lambda: bool(links.services.late), what="the late answer")
+    far = links.services.late[0]
+    far.settimeout(DEADLINE)
+    assert far.recv(1) == b""  # its local socket was closed, not leaked
+    assert links.a.alive and links.b.alive and not links.b._locals
+    data = b"still fine" * 100
+    assert echo_round_trip(links.a, data) == data
+
+
 def test_ping_measures_rtt(links: Links) -> None:
     rtt = links.a.ping()
     assert 0 < rtt < 1.0
@@ -324,6 +351,8 @@ def test_close_tells_the_peer_and_fails_new_opens(links: Links) -> None:
     with pytest.raises(MuxLinkError) as exc:
         links.a.open_stream({"service": "echo"})
     assert exc.value.code == "path-lost"
+    with pytest.raises(MuxLinkError):
+        links.b.ping()
 
 
 def test_silent_peer_is_declared_dead_within_3_5_s(pki: Pki) -> None:
