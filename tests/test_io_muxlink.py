@@ -18,7 +18,7 @@ import pytest
 
 from homeport.crypto import identity
 from homeport.crypto.tls import fingerprint
-from homeport.io.dial import e2e_handshake
+from homeport.io.dial import DialError, e2e_handshake
 from homeport.io.muxlink import MuxLink, MuxLinkError, Refusal
 from homeport.io.tlsctx import stream_context
 from homeport.io.tlsstream import TlsStream
@@ -268,26 +268,29 @@ def test_stalled_stream_does_not_block_others(links: Links) -> None:
     pushed = 0
     chunk = bytes(64 * 1024)
 
-    def window_exhausted() -> bool:
-        """Keep our socketpair full until the link has sent the stream's whole window."""
+    def stalled_now() -> bool:
+        """Push until our socketpair is full; stalled = nothing went in and both links hold."""
         nonlocal pushed
+        before = pushed
         with contextlib.suppress(BlockingIOError):
             while True:
                 pushed += stalled.send(chunk)
-        mux = links.a._mux
         far = links.b._locals.get(sid)
         return (
-            far is not None
-            and bool(far.wr_queue)  # b's local socket is full: nothing more is credited
-            and mux.send_window(sid) == 0
-            and mux.pending_output() == 0
+            pushed == before
+            and far is not None
+            and bool(far.wr_queue)  # b could not write its local socket
+            and links.a._mux.send_window(sid) == 0  # and a has no credit left
         )
 
-    wait_for(window_exhausted, DEADLINE, "the stalled stream to use up its window")
-    # Another stream runs at full speed meanwhile; the stalled one stays stalled.
+    wait_for(stalled_now, DEADLINE, "the stream to stall")
+    # Another stream runs at full speed meanwhile.
     data = os.urandom(4 * MiB)
     assert echo_round_trip(links.a, data) == data
-    assert links.a._mux.send_window(sid) == 0
+    # The stalled one is still stalled, holding at most its window at the destination.
+    far_loc = links.b._locals[sid]
+    queued = sum(len(x) for x in list(far_loc.wr_queue))
+    assert 0 < queued <= links.b._mux._streams[sid].window <= pm.MAX_STREAM_WINDOW
     # Its bytes were waiting, intact, for their reader.
     far = links.services.keep[0]
     far.settimeout(DEADLINE)
@@ -353,6 +356,46 @@ def test_close_tells_the_peer_and_fails_new_opens(links: Links) -> None:
     assert exc.value.code == "path-lost"
     with pytest.raises(MuxLinkError):
         links.b.ping()
+
+
+def test_over_socket_pins_the_peer(pki: Pki) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        ca = socket.create_connection(lsock.getsockname())
+        cb, _ = lsock.accept()
+    dead: list[str] = []
+    made: dict[str, MuxLink] = {}
+    errors: list[BaseException] = []
+
+    def server() -> None:
+        try:
+            made["b"] = MuxLink.over_socket(
+                cb,
+                pki.ctx("b", True),
+                client=False,
+                expected_pin=pki.pins["b"],  # wrong: a presents a's certificate
+                on_incoming=Services(),
+                on_dead=dead.append,
+            )
+        except DialError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=server)
+    t.start()
+    with contextlib.suppress(DialError):
+        made["a"] = MuxLink.over_socket(
+            ca,
+            pki.ctx("a", False),
+            client=True,
+            expected_pin=pki.pins["b"],
+            on_incoming=Services(),
+            on_dead=dead.append,
+        )
+    t.join(DEADLINE)
+    assert len(errors) == 1 and isinstance(errors[0], DialError)
+    assert errors[0].code == "pin-mismatch" and "b" not in made
+    if "a" in made:  # a's handshake may finish before b hangs up; the link then dies
+        wait_for(lambda: not made["a"].alive, 10, "a's link to end")
+        made["a"].close()
 
 
 def test_silent_peer_is_declared_dead_within_3_5_s(pki: Pki) -> None:

@@ -212,6 +212,39 @@ class MuxLink:
         link._thread.start()
         return link
 
+    @classmethod
+    def over_socket(
+        cls,
+        sock: socket.socket,
+        ctx: ssl.SSLContext,
+        *,
+        client: bool,
+        expected_pin: str,
+        on_incoming: OnIncoming,
+        on_dead: OnDead,
+        name: str = "peer",
+        timeout: float = 5.0,
+    ) -> MuxLink:
+        """Mutual TLS 1.3 over a connected ``sock`` (a punched or accepted direct
+        connection), the peer's certificate pinned exactly as for relayed streams,
+        then :meth:`start`. Blocks for the handshake.
+
+        Raises:
+            homeport.io.dial.DialError: handshake failed, timed out or the pin did not
+            match (``sock`` is closed).
+        """
+        from homeport.io.dial import e2e_handshake
+
+        tls = e2e_handshake(
+            sock,
+            ctx,
+            server_side=not client,
+            expected_pin=expected_pin,
+            peer_name=name,
+            timeout=timeout,
+        )
+        return cls.start(tls, client=client, on_incoming=on_incoming, on_dead=on_dead, name=name)
+
     # -- API for other threads ------------------------------------------------------
     @property
     def alive(self) -> bool:
