@@ -63,10 +63,23 @@ POOL_KEEP = 32
 COPY_CHUNK = 256 * 1024
 #: Streams whose ends one wake-up may process before epoll is polled again.
 MAX_EVENTS = 1024
+#: A read at least this large counts towards bulk mode (ssh bulk arrives as
+#: ~16 KiB TLS records; interactive ssh as records of a few hundred bytes).
+BULK_READ = 8 * 1024
+#: Consecutive large reads that put a direction in bulk mode.
+BULK_STREAK = 4
+#: SO_RCVLOWAT of a source socket in bulk mode: epoll reports it only once this
+#: much is queued (or at EOF/error), so one wake-up moves many records.
+BULK_LOWAT = 256 * 1024
+#: Longest a byte may wait below the low-water mark: a bulk direction not read
+#: for this long is read anyway (the tail of a burst), and leaves bulk mode if
+#: that read is small. The only latency bulk mode adds.
+FLUSH_S = 0.001
 
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(select, "epoll")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", 18)
 _ENDED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN}
 _IN_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_MORE", 4)
 _IN_FLAGS |= getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -80,11 +93,13 @@ class _Dir:
 
     __slots__ = (
         "buf",
+        "bulk",
         "done",
         "dst",
         "dst_hup",
         "end",
         "eof",
+        "last",
         "off",
         "pending",
         "pipe",
@@ -93,6 +108,7 @@ class _Dir:
         "rd",
         "src",
         "src_hup",
+        "streak",
         "wr",
     )
 
@@ -112,6 +128,9 @@ class _Dir:
         self.buf: memoryview | None = None  # copy mode
         self.off = 0
         self.end = 0
+        self.streak = 0  # consecutive reads of at least BULK_READ bytes
+        self.bulk = False  # src has SO_RCVLOWAT raised (see _Worker._set_bulk)
+        self.last = 0.0  # monotonic time of the last read in bulk mode
 
 
 class SpliceStream:
@@ -164,6 +183,8 @@ class _Worker:
         self.free: list[tuple[int, int, int]] = []  # (r, w, capacity)
         self.made = 0
         self.starved: collections.deque[SpliceStream] = collections.deque()
+        self.bulk: dict[_Dir, SpliceStream] = {}  # directions in bulk mode
+        self.next_flush = 0.0  # monotonic time of the next look for stale bulk directions
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"relay-splice-{index}", daemon=True)
 
@@ -181,7 +202,7 @@ class _Worker:
         try:
             while not (self.stopping and not self.streams):
                 dirty: set[SpliceStream] = set()
-                for fd, ev in ep.poll(-1, MAX_EVENTS):
+                for fd, ev in ep.poll(FLUSH_S if self.bulk else -1, MAX_EVENTS):
                     if fd == self.wake_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self.wake_r, 4096)
@@ -205,6 +226,8 @@ class _Worker:
                     dirty.add(st)
                 while self.starved and (self.free or self.made < MAX_PIPES):
                     dirty.add(self.starved.popleft())
+                if self.bulk:
+                    self._flush_stale(dirty)
                 for st in dirty:
                     if not st.ended:
                         self._step(st)
@@ -250,6 +273,37 @@ class _Worker:
             self.fds[fd] = (st, side)
             self.masks[fd] = 0
             self.ep.register(fd, 0)
+
+    def _flush_stale(self, dirty: set[SpliceStream]) -> None:
+        """Read bulk directions that epoll kept quiet for FLUSH_S (bytes below the mark)."""
+        now = time.monotonic()
+        if now < self.next_flush:
+            return
+        self.next_flush = now + FLUSH_S / 2
+        for d, st in self.bulk.items():
+            if now - d.last >= FLUSH_S:
+                d.rd = True
+                d.last = now
+                dirty.add(st)
+
+    def _set_bulk(self, st: SpliceStream, d: _Dir, on: bool) -> None:
+        """Raise (or lower back to 1) the source's SO_RCVLOWAT.
+
+        Why: with ssh traffic the ends write one TLS record (≤ 16 KiB) at a
+        time, and a wake-up per record costs more Python than the splices
+        themselves. With the mark raised the kernel wakes us once per
+        BULK_LOWAT bytes (EOF and errors still wake at once); the flush in
+        :meth:`_flush_stale` bounds how long a tail may wait.
+        """
+        d.bulk = on
+        d.streak = 0
+        if on:
+            self.bulk[d] = st
+            d.last = time.monotonic()
+        else:
+            self.bulk.pop(d, None)
+        with contextlib.suppress(OSError):  # a dead socket: the error surfaces elsewhere
+            d.src.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, BULK_LOWAT if on else 1)
 
     def _forget_fd(self, fd: int) -> None:
         if self.masks.pop(fd, None) is not None and self.ep is not None:
@@ -346,19 +400,35 @@ class _Worker:
                     # pipe's slots are full: drain first, then read again.
                     if d.pending == 0:
                         d.rd = d.src_hup
+                        if d.bulk:  # a flush found nothing: the burst is over
+                            self._set_bulk(st, d, False)
                         break
                     d.pipe_full = True  # no IN interest until the pipe drains
                     continue
                 if n == 0:
                     d.eof = True
+                    if d.bulk:
+                        self._set_bulk(st, d, False)
                 else:
                     d.pending += n
                     if n < room and not d.src_hup:
                         d.rd = False  # short read: drained (epoll says when there is more)
+                    if n >= BULK_READ:
+                        if d.bulk:
+                            d.last = time.monotonic()
+                        else:
+                            d.streak += 1
+                            if d.streak >= BULK_STREAK:
+                                self._set_bulk(st, d, True)
+                    elif d.bulk:
+                        self._set_bulk(st, d, False)  # a trickle: interactive again
+                    else:
+                        d.streak = 0
                 continue
             break
         if d.pending == 0:
-            self._release(d)
+            if not d.bulk:  # a bulk direction keeps its pipe between wake-ups
+                self._release(d)
             if d.eof and not d.done:
                 d.done = True
                 with contextlib.suppress(OSError):  # the peer may have gone: the
@@ -420,6 +490,7 @@ class _Worker:
             with contextlib.suppress(OSError):
                 sock.close()
         for d in (st.up, st.down):
+            self.bulk.pop(d, None)
             self._release(d, dirty=d.pending > 0)
         self.engine._ended(st, st.cut_reason or reason)
 
