@@ -184,6 +184,7 @@ class _Worker:
         self.made = 0
         self.starved: collections.deque[SpliceStream] = collections.deque()
         self.bulk: dict[_Dir, SpliceStream] = {}  # directions in bulk mode
+        self.bulk_entered = 0  # times a direction went into bulk mode (statistics)
         self.next_flush = 0.0  # monotonic time of the next look for stale bulk directions
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"relay-splice-{index}", daemon=True)
@@ -299,6 +300,7 @@ class _Worker:
         d.streak = 0
         if on:
             self.bulk[d] = st
+            self.bulk_entered += 1
             d.last = time.monotonic()
         else:
             self.bulk.pop(d, None)
@@ -558,6 +560,14 @@ class SpliceEngine:
     def pipes(self) -> int:
         """Pipes currently open (leased or pooled), for statistics and tests."""
         return sum(w.made for w in self._workers)
+
+    def bulk_directions(self) -> int:
+        """Directions in bulk mode now (their source's low-water mark raised)."""
+        return sum(len(w.bulk) for w in self._workers)
+
+    def bulk_entered(self) -> int:
+        """How many times a direction went into bulk mode, since the start."""
+        return sum(w.bulk_entered for w in self._workers)
 
     def _ended(self, st: SpliceStream, reason: str) -> None:
         worker = st.worker
