@@ -8,7 +8,8 @@ driven by the engine of another ``relay/splice.py`` file, e.g. the one before a
 change); a forked child writes ``--chunk``-sized blocks into one end (ssh-like
 traffic: one TLS record, ≤ 16 KiB, or ~32 KiB; bulk TCP: 1 MiB), optionally
 paced (``--pace`` MB/s: the relay then may wake per chunk, as with ssh
-traffic), and drains the other. The relay's CPU is this process's rusage over
+traffic), and drains the other; with ``--ack N`` the sink writes 100 bytes back
+per N bytes received, as ssh's window adjusts do. The relay's CPU is this process's rusage over
 the transfer (its main thread only waits); "wake-ups" are its voluntary context
 switches (each blocking epoll_wait or splice that had to wait).
 
@@ -20,6 +21,7 @@ table of medians, so that the noise of a shared machine hits every engine alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -28,6 +30,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from types import ModuleType
 from typing import Any
@@ -52,6 +55,12 @@ def _make_relay(args: argparse.Namespace) -> Any:
     return link.InProcessRelay()
 
 
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while sock.recv(1 << 16):
+            pass
+
+
 def run_once(args: argparse.Namespace) -> dict[str, float]:
     relay = _make_relay(args)
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -65,6 +74,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         a_in.close()
         b_in.close()
         if os.fork() == 0:
+            if args.ack:  # drain the acknowledgements the sink sends back
+                threading.Thread(target=_drain, args=(a,), daemon=True).start()
             block = b"\x5a" * args.chunk
             left = total
             gap = args.chunk / (args.pace * 1e6) if args.pace else 0.0
@@ -81,9 +92,13 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
             a.shutdown(socket.SHUT_WR)
             os._exit(0)
         buf = bytearray(1 << 20)
-        got = 0
+        got = acked = 0
+        ack = b"\xa5" * 100  # about an ssh window adjust in a TLS record
         while n := b.recv_into(buf):
             got += n
+            if args.ack and got - acked >= args.ack:
+                b.sendall(ack)
+                acked = got
         os._exit(0 if got == total else 1)
     a.close()
     b.close()
@@ -114,13 +129,16 @@ def side_by_side(args: argparse.Namespace) -> None:
         engines.append((f"epoll engine from {args.splice}", ["--splice", args.splice]))
     engines.append(("epoll engine (this tree)", []))
     base = [sys.executable, "-m", "bench.relay_micro", "--mib", str(args.mib)]
-    base += ["--chunk", str(args.chunk), "--pace", str(args.pace), "--json"]
+    base += ["--chunk", str(args.chunk), "--pace", str(args.pace), "--ack", str(args.ack)]
+    base += ["--json"]
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in engines}
     for _ in range(args.repeats):
         for name, extra in engines:
             out = subprocess.run(base + extra, check=True, capture_output=True, text=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     pace = f"paced {args.pace:g} MB/s" if args.pace else "unpaced"
+    if args.ack:
+        pace += f", 100 bytes back per {args.ack} received"
     print(f"\n{args.mib} MiB in {args.chunk}-byte writes, {pace}; medians of {args.repeats}\n")
     print("| engine | MB/s | relay CPU-s/GiB | wake-ups/GiB | CPU-s/GiB of each run |")
     print("|---|---|---|---|---|")
@@ -142,6 +160,9 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=32768)
     ap.add_argument("--pace", type=float, default=0.0, help="sender MB/s (0: as fast as it can)")
+    ap.add_argument(
+        "--ack", type=int, default=0, help="the sink writes 100 bytes back per ACK bytes (ssh-like)"
+    )
     ap.add_argument("--old", default=None, help="path of the first relay module (class Relay)")
     ap.add_argument("--splice", default=None, help="path of another relay/splice.py")
     ap.add_argument("--repeats", type=int, default=0, help="side by side: runs per engine")

@@ -108,7 +108,7 @@ def test_bulk_mode_delivers_the_tail_and_drops_back(
     wait_for(lambda: len(drain.data) == sent + 5, timeout=DEADLINE)
     assert bytes(drain.data[-5:]) == b"tail!"
     # idle: the burst is over, the mark is back to 1 and the pipe returned
-    wait_for(lambda: lowat(src_in) == 1 and eng.bulk_directions() == 0, timeout=DEADLINE)
+    wait_for(lambda: lowat(src_in) == 1 and eng.bulk_streams() == 0, timeout=DEADLINE)
     # interactive again: one byte goes through, then EOF ends the stream in order
     src.sendall(b"k")
     wait_for(lambda: len(drain.data) == sent + 6, timeout=DEADLINE)
@@ -149,7 +149,7 @@ def test_reset_in_bulk_mode_ends_both_directions(
     assert not drain.is_alive()
     wait_for(lambda: len(ended) == 1, timeout=DEADLINE)
     assert ended[0].startswith("error")
-    assert eng.bulk_directions() == 0
+    assert eng.bulk_streams() == 0
 
 
 def test_many_bulk_streams_share_the_fixed_workers(pairs: list[socket.socket]) -> None:

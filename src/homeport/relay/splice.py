@@ -66,15 +66,18 @@ MAX_EVENTS = 1024
 #: A read at least this large counts towards bulk mode (ssh bulk arrives as
 #: ~16 KiB TLS records; interactive ssh as records of a few hundred bytes).
 BULK_READ = 8 * 1024
-#: Consecutive large reads that put a direction in bulk mode.
+#: Consecutive large reads (one direction) that put a stream in bulk mode.
 BULK_STREAK = 4
-#: SO_RCVLOWAT of a source socket in bulk mode: epoll reports it only once this
-#: much is queued (or at EOF/error), so one wake-up moves many records.
+#: SO_RCVLOWAT of both sockets of a stream in bulk mode: epoll reports a socket
+#: only once this much is queued (or at EOF/error), so one wake-up moves many
+#: records, and the small records going the other way (ssh window adjusts)
+#: wait for the next flush instead of costing a wake-up each.
 BULK_LOWAT = 256 * 1024
-#: Longest a byte may wait below the low-water mark: a bulk direction not read
-#: for this long is read anyway (the tail of a burst), and leaves bulk mode if
-#: that read is small. The only latency bulk mode adds.
-FLUSH_S = 0.001
+#: How often a stream in bulk mode is read whatever the mark (both directions):
+#: the longest a byte waits below the mark, i.e. the only latency bulk mode
+#: adds. A flush that finds less than BULK_READ read since the previous one
+#: ends bulk mode.
+FLUSH_S = 0.002
 
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(select, "epoll")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -93,13 +96,11 @@ class _Dir:
 
     __slots__ = (
         "buf",
-        "bulk",
         "done",
         "dst",
         "dst_hup",
         "end",
         "eof",
-        "last",
         "off",
         "pending",
         "pipe",
@@ -129,14 +130,13 @@ class _Dir:
         self.off = 0
         self.end = 0
         self.streak = 0  # consecutive reads of at least BULK_READ bytes
-        self.bulk = False  # src has SO_RCVLOWAT raised (see _Worker._set_bulk)
-        self.last = 0.0  # monotonic time of the last read in bulk mode
 
 
 class SpliceStream:
     """A stream being relayed; byte counters are updated by its worker."""
 
     __slots__ = (
+        "bulk",
         "bytes_down",
         "bytes_up",
         "cut_reason",
@@ -144,6 +144,9 @@ class SpliceStream:
         "dst",
         "ended",
         "error",
+        "flushed",
+        "rx",
+        "rx_mark",
         "src",
         "started",
         "stream_id",
@@ -164,6 +167,10 @@ class SpliceStream:
         self.error: str | None = None
         self.ended = False
         self.worker: _Worker | None = None
+        self.bulk = False  # both sockets have SO_RCVLOWAT raised (see _Worker._set_bulk)
+        self.flushed = 0.0  # monotonic time of the last flush (bulk mode)
+        self.rx = 0  # bytes read from either socket
+        self.rx_mark = 0  # rx at the last flush
 
 
 EndCallback = Callable[[SpliceStream, str], None]
@@ -183,9 +190,10 @@ class _Worker:
         self.free: list[tuple[int, int, int]] = []  # (r, w, capacity)
         self.made = 0
         self.starved: collections.deque[SpliceStream] = collections.deque()
-        self.bulk: dict[_Dir, SpliceStream] = {}  # directions in bulk mode
-        self.bulk_entered = 0  # times a direction went into bulk mode (statistics)
-        self.next_flush = 0.0  # monotonic time of the next look for stale bulk directions
+        self.bulk: dict[SpliceStream, None] = {}  # streams in bulk mode (ordered set)
+        self.bulk_entered = 0  # times a stream went into bulk mode (statistics)
+        self.next_flush = 0.0  # monotonic time of the next look for streams to flush
+        self.flushing: list[SpliceStream] = []
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"relay-splice-{index}", daemon=True)
 
@@ -228,10 +236,12 @@ class _Worker:
                 while self.starved and (self.free or self.made < MAX_PIPES):
                     dirty.add(self.starved.popleft())
                 if self.bulk:
-                    self._flush_stale(dirty)
+                    self._flush_due(dirty)
                 for st in dirty:
                     if not st.ended:
                         self._step(st)
+                if self.flushing:
+                    self._flushed()
         except Exception:  # never let a worker die silently: end its streams
             log.exception("relay worker failed")
             for st in list(self.streams):
@@ -275,37 +285,53 @@ class _Worker:
             self.masks[fd] = 0
             self.ep.register(fd, 0)
 
-    def _flush_stale(self, dirty: set[SpliceStream]) -> None:
-        """Read bulk directions that epoll kept quiet for FLUSH_S (bytes below the mark)."""
+    def _flush_due(self, dirty: set[SpliceStream]) -> None:
+        """Read both directions of bulk streams last flushed FLUSH_S ago (bytes below the mark)."""
         now = time.monotonic()
         if now < self.next_flush:
             return
-        self.next_flush = now + FLUSH_S / 2
-        for d, st in self.bulk.items():
-            if now - d.last >= FLUSH_S:
-                d.rd = True
-                d.last = now
+        self.next_flush = now + FLUSH_S / 4
+        for st in self.bulk:
+            if now - st.flushed >= FLUSH_S:
+                st.flushed = now
+                st.up.rd = st.down.rd = True
                 dirty.add(st)
+                self.flushing.append(st)
 
-    def _set_bulk(self, st: SpliceStream, d: _Dir, on: bool) -> None:
-        """Raise (or lower back to 1) the source's SO_RCVLOWAT.
+    def _flushed(self) -> None:
+        """After a flush: a stream that read less than BULK_READ since the last one is idle."""
+        for st in self.flushing:
+            if not st.ended and st.bulk:
+                if st.rx - st.rx_mark < BULK_READ:
+                    self._set_bulk(st, False)
+                st.rx_mark = st.rx
+        self.flushing.clear()
+
+    def _set_bulk(self, st: SpliceStream, on: bool) -> None:
+        """Raise (or lower back to 1) SO_RCVLOWAT on both of a stream's sockets.
 
         Why: with ssh traffic the ends write one TLS record (≤ 16 KiB) at a
         time, and a wake-up per record costs more Python than the splices
         themselves. With the mark raised the kernel wakes us once per
-        BULK_LOWAT bytes (EOF and errors still wake at once); the flush in
-        :meth:`_flush_stale` bounds how long a tail may wait.
+        BULK_LOWAT bytes (EOF and errors still wake at once); the flush every
+        FLUSH_S (:meth:`_flush_due`) moves what waits below the mark, in both
+        directions, and ends bulk mode once the stream goes quiet.
         """
-        d.bulk = on
-        d.streak = 0
+        st.bulk = on
+        st.up.streak = st.down.streak = 0
         if on:
-            self.bulk[d] = st
+            self.bulk[st] = None
             self.bulk_entered += 1
-            d.last = time.monotonic()
+            st.flushed = time.monotonic()
+            st.rx_mark = st.rx
         else:
-            self.bulk.pop(d, None)
-        with contextlib.suppress(OSError):  # a dead socket: the error surfaces elsewhere
-            d.src.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, BULK_LOWAT if on else 1)
+            self.bulk.pop(st, None)
+            for d in (st.up, st.down):  # back to pooling: give back idle pipes now
+                if d.pending == 0:
+                    self._release(d)
+        for sock in (st.src, st.dst):
+            with contextlib.suppress(OSError):  # a dead socket: the error surfaces elsewhere
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, BULK_LOWAT if on else 1)
 
     def _forget_fd(self, fd: int) -> None:
         if self.masks.pop(fd, None) is not None and self.ep is not None:
@@ -402,34 +428,28 @@ class _Worker:
                     # pipe's slots are full: drain first, then read again.
                     if d.pending == 0:
                         d.rd = d.src_hup
-                        if d.bulk:  # a flush found nothing: the burst is over
-                            self._set_bulk(st, d, False)
                         break
                     d.pipe_full = True  # no IN interest until the pipe drains
                     continue
                 if n == 0:
                     d.eof = True
-                    if d.bulk:
-                        self._set_bulk(st, d, False)
                 else:
                     d.pending += n
+                    st.rx += n
                     if n < room and not d.src_hup:
                         d.rd = False  # short read: drained (epoll says when there is more)
-                    if n >= BULK_READ:
-                        if d.bulk:
-                            d.last = time.monotonic()
-                        else:
-                            d.streak += 1
-                            if d.streak >= BULK_STREAK:
-                                self._set_bulk(st, d, True)
-                    elif d.bulk:
-                        self._set_bulk(st, d, False)  # a trickle: interactive again
+                    if st.bulk:
+                        pass
+                    elif n >= BULK_READ:
+                        d.streak += 1
+                        if d.streak >= BULK_STREAK:
+                            self._set_bulk(st, True)
                     else:
                         d.streak = 0
                 continue
             break
         if d.pending == 0:
-            if not d.bulk:  # a bulk direction keeps its pipe between wake-ups
+            if not st.bulk:  # a bulk stream keeps its pipes between wake-ups
                 self._release(d)
             if d.eof and not d.done:
                 d.done = True
@@ -491,8 +511,8 @@ class _Worker:
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
+        self.bulk.pop(st, None)
         for d in (st.up, st.down):
-            self.bulk.pop(d, None)
             self._release(d, dirty=d.pending > 0)
         self.engine._ended(st, st.cut_reason or reason)
 
@@ -561,12 +581,12 @@ class SpliceEngine:
         """Pipes currently open (leased or pooled), for statistics and tests."""
         return sum(w.made for w in self._workers)
 
-    def bulk_directions(self) -> int:
-        """Directions in bulk mode now (their source's low-water mark raised)."""
+    def bulk_streams(self) -> int:
+        """Streams in bulk mode now (their sockets' low-water marks raised)."""
         return sum(len(w.bulk) for w in self._workers)
 
     def bulk_entered(self) -> int:
-        """How many times a direction went into bulk mode, since the start."""
+        """How many times a stream went into bulk mode, since the start."""
         return sum(w.bulk_entered for w in self._workers)
 
     def _ended(self, st: SpliceStream, reason: str) -> None:
