@@ -71,13 +71,16 @@ BULK_STREAK = 4
 #: SO_RCVLOWAT of both sockets of a stream in bulk mode: epoll reports a socket
 #: only once this much is queued (or at EOF/error), so one wake-up moves many
 #: records, and the small records going the other way (ssh window adjusts)
-#: wait for the next flush instead of costing a wake-up each.
-BULK_LOWAT = 256 * 1024
-#: How often a stream in bulk mode is read whatever the mark (both directions):
-#: the longest a byte waits below the mark, i.e. the only latency bulk mode
-#: adds. A flush that finds less than BULK_READ read since the previous one
-#: ends bulk mode.
-FLUSH_S = 0.002
+#: ride on those wake-ups instead of costing one each. The mark follows the
+#: stream's rate: what arrives in BULK_WAKE_S, within these bounds.
+BULK_LOWAT_MIN = 64 * 1024
+BULK_LOWAT_MAX = 1024 * 1024
+#: Aimed time between two wake-ups of a stream in bulk mode.
+BULK_WAKE_S = 0.004
+#: A stream in bulk mode that nothing woke for this long is read anyway, both
+#: directions (a tail below the mark): the longest a byte waits, i.e. the only
+#: latency bulk mode adds. A flush that finds less than BULK_READ ends bulk mode.
+FLUSH_S = 0.010
 
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(select, "epoll")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -145,6 +148,7 @@ class SpliceStream:
         "ended",
         "error",
         "flushed",
+        "lowat",
         "rx",
         "rx_mark",
         "src",
@@ -170,7 +174,8 @@ class SpliceStream:
         self.bulk = False  # both sockets have SO_RCVLOWAT raised (see _Worker._set_bulk)
         self.flushed = 0.0  # monotonic time of the last flush (bulk mode)
         self.rx = 0  # bytes read from either socket
-        self.rx_mark = 0  # rx at the last flush
+        self.rx_mark = 0  # rx at the last wake-up (bulk mode)
+        self.lowat = 1  # SO_RCVLOWAT set on both sockets
 
 
 EndCallback = Callable[[SpliceStream, str], None]
@@ -211,7 +216,7 @@ class _Worker:
         try:
             while not (self.stopping and not self.streams):
                 dirty: set[SpliceStream] = set()
-                for fd, ev in ep.poll(FLUSH_S if self.bulk else -1, MAX_EVENTS):
+                for fd, ev in ep.poll(FLUSH_S / 2 if self.bulk else -1, MAX_EVENTS):
                     if fd == self.wake_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self.wake_r, 4096)
@@ -236,7 +241,7 @@ class _Worker:
                 while self.starved and (self.free or self.made < MAX_PIPES):
                     dirty.add(self.starved.popleft())
                 if self.bulk:
-                    self._flush_due(dirty)
+                    self._bulk_wakeup(dirty)
                 for st in dirty:
                     if not st.ended:
                         self._step(st)
@@ -285,26 +290,55 @@ class _Worker:
             self.masks[fd] = 0
             self.ep.register(fd, 0)
 
-    def _flush_due(self, dirty: set[SpliceStream]) -> None:
-        """Read both directions of bulk streams last flushed FLUSH_S ago (bytes below the mark)."""
+    def _bulk_wakeup(self, dirty: set[SpliceStream]) -> None:
+        """Bulk streams: read both directions whenever either wakes; flush the quiet ones.
+
+        A bulk stream that epoll reported (a mark reached) also reads its other
+        direction, so the small records going back ride on the big ones' wake-ups.
+        One that nothing woke for FLUSH_S is read anyway (a tail below the mark).
+        """
         now = time.monotonic()
+        for st in dirty:
+            if st.bulk:
+                self._pace(st, now)
         if now < self.next_flush:
             return
         self.next_flush = now + FLUSH_S / 4
         for st in self.bulk:
             if now - st.flushed >= FLUSH_S:
-                st.flushed = now
-                st.up.rd = st.down.rd = True
+                self._pace(st, now)
                 dirty.add(st)
                 self.flushing.append(st)
 
+    def _pace(self, st: SpliceStream, now: float) -> None:
+        """A bulk stream wakes: read both ways; aim the mark at BULK_WAKE_S of its traffic.
+
+        ``rx - rx_mark`` is what it read since its last wake-up, ``now - flushed``
+        how long that took.
+        """
+        st.up.rd = st.down.rd = True
+        elapsed = now - st.flushed
+        if elapsed > 0:
+            want = int((st.rx - st.rx_mark) * BULK_WAKE_S / elapsed)
+            want = max(BULK_LOWAT_MIN, min(BULK_LOWAT_MAX, want))
+            if not (st.lowat * 3 // 4 <= want <= st.lowat * 4 // 3):  # no setsockopt churn
+                self._set_lowat(st, want)
+        st.flushed = now
+        st.rx_mark = st.rx
+
+    def _set_lowat(self, st: SpliceStream, lowat: int) -> None:
+        st.lowat = lowat
+        for sock in (st.src, st.dst):
+            with contextlib.suppress(OSError):  # a dead socket: the error surfaces elsewhere
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, lowat)
+
     def _flushed(self) -> None:
-        """After a flush: a stream that read less than BULK_READ since the last one is idle."""
+        """After a flush: a stream that had less than BULK_READ waiting is idle again."""
         for st in self.flushing:
-            if not st.ended and st.bulk:
-                if st.rx - st.rx_mark < BULK_READ:
-                    self._set_bulk(st, False)
-                st.rx_mark = st.rx
+            if not st.ended and st.bulk and st.rx - st.rx_mark < BULK_READ:
+                self._set_bulk(st, False)
+            else:
+                st.rx_mark = st.rx  # counted from the flush
         self.flushing.clear()
 
     def _set_bulk(self, st: SpliceStream, on: bool) -> None:
@@ -312,10 +346,11 @@ class _Worker:
 
         Why: with ssh traffic the ends write one TLS record (≤ 16 KiB) at a
         time, and a wake-up per record costs more Python than the splices
-        themselves. With the mark raised the kernel wakes us once per
-        BULK_LOWAT bytes (EOF and errors still wake at once); the flush every
-        FLUSH_S (:meth:`_flush_due`) moves what waits below the mark, in both
-        directions, and ends bulk mode once the stream goes quiet.
+        themselves. With the mark raised the kernel wakes us once per mark's
+        worth of bytes (EOF and errors still wake at once; :meth:`_pace` keeps
+        the mark at about BULK_WAKE_S of traffic); the flush after FLUSH_S of
+        quiet (:meth:`_bulk_wakeup`) moves what waits below the mark, in both
+        directions, and ends bulk mode once the stream has gone quiet.
         """
         st.bulk = on
         st.up.streak = st.down.streak = 0
@@ -324,14 +359,13 @@ class _Worker:
             self.bulk_entered += 1
             st.flushed = time.monotonic()
             st.rx_mark = st.rx
+            self._set_lowat(st, BULK_LOWAT_MIN)
         else:
             self.bulk.pop(st, None)
             for d in (st.up, st.down):  # back to pooling: give back idle pipes now
                 if d.pending == 0:
                     self._release(d)
-        for sock in (st.src, st.dst):
-            with contextlib.suppress(OSError):  # a dead socket: the error surfaces elsewhere
-                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, BULK_LOWAT if on else 1)
+            self._set_lowat(st, 1)
 
     def _forget_fd(self, fd: int) -> None:
         if self.masks.pop(fd, None) is not None and self.ep is not None:
@@ -438,14 +472,12 @@ class _Worker:
                     st.rx += n
                     if n < room and not d.src_hup:
                         d.rd = False  # short read: drained (epoll says when there is more)
-                    if st.bulk:
-                        pass
-                    elif n >= BULK_READ:
+                    if n < BULK_READ:
+                        d.streak = 0
+                    elif not st.bulk:
                         d.streak += 1
                         if d.streak >= BULK_STREAK:
                             self._set_bulk(st, True)
-                    else:
-                        d.streak = 0
                 continue
             break
         if d.pending == 0:
