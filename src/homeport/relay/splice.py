@@ -19,6 +19,17 @@ Here each worker owns one ``epoll`` and serves any number of streams:
   gives it back as soon as it is empty. Idle streams hold no pipe; a worker
   creates at most :data:`MAX_PIPES` (then directions wait for one: more
   backpressure, never more memory), and keeps at most :data:`POOL_KEEP` idle.
+* **Bulk mode** (for ssh traffic, which reaches us as one TLS record of
+  ≤ 16 KiB per write, so a wake-up per record cost ~0.8 CPU-s/GiB in Python).
+  After BULK_STREAK reads of ≥ BULK_READ bytes a stream raises SO_RCVLOWAT on
+  both its sockets to about BULK_WAKE_S of its traffic, so epoll reports a
+  socket once that much is queued (EOF and errors still at once); every
+  wake-up of the stream reads both directions, so the small records going
+  back (window adjusts) ride along; a stream nothing woke for FLUSH_S is read
+  anyway (a tail below the mark), and leaves bulk mode if that found little.
+  It keeps its pipes meanwhile (no lease/release per wake-up). The cost: a
+  byte of a bulk stream may wait in the relay up to ~1.5 × FLUSH_S (15 ms)
+  once the burst ends; interactive streams never enter bulk mode.
 * **Backpressure.** A direction reads only while its pipe has room, so a slow
   reader stalls its writer's socket buffer, then TCP flow control.
 * **Half-close.** EOF on one side becomes ``shutdown(SHUT_WR)`` on the other
@@ -78,8 +89,9 @@ BULK_LOWAT_MAX = 1024 * 1024
 #: Aimed time between two wake-ups of a stream in bulk mode.
 BULK_WAKE_S = 0.004
 #: A stream in bulk mode that nothing woke for this long is read anyway, both
-#: directions (a tail below the mark): the longest a byte waits, i.e. the only
-#: latency bulk mode adds. A flush that finds less than BULK_READ ends bulk mode.
+#: directions (a tail below the mark; looked for every FLUSH_S / 4, so a tail
+#: waits at most ~1.5 × this): the only latency bulk mode adds. A flush that
+#: finds less than BULK_READ ends bulk mode.
 FLUSH_S = 0.010
 
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(select, "epoll")
