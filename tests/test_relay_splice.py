@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -72,6 +72,11 @@ class Drain(threading.Thread):
             self.reset = True
 
 
+def received(drains: list[Drain], n: int) -> Callable[[], bool]:
+    """A condition: every drain has at least ``n`` bytes."""
+    return lambda: all(len(d.data) >= n for d in drains)
+
+
 def start(
     eng: SpliceEngine, made: list[socket.socket]
 ) -> tuple[socket.socket, socket.socket, socket.socket, SpliceStream]:
@@ -81,15 +86,21 @@ def start(
     return src, dst, src_in, st
 
 
-def burst_until_bulk(src: socket.socket, src_in: socket.socket) -> int:
-    """Write records until the engine has raised the source's low-water mark."""
+def burst_until_bulk(src: socket.socket, src_in: socket.socket, drain: Drain) -> int:
+    """Write records one at a time, ssh-like, until the engine raises the source's mark.
+
+    Each record is sent once the previous one has arrived, so that the relay
+    sees one record per wake-up (a sender much faster than the relay would
+    batch by itself, and never needs bulk mode).
+    """
     record = os.urandom(RECORD)
     sent = 0
-    for _ in range(4096):  # 64 MiB: far more than needed, but a bound
+    for _ in range(256):  # far more than BULK_STREAK: a bound
         src.sendall(record)
         sent += RECORD
         if lowat(src_in) >= BULK_LOWAT_MIN:
             return sent
+        wait_for(received([drain], sent), timeout=DEADLINE, interval=0.0005)
     raise AssertionError("the source never went into bulk mode")
 
 
@@ -101,7 +112,7 @@ def test_bulk_mode_delivers_the_tail_and_drops_back(
     assert eng.bulk_entered() == 0
     drain = Drain(dst)
     drain.start()
-    sent = burst_until_bulk(src, src_in)
+    sent = burst_until_bulk(src, src_in, drain)
     assert eng.bulk_entered() == 1
     # the other direction's marks are raised too: a small record back still arrives
     dst.sendall(b"ack")
@@ -130,7 +141,7 @@ def test_eof_in_bulk_mode_is_not_held_back(
     src, dst, src_in, _st = start(eng, pairs)
     drain = Drain(dst)
     drain.start()
-    sent = burst_until_bulk(src, src_in)
+    sent = burst_until_bulk(src, src_in, drain)
     src.sendall(b"last")
     src.shutdown(socket.SHUT_WR)  # EOF below the mark: epoll reports it at once
     drain.join(DEADLINE)
@@ -145,7 +156,7 @@ def test_reset_in_bulk_mode_ends_both_directions(
     src, dst, src_in, _st = start(eng, pairs)
     drain = Drain(dst)
     drain.start()
-    burst_until_bulk(src, src_in)
+    burst_until_bulk(src, src_in, drain)
     src.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     src.close()
     drain.join(DEADLINE)
@@ -167,9 +178,12 @@ def test_many_bulk_streams_share_the_fixed_workers(pairs: list[socket.socket]) -
         for d in drains:
             d.start()
         record = os.urandom(RECORD)
-        for _ in range(64):  # interleaved, so that all are busy together
+        for rounds in range(1, 65):  # interleaved, so that all are busy together
             for src, _dst, _in, _st in streams:
                 src.sendall(record)
+            if rounds <= 2 * splice.BULK_STREAK:  # ssh-like pace until they are in bulk mode
+                want = rounds * RECORD
+                wait_for(received(drains, want), timeout=DEADLINE)
         assert eng.bulk_entered() >= n // 2  # most streams went into bulk mode
         assert threading.active_count() == before + 2 + n  # the engine's 2 + our drains
         for src, _dst, _in, _st in streams:

@@ -28,7 +28,7 @@ Here each worker owns one ``epoll`` and serves any number of streams:
   back (window adjusts) ride along; a stream nothing woke for FLUSH_S is read
   anyway (a tail below the mark), and leaves bulk mode if that found little.
   It keeps its pipes meanwhile (no lease/release per wake-up). The cost: a
-  byte of a bulk stream may wait in the relay up to ~1.5 × FLUSH_S (15 ms)
+  byte of a bulk stream may wait in the relay up to ~1.5 x FLUSH_S (15 ms)
   once the burst ends; interactive streams never enter bulk mode.
 * **Backpressure.** A direction reads only while its pipe has room, so a slow
   reader stalls its writer's socket buffer, then TCP flow control.
@@ -77,7 +77,10 @@ MAX_EVENTS = 1024
 #: A read at least this large counts towards bulk mode (ssh bulk arrives as
 #: ~16 KiB TLS records; interactive ssh as records of a few hundred bytes).
 BULK_READ = 8 * 1024
-#: Consecutive large reads (one direction) that put a stream in bulk mode.
+#: ... and smaller than this: a stream whose wake-ups already move this much
+#: (a fast sender, the relay behind) batches by itself; bulk mode only slowed it.
+BULK_BIG = 256 * 1024
+#: Consecutive such reads (one direction) that put a stream in bulk mode.
 BULK_STREAK = 4
 #: SO_RCVLOWAT of both sockets of a stream in bulk mode: epoll reports a socket
 #: only once this much is queued (or at EOF/error), so one wake-up moves many
@@ -90,7 +93,7 @@ BULK_LOWAT_MAX = 1024 * 1024
 BULK_WAKE_S = 0.004
 #: A stream in bulk mode that nothing woke for this long is read anyway, both
 #: directions (a tail below the mark; looked for every FLUSH_S / 4, so a tail
-#: waits at most ~1.5 × this): the only latency bulk mode adds. A flush that
+#: waits at most ~1.5 x this): the only latency bulk mode adds. A flush that
 #: finds less than BULK_READ ends bulk mode.
 FLUSH_S = 0.010
 
@@ -160,6 +163,7 @@ class SpliceStream:
         "ended",
         "error",
         "flushed",
+        "flushing",
         "lowat",
         "rx",
         "rx_mark",
@@ -184,7 +188,8 @@ class SpliceStream:
         self.ended = False
         self.worker: _Worker | None = None
         self.bulk = False  # both sockets have SO_RCVLOWAT raised (see _Worker._set_bulk)
-        self.flushed = 0.0  # monotonic time of the last flush (bulk mode)
+        self.flushed = 0.0  # monotonic time of the last wake-up (bulk mode)
+        self.flushing = False  # read in this step because nothing woke it
         self.rx = 0  # bytes read from either socket
         self.rx_mark = 0  # rx at the last wake-up (bulk mode)
         self.lowat = 1  # SO_RCVLOWAT set on both sockets
@@ -210,7 +215,7 @@ class _Worker:
         self.bulk: dict[SpliceStream, None] = {}  # streams in bulk mode (ordered set)
         self.bulk_entered = 0  # times a stream went into bulk mode (statistics)
         self.next_flush = 0.0  # monotonic time of the next look for streams to flush
-        self.flushing: list[SpliceStream] = []
+        self.woken: list[SpliceStream] = []  # bulk streams in this step
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"relay-splice-{index}", daemon=True)
 
@@ -257,8 +262,8 @@ class _Worker:
                 for st in dirty:
                     if not st.ended:
                         self._step(st)
-                if self.flushing:
-                    self._flushed()
+                if self.woken:
+                    self._paced()
         except Exception:  # never let a worker die silently: end its streams
             log.exception("relay worker failed")
             for st in list(self.streams):
@@ -308,35 +313,54 @@ class _Worker:
         A bulk stream that epoll reported (a mark reached) also reads its other
         direction, so the small records going back ride on the big ones' wake-ups.
         One that nothing woke for FLUSH_S is read anyway (a tail below the mark).
+        :meth:`_paced` looks at what they read once the step is done.
         """
         now = time.monotonic()
         for st in dirty:
             if st.bulk:
-                self._pace(st, now)
+                st.up.rd = st.down.rd = True
+                self.woken.append(st)
         if now < self.next_flush:
             return
         self.next_flush = now + FLUSH_S / 4
         for st in self.bulk:
-            if now - st.flushed >= FLUSH_S:
-                self._pace(st, now)
+            if now - st.flushed >= FLUSH_S and st not in dirty:
+                st.up.rd = st.down.rd = True
+                st.flushing = True
                 dirty.add(st)
-                self.flushing.append(st)
+                self.woken.append(st)
 
-    def _pace(self, st: SpliceStream, now: float) -> None:
-        """A bulk stream wakes: read both ways; aim the mark at BULK_WAKE_S of its traffic.
+    def _paced(self) -> None:
+        """After a step: aim each woken bulk stream's mark at BULK_WAKE_S of its traffic.
 
-        ``rx - rx_mark`` is what it read since its last wake-up, ``now - flushed``
-        how long that took.
+        ``rx - rx_mark`` is what it read in this step, i.e. what arrived since
+        its previous wake-up ended, ``now - flushed`` how long that was. A flush
+        that found less than BULK_READ ends bulk mode (the burst is over), and
+        so does a rate high enough to batch by itself (over BULK_LOWAT_MAX per
+        BULK_WAKE_S: there bulk mode only slowed the stream down).
         """
-        st.up.rd = st.down.rd = True
-        elapsed = now - st.flushed
-        if elapsed > 0:
-            want = int((st.rx - st.rx_mark) * BULK_WAKE_S / elapsed)
-            want = max(BULK_LOWAT_MIN, min(BULK_LOWAT_MAX, want))
+        now = time.monotonic()
+        for st in self.woken:
+            if st.ended or not st.bulk:
+                continue
+            got = st.rx - st.rx_mark
+            elapsed = now - st.flushed
+            flushing, st.flushing = st.flushing, False
+            if flushing and got < BULK_READ:
+                self._set_bulk(st, False)
+                continue
+            if elapsed < BULK_WAKE_S / 4:
+                continue  # too short to tell a rate (e.g. both sockets woke in turn)
+            want = (st.lowat + int(got * BULK_WAKE_S / elapsed)) // 2  # damped
+            if want > BULK_LOWAT_MAX:
+                self._set_bulk(st, False)
+                continue
+            want = max(BULK_LOWAT_MIN, want)
             if not (st.lowat * 3 // 4 <= want <= st.lowat * 4 // 3):  # no setsockopt churn
                 self._set_lowat(st, want)
-        st.flushed = now
-        st.rx_mark = st.rx
+            st.flushed = now
+            st.rx_mark = st.rx
+        self.woken.clear()
 
     def _set_lowat(self, st: SpliceStream, lowat: int) -> None:
         st.lowat = lowat
@@ -344,22 +368,13 @@ class _Worker:
             with contextlib.suppress(OSError):  # a dead socket: the error surfaces elsewhere
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, lowat)
 
-    def _flushed(self) -> None:
-        """After a flush: a stream that had less than BULK_READ waiting is idle again."""
-        for st in self.flushing:
-            if not st.ended and st.bulk and st.rx - st.rx_mark < BULK_READ:
-                self._set_bulk(st, False)
-            else:
-                st.rx_mark = st.rx  # counted from the flush
-        self.flushing.clear()
-
     def _set_bulk(self, st: SpliceStream, on: bool) -> None:
         """Raise (or lower back to 1) SO_RCVLOWAT on both of a stream's sockets.
 
         Why: with ssh traffic the ends write one TLS record (≤ 16 KiB) at a
         time, and a wake-up per record costs more Python than the splices
         themselves. With the mark raised the kernel wakes us once per mark's
-        worth of bytes (EOF and errors still wake at once; :meth:`_pace` keeps
+        worth of bytes (EOF and errors still wake at once; :meth:`_paced` keeps
         the mark at about BULK_WAKE_S of traffic); the flush after FLUSH_S of
         quiet (:meth:`_bulk_wakeup`) moves what waits below the mark, in both
         directions, and ends bulk mode once the stream has gone quiet.
@@ -484,7 +499,7 @@ class _Worker:
                     st.rx += n
                     if n < room and not d.src_hup:
                         d.rd = False  # short read: drained (epoll says when there is more)
-                    if n < BULK_READ:
+                    if n < BULK_READ or n >= BULK_BIG:
                         d.streak = 0
                     elif not st.bulk:
                         d.streak += 1
