@@ -59,7 +59,7 @@ from homeport.io.control import ControlLink, connect_control
 from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.loop import new_event_loop
-from homeport.io.pump import PumpEnd, pump
+from homeport.io.pump import PumpEnd, pump, tune_socket
 from homeport.node import hostkeys
 from homeport.node import state as node_state
 from homeport.node.state import NodeState
@@ -667,6 +667,7 @@ class Agent:
             return
         try:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            tune_socket(theirs)  # the client writes into it: room for the pump's coalescing
         except OSError as exc:  # EMFILE
             tls.close()
             with contextlib.suppress(OSError):

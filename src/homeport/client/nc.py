@@ -508,9 +508,14 @@ def _fork_and_hand_off(host: str, tls: "TlsStream", handoff: "_Socket") -> int:
     has finished too. The child stays in ssh's process group (a Ctrl-C or a
     hangup that ends ssh ends it too) and keeps stderr for a one-line error.
     """
+    import contextlib
     import socket
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # ssh writes into it: room for the pump's coalescing (io.pump.tune_socket's sizes)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            theirs.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
