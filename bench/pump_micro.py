@@ -127,13 +127,15 @@ def spawn_pump(
             return real_poll(self, timeout_ms)
 
         mod._Poller.poll = counting_poll
+        # The feeder's and reader's ends are tuned like homeport's own socketpairs.
+        kwargs = {"local_tuned": True} if hasattr(mod, "COALESCE_DELAY") else {}
         if profile:
             prof = cProfile.Profile()
-            res = prof.runcall(mod.pump, tls, fd, fd)
+            res = prof.runcall(mod.pump, tls, fd, fd, **kwargs)
             st = pstats.Stats(prof)
             st.sort_stats("tottime").print_stats(18)
         else:
-            res = mod.pump(tls, fd, fd)
+            res = mod.pump(tls, fd, fd, **kwargs)
         code = 0 if res.ok else 1
         os.write(report_w, str(polls).encode())
     finally:

@@ -687,7 +687,9 @@ class Agent:
             return
         log.info("local stream %s to %s:%s opened (peer %s)", msg.stream_id, *_dst(req), peer.name)
         try:
-            res = pump(tls, mine.fileno(), mine.fileno(), cancel_fd=self._cancel_r)
+            res = pump(
+                tls, mine.fileno(), mine.fileno(), cancel_fd=self._cancel_r, local_tuned=True
+            )
             # LOCAL_ERROR here is our own user's process going away (ssh exited).
             quiet = res.ok or res.end in (PumpEnd.CANCELLED, PumpEnd.LOCAL_ERROR)
             level = logging.INFO if quiet else logging.WARNING

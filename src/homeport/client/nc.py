@@ -488,11 +488,20 @@ def _direct(args: NcArgs, handoff: "_Socket | None") -> int:
     return _pump(args.host, stream.tls, sys.stdin.fileno(), sys.stdout.fileno())
 
 
-def _pump(host: str, tls: "TlsStream", plain_in: int, plain_out: int) -> int:
+def _pump(
+    host: str, tls: "TlsStream", plain_in: int, plain_out: int, local_tuned: bool = False
+) -> int:
     from homeport.io.pump import PumpEnd, pump
 
     hangup_r, _hangup_w = _hangup_pipe()
-    result = pump(tls, plain_in, plain_out, cancel_fd=hangup_r, close_on_cancel=True)
+    result = pump(
+        tls,
+        plain_in,
+        plain_out,
+        cancel_fd=hangup_r,
+        close_on_cancel=True,
+        local_tuned=local_tuned,
+    )
     if result.ok or result.end in (PumpEnd.LOCAL_ERROR, PumpEnd.CANCELLED):
         return EXIT_OK
     return _fail(host, result.reason)
@@ -528,7 +537,7 @@ def _fork_and_hand_off(host: str, tls: "TlsStream", handoff: "_Socket") -> int:
             os.dup2(null, 0)  # let go of ssh's end of its socketpair
             os.dup2(null, 1)
             os.close(null)
-            code = _pump(host, tls, mine.fileno(), mine.fileno())
+            code = _pump(host, tls, mine.fileno(), mine.fileno(), local_tuned=True)
         finally:
             sys.stderr.flush()
             os._exit(code)

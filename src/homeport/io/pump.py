@@ -116,12 +116,12 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(level, opt, value)
 
 
-def _tune_fd(fd: int) -> tuple[bool, bool]:
+def _tune_fd(fd: int, local_tuned: bool = False) -> tuple[bool, bool]:
     """Enlarge a pipe or socket; return (is a socket, large enough to hold reads).
 
-    A unix socket's capacity is its *writer's* SO_SNDBUF, which we cannot read:
-    homeport creates every unix socketpair a pump serves and tunes both ends
-    (:func:`tune_socket`), so a unix socket counts as large.
+    A unix socket's capacity is its *writer's* SO_SNDBUF, which we cannot read
+    from this end: it counts as large only when the caller created the pair and
+    tuned the writer's end (``local_tuned``).
     """
     try:
         mode = os.fstat(fd).st_mode
@@ -143,11 +143,12 @@ def _tune_fd(fd: int) -> tuple[bool, bool]:
         try:
             tune_socket(s)
             size = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            large = s.family != socket.AF_UNIX or local_tuned
         except OSError:
             return True, False
         finally:
             s.close()
-        return True, size >= COALESCE_MIN_KERNEL_BUFFER
+        return True, large and size >= COALESCE_MIN_KERNEL_BUFFER
     return False, False
 
 
@@ -192,6 +193,7 @@ def pump(
     idle_timeout: float | None = None,
     buffer_size: int = BUFFER_SIZE,
     coalesce: float = COALESCE_DELAY,
+    local_tuned: bool = False,
 ) -> PumpResult:
     """Copy ``plain_in`` → ``tls`` and ``tls`` → ``plain_out`` until both are closed.
 
@@ -207,6 +209,10 @@ def pump(
         buffer_size: per-direction buffer (tests use small ones to force partial I/O).
         coalesce: after a bulk-sized read that drained its fd, wait this long
             before reading that fd again (:data:`COALESCE_DELAY`; 0 = never).
+            Only fds whose kernel buffer holds far more than a hold's worth
+            are held: pipes we could enlarge, TCP sockets, and unix sockets
+            whose writer's end the caller enlarged (``local_tuned``, e.g. with
+            :func:`tune_socket` on the far end of its own socketpair).
     """
     sock = tls.sock
     obj = tls.obj
@@ -214,9 +220,9 @@ def pump(
     outgoing = tls.outgoing
     in_blocking = os.get_blocking(plain_in)
     out_blocking = os.get_blocking(plain_out)
-    out_is_socket, in_large = _tune_fd(plain_out)
+    out_is_socket, in_large = _tune_fd(plain_out, local_tuned)
     if plain_in != plain_out:
-        _, in_large = _tune_fd(plain_in)
+        _, in_large = _tune_fd(plain_in, local_tuned)
     tune_socket(sock)
     in_coalesce = coalesce if in_large else 0.0
     sock_coalesce = coalesce
@@ -287,7 +293,10 @@ def pump(
                                     in_hold = time.monotonic() + in_coalesce
                         progress = True
                 # ---- up buffer → TLS records (bounded by what is still unsent)
-                if up_off < up_len and _unsent(wire, wire_off, outgoing) < MAX_UNSENT:
+                if up_off < up_len and (
+                    (len(wire) - wire_off if wire is not None else 0) + outgoing.pending
+                    < MAX_UNSENT
+                ):
                     n = obj.write(up_mv[up_off:up_len])
                     up_off += n
                     sent += n
@@ -341,8 +350,14 @@ def pump(
                                 if n >= COALESCE_MIN and sock_coalesce:
                                     sock_hold = time.monotonic() + sock_coalesce
                         progress = True
-                # ---- incoming BIO → down buffer (until OpenSSL wants more bytes)
-                while not down_eof and down_len < buffer_size:
+                # ---- incoming BIO → down buffer (until OpenSSL wants more bytes).
+                # With nothing in the BIO, nothing decrypted pending and no EOF,
+                # read() could only raise SSLWantReadError: skip that exception.
+                while (
+                    not down_eof
+                    and down_len < buffer_size
+                    and (incoming.pending or sock_eof or obj.pending())
+                ):
                     got: int | bytes
                     try:
                         got = obj.read(buffer_size - down_len, down_mv[down_len:])
@@ -462,10 +477,6 @@ def _close_and_flush(tls: TlsStream, wire: memoryview | None) -> None:
         if wire is not None:
             tls.sock.sendall(wire)
         tls.sock.sendall(tls.outgoing.read())
-
-
-def _unsent(wire: memoryview | None, wire_off: int, outgoing: ssl.MemoryBIO) -> int:
-    return (len(wire) - wire_off if wire is not None else 0) + outgoing.pending
 
 
 def _half_close(fd: int, is_socket: bool, plain_in: int) -> None:
