@@ -17,6 +17,15 @@ and for exact semantics, with the standard library only:
   has room, encrypts only while fewer than :data:`MAX_UNSENT` encrypted bytes
   wait for the socket, and reads the socket only when the incoming BIO is
   empty; a slow consumer stalls its producer instead of growing memory.
+* **Few wake-ups per byte (coalescing).** ssh writes one 32 KiB packet at a
+  time and is slower than the pump, so each packet used to cost a whole
+  wake-up (poll, read, encrypt, send — and on the far end recv, decrypt) and
+  the wake-ups, not the bytes, dominated the CPU. After a read that drained
+  its fd and got at least :data:`COALESCE_MIN` bytes, that fd is not read
+  again for :data:`COALESCE_DELAY`: the next packets pile up in the kernel
+  buffer and go through as one batch. Bytes already read are never held,
+  small reads (keystrokes) never start a hold, and only fds whose kernel
+  buffer dwarfs a hold's worth are held, so the producer never stalls.
 * **Half-close both ways (TLS 1.3).** Local EOF → once its bytes are encrypted,
   ``unwrap()`` queues ``close_notify`` and reading continues. Peer
   ``close_notify`` → once its bytes are written, ``shutdown(SHUT_WR)`` on a
