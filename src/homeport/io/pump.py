@@ -81,6 +81,10 @@ COALESCE_MIN = 16 * 1024
 #: dominate the pump's CPU when the producer is slower than the pump (ssh is).
 #: Bytes already read are never held; 0 turns coalescing off.
 COALESCE_DELAY = 0.001
+#: Seconds an fd is not held after a read filled ≥ 3/4 of the buffer (the
+#: producer is about as fast as the pump, so a hold would only cost throughput),
+#: before the pump tries holding it again.
+COALESCE_PROBE = 0.1
 #: Kernel buffer a producer must have for its fd to be held (COALESCE_DELAY):
 #: a hold must never fill it, or the producer stalls and throughput drops.
 COALESCE_MIN_KERNEL_BUFFER = 512 * 1024
@@ -262,6 +266,9 @@ def pump(
     # Coalescing (see COALESCE_DELAY): monotonic time before which plain_in / the
     # socket is not read again; 0.0 = not held.
     in_hold = sock_hold = 0.0
+    # ... and before which it is not held at all (its producer outpaced a hold).
+    in_fast = sock_fast = 0.0
+    fast_fill = buffer_size * 3 // 4  # a read that fills this much: no holding
     up_eof = False  # plain_in hit EOF
     up_closed = False  # close_notify queued
     down_eof = False  # the peer's close_notify arrived
@@ -298,8 +305,15 @@ def pump(
                                 # A short read drained the pipe/socket: skip the
                                 # read that would only raise EAGAIN; poll says when.
                                 in_ready = False
-                                if n >= COALESCE_MIN and in_coalesce:
-                                    in_hold = time.monotonic() + in_coalesce
+                            if in_coalesce and n >= COALESCE_MIN:
+                                now = time.monotonic()
+                                if up_len >= fast_fill:
+                                    # The buffer (nearly) filled: the producer keeps up
+                                    # with a hold, which would only idle the pump and
+                                    # cap throughput near buffer_size per hold.
+                                    in_fast = now + COALESCE_PROBE
+                                elif n < room and now >= in_fast:
+                                    in_hold = now + in_coalesce
                         progress = True
                 # ---- up buffer → TLS records (bounded by what is still unsent)
                 if up_off < up_len and (
@@ -356,8 +370,12 @@ def pump(
                             incoming.write(raw_mv[:n])
                             if n < buffer_size:  # drained: as for plain_in above
                                 sock_rd_ready = False
-                                if n >= COALESCE_MIN and sock_coalesce:
-                                    sock_hold = time.monotonic() + sock_coalesce
+                            if sock_coalesce and n >= COALESCE_MIN:
+                                now = time.monotonic()
+                                if n >= fast_fill:
+                                    sock_fast = now + COALESCE_PROBE
+                                elif now >= sock_fast:
+                                    sock_hold = now + sock_coalesce
                         progress = True
                 # ---- incoming BIO → down buffer (until OpenSSL wants more bytes).
                 # With nothing in the BIO, nothing decrypted pending and no EOF,
