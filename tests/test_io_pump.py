@@ -485,3 +485,33 @@ def test_only_large_kernel_buffers_are_held(closing: list[socket.socket]) -> Non
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_producer_that_fills_the_buffer_is_not_held(
+    pki: Pki, closing: list[socket.socket]
+) -> None:
+    """A read that fills 3/4 of the buffer means the producer keeps up with a hold:
+    holding would only idle the pump and cap throughput, so the next read is not
+    held (even with a 30 s hold configured)."""
+    size = 8 * COALESCE_MIN
+    (app_a, pa), (app_b, pb), (ta, tb) = pairs(closing, 3)
+    tune_socket(app_a)  # 4 MiB: the write below is one atomic skb, read at once
+    tls_a, tls_b = tls_pair(pki, ta, tb)
+    th = Threads()
+    th.start(
+        "pump-a",
+        lambda: pump(
+            tls_a, pa.fileno(), pa.fileno(), coalesce=30.0, local_tuned=True, buffer_size=size
+        ),
+    )
+    th.start("pump-b", lambda: pump(tls_b, pb.fileno(), pb.fileno(), coalesce=0))
+    app_b.settimeout(10)  # far below the 30 s hold: a held read fails the test
+    bulk = os.urandom(size * 7 // 8)  # ≥ 3/4 of the buffer, but a short read
+    app_a.sendall(bulk)
+    assert recv_exactly(app_b, len(bulk)) == bulk
+    app_a.sendall(b"!")
+    assert recv_exactly(app_b, 1) == b"!"
+    app_a.shutdown(socket.SHUT_WR)
+    app_b.shutdown(socket.SHUT_WR)
+    assert read_to_eof(app_b) == b"" and read_to_eof(app_a) == b""
+    th.join_all(10)

@@ -24,8 +24,9 @@ and for exact semantics, with the standard library only:
   its fd and got at least :data:`COALESCE_MIN` bytes, that fd is not read
   again for :data:`COALESCE_DELAY`: the next packets pile up in the kernel
   buffer and go through as one batch. Bytes already read are never held,
-  small reads (keystrokes) never start a hold, and only fds whose kernel
-  buffer dwarfs a hold's worth are held, so the producer never stalls.
+  small reads (keystrokes) never start a hold, only fds whose kernel buffer
+  dwarfs a hold's worth are held (so the producer never stalls), and a
+  producer that fills the buffer anyway is not held (:data:`COALESCE_PROBE`).
 * **Half-close both ways (TLS 1.3).** Local EOF → once its bytes are encrypted,
   ``unwrap()`` queues ``close_notify`` and reading continues. Peer
   ``close_notify`` → once its bytes are written, ``shutdown(SHUT_WR)`` on a
