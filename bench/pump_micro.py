@@ -22,8 +22,9 @@ interleaved with the current one, so both are measured under the same load
 (the machine is shared: compare ratios side by side, not absolute figures).
 ``--floor`` measures, in one thread and without waiting, what every pump pays
 whatever its loop: TLS through memory BIOs each way and one kernel copy through
-a unix socketpair and through loopback TCP. ``--profile`` runs one ``ssh 32KiB @150MB/s`` transfer with pump A (or B) under
-cProfile and prints the top functions.
+a unix socketpair and through loopback TCP. ``--profile`` runs one
+``ssh 32KiB @150MB/s`` transfer with pump A (or B) under cProfile and prints the
+top functions.
 """
 
 from __future__ import annotations
