@@ -1187,11 +1187,18 @@ class Coordinator:
         if old is None and len(self._paths) >= MAX_PATH_RECORDS:
             self._paths.pop(next(iter(self._paths)))
         self._paths[key] = rec
-        if rec.kind != "relay" and (old is None or old.kind == "relay"):
+        if rec.code == hpath.PROBING:
+            return  # a punch started: not an outcome
+        # an outcome (up, failed, timed out) ends the punch in flight; the first "up"
+        # report of a punch counts it as a success (both ends report it)
+        if self._punching.pop(pair, None) is not None and rec.kind != "relay":
             stats = self._pair_stats.setdefault(pair, PairStats())
             self._pair_stats[pair] = replace(stats, direct_ups=stats.direct_ups + 1)
-            self._punching.pop(pair, None)
-            self._note(logging.INFO, f"path {s.node_id} -> {peer.name}: {rec.kind} {rec.endpoint}")
+        if rec.kind != (old.kind if old is not None else "relay"):
+            self._note(
+                logging.INFO,
+                f"path {s.node_id} -> {peer.name}: {rec.kind} {rec.endpoint} ({rec.code})",
+            )
 
     def _peer_ping(self, s: _Session, msg: m.PeerPing | m.PeerPong, now: float) -> None:
         sent = self._peer_pings.setdefault(s.node_id, collections.deque())

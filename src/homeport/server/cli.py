@@ -90,6 +90,18 @@ def register(cli: click.Group) -> None:
     @click.option(
         "--idle-timeout", type=float, default=None, help="Seconds of silence before offline."
     )
+    @click.option(
+        "--probe-port",
+        type=click.IntRange(0, 65535),
+        default=None,
+        help="Whoami probe port for NAT discovery [default: main port + 1; 0 disables].",
+    )
+    @click.option(
+        "--relay-only",
+        is_flag=True,
+        default=False,
+        help="Never coordinate direct paths: every stream goes through this relay.",
+    )
     def server_cmd(
         *,
         data_dir: Path | None,
@@ -98,6 +110,8 @@ def register(cli: click.Group) -> None:
         tls_key: Path | None,
         db_url: str | None,
         idle_timeout: float | None,
+        probe_port: int | None,
+        relay_only: bool,
     ) -> None:
         """Run the homeport server (coordinator and relay) in the foreground."""
         from homeport.server.app import parse_listen, run_server
@@ -115,6 +129,8 @@ def register(cli: click.Group) -> None:
             tls_key,
             db_url,
             idle_timeout=idle_timeout,
+            probe_port=probe_port,
+            relay_only=relay_only,
         )
         sys.exit(code)
 
