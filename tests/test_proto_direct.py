@@ -378,3 +378,27 @@ def test_a_server_without_direct_gets_no_direct_messages() -> None:
             sent.append(type(cmd.msg).__name__)
     assert sent == ["Hello", "Announce"]
     assert not core.peer_ping("n2", 1)
+
+
+def test_the_peer_map_says_offline_and_back_online_reprobes(net: DirectNet) -> None:
+    a, b = net.pair()
+    b_id = b.record.node_id
+    net.advance(c.NETMAP_COALESCE)  # the peer maps are pushed
+    a.core.stream_wanted(b_id, net.sim.now)
+    net.settle()
+    [pa] = punches(a)
+    a.core.punch_failed(b_id, pa.punch_id, "punch-timeout", "punch timed out", net.sim.now)
+    net.settle()
+    net.sim.end(b.sid)  # B goes offline: the map says so
+    net.peers.remove(b)
+    net.advance(c.NETMAP_COALESCE)
+    assert a.core.path_choice(b_id, net.sim.now).code == "peer-offline"
+    a.core.stream_wanted(b_id, net.sim.now)
+    net.advance(5.0)  # the backoff passes, but nobody asks for an offline peer
+    assert len(punches(a)) == 1
+    # B comes back (its core re-sends ENDPOINTS after WELCOME): A re-probes at once
+    net.peers.append(b)
+    net.connect(b)
+    net.advance(c.NETMAP_COALESCE)
+    assert len(punches(a)) == 2
+    assert a.core.path_choice(b_id, net.sim.now).code == "probing"

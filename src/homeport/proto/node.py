@@ -477,6 +477,7 @@ class NodeCore:
         elif isinstance(msg, m.Peers):
             if self.peers_expected:
                 self._on_peers(msg)
+                self._peers_online(now)
             else:
                 self.ignored += 1  # the server did not announce ``peers``: not for us
         elif isinstance(msg, m.Punch | m.PathFailed | m.PeerPing | m.PeerPong):
@@ -749,6 +750,17 @@ class NodeCore:
             return False
         self._send(m.PeerPing(peer=peer, seq=seq))
         return True
+
+    def _peers_online(self, now: float) -> None:
+        """Feed the peer map's online flags to the path managers; a peer back online re-probes."""
+        view = self.peers.peers
+        for pm in self.paths.managers():
+            peer = view.get(pm.peer)
+            if peer is not None and peer.online != pm.peer_online:
+                pm.update(now, peer_online=peer.online)
+                if peer.online:
+                    pm.endpoints_changed(now)
+        self._drain_paths()
 
     def _on_direct(self, msg: m.Punch | m.PathFailed | m.PeerPing | m.PeerPong, now: float) -> None:
         if isinstance(msg, m.PeerPing):
