@@ -402,3 +402,12 @@ def test_the_peer_map_says_offline_and_back_online_reprobes(net: DirectNet) -> N
     net.advance(c.NETMAP_COALESCE)
     assert len(punches(a)) == 2
     assert a.core.path_choice(b_id, net.sim.now).code == "probing"
+
+
+def test_removing_a_node_forgets_its_endpoints(net: DirectNet) -> None:
+    a, b = net.pair()
+    net.sim.core.remove_node("labpc", net.sim.now)
+    net.sim.run()
+    assert net.sim.core.endpoints_of(b.record.node_id) is None
+    answer = raw_req(net, a, b.record.node_id, 3)
+    assert isinstance(answer, m.PathFailed) and answer.code == "unknown-node"

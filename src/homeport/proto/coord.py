@@ -1048,6 +1048,7 @@ class Coordinator:
                 self._emit(RelayCancel(st.stream_id))
         self._emit(RelayCut(node_id))
         self._addresses.pop(node_id, None)
+        self._direct_offline(node_id)
         self._note(
             logging.INFO,
             f"node {node.name} ({node_id}) removed; {len(sessions)} session(s) closed, "

@@ -17,6 +17,13 @@ The driver's loop::
     core.open_local(token, dst, service, now, timeout) / core.local_open_ended(token)
     core.session_ended(reason, now) / core.connect_failed(reason, now)
     core.handle_timer(now)                  # when core.get_timer() is due
+    # direct paths (capability "direct"):
+    core.set_endpoints(endpoints, now)      # discovery result (io/netcheck); again on change
+    core.path_choice(peer_id, now)          # before a local open: direct → open on the mux
+    core.stream_wanted(peer_id, now, direct=...)   # a stream started (relay ones may PATH_REQ)
+    core.punch_succeeded(peer_id, kind, endpoint, now) / core.punch_failed(peer_id, id, code, …)
+    core.path_lost(peer_id, reason, now) / core.path_rtt(peer_id, ms)   # from the mux link
+    core.peer_ping(peer_id, seq)            # homeport ping over the relay → PeerPongReceived
     while (cmd := core.next_command()) is not None: carry_out(cmd)
 
 What it owns:
@@ -467,7 +474,7 @@ class NodeCore:
             self._on_error(msg)
         elif self.state is SessionState.HELLO_SENT:
             if isinstance(msg, m.Welcome):
-                self._on_welcome(msg)
+                self._on_welcome(msg, now)
             else:
                 self.ignored += 1  # the control machine refuses these; belt and braces
         elif isinstance(msg, m.Incoming):
@@ -495,7 +502,7 @@ class NodeCore:
         elif outcome.status is Status.REFUSED:
             self.map_refused = outcome.reason
 
-    def _on_welcome(self, msg: m.Welcome) -> None:
+    def _on_welcome(self, msg: m.Welcome, now: float) -> None:
         self.state = SessionState.READY
         self.node_id = msg.node_id
         self.name = msg.name or self.name
@@ -504,7 +511,7 @@ class NodeCore:
         # ANNOUNCE right after WELCOME: a client that sees this node online can
         # open streams to its services at once.
         self._send(self._announce())
-        self._welcome_direct(msg)
+        self._welcome_direct(msg, now)
         self._commands.append(
             SessionReady(
                 node_id=msg.node_id,
@@ -662,10 +669,10 @@ class NodeCore:
         """Whether the server speaks direct paths (announced ``direct``)."""
         return m.CAP_DIRECT in self.server_caps
 
-    def _welcome_direct(self, msg: m.Welcome) -> None:
+    def _welcome_direct(self, msg: m.Welcome, now: float) -> None:
         direct = self.direct_expected
         self.probe_port = msg.probe_port if direct else 0
-        self.paths.update_all(0.0, relay_only_server=direct and not msg.direct)
+        self.paths.update_all(now, relay_only_server=direct and not msg.direct)
         if not direct:
             return
         if self.config.relay_only:

@@ -145,11 +145,11 @@ def _banner(running: Running, listen_host: str) -> str:
         [
             f"homeport server listening on {running.host}:{running.port}",
             f"  server pin: {running.pin}",
-            f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
             f"  data:       {data}",
             "  add a node:",
             f"    1. here:          homeport keys create --data {data}",
             f"    2. on the node:   homeport up --server {addr} --authkey KEY --name NAME",
+            f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
         ]
     )
 
