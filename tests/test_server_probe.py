@@ -168,3 +168,40 @@ def test_cli_passes_probe_port_and_relay_only(
     assert (seen["probe_port"], seen["relay_only"]) == (None, False)
     r = CliRunner().invoke(cli, ["server", "--data", data, "--probe-port", "70000"])
     assert r.exit_code == 2
+
+
+def test_a_real_server_coordinates_a_punch_and_forwards_peer_pings(
+    server: ServerHandle, tmp_path: Path
+) -> None:
+    """The direct-path messages through real TLS control sessions (capver 3)."""
+    from homeport.wire import control as m
+    from tests.test_server_service import Ctl, agent, enroll, unique
+
+    assert server.service is not None
+    one = enroll(server, unique("one"), tmp_path)
+    two = enroll(server, unique("two"), tmp_path)
+    probe_ctl = Ctl(server, one)
+    probe_ctl.send(m.Hello(proto=1, role="client", capver=m.CAPVER, caps=m.OUR_CAPS))
+    welcome = probe_ctl.recv()
+    assert isinstance(welcome, m.Welcome)
+    assert (welcome.direct, welcome.probe_port) == (True, server.service.probe_port)
+    assert m.CAP_DIRECT in welcome.caps
+    probe_ctl.close()
+    a = agent(server, one, (), capver=m.CAPVER)
+    b = agent(server, two, (m.ServiceInfo("ssh", 22),), capver=m.CAPVER)
+    a.send(m.Endpoints(candidates=(m.Candidate("public", "198.51.100.1:4000"),), nat="eim"))
+    b.send(m.Endpoints(candidates=(m.Candidate("local", "10.0.0.2:4000"),), nat="none"))
+    a.send(m.PathReq(dst=two.node_id, punch_id=5))
+    pa, pb = a.recv_type(m.Punch), b.recv_type(m.Punch)
+    assert isinstance(pa, m.Punch) and isinstance(pb, m.Punch)
+    assert (pa.punch_id, pa.tls_role, pa.peer.fingerprint) == (5, "client", two.fingerprint)
+    assert (pb.punch_id, pb.tls_role, pb.peer.fingerprint) == (5, "server", one.fingerprint)
+    assert pa.candidates[0].addr == "10.0.0.2:4000"
+    assert pb.candidates[0].addr == "198.51.100.1:4000"
+    a.send(m.PeerPing(peer=two.node_id, seq=41))
+    ping = b.recv_type(m.PeerPing)
+    assert ping == m.PeerPing(peer=one.node_id, seq=41)
+    b.send(m.PeerPong(peer=one.node_id, seq=41))
+    assert a.recv_type(m.PeerPong) == m.PeerPong(peer=two.node_id, seq=41)
+    a.close()
+    b.close()
