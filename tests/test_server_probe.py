@@ -191,6 +191,9 @@ def test_a_real_server_coordinates_a_punch_and_forwards_peer_pings(
     b = agent(server, two, (m.ServiceInfo("ssh", 22),), capver=m.CAPVER)
     a.send(m.Endpoints(candidates=(m.Candidate("public", "198.51.100.1:4000"),), nat="eim"))
     b.send(m.Endpoints(candidates=(m.Candidate("local", "10.0.0.2:4000"),), nat="none"))
+    core = server.service.core
+    # b's ENDPOINTS travel on another connection: wait until the server holds them
+    wait_for(lambda: server.call(lambda: core.endpoints_of(two.node_id)) is not None, DEADLINE)
     a.send(m.PathReq(dst=two.node_id, punch_id=5))
     pa, pb = a.recv_type(m.Punch), b.recv_type(m.Punch)
     assert isinstance(pa, m.Punch) and isinstance(pb, m.Punch)
