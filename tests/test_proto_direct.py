@@ -144,8 +144,9 @@ def test_both_request_at_once_one_punch_runs(net: DirectNet) -> None:
 
 def raw_req(net: DirectNet, who: Peer, dst: str, punch_id: int) -> m.Message:
     """Send PATH_REQ straight to the coordinator; return its answer to ``who``."""
-    net.sim.send(who.sid, m.PathReq(dst=dst, punch_id=punch_id))
     box = net.sim.out[who.sid]
+    box.take()  # only the answer to this request
+    net.sim.send(who.sid, m.PathReq(dst=dst, punch_id=punch_id))
     [answer] = [x for x in box.take() if isinstance(x, m.Punch | m.PathFailed)]
     return answer
 
@@ -411,3 +412,18 @@ def test_removing_a_node_forgets_its_endpoints(net: DirectNet) -> None:
     assert net.sim.core.endpoints_of(b.record.node_id) is None
     answer = raw_req(net, a, b.record.node_id, 3)
     assert isinstance(answer, m.PathFailed) and answer.code == "unknown-node"
+
+
+def test_path_tables_are_bounded(net: DirectNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(c, "MAX_PATH_RECORDS", 2)
+    a, b = net.pair()
+    x = net.join_with("third", (SSH,))
+    x.core.set_endpoints(eps("192.0.2.30:41641"), net.sim.now)
+    net.settle()
+    a_id, b_id, x_id = a.record.node_id, b.record.node_id, x.record.node_id
+    assert isinstance(raw_req(net, a, b_id, 1), m.Punch)
+    assert isinstance(raw_req(net, a, x_id, 2), m.Punch)
+    assert net.sim.core.pair_stats(a_id, b_id).punches == 1
+    assert isinstance(raw_req(net, b, x_id, 3), m.Punch)  # a third pair: the oldest goes
+    assert net.sim.core.pair_stats(a_id, b_id).punches == 0
+    assert net.sim.core.pair_stats(b_id, x_id).punches == 1

@@ -51,6 +51,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
@@ -66,6 +67,8 @@ from homeport.wire.errors import WireError
 from homeport.wire.hostkey import sanitize_host_keys
 
 SessionId = int
+K = TypeVar("K")
+V = TypeVar("V")
 
 #: How long the destination agent has to ACCEPT or REJECT an INCOMING.
 OPEN_TIMEOUT = 10.0
@@ -92,7 +95,8 @@ PUNCH_IN_FLIGHT = 10.0
 #: PEER_PING/PEER_PONG one node may have forwarded per PEER_PING_WINDOW seconds.
 MAX_PEER_PINGS = 20
 PEER_PING_WINDOW = 10.0
-#: Pairs whose path reports and counters are kept (oldest dropped beyond this).
+#: Pairs whose path reports, counters, rate limits and punches in flight are kept
+#: (each table separately; the oldest entry is dropped beyond this).
 MAX_PATH_RECORDS = 65536
 
 ROLE_AGENT = "agent"
@@ -322,6 +326,12 @@ class PairStats:
 
 
 DIRECT_MESSAGES = (m.Endpoints, m.PathReq, m.PathReport, m.PeerPing, m.PeerPong)
+
+
+def _evict_oldest(table: dict[K, V], key: K) -> None:
+    """Make room for ``key`` in a bounded table (insertion order: the oldest goes first)."""
+    if key not in table and len(table) >= MAX_PATH_RECORDS:
+        table.pop(next(iter(table)))
 
 
 def _nat(eps: m.Endpoints) -> NatKind:
@@ -1106,7 +1116,9 @@ class Coordinator:
             fail(*verdict)
             return
         mine, theirs = self._endpoints[src.node_id], self._endpoints[dst.node_id]
+        _evict_oldest(self._punching, pair)
         self._punching[pair] = now + PUNCH_IN_FLIGHT
+        _evict_oldest(self._pair_stats, pair)
         stats = self._pair_stats.setdefault(pair, PairStats())
         self._pair_stats[pair] = replace(stats, punches=stats.punches + 1)
         for sid, peer, eps, role in (
@@ -1140,6 +1152,7 @@ class Coordinator:
         )
         if not allowed:
             return hpath.POLICY, f"{dst.name} exposes no service {src.name} may reach"
+        _evict_oldest(self._path_reqs, pair)
         reqs = self._path_reqs.setdefault(pair, collections.deque())
         while reqs and reqs[0] <= now - PATH_REQ_WINDOW:
             reqs.popleft()
@@ -1185,8 +1198,7 @@ class Coordinator:
             streams_direct=msg.streams_direct,
             streams_relay=msg.streams_relay,
         )
-        if old is None and len(self._paths) >= MAX_PATH_RECORDS:
-            self._paths.pop(next(iter(self._paths)))
+        _evict_oldest(self._paths, key)
         self._paths[key] = rec
         if rec.code == hpath.PROBING:
             return  # a punch started: not an outcome
