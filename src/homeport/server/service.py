@@ -394,12 +394,13 @@ class Service:
             self._spawn(self._probe_one(sock))
 
     async def _probe_one(self, sock: socket.socket) -> None:
+        async def serve() -> None:
+            request = await self._recv_exact(sock, probe.REQUEST_LEN)
+            await self._answer_whoami(sock, request)
+
         try:
             sock.setblocking(False)
-            request = await asyncio.wait_for(
-                self._recv_exact(sock, probe.REQUEST_LEN), PROBE_TIMEOUT
-            )
-            await asyncio.wait_for(self._answer_whoami(sock, request), PROBE_TIMEOUT)
+            await asyncio.wait_for(serve(), PROBE_TIMEOUT)  # the whole exchange
         except (TimeoutError, WireError, OSError, ConnectionError) as exc:
             log.debug("probe port: %s", exc)
         finally:
