@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from homeport.crypto import identity
 from homeport.proto import coord as c
+from homeport.proto.audit import Audit
 from homeport.store.db import open_store
 from homeport.store.registry import Registry
 from homeport.wire import control as m
@@ -63,6 +64,7 @@ class Sim:
         self.out: dict[int, Outbox] = {}
         self.relay: list[c.Command] = []
         self.notes: list[str] = []
+        self.audits: list[Audit] = []
         self._next = 0
         self.now = T0
 
@@ -89,6 +91,8 @@ class Sim:
             self.core.enroll_done(cmd.session, self.registry.enroll(cmd), self.now)
         elif isinstance(cmd, c.Note):
             self.notes.append(cmd.text)
+        elif isinstance(cmd, Audit):
+            self.audits.append(cmd)
         else:
             self.relay.append(cmd)
 

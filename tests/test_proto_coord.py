@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from homeport.proto import audit as au
 from homeport.proto import coord as c
 from homeport.proto.netmap import PeerView
 from homeport.wire import control as m
@@ -384,3 +385,47 @@ def test_removal_cuts_live_streams(sim: Sim) -> None:
     sim.run()
     assert sim.core.stream_states() == {}
     assert any(isinstance(x, c.RelayCut) for x in sim.relay)
+
+
+# -- audit records ----------------------------------------------------------------------------
+
+
+def _audits(sim: Sim, kind: str) -> list[dict[str, str]]:
+    return [x.as_dict() for x in sim.audits if x.kind == kind]
+
+
+def test_audit_records_enrollment_streams_and_removal(sim: Sim) -> None:
+    agent, client, inc = _open(sim)
+    lab, laptop = sim.core.node_by_name("labpc"), sim.core.node_by_name("laptop")
+    assert lab is not None and laptop is not None
+    enrolled = {e["node"]: e for e in _audits(sim, au.ENROLL)}
+    assert enrolled["labpc"]["node_id"] == lab.node_id and enrolled["labpc"]["key_id"]
+    assert enrolled["laptop"]["address"] == "192.0.2.10:40000"
+    sim.send(agent, m.Accept(stream_id=inc.stream_id))
+    (allowed,) = _audits(sim, au.STREAM)
+    assert allowed == {
+        "stream": inc.stream_id, "src": "laptop", "src_id": laptop.node_id, "dst": "labpc",
+        "dst_id": lab.node_id, "service": "ssh", "verdict": "allowed", "code": "ok",
+        "rule": "service-exposed", "by": "destination", "reason": "",
+    }  # fmt: skip
+    # refused by the server's early check: the requested service and the deciding rule
+    sim.send(client, m.Open(dst="labpc", service="web", token="cd" * 16))
+    denied = _audits(sim, au.STREAM)[-1]
+    assert (denied["verdict"], denied["by"], denied["code"]) == ("denied", "server", "not-exposed")
+    assert denied["service"] == "web" and denied["rule"] and denied["dst_id"] == ""
+    # refused by the destination: its code, and who refused
+    sim.send(client, m.Open(dst="labpc", service="ssh", token="ef" * 16))
+    inc2 = [x for x in sim.out[agent].messages if isinstance(x, m.Incoming)][-1]
+    sim.send(agent, m.Reject(stream_id=inc2.stream_id, code="shields-up", message="no"))
+    rejected = _audits(sim, au.STREAM)[-1]
+    assert (rejected["verdict"], rejected["by"], rejected["code"]) == (
+        "denied",
+        "destination",
+        "shields-up",
+    )
+    assert rejected["stream"] == inc2.stream_id and rejected["reason"] == "no"
+    sim.core.remove_node("labpc", sim.now)
+    sim.run()
+    assert _audits(sim, au.NODE_REMOVE) == [
+        {"node": "labpc", "node_id": lab.node_id, "by": "admin"}
+    ]

@@ -485,3 +485,36 @@ def test_a_gap_in_the_peer_map_asks_once_for_a_full_map(node: Node) -> None:
     assert node.recv(m.Peers(version=7, base=6, reset=False, peers=(peer(3),))) == []
     node.recv(m.Peers(version=7, base=0, reset=True, peers=(peer(1), peer(2), peer(3))))
     assert (node.core.peers.version, node.core.peers.count) == (7, 3)
+
+
+# -- shields up ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", ["ssh", "web", "22", "nope"])
+def test_shields_up_refuses_every_incoming_and_still_opens(service: str) -> None:
+    core = n.NodeCore(
+        n.NodeConfig(name="labpc", server=SERVER, services=(SSH, WEB), shields_up=True),
+        backoff=Backoff(rng=random.Random(1)),
+    )
+    node = Node(core, Clock())
+    node.connect()
+    cmds = node.recv(incoming("s1", service))
+    # nothing local is connected: the answer is at once, whatever the service
+    assert not any(isinstance(c, n.ConnectTarget) for c in cmds)
+    (rec,) = [c.record for c in cmds if isinstance(c, n.Decided)]
+    assert (rec.accepted, rec.code, rec.rule) == (False, n.SHIELDS_UP, n.SHIELDS_UP)
+    assert "shields up" in rec.reason
+    sent = [c.msg for c in cmds if isinstance(c, n.Send)]
+    assert sent == [m.Reject("s1", n.SHIELDS_UP, rec.reason)]
+    assert core.shields_refused == 1 and core.active == 0
+    # the node can still open streams itself
+    core.open_local(tok(1), "pc2", "ssh", node.clock.now)
+    assert any(isinstance(c, n.Send) and isinstance(c.msg, m.Open) for c in node.drain())
+    node.recv(opened(tok(1)))
+    assert core.active == 1
+
+
+def test_shields_down_by_default(node: Node) -> None:
+    node.connect()
+    cmds = node.recv(incoming("s1", "ssh"))
+    assert cmds == [n.ConnectTarget("s1", SSH)] and node.core.shields_refused == 0

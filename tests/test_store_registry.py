@@ -176,7 +176,7 @@ def test_a_node_authenticates_with_any_of_its_certificates(tmp_path: Path) -> No
     registry.enroll(_request("n1", "labpc", key.key_id, key.secret))
     registry.store.add_node_cert("n1", "sha256:renewed", "PEM2", T0 + 10)
     [node] = registry.load_nodes()
-    assert node.fingerprints == ("sha256:n1", "sha256:renewed")
+    assert node.fingerprints == ("sha256:renewed", "sha256:n1")  # newest (current) first
     sim = Sim(nodes=registry.load_nodes())
     for fp in node.fingerprints:
         sid = sim.connect(fp)
@@ -209,7 +209,7 @@ def test_a_schema_1_database_is_migrated(tmp_path: Path) -> None:
     db.commit()
     db.close()
     store = open_store(default_url(str(tmp_path)))
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     [node] = Registry(store, server_pin=PIN).load_nodes()
     assert node.fingerprints == ("sha256:old",)
     assert node.services == (m.ServiceInfo("ssh", 22),)

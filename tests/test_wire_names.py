@@ -125,3 +125,44 @@ def test_the_module_imports_nothing() -> None:
     tree = ast.parse(Path(names.__file__).read_text())
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     assert top == []
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("alice", True),
+        ("alice@example.com", True),
+        ("a.b+ci_x-1@sub.example.org", True),
+        ("", False),
+        ("Alice", False),
+        ("alice@Example.com", False),
+        ("group:dev", False),
+        ("tag:server", False),
+        (".alice", False),
+        ("alice@", False),
+        ("alice@-bad.com", False),
+        ("a" * 129, False),
+    ],
+)
+def test_user_names(name: str, ok: bool) -> None:
+    from homeport.wire.names import user_name_problem
+
+    assert (user_name_problem(name) is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("tag", "ok"),
+    [
+        ("tag:server", True),
+        ("tag:db-1", True),
+        ("server", False),
+        ("tag:", False),
+        ("tag:Server", False),
+        ("tag:-x", False),
+        ("tag:" + "a" * 64, False),
+    ],
+)
+def test_tags(tag: str, ok: bool) -> None:
+    from homeport.wire.names import tag_problem
+
+    assert (tag_problem(tag) is None) is ok

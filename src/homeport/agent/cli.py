@@ -16,6 +16,10 @@ from typing import Any, NoReturn
 import click
 
 STATE_HELP = "state directory (env HOMEPORT_STATE, default ~/.local/state/homeport)"
+#: Environment variable an auth key may come from (removed from our environment once read).
+AUTHKEY_ENV = "HOMEPORT_AUTHKEY"
+#: Longest auth-key file or standard-input line we read (a key is ~100 bytes).
+MAX_AUTHKEY_INPUT = 4096
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -31,6 +35,137 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stderr
     )
+
+
+# -- the auth key: never left in the command line -------------------------------------
+#
+# Why: /proc/PID/cmdline is readable by every local user, so ``homeport up
+# --authkey KEY`` used to show a (possibly reusable) key in ``ps`` for the
+# agent's whole life. The safe ways are a file (``--authkey-file``), the
+# environment (``HOMEPORT_AUTHKEY``; /proc/PID/environ is readable only by
+# the same user and root, and we drop it from our environment so children do
+# not inherit it) or standard input (``--authkey -``). A key given literally
+# still works, so existing scripts keep working, but the agent re-executes
+# itself at once without it: the key travels to the new image through an
+# inherited pipe (``--authkey-file /dev/fd/N``, same PID, so supervisors see no
+# difference). A key from the environment is re-executed away the same way, as
+# /proc/PID/environ keeps the environment the process was started with. The key
+# is then visible only for the few milliseconds before that exec, not for
+# weeks. Refusing a literal key instead would break every documented command
+# line and push people toward worse workarounds; it does remain in the shell
+# history, so we say so in a warning.
+
+
+def _scrub_argv(args: list[str]) -> list[str] | None:
+    """``args`` without a literal ``--authkey VALUE``; None if there is none."""
+    out: list[str] = []
+    found = False
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out.extend(args[i:])
+            break
+        if a == "--authkey" and i + 1 < len(args) and args[i + 1] != "-":
+            found = True
+            i += 2
+            continue
+        if a.startswith("--authkey=") and a != "--authkey=-":
+            found = True
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    return out if found else None
+
+
+def _we_are_the_program() -> bool:
+    """Whether this process is ``homeport`` itself (not a test runner invoking the command)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = getattr(spec, "name", "") or ""
+    return name.startswith("homeport") or Path(sys.argv[0]).name == "homeport"
+
+
+def _reexec_without_key(key: str, *, from_env: bool = False) -> None:
+    """Replace this process with one whose command line and environment hold no key.
+
+    Returns only when there is nothing to hide or the exec failed.
+    """
+    args = sys.argv[1:]
+    scrubbed = args if from_env else _scrub_argv(args)
+    orig = list(getattr(sys, "orig_argv", []))
+    if (
+        scrubbed is None
+        or not _we_are_the_program()
+        or not orig
+        or orig[len(orig) - len(args) :] != args
+    ):
+        return  # not from our real command line (a test runner): nothing to hide
+    prefix = [sys.executable, *orig[1 : len(orig) - len(args)]]
+    rfd, wfd = os.pipe()
+    try:
+        os.write(wfd, key.encode())  # far below the pipe buffer: never blocks
+    finally:
+        os.close(wfd)
+    os.set_inheritable(rfd, True)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    try:
+        # same interpreter and arguments, minus the key: no shell, nothing parsed
+        os.execve(  # noqa: S606
+            sys.executable,
+            [*prefix, *scrubbed, "--authkey-file", f"/dev/fd/{rfd}"],
+            {k: v for k, v in os.environ.items() if k != AUTHKEY_ENV},
+        )
+    except OSError as exc:
+        os.close(rfd)
+        logging.getLogger("homeport.up").warning(
+            "could not re-execute to hide the auth key from ps (%s)", exc
+        )
+
+
+def _read_limited(stream: Any, what: str) -> str:
+    data = stream.read(MAX_AUTHKEY_INPUT + 1)
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "replace")
+    if len(data) > MAX_AUTHKEY_INPUT:
+        _fail(f"{what} is longer than {MAX_AUTHKEY_INPUT} bytes: not an auth key", 2)
+    lines = [str(ln).strip() for ln in data.splitlines() if ln.strip()]
+    if len(lines) != 1:
+        _fail(f"{what} must hold exactly one auth key line", 2)
+    return lines[0]
+
+
+def resolve_authkey(literal: str | None, key_file: str | None) -> str | None:
+    """The auth key from exactly one of ``--authkey``, ``--authkey-file``, ``$HOMEPORT_AUTHKEY``."""
+    env_key = os.environ.pop(AUTHKEY_ENV, None) or None
+    given = [x for x in (literal, key_file, env_key) if x]
+    if len(given) > 1:
+        _fail(f"give the auth key one way only: --authkey, --authkey-file or ${AUTHKEY_ENV}", 2)
+    if key_file:
+        try:
+            with open(key_file, "rb") as f:
+                return _read_limited(f, f"auth key file {key_file}")
+        except OSError as exc:
+            _fail(f"cannot read auth key file {key_file}: {exc.strerror or exc}", 2)
+    if literal == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            click.echo("auth key: ", err=True, nl=False)
+        return _read_limited(sys.stdin, "standard input")
+    if literal:
+        logging.getLogger("homeport.up").warning(
+            "an auth key on the command line stays in your shell history; prefer "
+            "--authkey-file FILE, $%s or --authkey - (standard input)",
+            AUTHKEY_ENV,
+        )
+        _reexec_without_key(literal)
+        return literal
+    if env_key:
+        # /proc/PID/environ keeps the exec-time environment whatever we pop: re-exec it away
+        _reexec_without_key(env_key, from_env=True)
+    return env_key
 
 
 # -- up -------------------------------------------------------------------------
@@ -77,21 +212,35 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 @click.command()
 @click.option("--server", metavar="HOST:PORT", help="server address (first run only)")
 @click.option(
-    "--authkey", metavar="KEY", help="auth key from 'homeport keys create' (first run only)"
+    "--authkey",
+    metavar="KEY",
+    help="auth key from 'homeport keys create' (first run only); '-' reads it from standard "
+    "input. Safer: --authkey-file or $HOMEPORT_AUTHKEY (a key given here is hidden from ps "
+    "by re-executing without it)",
+)
+@click.option(
+    "--authkey-file",
+    metavar="FILE",
+    help="read the auth key from FILE (first run only)",
 )
 @click.option("--name", metavar="NAME", help="this node's name (first run only)")
 @click.option("--ssh", "expose_ssh", is_flag=True, help="expose the local sshd (ssh=127.0.0.1:22)")
 @click.option("--expose", multiple=True, metavar="NAME=HOST:PORT", help="expose a local service")
 @click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option(
+    "--shields-up", is_flag=True, help="accept no incoming stream at all (this node can still open)"
+)
 @click.option("--ping-interval", type=float, default=5.0, show_default=True, metavar="S")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
     server: str | None,
     authkey: str | None,
+    authkey_file: str | None,
     name: str | None,
     expose_ssh: bool,
     expose: tuple[str, ...],
     state: str | None,
+    shields_up: bool,
     ping_interval: float,
     verbose: bool,
 ) -> None:
@@ -100,6 +249,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
 
     _setup_logging(verbose)
     log = logging.getLogger("homeport.up")
+    authkey = resolve_authkey(authkey, authkey_file)
     services = _services(expose_ssh, expose)
     state_dir = node_state.resolve_dir(state)
     try:
@@ -122,11 +272,33 @@ def up(  # noqa: PLR0917 - click passes options positionally
         node_state.save(st)
     elif not st.services:
         log.warning("exposing nothing: add --ssh or --expose NAME=HOST:PORT")
+    _mark_shields(st.dir, shields_up)
     from homeport.agent.runtime import run_agent
 
     sys.exit(
-        run_agent(st, st.services, ping_interval=ping_interval, idle_timeout=3 * ping_interval)
+        run_agent(
+            st,
+            st.services,
+            ping_interval=ping_interval,
+            idle_timeout=3 * ping_interval,
+            shields_up=shields_up,
+        )
     )
+
+
+def _mark_shields(state_dir: Path, shields_up: bool) -> None:
+    """Leave a mark for ``homeport status`` (another process) that shields are up, or not."""
+    from homeport.node.files import write_private
+    from homeport.proto.node import SHIELDS_UP_FILE
+
+    path = state_dir / SHIELDS_UP_FILE
+    try:
+        if shields_up:
+            write_private(path, b"shields up: this node accepts no incoming streams\n")
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        logging.getLogger("homeport.up").warning("cannot update %s: %s", path, exc)
 
 
 def register(cli: click.Group) -> None:

@@ -60,8 +60,7 @@ from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.loop import new_event_loop
 from homeport.io.pump import PumpEnd, pump
-from homeport.node import hostkeys
-from homeport.node import state as node_state
+from homeport.node import files, hostkeys
 from homeport.node.state import NodeState
 from homeport.policy.services import SSH_NAME, Service
 from homeport.proto import node as core
@@ -136,6 +135,7 @@ class Agent:
         backoff: Backoff | None = None,
         on_decision: Callable[[StreamRecord], None] | None = None,
         local_api: bool = True,
+        shields_up: bool = False,
     ) -> None:
         self.state = state
         self.services = services
@@ -144,7 +144,13 @@ class Agent:
         self._fixed_host_keys = host_keys
         self.on_decision = on_decision
         self.core = NodeCore(
-            NodeConfig(name=state.name, server=state.server, services=services, software=SOFTWARE),
+            NodeConfig(
+                name=state.name,
+                server=state.server,
+                services=services,
+                software=SOFTWARE,
+                shields_up=shields_up,
+            ),
             backoff=backoff,
         )
         self.connected = threading.Event()  # set while a session is READY (tests poll it)
@@ -362,15 +368,23 @@ class Agent:
                 self._local_failed(cmd)
             elif isinstance(cmd, core.SessionReady):
                 log.info(
-                    "connected to %s as %s (%s); announced %d services, %d host keys%s",
+                    "connected to %s as %s (%s); announced %d services, %d host keys%s%s",
                     self.state.server,
                     cmd.name,
                     cmd.node_id,
                     cmd.services,
                     cmd.host_keys,
                     "; peer map pushed" if cmd.peers else "",
+                    "; shields up: refusing every incoming stream"
+                    if self.core.config.shields_up
+                    else "",
                 )
                 self.connected.set()
+            elif isinstance(cmd, core.Renewed):
+                self._store_renewed(cmd)
+            elif isinstance(cmd, core.NoticeReceived):
+                level = logging.WARNING if cmd.code == "expiry" else logging.INFO
+                log.log(level, "server notice (%s): %s", cmd.code, cmd.message)
             elif isinstance(cmd, core.SessionLost):
                 self.connected.clear()
                 if not self._stopping:
@@ -382,6 +396,34 @@ class Agent:
             ):
                 self._action.set_result(cmd)
         self._arm_timer()
+
+    def _store_renewed(self, cmd: core.Renewed) -> None:
+        """Write the renewed key and certificate, then use them for new connections."""
+        try:
+            store_renewed_identity(self.state, cmd.key_pem, cmd.cert_pem)
+        except OSError as exc:
+            # the old certificate stays valid for the overlap; the next renewal retries
+            log.error("could not store the renewed node certificate: %s", exc)
+            return
+        when = (
+            "never"
+            if cmd.expires_at <= 0
+            else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cmd.expires_at))
+        )
+        log.info("node key renewed; it now expires %s", when)
+        with contextlib.suppress(OSError, ssl.SSLError):
+            self._stream_ctx = tlsctx.stream_context(
+                server_side=True,
+                cert=self.state.cert_path,
+                key=self.state.key_path,
+                ca_cert=self.state.ca_path,
+            )
+            self._client_ctx = tlsctx.stream_context(
+                server_side=False,
+                cert=self.state.cert_path,
+                key=self.state.key_path,
+                ca_cert=self.state.ca_path,
+            )
 
     def _arm_timer(self) -> None:
         when = self.core.get_timer()
@@ -656,7 +698,12 @@ class Agent:
             return
         port = msg.port or (int(req.service) if req.service.isdigit() else 22)
         try:
-            _ensure_known_hosts(self.state.dir, req.dst, port, peer.host_keys)
+            _ensure_known_hosts(self.state.dir, req.dst, port, peer.node_id, peer.host_keys)
+        except hostkeys.TrustError as exc:
+            tls.close()
+            with contextlib.suppress(OSError):
+                send_reply(conn, error_reply("untrusted", str(exc)))
+            return
         except (ValueError, OSError) as exc:
             tls.close()
             with contextlib.suppress(OSError):
@@ -748,6 +795,38 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+#: Suffix of a renewed key/certificate written but not yet moved into place.
+RENEW_SUFFIX = ".next"
+
+
+def store_renewed_identity(state: NodeState, key_pem: bytes, cert_pem: bytes) -> None:
+    """Replace the node key and certificate so that a crash never leaves a mismatched pair.
+
+    Both are written next to the old ones first (atomically, key 0600), then
+    moved into place key first; :func:`finish_renewal` completes a move that a
+    crash interrupted. Until then the old pair keeps working: the server
+    accepts the previous certificate during the overlap.
+    """
+    key_next = state.key_path.with_name(state.key_path.name + RENEW_SUFFIX)
+    cert_next = state.cert_path.with_name(state.cert_path.name + RENEW_SUFFIX)
+    files.write_private(key_next, key_pem)
+    files.write_public(cert_next, cert_pem)
+    finish_renewal(state)
+
+
+def finish_renewal(state: NodeState) -> None:
+    """Complete (or discard) a renewal that was interrupted; call before loading the key."""
+    key_next = state.key_path.with_name(state.key_path.name + RENEW_SUFFIX)
+    cert_next = state.cert_path.with_name(state.cert_path.name + RENEW_SUFFIX)
+    if key_next.exists() and not cert_next.exists():
+        key_next.unlink()  # crashed while writing: the old pair is intact
+        return
+    if key_next.exists():
+        os.replace(key_next, state.key_path)
+    if cert_next.exists():
+        os.replace(cert_next, state.cert_path)
+
+
 def run_agent(
     state: NodeState,
     services: tuple[Service, ...],
@@ -755,17 +834,20 @@ def run_agent(
     ping_interval: float = 5.0,
     idle_timeout: float = 15.0,
     host_keys: tuple[str, ...] | None = None,
+    shields_up: bool = False,
 ) -> int:
     """Run the agent in the foreground until SIGINT/SIGTERM or a fatal error.
 
     Returns the process exit code (:class:`ExitCode`).
     """
+    finish_renewal(state)
     agent = Agent(
         state,
         services,
         ping_interval=ping_interval,
         idle_timeout=idle_timeout,
         host_keys=host_keys,
+        shields_up=shields_up,
     )
     return run_in_loop(agent)
 
@@ -788,15 +870,12 @@ def _dst(req: OpenRequest) -> tuple[str, str]:
     return req.dst, req.service
 
 
-def _ensure_known_hosts(state_dir: Path, host: str, port: int, host_keys: tuple[str, ...]) -> None:
-    """Write ``known_hosts/<host>`` unless it already says exactly this.
+def _ensure_known_hosts(
+    state_dir: Path, host: str, port: int, node_id: str, host_keys: tuple[str, ...]
+) -> None:
+    """Check ``host`` against its pin and write ``known_hosts/<host>`` (only if it changed).
 
-    Saves the atomic write's fsync (~1 ms) on the warm path, where the same peer
-    is opened again and again; a changed key set is written as before.
+    Raises:
+        hostkeys.TrustError: another node id or other keys than pinned.
     """
-    text = node_state.render_known_hosts(host, port, host_keys).encode()
-    path = state_dir / node_state.KNOWN_HOSTS_DIR / host
-    with contextlib.suppress(OSError):
-        if path.read_bytes() == text:
-            return
-    node_state.write_known_hosts(state_dir, host, port, host_keys)
+    hostkeys.admit(state_dir, host, port, node_id, host_keys)

@@ -41,11 +41,11 @@ def _load(state: str | None) -> Any:
 # -- status ---------------------------------------------------------------------
 
 
-def _netmap(st: Any) -> Any:
+def _netmap(st: Any, welcome: list[Any] | None = None) -> Any:
     from homeport.io.dial import DialError, request_netmap
 
     try:
-        return request_netmap(st)
+        return request_netmap(st, welcome=welcome)
     except DialError as exc:
         _fail(f"cannot get the network map from {st.server}: {exc.message}")
 
@@ -58,11 +58,20 @@ def status(state: str | None, as_json: bool) -> None:
     from homeport.client import status as st_mod
 
     st = _load(state)
-    nm = _netmap(st)
+    welcome: list[Any] = []
+    nm = _netmap(st, welcome)
+    me = st_mod.self_status(welcome[0] if welcome else None)
+    shields = st_mod.shields_up(st.dir)
     if as_json:
-        click.echo(json.dumps(st_mod.to_json(nm), indent=2))
+        click.echo(
+            json.dumps({**st_mod.to_json(nm), **me.as_json(), "shields_up": shields}, indent=2)
+        )
     else:
+        if shields:
+            click.echo(st_mod.SHIELDS_UP_LINE)
         click.echo(st_mod.render_table(nm), nl=False)
+        for line in me.warnings:
+            click.echo(f"warning: {line}", err=True)
 
 
 # -- nc / ssh / ssh-config --------------------------------------------------------
@@ -147,6 +156,56 @@ def forward(bind: str, state: str | None, as_json: bool, local_port: int, target
         fwd.stop()
 
 
+# -- trust ----------------------------------------------------------------------
+
+
+@click.group()
+def trust() -> None:
+    """The node ids and ssh host keys this machine pinned for its peers."""
+
+
+@trust.command("list")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def trust_list(state: str | None, as_json: bool) -> None:
+    """Show each pinned peer: node id, host key fingerprints, pinned since."""
+    import time
+
+    from homeport.node import hostkeys
+
+    pins = hostkeys.list_pins(_state_dir(state))
+    if as_json:
+        click.echo(json.dumps({"pins": [p.to_json() for p in pins]}, indent=2))
+        return
+    if not pins:
+        click.echo("no pinned peers yet (the first connection to a peer pins it)")
+        return
+    for p in pins:
+        since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(p.since))
+        node = p.node_id or "(adopted from known_hosts; node id pinned on next use)"
+        click.echo(f"{p.name}  node {node}  since {since}")
+        for k in p.host_keys:
+            click.echo(f"    {hostkeys.fingerprint(k)}")
+
+
+@trust.command("reset")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.argument("name")
+def trust_reset(state: str | None, name: str) -> None:
+    """Forget NAME's pin: the next connection trusts (and pins) what the server says."""
+    from homeport.node import hostkeys
+
+    try:
+        found = hostkeys.reset_pin(_state_dir(state), name)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    except OSError as exc:
+        _fail(f"cannot forget {name}: {exc.strerror or exc}")
+    if not found:
+        _fail(f"nothing pinned for {name}")
+    click.echo(f"forgot the pin for {name}; the next connection pins what it finds")
+
+
 # -- service --------------------------------------------------------------------
 
 
@@ -216,5 +275,5 @@ def service_install(  # noqa: PLR0917 - click passes options positionally
 
 def register(cli: click.Group) -> None:
     """Add the client commands to the top-level ``homeport`` group."""
-    for cmd in (status, nc, ssh, ssh_config, forward, service):
+    for cmd in (status, nc, ssh, ssh_config, forward, trust, service):
         cli.add_command(cmd)

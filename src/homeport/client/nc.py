@@ -16,8 +16,11 @@ Two paths:
   (:func:`homeport.io.dial.open_stream`: control TLS, OPEN, data connection,
   end-to-end TLS) with the standard library only.
 
-Either way HOST's sshd host keys, as vouched for by the server, are written to
-``<state>/known_hosts/<HOST>`` before ssh reads a byte. Then:
+Either way HOST's sshd host keys, as vouched for by the server, are checked
+against the pin for HOST (:func:`homeport.node.hostkeys.admit`: the node id and
+keys first seen; a different node or changed keys are refused until
+``homeport trust reset HOST``) and written to ``<state>/known_hosts/<HOST>``
+before ssh reads a byte. Then:
 
 * with ``--fdpass`` and stdout an ``AF_UNIX`` stream socket (ssh's
   ``ProxyUseFdpass yes``: ssh hands its ProxyCommand one end of a socketpair
@@ -477,11 +480,16 @@ def _direct(args: NcArgs, handoff: "_Socket | None") -> int:
         return _fail(args.host, f"connection failed: {exc}")
     peer = stream.opened.peer
     port = stream.opened.port or (int(args.service) if args.service.isdigit() else 22)
-    try:
-        node_state.write_known_hosts(state.dir, args.host, port, peer.host_keys)
+    from homeport.node.hostkeys import TrustError, admit
+
+    try:  # the pin, then known_hosts: never trust the server's word for a name twice
+        admit(state.dir, args.host, port, peer.node_id, peer.host_keys)
+    except TrustError as exc:
+        stream.tls.close()
+        return _fail(args.host, str(exc))
     except (ValueError, OSError) as exc:
         stream.tls.close()
-        return _fail(args.host, f"cannot write known_hosts for {peer.name}: {exc}")
+        return _fail(args.host, f"cannot write known_hosts for {peer.name!r}: {exc}")
     if handoff is not None:
         return _fork_and_hand_off(args.host, stream.tls, handoff)
     sys.stdout.flush()

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from homeport.wire.control import NetMap, NodeInfo
+from homeport.proto.node import SHIELDS_UP_FILE
+from homeport.wire.control import NetMap, NodeInfo, Welcome
+
+#: Warn about this node's own key expiry this far ahead (the server's NOTICE days: 14/3/1).
+EXPIRY_WARN_AHEAD = 14 * 86400.0
 
 COLUMNS = ("NAME", "ONLINE", "LAST SEEN", "SERVICES", "PATH")
+SHIELDS_UP_LINE = "shields up: this node accepts no incoming streams (homeport up --shields-up)"
+
+
+def shields_up(state_dir: Path) -> bool:
+    """Whether this node's last ``homeport up`` ran with ``--shields-up`` (its mark file)."""
+    return (state_dir / SHIELDS_UP_FILE).exists()
 
 
 def ago(seconds: float) -> str:
@@ -81,3 +93,47 @@ def to_json(netmap: NetMap, now: float | None = None) -> dict[str, Any]:
             for n in netmap.nodes
         ],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class SelfStatus:
+    """This node's own standing with the server: approval and node-key expiry."""
+
+    approved: bool = True
+    expires_at: float = 0.0  # unix time; 0 = never
+    warnings: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "approved": self.approved,
+            "key_expires_at": self.expires_at or None,
+            "warnings": list(self.warnings),
+        }
+
+
+def self_status(welcome: Welcome | None, now: float | None = None) -> SelfStatus:
+    """What ``status`` says about this node itself (from the server's WELCOME).
+
+    Why here and not only in the agent's log: a node that waits for approval,
+    or whose key is about to expire while it is offline, is the one thing its
+    owner must act on, and ``status`` is where they look.
+    """
+    if welcome is None:
+        return SelfStatus()
+    now = time.time() if now is None else now
+    warnings: list[str] = []
+    if not welcome.approved:
+        warnings.append(
+            f"{welcome.name} waits for an admin's approval: it sees no other node and no one "
+            f"can reach it until 'homeport nodes approve {welcome.name}' runs on the server"
+        )
+    exp = welcome.expires_at
+    if exp > 0 and exp - now <= EXPIRY_WARN_AHEAD:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(exp))
+        left = exp - now
+        days = f"{left / 86400:.0f} days" if left >= 86400 else f"{max(1, left // 3600):.0f} h"
+        warnings.append(
+            f"the key of {welcome.name} expires {when} (in {days}); a running 'homeport up' "
+            f"renews it by itself, or an admin can run 'homeport nodes extend {welcome.name}'"
+        )
+    return SelfStatus(approved=welcome.approved, expires_at=exp, warnings=tuple(warnings))

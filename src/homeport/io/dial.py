@@ -267,7 +267,12 @@ def connect_control(
     return client
 
 
-def request_netmap(state: NodeState, *, timeout: float = DEFAULT_TIMEOUT) -> m.NetMap:
+def request_netmap(
+    state: NodeState,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    welcome: list[m.Welcome] | None = None,
+) -> m.NetMap:
     """This node's peer map, as a NETMAP table, over a client-role connection (``status``).
 
     A capver-2 server answers with PEERS frames (a full map, possibly split over
@@ -278,6 +283,8 @@ def request_netmap(state: NodeState, *, timeout: float = DEFAULT_TIMEOUT) -> m.N
     deadline = time.monotonic() + timeout
     with connect_control(state, "client", timeout=timeout) as client:
         client.send(m.NetMapRequest())
+        if welcome is not None and client.welcome is not None:
+            welcome.append(client.welcome)  # approval and key expiry, for ``status``
         view = PeerView()
         while True:
             msg = client.recv(deadline)

@@ -44,6 +44,7 @@ Stream life (one table, one place)::
 from __future__ import annotations
 
 import collections
+import datetime
 import enum
 import heapq
 import hmac
@@ -56,8 +57,17 @@ from typing import TypeVar
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
 from homeport.policy.decide import Subject, decide
+from homeport.proto import audit as au
 from homeport.proto import path as hpath
-from homeport.proto.audit import Audit
+from homeport.proto.audit import (
+    APPROVE,
+    CERT_ISSUE,
+    ENROLL,
+    ENROLL_REFUSED,
+    NODE_EXPIRY,
+    NODE_REMOVE,
+    Audit,
+)
 from homeport.proto.nat import NatKind
 from homeport.proto.netmap import PeerBook
 from homeport.wire import authkey, names
@@ -98,9 +108,21 @@ PEER_PING_WINDOW = 10.0
 #: Pairs whose path reports, counters, rate limits and punches in flight are kept
 #: (each table separately; the oldest entry is dropped beyond this).
 MAX_PATH_RECORDS = 65536
+#: Default node-key lifetime (``homeport server --key-expiry``); None would mean never.
+DEFAULT_KEY_EXPIRY = 180 * 86400.0
+#: An ephemeral node is removed once it has been offline this long.
+EPHEMERAL_OFFLINE = 600.0
+#: How far ahead of its key expiry a node is warned (logs, NOTICE, ``nodes list``).
+EXPIRY_WARNINGS: tuple[float, ...] = (14 * 86400.0, 3 * 86400.0, 86400.0)
+#: Certificates a node may authenticate with at once: the renewed one and the one before.
+MAX_NODE_CERTS = 2
 
 ROLE_AGENT = "agent"
 ROLE_CLIENT = "client"
+
+_PENDING_TEXT = (
+    "{name} is waiting for an admin's approval ('homeport nodes approve {name}' on the server)"
+)
 
 
 # -- records ------------------------------------------------------------------------
@@ -126,6 +148,14 @@ class NodeRecord:
     removed_at: float | None = None
     user: str = ""
     tags: tuple[str, ...] = ()
+    #: False while an admin has not approved it: in no peer map, no streams either way.
+    approved: bool = True
+    #: When its node key expires (None: never, e.g. tagged or enrolled before expiry existed).
+    expires_at: float | None = None
+    #: Removed automatically after EPHEMERAL_OFFLINE offline.
+    ephemeral: bool = False
+    #: An admin ran ``nodes disable-expiry``: ``expires_at`` is ignored.
+    expiry_disabled: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -134,6 +164,15 @@ class NodeRecord:
     @property
     def removed(self) -> bool:
         return self.removed_at is not None
+
+    def expired_at(self, now: float) -> bool:
+        """Whether the node key has expired at ``now`` (never when expiry is off)."""
+        return self.expiry_deadline is not None and now >= self.expiry_deadline
+
+    @property
+    def expiry_deadline(self) -> float | None:
+        """The expiry that applies (None when the key never expires)."""
+        return None if self.expiry_disabled else self.expires_at
 
     def subject(self) -> Subject:
         return Subject(node_id=self.node_id, name=self.name, user=self.user, tags=self.tags)
@@ -161,6 +200,12 @@ class NodeStatus:
     services: tuple[m.ServiceInfo, ...]
     fingerprint: str
     created_at: float
+    user: str = ""
+    tags: tuple[str, ...] = ()
+    approved: bool = True
+    expires_at: float | None = None
+    ephemeral: bool = False
+    expiry_disabled: bool = False
 
 
 # -- commands -----------------------------------------------------------------------
@@ -251,7 +296,28 @@ class RemoveNode:
     removed_at: float
 
 
-StoreOp = SetSeen | SetAnnounce | RemoveNode
+@dataclass(frozen=True, slots=True)
+class SetAccess:
+    """A node's approval and key-expiry state changed."""
+
+    node_id: str
+    approved: bool
+    expires_at: float | None
+    expiry_disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RenewCert:
+    """A renewed certificate: add it, keep only the newest ``keep`` of the node's certificates."""
+
+    node_id: str
+    fingerprint: str
+    cert_pem: str
+    created_at: float
+    keep: int = MAX_NODE_CERTS
+
+
+StoreOp = SetSeen | SetAnnounce | RemoveNode | SetAccess | RenewCert
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +340,10 @@ class EnrollRequest:
     secret: str
     node: NodeRecord
     now: float
+    #: The node-key lifetime to give an untagged node (None: never expires).
+    key_lifetime: float | None = None
+    #: Whether tagged nodes' keys expire too (default: exempt, like Tailscale).
+    expire_tagged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +484,7 @@ class _Stream:
     created_at: float
     state: StreamState = StreamState.WAITING
     deadline: float | None = None
+    rule: str = ""  # the rule that let the server pass it on (for the audit log)
 
 
 @dataclass(order=True, slots=True)
@@ -433,6 +504,11 @@ def _ago(seconds: float) -> str:
     if s < 36 * 3600:
         return f"{s / 3600:.0f} h"
     return f"{s / 86400:.0f} days"
+
+
+def _utc(when: float) -> str:
+    """A date people read in logs and errors (UTC, minute precision)."""
+    return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def sanitize_services(services: tuple[m.ServiceInfo, ...]) -> tuple[m.ServiceInfo, ...]:
@@ -466,6 +542,9 @@ class Coordinator:
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
         relay_only: bool = False,
         probe_port: int = 0,
+        key_expiry: float | None = DEFAULT_KEY_EXPIRY,
+        expire_tagged: bool = False,
+        ephemeral_offline: float = EPHEMERAL_OFFLINE,
     ) -> None:
         self.ca = ca
         self._ca_pem = ca.cert_pem.decode()
@@ -499,8 +578,18 @@ class Coordinator:
         self._paths: dict[tuple[str, str], PathRecord] = {}  # (reporter, peer) -> last report
         self._pair_stats: dict[frozenset[str], PairStats] = {}
         self._peer_pings: dict[str, collections.deque[float]] = {}
+        self.key_expiry = key_expiry
+        self.expire_tagged = expire_tagged
+        self.ephemeral_offline = ephemeral_offline
+        #: (kind, node id) -> when its "expiry"/"ephemeral" timer is due (others are stale)
+        self._node_due: dict[tuple[str, str], float] = {}
+        self._enroll_keys: dict[SessionId, str] = {}  # auth key id of an enrollment in flight
         for node in nodes:
             self._add_node(node)
+            self._schedule_expiry(node, None)
+            if node.ephemeral and not node.removed:
+                offline_since = node.last_seen if node.last_seen is not None else node.created_at
+                self._set_due("ephemeral", node.node_id, offline_since + ephemeral_offline)
 
     # -- inspection (tests, admin, status) ------------------------------------------------
     def commands(self) -> list[Command]:
@@ -539,6 +628,12 @@ class Coordinator:
                 services=n.services,
                 fingerprint=n.fingerprint,
                 created_at=n.created_at,
+                user=n.user,
+                tags=n.tags,
+                approved=n.approved,
+                expires_at=n.expires_at,
+                ephemeral=n.ephemeral,
+                expiry_disabled=n.expiry_disabled,
             )
             for n in self._nodes.values()
             if not n.removed
@@ -574,6 +669,8 @@ class Coordinator:
                 self._note(logging.INFO, f"agent {node.name} ({node_id}) offline")
                 self._direct_offline(node_id)
                 self._map_changed(node_id, now)
+                if node.ephemeral:
+                    self._set_due("ephemeral", node_id, now + self.ephemeral_offline)
 
     def message(self, sid: SessionId, msg: m.Message, now: float) -> None:
         """One decoded control message from session ``sid``."""
@@ -599,6 +696,8 @@ class Coordinator:
             self._answer(s, msg, now)
         elif isinstance(msg, DIRECT_MESSAGES) and agent:
             self._direct(s, msg, now)
+        elif isinstance(msg, m.Renew) and agent:
+            self._renew(s, msg, now)
         else:
             self._emit(
                 Close(sid, "bad-request", f"unexpected {msg.TYPE.name} from a {s.role or 'node'}")
@@ -656,6 +755,9 @@ class Coordinator:
                 )
             )
             return
+        if node.expired_at(now):
+            self._emit(Close(s.sid, "expired", self._expired_text(node)))
+            return
         s.state = SessionState.AUTHED
         s.node_id = node.node_id
         s.role = msg.role
@@ -674,11 +776,17 @@ class Coordinator:
                     caps=m.OUR_CAPS,
                     direct=not self.relay_only,
                     probe_port=self.probe_port,
+                    approved=node.approved,
+                    expires_at=node.expiry_deadline or 0.0,
+                    key_lifetime=self.key_expiry or 0.0,
+                    server_time=now,
                 ),
             )
         )
+        self._warn_expiry(node, now, s)
         if msg.role != ROLE_AGENT:
             return
+        self._node_due.pop(("ephemeral", node.node_id), None)
         old = self._agents.get(node.node_id)
         self._agents[node.node_id] = s.sid
         self._addresses[node.node_id] = s.address
@@ -691,7 +799,7 @@ class Coordinator:
             old_s = self._sessions.get(old)
             if old_s is not None:
                 old_s.role = ""  # its end must not take the node offline
-        s.wants_map = m.CAP_PEERS in s.caps
+        s.wants_map = m.CAP_PEERS in s.caps and node.approved
         self._note(logging.INFO, f"agent {node.name} ({node.node_id}) online from {s.address}")
         self._map_changed(node.node_id, now)
 
@@ -704,31 +812,54 @@ class Coordinator:
         try:
             key = authkey.parse_untrusted(msg.auth_key)
         except WireError:
-            self._refuse_enroll(s, "auth-key-invalid", "not a homeport auth key")
+            self._refuse_enroll(s, "auth-key-invalid", "not a homeport auth key", now)
             return
         if not hmac.compare_digest(key.server_pin.encode(), self.server_pin.encode()):
             self._refuse_enroll(
-                s, "auth-key-invalid", "this auth key was made for a different server"
+                s, "auth-key-invalid", "this auth key was made for a different server", now
             )
             return
         bad_name = names.node_name_problem(msg.name)
         if bad_name is not None:
-            self._refuse_enroll(s, "bad-name", bad_name)
+            self._refuse_enroll(s, "bad-name", bad_name, now)
             return
         node_id = "n" + self._random(6).hex()
         try:
             cert_pem = sign_node_csr(self.ca, msg.csr_pem.encode(), node_id).decode()
             fp = fingerprint(cert_der_from_pem(cert_pem.encode()))
         except (IdentityError, UnicodeError) as exc:
-            self._refuse_enroll(s, "bad-request", str(exc))
+            self._refuse_enroll(s, "bad-request", str(exc), now)
             return
         node = NodeRecord(
             node_id=node_id, name=msg.name, fingerprints=(fp,), created_at=now, cert_pem=cert_pem
         )
-        self._emit(EnrollRequest(s.sid, key.key_id, key.secret, node, now))
+        self._enroll_keys[s.sid] = key.key_id
+        self._emit(
+            EnrollRequest(
+                s.sid,
+                key.key_id,
+                key.secret,
+                node,
+                now,
+                key_lifetime=self.key_expiry,
+                expire_tagged=self.expire_tagged,
+            )
+        )
 
-    def _refuse_enroll(self, s: _Session, code: str, message: str) -> None:
+    def _refuse_enroll(self, s: _Session, code: str, message: str, now: float) -> None:
         self._note(logging.INFO, f"enrollment from {s.address} refused: {code}: {message}")
+        self._emit(
+            Audit(
+                ENROLL_REFUSED,
+                now,
+                (
+                    ("address", s.address),
+                    ("code", code),
+                    ("reason", message),
+                    ("key_id", self._enroll_keys.pop(s.sid, "")),
+                ),
+            )
+        )
         self._emit(Close(s.sid, code, message))
 
     def enroll_done(self, sid: SessionId, result: NodeRecord | EnrollRefused, now: float) -> None:
@@ -736,9 +867,27 @@ class Coordinator:
         s = self._sessions.get(sid)
         if isinstance(result, EnrollRefused):
             if s is not None:
-                self._refuse_enroll(s, result.code, result.message)
+                self._refuse_enroll(s, result.code, result.message, now)
+            self._enroll_keys.pop(sid, None)
             return
         self._add_node(result)
+        self._schedule_expiry(result, now)
+        self._emit(
+            Audit(
+                ENROLL,
+                now,
+                (
+                    ("node", result.name),
+                    ("node_id", result.node_id),
+                    ("user", result.user),
+                    ("tags", ",".join(result.tags)),
+                    ("key_id", self._enroll_keys.pop(sid, "")),
+                    ("approved", "yes" if result.approved else "pending"),
+                    ("ephemeral", "yes" if result.ephemeral else "no"),
+                    ("address", s.address if s is not None else ""),
+                ),
+            )
+        )
         self._note(
             logging.INFO,
             f"enrolled node {result.name} ({result.node_id})"
@@ -765,7 +914,8 @@ class Coordinator:
             self._by_fp[fp] = node.node_id
         if not node.removed:
             self._by_name[node.name] = node.node_id
-            self.book.upsert(self._peer(node))
+            if node.approved:
+                self.book.upsert(self._peer(node))
 
     # -- announce and peer maps ---------------------------------------------------------------
     def _announce(self, s: _Session, msg: m.Announce, now: float) -> None:
@@ -797,7 +947,7 @@ class Coordinator:
 
     def _map_changed(self, node_id: str, now: float) -> None:
         node = self._nodes.get(node_id)
-        if node is None or node.removed:
+        if node is None or node.removed or not node.approved:
             self.book.remove(node_id)
         else:
             self.book.upsert(self._peer(node))
@@ -816,6 +966,14 @@ class Coordinator:
                 s.map_version = version
 
     def _send_map(self, s: _Session, now: float) -> None:
+        me = self._nodes.get(s.node_id)
+        if me is not None and not me.approved:
+            # pending approval: it may see no one, exactly as no one sees it
+            if m.CAP_PEERS in s.caps:
+                self._emit(Send(s.sid, m.Peers(version=0, base=0, reset=True)))
+            else:
+                self._emit(Send(s.sid, m.NetMap(self_id=s.node_id, nodes=())))
+            return
         if m.CAP_PEERS in s.caps:
             # encoded once and written straight to the transport: a 10,000-node map
             # (~3.3 MiB over ~50 frames) must not sit in the control machine's queue
@@ -825,7 +983,9 @@ class Coordinator:
             return
         # a first-release client (``homeport status`` 0.1): the old one-frame map
         nodes = tuple(
-            m.node_info(self._peer(n), now=now) for n in self._nodes.values() if not n.removed
+            m.node_info(self._peer(n), now=now)
+            for n in self._nodes.values()
+            if not n.removed and n.approved
         )
         msg = m.NetMap(self_id=s.node_id, nodes=nodes)
         try:
@@ -854,7 +1014,10 @@ class Coordinator:
             )
             return
 
-        def refuse(code: str, message: str) -> None:
+        def refuse(code: str, message: str, rule: str = "") -> None:
+            self._audit_stream(
+                now, src, msg.dst, None, msg.service, False, code, rule or code, message
+            )
             self._note(
                 logging.INFO,
                 f"{src.name}: OPEN {msg.dst[:64]!r}:{msg.service[:64]!r} refused: {code}",
@@ -864,6 +1027,9 @@ class Coordinator:
 
         if s.opens >= MAX_PENDING_OPENS_PER_SESSION:
             refuse("busy", "too many opens in flight")
+            return
+        if not src.approved:
+            refuse("pending-approval", _PENDING_TEXT.format(name=src.name))
             return
         dst_id = self._by_name.get(msg.dst)
         dst = self._nodes.get(dst_id) if dst_id is not None else None
@@ -877,6 +1043,9 @@ class Coordinator:
             else:
                 refuse("unknown-node", f"no node named {msg.dst[:64]!r} in this network")
             return
+        if not dst.approved:
+            refuse("pending-approval", f"{dst.name} is waiting for an admin's approval")
+            return
         if dst.node_id not in self._agents:
             seen = (
                 "never seen"
@@ -887,7 +1056,7 @@ class Coordinator:
             return
         decision = decide(src.subject(), dst.name, dst.services, msg.service)
         if not decision.allowed or decision.service is None:
-            refuse(decision.code, decision.reason)
+            refuse(decision.code, decision.reason, decision.rule)
             return
         if len(self._streams) >= self.max_streams:
             refuse("busy", "the server has too many streams being set up; retry")
@@ -905,6 +1074,7 @@ class Coordinator:
             dest_token=self._random(len(token)),
             created_at=now,
             deadline=now + self.open_timeout,
+            rule=decision.rule,
         )
         self._streams[st.stream_id] = st
         self._tokens.add(token)
@@ -957,6 +1127,19 @@ class Coordinator:
                 logging.INFO,
                 f"stream {st.stream_id}: rejected by {st.dst.name}: {msg.code[:MAX_CODE]!r}",
             )
+            self._audit_stream(
+                now,
+                st.src,
+                st.dst.name,
+                st.dst,
+                st.service.name,
+                False,
+                msg.code[:MAX_CODE] or "rejected",
+                f"{st.dst.name}:{msg.code[:MAX_CODE]}",
+                msg.message[:MAX_REASON],
+                stream_id=st.stream_id,
+                by="destination",
+            )
             self._drop_stream(st)
             self._emit(RelayCancel(st.stream_id))
             self._emit(
@@ -970,6 +1153,10 @@ class Coordinator:
                 )
             )
             return
+        self._audit_stream(
+            now, st.src, st.dst.name, st.dst, st.service.name, True, "ok", st.rule, "",
+            stream_id=st.stream_id, by="destination",
+        )  # fmt: skip
         st.state = StreamState.ACCEPTED
         st.deadline = now + self.unpaired_timeout
         self._add_timer(st.deadline, "stream", st.stream_id)
@@ -1025,7 +1212,7 @@ class Coordinator:
             self._emit(Send(opener, m.OpenFailed(token=token, code=code, message=message)))
 
     # -- admin ------------------------------------------------------------------------------------
-    def remove_node(self, name: str, now: float) -> NodeRecord:
+    def remove_node(self, name: str, now: float, reason: str = "admin") -> NodeRecord:
         """Tombstone the live node ``name``: close its sessions, fail and cut its streams.
 
         Raises:
@@ -1038,6 +1225,9 @@ class Coordinator:
         self._nodes[node_id] = node
         del self._by_name[name]
         self._emit(Persist(RemoveNode(node_id, now)))
+        self._emit(
+            Audit(NODE_REMOVE, now, (("node", node.name), ("node_id", node_id), ("by", reason)))
+        )
         sessions = set(self._node_sessions.pop(node_id, set()))
         agent = self._agents.pop(node_id, None)
         if agent is not None:
@@ -1065,6 +1255,8 @@ class Coordinator:
             f"{cut} stream(s) cut",
         )
         self._map_changed(node_id, now)
+        self._node_due.pop(("expiry", node_id), None)
+        self._node_due.pop(("ephemeral", node_id), None)
         return node
 
     # -- direct paths (capability "direct"; docs/nat-traversal.md) ------------------------------
@@ -1233,6 +1425,230 @@ class Coordinator:
         for pair in [p for p in self._punching if node_id in p]:
             del self._punching[pair]
 
+    # -- identity: approval, expiry, renewal, ephemeral nodes ------------------------------------
+    def _live(self, name: str) -> NodeRecord:
+        node_id = self._by_name.get(name)
+        if node_id is None:
+            raise KeyError(name)
+        return self._nodes[node_id]
+
+    def _set_access(self, node: NodeRecord, now: float, **changes: object) -> NodeRecord:
+        new = replace(node, **changes)  # type: ignore[arg-type]
+        self._nodes[node.node_id] = new
+        self._emit(
+            Persist(SetAccess(new.node_id, new.approved, new.expires_at, new.expiry_disabled))
+        )
+        self._schedule_expiry(new, now)
+        return new
+
+    def _expired_text(self, node: NodeRecord) -> str:
+        when = node.expiry_deadline or 0.0
+        return (
+            f"the key of node {node.name!r} expired {_utc(when)}; an admin can re-admit it "
+            f"without touching this machine: 'homeport nodes extend {node.name}' on the server"
+        )
+
+    def _set_due(self, kind: str, node_id: str, when: float) -> None:
+        self._node_due[(kind, node_id)] = when
+        self._add_timer(when, kind, node_id)
+
+    def _schedule_expiry(self, node: NodeRecord, now: float | None) -> None:
+        """Arm the node's next expiry event: a warning point or the expiry itself.
+
+        ``now`` None (start-up): the earliest point, which re-evaluates at once.
+        """
+        deadline = node.expiry_deadline
+        if node.removed or deadline is None:
+            self._node_due.pop(("expiry", node.node_id), None)
+            return
+        points = sorted([deadline - d for d in EXPIRY_WARNINGS] + [deadline])
+        later = [p for p in points if now is None or p > now]
+        self._set_due("expiry", node.node_id, later[0] if later else deadline)
+
+    def _warn_expiry(self, node: NodeRecord, now: float, only: _Session | None = None) -> None:
+        """Warn (log, NOTICE to the node's sessions) if the key expires within a warning window."""
+        deadline = node.expiry_deadline
+        if deadline is None or now >= deadline or deadline - now > max(EXPIRY_WARNINGS):
+            return
+        text = f"the key of node {node.name!r} expires {_utc(deadline)} (in {_ago(deadline - now)})"
+        sessions = (
+            [only]
+            if only is not None
+            else [self._sessions[sid] for sid in sorted(self._node_sessions.get(node.node_id, ()))]
+        )
+        notice = m.Notice(
+            code="expiry",
+            message=text + "; it renews itself while online, or run "
+            f"'homeport nodes extend {node.name}'",
+            expires_at=deadline,
+        )
+        for s in sessions:
+            if m.CAP_RENEW in s.caps:
+                self._emit(Send(s.sid, notice))
+        if only is None:
+            self._note(logging.WARNING, text)
+
+    def _expiry_timer(self, node_id: str, now: float) -> None:
+        self._node_due.pop(("expiry", node_id), None)
+        node = self._nodes.get(node_id)
+        if node is None or node.removed:
+            return
+        if node.expired_at(now):
+            sessions = set(self._node_sessions.get(node_id, set()))
+            agent = self._agents.get(node_id)
+            if agent is not None:
+                sessions.add(agent)
+            for sid in sorted(sessions):
+                self._emit(Close(sid, "expired", self._expired_text(node)))
+            self._note(logging.WARNING, self._expired_text(node))
+            self._emit(
+                Audit(
+                    NODE_EXPIRY,
+                    now,
+                    (("node", node.name), ("node_id", node_id), ("event", "expired")),
+                )
+            )
+            return
+        self._warn_expiry(node, now)
+        self._schedule_expiry(node, now)
+
+    def _ephemeral_timer(self, node_id: str, now: float) -> None:
+        self._node_due.pop(("ephemeral", node_id), None)
+        node = self._nodes.get(node_id)
+        if node is None or node.removed or node_id in self._agents:
+            return
+        self._note(
+            logging.INFO,
+            f"ephemeral node {node.name} offline for {_ago(self.ephemeral_offline)}: removing it",
+        )
+        self.remove_node(node.name, now, reason="ephemeral")
+
+    def _renew(self, s: _Session, msg: m.Renew, now: float) -> None:
+        node = self._nodes[s.node_id]
+        try:
+            cert_pem = sign_node_csr(self.ca, msg.csr_pem.encode(), node.node_id).decode()
+            fp = fingerprint(cert_der_from_pem(cert_pem.encode()))
+        except (IdentityError, UnicodeError) as exc:
+            self._emit(Send(s.sid, m.Notice(code="renew-failed", message=str(exc)[:MAX_REASON])))
+            return
+        if fp in self._by_fp:
+            self._emit(
+                Send(s.sid, m.Notice(code="renew-failed", message="this key is already in use"))
+            )
+            return
+        keep = (fp, *node.fingerprints)[:MAX_NODE_CERTS]
+        for old in node.fingerprints[MAX_NODE_CERTS - 1 :]:
+            self._by_fp.pop(old, None)
+        self._by_fp[fp] = node.node_id
+        expires_at = node.expires_at
+        if expires_at is not None and self.key_expiry is not None:
+            expires_at = max(expires_at, now + self.key_expiry)
+        node = replace(node, fingerprints=keep, cert_pem=cert_pem)
+        self._nodes[node.node_id] = node
+        self._emit(Persist(RenewCert(node.node_id, fp, cert_pem, now)))
+        if expires_at != node.expires_at:
+            node = self._set_access(node, now, expires_at=expires_at)
+        self._emit(
+            Send(
+                s.sid,
+                m.Renewed(
+                    cert_pem=cert_pem, expires_at=node.expiry_deadline or 0.0, server_time=now
+                ),
+            )
+        )
+        self._note(
+            logging.INFO,
+            f"renewed the key of {node.name}"
+            + (f"; it now expires {_utc(node.expires_at)}" if node.expires_at else ""),
+        )
+        self._emit(
+            Audit(
+                CERT_ISSUE,
+                now,
+                (
+                    ("node", node.name),
+                    ("node_id", node.node_id),
+                    ("kind", "node-renew"),
+                    ("fingerprint", fp),
+                    ("expires_at", "" if node.expires_at is None else f"{node.expires_at:.0f}"),
+                ),
+            )
+        )
+        self._map_changed(node.node_id, now)
+
+    def approve_node(self, name: str, now: float) -> NodeRecord:
+        """An admin approved a pending node: it joins the peer maps and may open streams.
+
+        Raises:
+            KeyError: no live node has this name.
+        """
+        node = self._live(name)
+        if node.approved:
+            return node
+        node = self._set_access(node, now, approved=True)
+        for sid in sorted(self._node_sessions.get(node.node_id, set())):
+            s = self._sessions.get(sid)
+            if s is None:
+                continue
+            if m.CAP_RENEW in s.caps:
+                self._emit(
+                    Send(sid, m.Notice(code="approved", message=f"{name} was approved by an admin"))
+                )
+            if s.role == ROLE_AGENT and m.CAP_PEERS in s.caps:
+                s.wants_map = True
+                s.map_version = 0
+                self._emit(SendEncoded(sid, self.book.encoded_updates_for(s.node_id, 0)))
+        self._note(logging.INFO, f"node {name} ({node.node_id}) approved")
+        self._emit(Audit(APPROVE, now, (("node", name), ("node_id", node.node_id))))
+        self._map_changed(node.node_id, now)
+        return node
+
+    def _expiry_audit(self, node: NodeRecord, now: float, event: str) -> None:
+        self._emit(
+            Audit(
+                NODE_EXPIRY,
+                now,
+                (
+                    ("node", node.name),
+                    ("node_id", node.node_id),
+                    ("event", event),
+                    ("expires_at", "" if node.expires_at is None else f"{node.expires_at:.0f}"),
+                ),
+            )
+        )
+
+    def expire_node(self, name: str, now: float) -> NodeRecord:
+        """Expire the node's key now: its sessions end with ERROR(expired). Raises KeyError."""
+        node = self._set_access(self._live(name), now, expires_at=now, expiry_disabled=False)
+        self._expiry_audit(node, now, "expire")
+        self._expiry_timer(node.node_id, now)
+        return node
+
+    def extend_node(self, name: str, now: float, seconds: float | None = None) -> NodeRecord:
+        """Give the node a fresh key lifetime from now (re-admits an expired node). Raises KeyError.
+
+        ``seconds`` None: the server's key lifetime (or, when keys never expire here, 180 days).
+        """
+        life = seconds if seconds is not None else (self.key_expiry or DEFAULT_KEY_EXPIRY)
+        node = self._set_access(self._live(name), now, expires_at=now + life)
+        self._note(logging.INFO, f"node {name}: key extended to {_utc(now + life)}")
+        self._expiry_audit(node, now, "extend")
+        return node
+
+    def set_expiry_disabled(self, name: str, now: float, disabled: bool = True) -> NodeRecord:
+        """Turn key expiry off (or back on) for one node. Raises KeyError."""
+        node = self._set_access(self._live(name), now, expiry_disabled=disabled)
+        self._expiry_audit(node, now, "disable-expiry" if disabled else "enable-expiry")
+        return node
+
+    def nodes_of_user(self, user: str) -> list[NodeRecord]:
+        """The live nodes that belong to ``user``."""
+        return [n for n in self._nodes.values() if not n.removed and user and n.user == user]
+
+    def admin_audit(self, kind: str, now: float, fields: tuple[tuple[str, str], ...]) -> None:
+        """Record an admin action that happened outside the core (keys, users)."""
+        self._emit(Audit(kind, now, fields))
+
     # -- time -----------------------------------------------------------------------------------
     def _add_timer(self, when: float, kind: str, key: str) -> None:
         self._timer_seq += 1
@@ -1247,6 +1663,8 @@ class Coordinator:
     def _timer_live(self, t: _Timer) -> bool:
         if t.kind == "push":
             return self._push_due == t.when
+        if t.kind in ("expiry", "ephemeral"):
+            return self._node_due.get((t.kind, t.key)) == t.when
         st = self._streams.get(t.key)
         return st is not None and st.deadline == t.when
 
@@ -1257,6 +1675,12 @@ class Coordinator:
                 continue
             if t.kind == "push":
                 self._push_maps()
+                continue
+            if t.kind == "expiry":
+                self._expiry_timer(t.key, now)
+                continue
+            if t.kind == "ephemeral":
+                self._ephemeral_timer(t.key, now)
                 continue
             st = self._streams[t.key]
             if st.state is StreamState.WAITING:
@@ -1269,6 +1693,45 @@ class Coordinator:
                 self._emit(RelayCancel(st.stream_id))
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _audit(self, kind: str, now: float, **fields: str) -> None:
+        self._emit(Audit(kind, now, tuple(fields.items())))
+
+    def _audit_stream(  # noqa: PLR0917 - one audit record's fields
+        self,
+        now: float,
+        src: NodeRecord,
+        dst_name: str,
+        dst: NodeRecord | None,
+        service: str,
+        allowed: bool,
+        code: str,
+        rule: str,
+        reason: str,
+        *,
+        stream_id: str = "",
+        by: str = "server",
+    ) -> None:
+        """One STREAM record: who asked whom for what, the verdict, its code and rule.
+
+        ``by`` says who decided (the server's early check, or the destination's
+        ACCEPT/REJECT, which is authoritative).
+        """
+        self._audit(
+            au.STREAM,
+            now,
+            stream=stream_id,
+            src=src.name,
+            src_id=src.node_id,
+            dst=dst_name[:64],
+            dst_id=dst.node_id if dst is not None else "",
+            service=service[:64],
+            verdict="allowed" if allowed else "denied",
+            code=code,
+            rule=rule,
+            by=by,
+            reason=reason,
+        )
+
     def _emit(self, cmd: Command) -> None:
         self._out.append(cmd)
 

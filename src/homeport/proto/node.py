@@ -40,9 +40,11 @@ What it owns:
   never by trusting the server's routing: a bad token is refused, at
   :data:`MAX_STREAMS` the answer is REJECT(busy), and otherwise the one access
   decision :func:`homeport.policy.decide.decide` runs (REJECT(not-exposed) with
-  its reason) before anything local is connected. An allowed stream becomes a
-  :class:`ConnectTarget`; the driver reports the outcome, and only then does
-  the core send ACCEPT (and :class:`StartStream`) or REJECT(service-down).
+  its reason) before anything local is connected. A node with shields up
+  (``NodeConfig.shields_up``) refuses every INCOMING first: REJECT(shields-up).
+  An allowed stream becomes a :class:`ConnectTarget`; the driver reports the
+  outcome, and only then does the core send ACCEPT (and :class:`StartStream`)
+  or REJECT(service-down).
   Every outcome is one :class:`StreamRecord` (in a :class:`Decided` command).
 * **Local opens** (``homeport nc`` through ``agent.sock``): admitted only while
   READY and under the stream limit, sent as OPEN, and the matching OPENED or
@@ -75,8 +77,9 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from homeport.crypto import identity
 from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
 from homeport.policy.services import Service
 from homeport.proto import path as hpath
@@ -92,6 +95,12 @@ from homeport.wire.errors import WireError
 MAX_STREAMS = 256
 #: Server ERROR codes after which reconnecting can never succeed.
 FATAL_ERROR_CODES = frozenset({"node-removed"})
+#: Renew the node key when this fraction of its lifetime is left (well before expiry).
+RENEW_FRACTION = 1 / 3
+#: When the server gives no lifetime: renew this long before expiry.
+RENEW_AHEAD = 7 * 86400.0
+#: A renewal that got no RENEWED within this long is tried again (a new key each time).
+RENEW_RETRY = 300.0
 #: OPEN_FAILED codes after which nc should dial by itself rather than report:
 #: "busy" is about this session (opens in flight), not about the peer.
 LOCAL_FALLBACK_CODES = frozenset({"busy"})
@@ -103,6 +112,11 @@ ROLE_AGENT = "agent"
 RULE_LIMIT = "stream-limit"
 RULE_MALFORMED = "malformed"
 RULE_DUPLICATE = "duplicate"
+#: REJECT code and rule of a node started with ``--shields-up`` (stable: logs, tests).
+SHIELDS_UP = "shields-up"
+#: File in the state directory that says the last ``homeport up`` ran with ``--shields-up``
+#: (written by ``up``, read by ``status``: the agent and the client are separate processes).
+SHIELDS_UP_FILE = "shields-up"
 
 
 class ExitCode(enum.IntEnum):
@@ -132,6 +146,30 @@ class NodeConfig:
     services: tuple[Service, ...] = ()
     software: str = ""
     relay_only: bool = False  # --relay-only: never probe, never punch (ENDPOINTS says so)
+    #: ``up --shields-up``: refuse every INCOMING (REJECT ``shields-up``); opens still work.
+    shields_up: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """The server signed a new node key: store ``key_pem``/``cert_pem`` (atomically) and use them.
+
+    The old certificate stays valid on the server for the overlap, so a
+    driver that crashes before writing loses nothing but this renewal.
+    """
+
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+    expires_at: float  # unix time, 0 = never
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeReceived:
+    """A NOTICE from the server (expiry warning, approval): log it, show it in status."""
+
+    code: str
+    message: str
+    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +332,8 @@ class PathChanged:
 
 Command = (
     Send
+    | Renewed
+    | NoticeReceived
     | SessionReady
     | SessionLost
     | Reconnect
@@ -359,6 +399,8 @@ class NodeCore:
         self.map_refused = ""
         #: Messages ignored because they came where they make no sense (for tests).
         self.ignored = 0
+        #: INCOMING refused because shields are up (for logs and status).
+        self.shields_refused = 0
         self._epoch = 0  # one per session; stale pending streams are dropped
         self._session_start = 0.0
         self._pending: dict[str, _Pending] = {}
@@ -372,6 +414,14 @@ class NodeCore:
         self.endpoints: m.Endpoints | None = None
         #: The server's whoami probe port from WELCOME (0: none or no ``direct``).
         self.probe_port = 0
+        #: Whether an admin approved this node (WELCOME/NOTICE); False: it reaches no one.
+        self.approved = True
+        #: When the node key expires (server's unix time; 0 = never) and the last notice.
+        self.expires_at = 0.0
+        self.notice: NoticeReceived | None = None
+        self._renew_due: float | None = None  # on the driver's clock
+        self._renew_key: bytes | None = None
+        self._now = 0.0  # the driver's clock at the last input
 
     # -- read-outs ------------------------------------------------------------
     @property
@@ -467,6 +517,7 @@ class NodeCore:
     # -- messages from the server ------------------------------------------------------------
     def message_received(self, msg: m.Message, now: float) -> None:
         """One message the control machine decoded (PING/PONG never get here)."""
+        self._now = now
         if self.state not in (SessionState.HELLO_SENT, SessionState.READY):
             self.ignored += 1  # a late message of a session we already gave up on
             return
@@ -481,6 +532,10 @@ class NodeCore:
             self._on_incoming(msg)
         elif isinstance(msg, m.Opened | m.OpenFailed):
             self._on_open_answer(msg)
+        elif isinstance(msg, m.Renewed):
+            self._on_renewed(msg)
+        elif isinstance(msg, m.Notice):
+            self._on_notice(msg)
         elif isinstance(msg, m.Peers):
             if self.peers_expected:
                 self._on_peers(msg)
@@ -508,6 +563,9 @@ class NodeCore:
         self.name = msg.name or self.name
         self.server_capver = msg.capver
         self.server_caps = m.negotiate_caps(msg.caps)
+        self.approved = msg.approved
+        self.expires_at = msg.expires_at
+        self._plan_renewal(msg.expires_at, msg.server_time, msg.key_lifetime)
         # ANNOUNCE right after WELCOME: a client that sees this node online can
         # open streams to its services at once.
         self._send(self._announce())
@@ -521,6 +579,46 @@ class NodeCore:
                 peers=self.peers_expected,
             )
         )
+
+    # -- node-key renewal (cap renew) ---------------------------------------------------------
+    def _plan_renewal(self, expires_at: float, server_time: float, lifetime: float) -> None:
+        """Arm the renewal: a third of the lifetime before expiry, on our own clock.
+
+        Times are differences against the server's clock (``server_time``), so
+        a node whose wall clock is wrong still renews on time.
+        """
+        self._renew_key = None
+        if m.CAP_RENEW not in self.server_caps or expires_at <= 0 or server_time <= 0:
+            self._renew_due = None
+            return
+        ahead = lifetime * RENEW_FRACTION if lifetime > 0 else RENEW_AHEAD
+        self._renew_due = self._now + (expires_at - server_time) - ahead
+
+    def _on_renewed(self, msg: m.Renewed) -> None:
+        key, self._renew_key = self._renew_key, None
+        if key is None:
+            self.ignored += 1  # not asked for (or a late answer to an attempt we gave up on)
+            return
+        self.expires_at = msg.expires_at
+        self._commands.append(Renewed(key, msg.cert_pem.encode(), msg.expires_at))
+        self._renew_due = None
+        if msg.expires_at > 0 and msg.server_time > 0:
+            full = msg.expires_at - msg.server_time  # a fresh key: its whole lifetime is left
+            self._renew_due = self._now + full * (1 - RENEW_FRACTION)
+
+    def _on_notice(self, msg: m.Notice) -> None:
+        if msg.code == "approved":
+            self.approved = True
+        if msg.code == "expiry" and msg.expires_at > 0:
+            self.expires_at = msg.expires_at
+        self.notice = NoticeReceived(msg.code[:64], msg.message[:512], msg.expires_at)
+        self._commands.append(self.notice)
+
+    def _renew_now(self, now: float) -> None:
+        key_pem = identity.new_private_key_pem()
+        self._renew_key = key_pem
+        self._renew_due = now + RENEW_RETRY  # tried again if no RENEWED comes
+        self._send(m.Renew(csr_pem=identity.make_csr(key_pem, self.name).decode()))
 
     def _on_error(self, msg: m.Error) -> None:
         if msg.code in FATAL_ERROR_CODES:
@@ -540,6 +638,11 @@ class NodeCore:
     def _on_incoming(self, msg: m.Incoming) -> None:
         if msg.stream_id in self._pending or msg.stream_id in self._streams:
             self._refuse(msg, "protocol", "duplicate stream id", RULE_DUPLICATE)
+            return
+        if self.config.shields_up:  # before anything else: not even the service is looked up
+            self.shields_refused += 1
+            reason = f"{self.name} has shields up: it accepts no incoming streams"
+            self._refuse(msg, SHIELDS_UP, reason, SHIELDS_UP)
             return
         if self.active >= MAX_STREAMS:
             self._refuse(msg, "busy", f"{MAX_STREAMS} streams already active", RULE_LIMIT)
@@ -818,17 +921,27 @@ class NodeCore:
 
     # -- time -----------------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` must run next (a local open's or a path's deadline)."""
+        """When :meth:`handle_timer` must run next (a local open's or a path's deadline, a
+        renewal), or None."""
         waiting = [lo.deadline for lo in self._local.values() if lo.state is _OpenState.WAITING]
+        if self._renew_due is not None and self.state is SessionState.READY:
+            waiting.append(self._renew_due)
         path_t = self.paths.get_timer()
         if path_t is not None:
             waiting.append(path_t)
         return min(waiting) if waiting else None
 
     def handle_timer(self, now: float) -> None:
-        """Fail local opens whose answer did not come in time; run path timers."""
+        """Fail local opens whose answer did not come in time; renew the node key when due;
+        run path timers."""
         self.paths.handle_timer(now)
         self._drain_paths()
+        if (
+            self._renew_due is not None
+            and self.state is SessionState.READY
+            and now >= self._renew_due
+        ):
+            self._renew_now(now)
         for lo in self._local.values():
             if lo.state is _OpenState.WAITING and now >= lo.deadline:
                 lo.state = _OpenState.FAILED

@@ -20,6 +20,7 @@ answers, it opens the store itself through the same
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -31,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from homeport.io import unixsock
-from homeport.proto.coord import NodeRecord, NodeStatus
+from homeport.proto.audit import KEY_CREATE, KEY_REVOKE, NODE_REMOVE, USER, Audit
+from homeport.proto.coord import EXPIRY_WARNINGS, NodeRecord, NodeStatus
+from homeport.server.audit import append_now, audit_path
 from homeport.server.datadir import has_server_data, open_offline_registry
 from homeport.store.registry import Registry
 
@@ -82,10 +85,14 @@ class AdminOps:
         remove_node: Callable[[str], NodeRecord] | None = None,
         live: bool = False,
         clock: Callable[[], float] = time.time,
+        node_action: Callable[[str, str], NodeRecord] | None = None,
+        audit: Callable[[str, tuple[tuple[str, str], ...]], None] | None = None,
     ) -> None:
         self.registry = registry
         self._nodes = nodes or registry.node_list
         self._remove = remove_node
+        self._node_action = node_action
+        self._audit = audit
         self.live = live
         self._clock = clock
 
@@ -101,6 +108,13 @@ class AdminOps:
             "keys.revoke": self._keys_revoke,
             "nodes.list": self._nodes_list,
             "nodes.remove": self._nodes_remove,
+            "nodes.approve": self._nodes_action,
+            "nodes.expire": self._nodes_action,
+            "nodes.extend": self._nodes_action,
+            "nodes.disable-expiry": self._nodes_action,
+            "users.create": self._users_create,
+            "users.list": self._users_list,
+            "users.remove": self._users_remove,
         }.get(op)
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
@@ -114,12 +128,26 @@ class AdminOps:
     def _ping(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {"live": self.live}
 
+    def _emit_audit(self, kind: str, fields: tuple[tuple[str, str], ...]) -> None:
+        if self._audit is not None:
+            self._audit(kind, fields)
+
     def _keys_create(self, req: dict[str, Any]) -> dict[str, Any]:
         reusable = req.get("reusable", False)
         expiry = req.get("expiry_seconds")
         note = req.get("note", "")
+        user = req.get("user", "")
+        tags = req.get("tags", [])
+        ephemeral = req.get("ephemeral", False)
+        approval = req.get("approval", False)
         if not isinstance(reusable, bool) or not isinstance(note, str):
             raise TypeError("reusable must be a boolean and note a string")
+        if not isinstance(ephemeral, bool) or not isinstance(approval, bool):
+            raise TypeError("ephemeral and approval must be booleans")
+        if not isinstance(user, str) or not (
+            isinstance(tags, list) and all(isinstance(t, str) for t in tags)
+        ):
+            raise TypeError("user must be a string and tags a list of strings")
         if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
             raise TypeError("expiry_seconds must be a number or null")
         now = self._clock()
@@ -128,13 +156,32 @@ class AdminOps:
             reusable=reusable,
             expiry_seconds=None if expiry is None else float(expiry),
             note=note,
+            user=user,
+            tags=tuple(tags),
+            ephemeral=ephemeral,
+            approval=approval,
         )
         log.info("auth key %s created (reusable=%s)", key.key_id, reusable)
+        self._emit_audit(
+            KEY_CREATE,
+            (
+                ("key_id", key.key_id),
+                ("reusable", str(reusable).lower()),
+                ("ephemeral", str(ephemeral).lower()),
+                ("approval", str(approval).lower()),
+                ("user", user),
+                ("tags", ",".join(tags)),
+            ),
+        )
         return {
             "key": str(key),
             "key_id": key.key_id,
             "reusable": reusable,
             "expires_at": None if expiry is None else now + float(expiry),
+            "user": user,
+            "tags": list(tags),
+            "ephemeral": ephemeral,
+            "approval": approval,
         }
 
     def _keys_list(self, _req: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +196,10 @@ class AdminOps:
                     "expires_at": k.expires_at,
                     "last_used_at": k.last_used_at,
                     "note": k.note,
+                    "user": k.user,
+                    "tags": list(k.tags),
+                    "ephemeral": k.ephemeral,
+                    "approval": k.approval,
                 }
                 for k in self.registry.list_auth_keys(self._clock())
             ]
@@ -160,9 +211,11 @@ class AdminOps:
             raise TypeError("key_id must be a string")
         if not self.registry.revoke_auth_key(key_id):
             raise AdminError(f"no auth key {key_id!r}")
+        self._emit_audit(KEY_REVOKE, (("key_id", key_id),))
         return {"key_id": key_id}
 
     def _nodes_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        now = self._clock()
         return {
             "live": self.live,
             "nodes": [
@@ -175,6 +228,15 @@ class AdminOps:
                     "services": [{"name": s.name, "port": s.port} for s in n.services],
                     "fingerprint": n.fingerprint,
                     "created_at": n.created_at,
+                    "user": n.user,
+                    "tags": list(n.tags),
+                    "approved": n.approved,
+                    "expires_at": None if n.expiry_disabled else n.expires_at,
+                    "ephemeral": n.ephemeral,
+                    "expiry_disabled": n.expiry_disabled,
+                    "expiry_warning": expiry_warning(
+                        None if n.expiry_disabled else n.expires_at, now
+                    ),
                 }
                 for n in self._nodes()
             ],
@@ -189,9 +251,92 @@ class AdminOps:
                 node = self._remove(name)
             else:
                 node = self.registry.remove_node(name, self._clock())
+                # live, the coordinator records it; offline, we do
+                self._emit_audit(
+                    NODE_REMOVE, (("node", node.name), ("node_id", node.node_id), ("by", "offline"))
+                )
         except KeyError:
             raise AdminError(f"no node named {name!r}") from None
         return {"name": node.name, "node_id": node.node_id}
+
+    def _nodes_action(self, req: dict[str, Any]) -> dict[str, Any]:
+        action = str(req["op"]).removeprefix("nodes.")
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise TypeError("name must be a string")
+        try:
+            if self._node_action is not None:
+                node = self._node_action(action, name)
+            else:
+                node = self.registry.node_action(name, action, self._clock())
+        except KeyError:
+            raise AdminError(f"no node named {name!r}") from None
+        return {
+            "name": node.name,
+            "node_id": node.node_id,
+            "approved": node.approved,
+            "expires_at": None if node.expiry_disabled else node.expires_at,
+            "expiry_disabled": node.expiry_disabled,
+        }
+
+    def _users_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("name")
+        if not isinstance(name, str):
+            raise TypeError("name must be a string")
+        if not self.registry.create_user(name, self._clock()):
+            raise AdminError(f"user {name!r} already exists")
+        self._emit_audit(USER, (("user", name), ("event", "create")))
+        return {"name": name}
+
+    def _users_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        nodes = self._nodes()
+        return {
+            "users": [
+                {
+                    "name": u.name,
+                    "created_at": u.created_at,
+                    "nodes": sorted(n.name for n in nodes if n.user == u.name),
+                }
+                for u in self.registry.list_users()
+            ]
+        }
+
+    def _users_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("name")
+        force = req.get("force", False)
+        if not isinstance(name, str) or not isinstance(force, bool):
+            raise TypeError("name must be a string and force a boolean")
+        if name not in {u.name for u in self.registry.list_users()}:
+            raise AdminError(f"no user {name!r}")
+        owned = sorted(n.name for n in self._nodes() if n.user == name)
+        if owned and not force:
+            raise AdminError(
+                f"user {name!r} still has {len(owned)} node(s): {', '.join(owned)}; "
+                "remove them first, or use --force to remove them too"
+            )
+        for node_name in owned:
+            with contextlib.suppress(KeyError):
+                if self._remove is not None:
+                    self._remove(node_name)
+                else:
+                    self.registry.remove_node(node_name, self._clock())
+        self.registry.remove_user(name)
+        self._emit_audit(USER, (("user", name), ("event", "remove"), ("nodes", ",".join(owned))))
+        return {"name": name, "removed_nodes": owned}
+
+
+def expiry_warning(expires_at: float | None, now: float) -> str:
+    """``expired``, ``expires in 3 days`` (within 14 days), or "" (why: one wording everywhere)."""
+    if expires_at is None:
+        return ""
+    left = expires_at - now
+    if left <= 0:
+        return "expired"
+    if left > max(EXPIRY_WARNINGS):
+        return ""
+    if left < 86400:
+        return f"expires in {max(1, round(left / 3600))} h"
+    return f"expires in {round(left / 86400)} days"
 
 
 # -- server side ---------------------------------------------------------------------
@@ -329,6 +474,11 @@ def admin_request(
         )
     registry = open_offline_registry(data_dir, db_url=db_url)
     try:
-        return AdminOps(registry).handle(request)
+        path = audit_path(data_dir)
+
+        def offline_audit(kind: str, fields: tuple[tuple[str, str], ...]) -> None:
+            append_now(path, Audit(kind, time.time(), fields))
+
+        return AdminOps(registry, audit=offline_audit).handle(request)
     finally:
         registry.close()

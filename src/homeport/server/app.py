@@ -20,9 +20,10 @@ from typing import Any
 
 from homeport.io.loop import new_event_loop
 from homeport.io.tlsctx import control_server_context
-from homeport.proto.coord import Coordinator
+from homeport.proto.coord import DEFAULT_KEY_EXPIRY, Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
+from homeport.server.audit import AuditSink, audit_path
 from homeport.server.datadir import prepare_data_dir
 from homeport.server.service import Service, ServiceConfig
 from homeport.store.registry import WriteBehind, database_url, open_registry
@@ -85,6 +86,7 @@ async def serve(
     db_url: str | None = None,
     config: ServiceConfig | None = None,
     started: Callable[[Running], None] | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> None:
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
@@ -98,6 +100,7 @@ async def serve(
         unpaired_timeout=cfg.unpaired_timeout,
         ping_interval=cfg.ping_interval,
         relay_only=cfg.relay_only,
+        key_expiry=key_expiry,
     )
     writer = WriteBehind(registry)
     services: list[Service] = []  # the relay reports to the service built right after it
@@ -108,7 +111,8 @@ async def serve(
 
     relay = InProcessRelay(unpaired_timeout=cfg.unpaired_timeout, on_event=relay_event)
     ctx = control_server_context(files.tls_cert, files.tls_key, files.ca_cert)
-    service = Service(core, registry, writer, relay, ctx, config=cfg)
+    audit = AuditSink(audit_path(data_dir))
+    service = Service(core, registry, writer, relay, ctx, config=cfg, audit=audit.submit)
     services.append(service)
     admin = None
     try:
@@ -119,6 +123,8 @@ async def serve(
                 nodes=service.node_list,
                 remove_node=service.remove_node,
                 live=True,
+                node_action=service.node_action,
+                audit=service.admin_audit,
             ),
         )
         host, port = parse_listen(listen)
@@ -135,6 +141,7 @@ async def serve(
         await service.stop()
         writer.close()
         registry.close()
+        await asyncio.to_thread(audit.close)
 
 
 def _banner(running: Running, listen_host: str) -> str:
@@ -173,6 +180,7 @@ def run_server(
     idle_timeout: float | None = None,
     probe_port: int | None = None,
     relay_only: bool = False,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
     setup_logging()
@@ -204,6 +212,7 @@ def run_server(
             db_url=db_url,
             config=cfg,
             started=started,
+            key_expiry=key_expiry,
         )
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -287,6 +296,7 @@ def start_server_thread(
     tls_key: Path | None = None,
     db_url: str | None = None,
     config: ServiceConfig | None = None,
+    key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> ServerHandle:
     """Start a server on a thread; returns once it accepts connections."""
     handle = ServerHandle()
@@ -309,6 +319,7 @@ def start_server_thread(
             db_url=db_url,
             config=config,
             started=started,
+            key_expiry=key_expiry,
         )
 
     def thread_main() -> None:

@@ -1,4 +1,4 @@
-"""Server-side commands: ``server``, ``keys create|list|revoke``, ``nodes list|remove``.
+"""Server-side commands: ``server``, ``users``, ``keys``, ``nodes``, ``audit``.
 
 Heavy modules (asyncio, cryptography, SQLAlchemy) are imported inside the
 command functions so ``homeport --help`` and ``homeport nc`` stay fast.
@@ -19,6 +19,8 @@ from typing import Any
 import click
 
 DEFAULT_EXPIRY = "24h"
+#: Node-key lifetime unless ``homeport server --key-expiry`` says otherwise.
+DEFAULT_KEY_EXPIRY = "180d"
 
 
 def default_data_dir() -> Path:
@@ -71,6 +73,18 @@ def _when(ts: float | None, now: float) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
+def _key_state(node: dict[str, Any], now: float) -> str:
+    if not node.get("approved", True):
+        return "pending"
+    if node.get("expiry_disabled"):
+        return "no expiry"
+    if node.get("expires_at") is None:
+        return "-"
+    if node["expires_at"] <= now:
+        return "EXPIRED"
+    return "expires " + _when(node["expires_at"], now)
+
+
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -102,8 +116,16 @@ def register(cli: click.Group) -> None:
         default=False,
         help="Never coordinate direct paths: every stream goes through this relay.",
     )
+    @click.option(
+        "--key-expiry",
+        default=DEFAULT_KEY_EXPIRY,
+        show_default=True,
+        help="Node-key lifetime (e.g. 90d, never); online nodes renew themselves, "
+        "tagged nodes are exempt.",
+    )
     def server_cmd(
         *,
+        key_expiry: str,
         data_dir: Path | None,
         listen: str,
         tls_cert: Path | None,
@@ -118,10 +140,21 @@ def register(cli: click.Group) -> None:
 
         if (tls_cert is None) != (tls_key is None):
             raise click.UsageError("--tls-cert and --tls-key go together")
+        from homeport.server.admin import parse_duration
+
         try:
             parse_listen(listen)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--listen") from None
+        try:
+            key_seconds = parse_duration(key_expiry)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--key-expiry") from None
+        if key_seconds is not None and key_seconds < 86400:
+            raise click.BadParameter(
+                "node keys must live at least 1d (nodes renew with a third left)",
+                param_hint="--key-expiry",
+            )
         code = run_server(
             _resolve_data(data_dir),
             listen,
@@ -131,6 +164,7 @@ def register(cli: click.Group) -> None:
             idle_timeout=idle_timeout,
             probe_port=probe_port,
             relay_only=relay_only,
+            key_expiry=key_seconds,
         )
         sys.exit(code)
 
@@ -147,10 +181,26 @@ def register(cli: click.Group) -> None:
         help="Lifetime: 30m, 1h, 7d, 2w or never.",
     )
     @click.option("--note", default="", help="A note shown by 'keys list'.")
+    @click.option("--user", default="", metavar="USER", help="Nodes enrolled belong to USER.")
+    @click.option(
+        "--tag", "tags", multiple=True, metavar="tag:NAME", help="Nodes enrolled carry this tag."
+    )
+    @click.option("--ephemeral", is_flag=True, help="Remove its nodes once offline for 10 minutes.")
+    @click.option(
+        "--approval", is_flag=True, help="Its nodes wait for 'homeport nodes approve NAME'."
+    )
     @_json_option
     @_data_option
-    def keys_create(
-        reusable: bool, expiry: str, note: str, as_json: bool, data_dir: Path | None
+    def keys_create(  # noqa: PLR0917 - one option each
+        reusable: bool,
+        expiry: str,
+        note: str,
+        user: str,
+        tags: tuple[str, ...],
+        ephemeral: bool,
+        approval: bool,
+        as_json: bool,
+        data_dir: Path | None,
     ) -> None:
         """Create an auth key; prints only the key on stdout."""
         from homeport.server.admin import parse_duration
@@ -161,7 +211,16 @@ def register(cli: click.Group) -> None:
             raise click.BadParameter(str(exc), param_hint="--expiry") from None
         answer = _admin(
             data_dir,
-            {"op": "keys.create", "reusable": reusable, "expiry_seconds": seconds, "note": note},
+            {
+                "op": "keys.create",
+                "reusable": reusable,
+                "expiry_seconds": seconds,
+                "note": note,
+                "user": user,
+                "tags": list(tags),
+                "ephemeral": ephemeral,
+                "approval": approval,
+            },
         )
         if as_json:
             click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
@@ -169,9 +228,15 @@ def register(cli: click.Group) -> None:
         click.echo(answer["key"])
         kind = "reusable" if reusable else "single-use"
         life = "never expires" if seconds is None else f"expires in {expiry}"
+        extra = [
+            *([f"user {user}"] if user else []),
+            *(list(tags)),
+            *(["ephemeral"] if ephemeral else []),
+            *(["needs approval"] if approval else []),
+        ]
         click.echo(
-            f"({kind}, {life}) on the node: homeport up --server HOST:PORT "
-            "--authkey KEY --name NAME",
+            f"({', '.join([kind, life, *extra])}) on the node: HOMEPORT_AUTHKEY=KEY "
+            "homeport up --server HOST:PORT --name NAME (or --authkey-file FILE)",
             err=True,
         )
 
@@ -185,13 +250,32 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps(answer["keys"]))
             return
         now = time.time()
-        rows = [["KEY ID", "STATUS", "REUSABLE", "USES", "CREATED", "EXPIRES", "LAST USED", "NOTE"]]
+        rows = [
+            [
+                "KEY ID",
+                "STATUS",
+                "REUSABLE",
+                "OWNER",
+                "FLAGS",
+                "USES",
+                "CREATED",
+                "EXPIRES",
+                "LAST USED",
+                "NOTE",
+            ]
+        ]
         for k in answer["keys"]:
+            flags = [
+                *(["ephemeral"] if k.get("ephemeral") else []),
+                *(["approval"] if k.get("approval") else []),
+            ]
             rows.append(
                 [
                     k["key_id"],
                     k["status"],
                     "yes" if k["reusable"] else "no",
+                    k.get("user") or ",".join(k.get("tags", [])) or "-",
+                    ",".join(flags) or "-",
                     str(k["uses"]),
                     _when(k["created_at"], now),
                     "never" if k["expires_at"] is None else _when(k["expires_at"], now),
@@ -227,7 +311,8 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps(answer["nodes"]))
             return
         now = time.time()
-        rows = [["NAME", "ID", "ONLINE", "LAST SEEN", "SERVICES", "ADDRESS"]]
+        rows = [["NAME", "ID", "ONLINE", "LAST SEEN", "SERVICES", "ADDRESS", "OWNER", "KEY"]]
+        warnings: list[str] = []
         for n in answer["nodes"]:
             services = ",".join(f"{s['name']}/{s['port']}" for s in n["services"]) or "-"
             rows.append(
@@ -238,11 +323,121 @@ def register(cli: click.Group) -> None:
                     "now" if n["online"] else _when(n["last_seen"], now),
                     services,
                     n["address"] or "-",
+                    n.get("user") or ",".join(n.get("tags", [])) or "-",
+                    _key_state(n, now),
                 ]
             )
+            if not n.get("approved", True):
+                warnings.append(
+                    f"{n['name']} waits for approval: homeport nodes approve {n['name']}"
+                )
+            if n.get("expiry_warning"):
+                warnings.append(
+                    f"{n['name']}: node key {n['expiry_warning']}"
+                    + (
+                        "; it renews itself while online"
+                        if n["expiry_warning"] != "expired"
+                        else ""
+                    )
+                    + f" (homeport nodes extend {n['name']})"
+                )
         click.echo(_table(rows) if len(rows) > 1 else "no nodes")
+        for w in warnings:
+            click.echo(f"warning: {w}", err=True)
         if not answer.get("live"):
             click.echo("(the server is not running: every node shows offline)", err=True)
+
+    def _node_action(action: str, name: str, as_json: bool, data_dir: Path | None) -> None:
+        answer = _admin(data_dir, {"op": f"nodes.{action}", "name": name})
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        now = time.time()
+        if action == "approve":
+            click.echo(f"approved {answer['name']}")
+        elif answer["expiry_disabled"]:
+            click.echo(f"{answer['name']}: key expiry disabled")
+        elif action == "expire":
+            click.echo(f"{answer['name']}: node key expired now")
+        else:
+            click.echo(f"{answer['name']}: node key expires {_when(answer['expires_at'], now)}")
+
+    @nodes.command("approve")
+    @click.argument("name")
+    @_json_option
+    @_data_option
+    def nodes_approve(name: str, as_json: bool, data_dir: Path | None) -> None:
+        """Approve a node enrolled with an --approval key: it may now reach and be reached."""
+        _node_action("approve", name, as_json, data_dir)
+
+    @nodes.command("expire")
+    @click.argument("name")
+    @_json_option
+    @_data_option
+    def nodes_expire(name: str, as_json: bool, data_dir: Path | None) -> None:
+        """Expire a node's key now: it is disconnected until 'nodes extend'."""
+        _node_action("expire", name, as_json, data_dir)
+
+    @nodes.command("extend")
+    @click.argument("name")
+    @_json_option
+    @_data_option
+    def nodes_extend(name: str, as_json: bool, data_dir: Path | None) -> None:
+        """Give a node's key a full lifetime from now (re-admits an expired node remotely)."""
+        _node_action("extend", name, as_json, data_dir)
+
+    @nodes.command("disable-expiry")
+    @click.argument("name")
+    @_json_option
+    @_data_option
+    def nodes_disable_expiry(name: str, as_json: bool, data_dir: Path | None) -> None:
+        """Never expire this node's key (e.g. an unattended server)."""
+        _node_action("disable-expiry", name, as_json, data_dir)
+
+    @cli.group("users")
+    def users() -> None:
+        """People that nodes belong to (run on the server host)."""
+
+    @users.command("create")
+    @click.argument("name")
+    @_json_option
+    @_data_option
+    def users_create(name: str, as_json: bool, data_dir: Path | None) -> None:
+        """Add a user (alice or alice@example.com); then 'keys create --user NAME'."""
+        answer = _admin(data_dir, {"op": "users.create", "name": name})
+        if as_json:
+            click.echo(json.dumps({"name": answer["name"]}))
+        else:
+            click.echo(f"created user {answer['name']}")
+
+    @users.command("list")
+    @_json_option
+    @_data_option
+    def users_list(as_json: bool, data_dir: Path | None) -> None:
+        """List users and their nodes."""
+        answer = _admin(data_dir, {"op": "users.list"})
+        if as_json:
+            click.echo(json.dumps(answer["users"]))
+            return
+        now = time.time()
+        rows = [["USER", "CREATED", "NODES"]]
+        for u in answer["users"]:
+            rows.append([u["name"], _when(u["created_at"], now), ",".join(u["nodes"]) or "-"])
+        click.echo(_table(rows) if len(rows) > 1 else "no users")
+
+    @users.command("remove")
+    @click.argument("name")
+    @click.option("--force", is_flag=True, help="Also remove the user's nodes.")
+    @_json_option
+    @_data_option
+    def users_remove(name: str, force: bool, as_json: bool, data_dir: Path | None) -> None:
+        """Remove a user and revoke its auth keys (refused while it has nodes, unless --force)."""
+        answer = _admin(data_dir, {"op": "users.remove", "name": name, "force": force})
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        gone = answer["removed_nodes"]
+        click.echo(f"removed user {answer['name']}" + (f" and {', '.join(gone)}" if gone else ""))
 
     @nodes.command("remove")
     @click.argument("name")
@@ -255,3 +450,44 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps({"name": answer["name"], "node_id": answer["node_id"]}))
         else:
             click.echo(f"removed {answer['name']} ({answer['node_id']})")
+
+    @cli.command("audit")
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing events as they come.")
+    @click.option("--since", metavar="AGE", default=None, help="Only events this recent: 1h, 7d.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+    @_data_option
+    def audit_cmd(follow: bool, since: str | None, as_json: bool, data_dir: Path | None) -> None:
+        """Print the audit log (audit.jsonl in the data directory; needs its permission)."""
+        from homeport.server import audit as au
+        from homeport.server.admin import parse_duration
+
+        start: float | None = None
+        if since is not None:
+            try:
+                age = parse_duration(since)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--since") from None
+            start = None if age is None else time.time() - age
+        path = au.audit_path(_resolve_data(data_dir))
+
+        def show(events: Any) -> None:
+            for ev in au.since_filter(events, start):
+                click.echo(json.dumps(ev) if as_json else au.render(ev))
+
+        stats = au.ReadStats()
+        try:
+            if path.exists():
+                show(au.read_events(path, stats))
+            elif not follow:
+                raise click.ClickException(f"no audit log at {path} (has the server run here?)")
+            if follow:
+                sys.stdout.flush()
+                show(au.follow(path, stats))
+        except PermissionError as exc:
+            raise click.ClickException(
+                f"cannot read {path}: {exc.strerror}; run as the server's user"
+            ) from None
+        except KeyboardInterrupt:
+            pass
+        if stats.skipped:
+            click.echo(f"({stats.skipped} damaged line(s) skipped)", err=True)

@@ -41,7 +41,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,8 +141,11 @@ class Service:
         ssl_context: ssl.SSLContext,
         *,
         config: ServiceConfig | None = None,
+        audit: Callable[[Audit], None] | None = None,
     ) -> None:
         self.core = core
+        #: Where the core's Audit commands go (:meth:`homeport.server.audit.AuditSink.submit`).
+        self.audit = audit
         self.registry = registry
         self.writer = writer
         self.relay = relay
@@ -177,6 +180,7 @@ class Service:
         self._loop = loop
         self._spawn(self._accept_loop(sock))
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._rearm()  # timers of loaded nodes (expiry, ephemeral removal) run without traffic
         bound = sock.getsockname()
         await self._start_probe(host, port, int(bound[1]))
         return str(bound[0]), int(bound[1])
@@ -534,8 +538,8 @@ class Service:
             self._enroll(cmd)
         elif isinstance(cmd, c.Note):
             log.log(cmd.level, "%s", cmd.text)
-        elif isinstance(cmd, Audit):
-            log.debug("audit %s %s", cmd.kind, cmd.as_dict())
+        elif isinstance(cmd, Audit) and self.audit is not None:
+            self.audit(cmd)  # queued: never waits for the disk
 
     def _enroll(self, req: c.EnrollRequest) -> None:
         loop = asyncio.get_running_loop()
@@ -602,6 +606,24 @@ class Service:
         node = self.core.remove_node(name, time.time())
         self._run()
         return node
+
+    def node_action(self, action: str, name: str) -> c.NodeRecord:
+        """approve / expire / extend / disable-expiry ``name`` in the live core. Raises KeyError."""
+        now = time.time()
+        actions: dict[str, Callable[[str, float], c.NodeRecord]] = {
+            "approve": self.core.approve_node,
+            "expire": self.core.expire_node,
+            "extend": self.core.extend_node,
+            "disable-expiry": self.core.set_expiry_disabled,
+        }
+        node = actions[action](name, now)
+        self._run()
+        return node
+
+    def admin_audit(self, kind: str, fields: tuple[tuple[str, str], ...]) -> None:
+        """An admin action outside the core (keys, users): into the audit stream, in order."""
+        self.core.admin_audit(kind, time.time(), fields)
+        self._run()
 
     def node_list(self) -> list[c.NodeStatus]:
         return self.core.node_list()

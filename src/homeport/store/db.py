@@ -41,9 +41,11 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
+    inspect,
     or_,
     select,
     update,
@@ -55,7 +57,7 @@ from sqlalchemy.pool import StaticPool
 from homeport.wire.control import ServiceInfo
 
 #: The schema this code writes. Bump it and append to MIGRATIONS together.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: How long a SQLite writer waits for another writer before failing (ms).
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
@@ -82,6 +84,13 @@ nodes = Table(
     # A tombstone, not a DELETE: a removed node that comes back is told
     # "removed by an admin" instead of the puzzling "unknown node".
     Column("removed_at", Float, nullable=True),
+    # schema 3: who the node is and whether it may take part
+    Column("user", String(128), nullable=False, default=""),
+    Column("tags_json", Text, nullable=False, default="[]"),
+    Column("approved", Boolean, nullable=False, default=True),
+    Column("expires_at", Float, nullable=True),
+    Column("ephemeral", Boolean, nullable=False, default=False),
+    Column("expiry_disabled", Boolean, nullable=False, default=False),
 )
 # Names are unique among live nodes only, so the name of a removed node is free.
 Index(
@@ -104,6 +113,19 @@ auth_keys = Table(
     Column("last_used_at", Float, nullable=True),
     Column("revoked", Boolean, nullable=False, default=False),
     Column("note", String(256), nullable=False, default=""),
+    # schema 3: what a node enrolled with this key becomes
+    Column("user", String(128), nullable=False, default=""),
+    Column("tags_json", Text, nullable=False, default="[]"),
+    Column("ephemeral", Boolean, nullable=False, default=False),
+    Column("approval", Boolean, nullable=False, default=False),
+)
+
+# schema 3: the people nodes belong to (login names; see wire.names.user_name_problem)
+users = Table(
+    "users",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("created_at", Float, nullable=False),
 )
 
 
@@ -134,8 +156,48 @@ def _migrate_to_2(conn: Connection) -> None:
     )
 
 
+# (table, column, SQL default) added by schema 3. Added with ALTER TABLE so
+# existing rows keep their data: existing nodes become approved, owned by no
+# user, untagged, not ephemeral, with no expiry date (they enrolled before
+# expiry existed; an admin can still ``nodes expire`` them).
+_SCHEMA3_COLUMNS: tuple[tuple[Table, str, str], ...] = (
+    (nodes, "user", "''"),
+    (nodes, "tags_json", "'[]'"),
+    (nodes, "approved", "TRUE"),
+    (nodes, "expires_at", ""),
+    (nodes, "ephemeral", "FALSE"),
+    (nodes, "expiry_disabled", "FALSE"),
+    (auth_keys, "user", "''"),
+    (auth_keys, "tags_json", "'[]'"),
+    (auth_keys, "ephemeral", "FALSE"),
+    (auth_keys, "approval", "FALSE"),
+)
+
+
+def _migrate_to_3(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[users])
+    preparer = conn.dialect.identifier_preparer
+    inspector = inspect(conn)
+    present = {t: {c["name"] for c in inspector.get_columns(t)} for t in ("nodes", "auth_keys")}
+    for table, name, default in _SCHEMA3_COLUMNS:
+        if name in present[table.name]:  # a fresh database: step 1 made today's tables
+            continue
+        col = table.c[name]
+        ddl = (
+            f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {preparer.quote(name)} "
+            f"{col.type.compile(dialect=conn.dialect)}"
+        )
+        if default:
+            ddl += f" NOT NULL DEFAULT {default}"
+        conn.exec_driver_sql(ddl)
+
+
 #: MIGRATIONS[i] brings a database from version i to version i + 1.
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (_migrate_to_1, _migrate_to_2)
+MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
+    _migrate_to_1,
+    _migrate_to_2,
+    _migrate_to_3,
+)
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
@@ -171,10 +233,24 @@ class NodeRow:
     services: tuple[ServiceInfo, ...] = ()
     host_keys: tuple[str, ...] = ()
     removed_at: float | None = None
+    user: str = ""
+    tags: tuple[str, ...] = ()
+    approved: bool = True
+    expires_at: float | None = None
+    ephemeral: bool = False
+    expiry_disabled: bool = False
 
     @property
     def removed(self) -> bool:
         return self.removed_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    """One row of ``users``."""
+
+    name: str
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +266,10 @@ class AuthKeyRow:
     last_used_at: float | None = None
     revoked: bool = False
     note: str = ""
+    user: str = ""
+    tags: tuple[str, ...] = ()
+    ephemeral: bool = False
+    approval: bool = False
 
     def outcome_at(self, now: float) -> KeyOutcome:
         """Why this key could (CONSUMED) or could not be used at ``now``."""
@@ -234,6 +314,12 @@ def _node(row: Any) -> NodeRow:
         services=_services_from_json(row.services_json),
         host_keys=_host_keys_from_json(row.host_keys_json),
         removed_at=row.removed_at,
+        user=row.user or "",
+        tags=_host_keys_from_json(row.tags_json),
+        approved=bool(row.approved),
+        expires_at=row.expires_at,
+        ephemeral=bool(row.ephemeral),
+        expiry_disabled=bool(row.expiry_disabled),
     )
 
 
@@ -248,6 +334,10 @@ def _key(row: Any) -> AuthKeyRow:
         last_used_at=row.last_used_at,
         revoked=bool(row.revoked),
         note=row.note or "",
+        user=row.user or "",
+        tags=_host_keys_from_json(row.tags_json),
+        ephemeral=bool(row.ephemeral),
+        approval=bool(row.approval),
     )
 
 
@@ -297,6 +387,10 @@ class Store:
                     last_used_at=key.last_used_at,
                     revoked=key.revoked,
                     note=key.note,
+                    user=key.user,
+                    tags_json=json.dumps(list(key.tags)),
+                    ephemeral=key.ephemeral,
+                    approval=key.approval,
                 )
             )
 
@@ -387,6 +481,12 @@ class Store:
                 services_json=_services_to_json(node.services),
                 host_keys_json=json.dumps(list(node.host_keys)),
                 removed_at=node.removed_at,
+                user=node.user,
+                tags_json=json.dumps(list(node.tags)),
+                approved=node.approved,
+                expires_at=node.expires_at,
+                ephemeral=node.ephemeral,
+                expiry_disabled=node.expiry_disabled,
             )
         )
 
@@ -421,6 +521,76 @@ class Store:
                     fingerprint=fingerprint, node_id=node_id, cert_pem=cert_pem, created_at=now
                 )
             )
+
+    def renew_node_cert(
+        self, node_id: str, fingerprint: str, cert_pem: str, now: float, *, keep: int
+    ) -> None:
+        """Add a renewed certificate and forget all but the newest ``keep`` (one transaction).
+
+        Why prune: an old certificate stays valid only for the overlap, so a
+        key copied off the node long ago stops working once it has renewed.
+        """
+        with self._write() as conn:
+            conn.execute(
+                insert(node_certs).values(
+                    fingerprint=fingerprint, node_id=node_id, cert_pem=cert_pem, created_at=now
+                )
+            )
+            fps = [
+                r[0]
+                for r in conn.execute(
+                    select(node_certs.c.fingerprint)
+                    .where(node_certs.c.node_id == node_id)
+                    .order_by(node_certs.c.created_at.desc())
+                ).all()
+            ]
+            stale = [fp for fp in fps if fp != fingerprint][max(0, keep - 1) :]
+            if stale:
+                conn.execute(delete(node_certs).where(node_certs.c.fingerprint.in_(stale)))
+            conn.execute(update(nodes).where(nodes.c.id == node_id).values(cert_pem=cert_pem))
+
+    def set_node_access(
+        self,
+        node_id: str,
+        *,
+        approved: bool,
+        expires_at: float | None,
+        expiry_disabled: bool,
+    ) -> None:
+        """Write the node's approval and key-expiry state."""
+        with self._write() as conn:
+            conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id)
+                .values(approved=approved, expires_at=expires_at, expiry_disabled=expiry_disabled)
+            )
+
+    # -- users ---------------------------------------------------------------
+    def create_user(self, name: str, now: float) -> bool:
+        """Add a user; False if it exists."""
+        try:
+            with self._write() as conn:
+                conn.execute(insert(users).values(name=name, created_at=now))
+        except IntegrityError:
+            return False
+        return True
+
+    def get_user(self, name: str) -> UserRow | None:
+        with self._read() as conn:
+            row = conn.execute(select(users).where(users.c.name == name)).first()
+        return None if row is None else UserRow(name=row.name, created_at=row.created_at)
+
+    def list_users(self) -> list[UserRow]:
+        with self._read() as conn:
+            rows = conn.execute(select(users).order_by(users.c.name)).all()
+        return [UserRow(name=r.name, created_at=r.created_at) for r in rows]
+
+    def remove_user(self, name: str) -> bool:
+        """Delete the user and revoke every auth key bound to it (one transaction)."""
+        with self._write() as conn:
+            res = conn.execute(delete(users).where(users.c.name == name))
+            conn.execute(update(auth_keys).where(auth_keys.c.user == name).values(revoked=True))
+            return res.rowcount > 0
 
     def node_fingerprints(self) -> dict[str, tuple[str, ...]]:
         """Every node's certificate fingerprints, oldest first."""

@@ -23,7 +23,7 @@ import queue
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from homeport.proto.coord import (
@@ -32,6 +32,8 @@ from homeport.proto.coord import (
     NodeRecord,
     NodeStatus,
     RemoveNode,
+    RenewCert,
+    SetAccess,
     SetAnnounce,
     SetSeen,
     StoreOp,
@@ -42,11 +44,12 @@ from homeport.store.db import (
     NameTaken,
     NodeRow,
     Store,
+    UserRow,
     default_url,
     open_store,
 )
 from homeport.store.db import StoreError as StoreError  # noqa: PLC0414 (re-exported)
-from homeport.wire import authkey
+from homeport.wire import authkey, names
 
 log = logging.getLogger("homeport.registry")
 
@@ -78,6 +81,10 @@ class AuthKeyInfo:
     last_used_at: float | None
     status: KeyStatus
     note: str
+    user: str = ""
+    tags: tuple[str, ...] = ()
+    ephemeral: bool = False
+    approval: bool = False
 
 
 _STATUS = {
@@ -100,7 +107,8 @@ _KEY_ERRORS = {
 
 
 def _record(row: NodeRow, fingerprints: tuple[str, ...]) -> NodeRecord:
-    fps = (row.fingerprint, *(f for f in fingerprints if f != row.fingerprint))
+    # newest certificate first: it is the current one (renewal adds, then prunes old ones)
+    fps = tuple(reversed(fingerprints)) or (row.fingerprint,)
     return NodeRecord(
         node_id=row.node_id,
         name=row.name,
@@ -112,6 +120,12 @@ def _record(row: NodeRow, fingerprints: tuple[str, ...]) -> NodeRecord:
         services=row.services,
         host_keys=row.host_keys,
         removed_at=row.removed_at,
+        user=row.user,
+        tags=row.tags,
+        approved=row.approved,
+        expires_at=row.expires_at,
+        ephemeral=row.ephemeral,
+        expiry_disabled=row.expiry_disabled,
     )
 
 
@@ -156,6 +170,12 @@ class Registry:
                 services=n.services,
                 fingerprint=n.fingerprint,
                 created_at=n.created_at,
+                user=n.user,
+                tags=n.tags,
+                approved=n.approved,
+                expires_at=n.expires_at,
+                ephemeral=n.ephemeral,
+                expiry_disabled=n.expiry_disabled,
             )
             for n in self.store.list_nodes()
         ]
@@ -175,6 +195,17 @@ class Registry:
             self.store.set_node_announce(op.node_id, op.services, op.host_keys)
         elif isinstance(op, RemoveNode):
             self.store.remove_node(op.node_id, op.removed_at)
+        elif isinstance(op, SetAccess):
+            self.store.set_node_access(
+                op.node_id,
+                approved=op.approved,
+                expires_at=op.expires_at,
+                expiry_disabled=op.expiry_disabled,
+            )
+        elif isinstance(op, RenewCert):
+            self.store.renew_node_cert(
+                op.node_id, op.fingerprint, op.cert_pem, op.created_at, keep=op.keep
+            )
 
     # -- enrollment ---------------------------------------------------------------
     def enroll(self, req: EnrollRequest) -> NodeRecord | EnrollRefused:
@@ -188,11 +219,24 @@ class Registry:
         early = row.outcome_at(req.now)
         if early is not KeyOutcome.CONSUMED:
             return EnrollRefused(*_KEY_ERRORS[early])
+        if row.user and self.store.get_user(row.user) is None:
+            return EnrollRefused(
+                "auth-key-invalid", "the user this auth key belongs to was removed"
+            )
         name = req.node.name
         existing = self.store.node_by_name(name)
         if existing is not None and not existing.removed:
             return EnrollRefused("name-taken", f"a node named {name!r} already exists")
-        node = req.node
+        # who the node is comes from the key: a user's node, or a tagged one (no user)
+        expires = req.key_lifetime is not None and (req.expire_tagged or not row.tags)
+        node = replace(
+            req.node,
+            user="" if row.tags else row.user,
+            tags=row.tags,
+            approved=not row.approval,
+            ephemeral=row.ephemeral,
+            expires_at=req.now + req.key_lifetime if expires and req.key_lifetime else None,
+        )
         try:
             outcome = self.store.enroll_node(
                 req.key_id,
@@ -202,6 +246,11 @@ class Registry:
                     fingerprint=node.fingerprint,
                     cert_pem=node.cert_pem,
                     created_at=node.created_at,
+                    user=node.user,
+                    tags=node.tags,
+                    approved=node.approved,
+                    expires_at=node.expires_at,
+                    ephemeral=node.ephemeral,
                 ),
                 req.now,
             )
@@ -219,10 +268,33 @@ class Registry:
         reusable: bool = False,
         expiry_seconds: float | None = None,
         note: str = "",
+        user: str = "",
+        tags: tuple[str, ...] = (),
+        ephemeral: bool = False,
+        approval: bool = False,
     ) -> authkey.AuthKey:
-        """Create a key; only its hash is stored, so this is the one time it exists."""
+        """Create a key; only its hash is stored, so this is the one time it exists.
+
+        A key makes either a user's nodes (``user``) or tagged nodes (``tags``),
+        never both: a tagged node is owned by its tags, like Tailscale's.
+
+        Raises:
+            ValueError: bad expiry, tag or user name; both user and tags; unknown user.
+        """
         if expiry_seconds is not None and expiry_seconds <= 0:
             raise ValueError("expiry must be positive")
+        if user and tags:
+            raise ValueError("a key makes a user's nodes or tagged nodes, not both")
+        for tag in tags:
+            problem = names.tag_problem(tag)
+            if problem is not None:
+                raise ValueError(problem)
+        if user:
+            problem = names.user_name_problem(user)
+            if problem is not None:
+                raise ValueError(problem)
+            if self.store.get_user(user) is None:
+                raise ValueError(f"no user {user!r}: create it with 'homeport users create'")
         key = authkey.AuthKey(
             key_id=secrets.token_hex(6), secret=secrets.token_hex(16), server_pin=self.server_pin
         )
@@ -234,6 +306,10 @@ class Registry:
                 reusable=reusable,
                 expires_at=None if expiry_seconds is None else now + expiry_seconds,
                 note=note[:256],
+                user=user,
+                tags=tuple(dict.fromkeys(tags)),
+                ephemeral=ephemeral,
+                approval=approval,
             )
         )
         return key
@@ -249,12 +325,65 @@ class Registry:
                 last_used_at=r.last_used_at,
                 status=_STATUS[r.outcome_at(now)],
                 note=r.note,
+                user=r.user,
+                tags=r.tags,
+                ephemeral=r.ephemeral,
+                approval=r.approval,
             )
             for r in self.store.list_auth_keys()
         ]
 
     def revoke_auth_key(self, key_id: str) -> bool:
         return self.store.revoke_auth_key(key_id)
+
+    # -- users -------------------------------------------------------------------------
+    def create_user(self, name: str, now: float) -> bool:
+        """Add a user (False: it exists). Raises ValueError for a bad name."""
+        problem = names.user_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return self.store.create_user(name, now)
+
+    def list_users(self) -> list[UserRow]:
+        return self.store.list_users()
+
+    def user_nodes(self, name: str) -> list[str]:
+        """Names of the live nodes that belong to ``name``."""
+        return [n.name for n in self.store.list_nodes() if n.user == name]
+
+    def node_action(
+        self, name: str, action: str, now: float, *, key_expiry: float = 180 * 86400.0
+    ) -> NodeRecord:
+        """approve / expire / extend / disable-expiry the live node ``name`` (no server running).
+
+        Raises:
+            KeyError: no live node has this name.
+            ValueError: unknown action.
+        """
+        row = self.store.node_by_name(name)
+        if row is None or row.removed:
+            raise KeyError(name)
+        approved, expires_at, disabled = row.approved, row.expires_at, row.expiry_disabled
+        if action == "approve":
+            approved = True
+        elif action == "expire":
+            expires_at, disabled = now, False
+        elif action == "extend":
+            expires_at = now + key_expiry
+        elif action == "disable-expiry":
+            disabled = True
+        else:
+            raise ValueError(f"unknown node action {action!r}")
+        self.store.set_node_access(
+            row.node_id, approved=approved, expires_at=expires_at, expiry_disabled=disabled
+        )
+        fresh = self.store.get_node(row.node_id)
+        assert fresh is not None
+        return _record(fresh, ())
+
+    def remove_user(self, name: str) -> bool:
+        """Delete the user and revoke its auth keys (its nodes are the caller's business)."""
+        return self.store.remove_user(name)
 
 
 class WriteBehind:

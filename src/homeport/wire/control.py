@@ -32,6 +32,9 @@ Message table (c = node or CLI, s = server)::
     0x85  PATH_REPORT  c→s   agent: the path it uses to a peer now, and why (counters)    3
     0x86  PEER_PING    c↔s   a ping to a peer over the server (s rewrites ``peer``)        3
     0x87  PEER_PONG    c↔s   its answer, forwarded the same way                           3
+    0x88  RENEW        c→s   agent: a CSR for a new node key before the old expires (renew) 3
+    0x89  RENEWED      s→c   the renewed certificate and the new expiry date (cap renew)   3
+    0x8a  NOTICE       s→c   a notice for the node: expiry warning, approved (cap renew)   3
 
 Evolution rules (why: old and new nodes must interoperate during an upgrade,
 the way Tailscale's capability version lets old clients talk to new servers):
@@ -87,8 +90,10 @@ IGNORABLE_MIN = 0x80
 CAP_PEERS = "peers"
 #: ``direct``: understands ENDPOINTS … PEER_PONG (direct paths, capver 3).
 CAP_DIRECT = "direct"
+#: ``renew``: understands RENEW/RENEWED/NOTICE (node-key renewal, expiry and approval notices).
+CAP_RENEW = "renew"
 #: Every capability this code implements, announced in HELLO and WELCOME.
-OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_DIRECT)
+OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -128,6 +133,9 @@ class MsgType(enum.IntEnum):
     PATH_REPORT = 0x85
     PEER_PING = 0x86
     PEER_PONG = 0x87
+    RENEW = 0x88
+    RENEWED = 0x89
+    NOTICE = 0x8A
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +235,15 @@ class Welcome(Message):
     caps: tuple[str, ...] = ()
     direct: bool = True  # capver 3: false = the server is in relay-only mode (never probe)
     probe_port: int = 0  # capver 3: the server's whoami probe port (0: none)
+    #: capver 3: False while an admin has not approved this node (it sees and reaches no one).
+    approved: bool = True
+    #: capver 3: when this node's key expires (unix time; 0 = never).
+    expires_at: float = 0.0
+    #: capver 3: the server's node-key lifetime (s; 0 = none): a node renews with a third left.
+    key_lifetime: float = 0.0
+    #: capver 3: the server's clock when it sent this, so a node with a wrong clock (or a
+    #: monotonic one) still times its renewal right: it uses ``expires_at - server_time``.
+    server_time: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +366,39 @@ class Ping(Message):
 class Pong(Message):
     TYPE: ClassVar[MsgType] = MsgType.PONG
     seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renew(Message):
+    """Agent → server (cap ``renew``): sign a new node key; the old one stays valid meanwhile."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RENEW
+    csr_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed(Message):
+    """Server → agent (cap ``renew``): the new certificate and the node's new expiry (0 = never)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RENEWED
+    cert_pem: str
+    expires_at: float = 0.0
+    server_time: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Message):
+    """Server → node (cap ``renew``): something the node's owner should know.
+
+    ``code``: ``expiry`` (the key expires at ``expires_at``), ``approved``
+    (an admin approved this node), ``renew-failed``; ``message`` is one
+    sentence for logs and ``homeport status``.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.NOTICE
+    code: str
+    message: str
+    expires_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,6 +553,9 @@ MESSAGES: dict[int, type[Message]] = {
         PathReport,
         PeerPing,
         PeerPong,
+        Renew,
+        Renewed,
+        Notice,
     )
 }
 
@@ -516,6 +569,9 @@ REQUIRES: dict[MsgType, str] = {
     MsgType.PATH_REPORT: CAP_DIRECT,
     MsgType.PEER_PING: CAP_DIRECT,
     MsgType.PEER_PONG: CAP_DIRECT,
+    MsgType.RENEW: CAP_RENEW,
+    MsgType.RENEWED: CAP_RENEW,
+    MsgType.NOTICE: CAP_RENEW,
 }
 
 

@@ -19,6 +19,10 @@ peer host name         1..253 of ``A-Z a-z 0-9 . _ -``, not  ``nc`` / ``ssh`` ``
 target host            an IPv4/IPv6 address, or a DNS name   ``--expose =HOST:PORT``
                        (labels 1..63 of ``A-Z a-z 0-9 -``,
                        no ``-`` at either end; 1..253)
+user name              1..128: a lowercase login (``a-z 0-9  ``users create``,
+                       . _ - +``, starting alnum), optionally ``keys create --user``
+                       ``@`` a lowercase DNS name; no ``:``
+tag                    ``tag:`` + 1..63 of ``a-z 0-9 -``     ``keys create --tag``
 =====================  ====================================  =======================
 
 Pure and import-free (not even ``re`` or ``__future__``): ``homeport nc``
@@ -150,5 +154,51 @@ def target_host_problem(host: str) -> str | None:
         return (
             f"bad target host {_show(host)}: use an IP address or a DNS name "
             "(letters, digits and '-' in dot-separated labels)"
+        )
+    return None
+
+
+#: Longest user name (``alice`` or ``alice@example.com``).
+MAX_USER_NAME = 128
+#: Longest tag name after ``tag:``.
+MAX_TAG = 63
+_USER_LOCAL_CHARS = _LOWER_DIGITS | {".", "_", "-", "+"}
+
+
+def user_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a user name, or None.
+
+    A login name (``alice``) or an e-mail-like one (``alice@example.com``), in
+    lowercase so ``Alice`` and ``alice`` can never be two people; no ``:``, so
+    a user can never be read as a policy selector (``tag:x``, ``group:x``).
+    """
+    if not name:
+        return "bad user name: empty"
+    if len(name) > MAX_USER_NAME:
+        return _too_long("user name", name, MAX_USER_NAME)
+    local, at, domain = name.partition("@")
+    ok = (
+        bool(local)
+        and set(local) <= _USER_LOCAL_CHARS
+        and local[0] in _LOWER_DIGITS
+        and (not at or (bool(domain) and domain == domain.lower() and _dns_name_ok(domain)))
+    )
+    if not ok:
+        return (
+            f"bad user name {_show(name)}: use a lowercase login name such as alice, "
+            "or an address such as alice@example.com"
+        )
+    return None
+
+
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` is not a tag (``tag:`` + a lowercase name such as ``tag:server``), or None."""
+    body = tag[4:] if tag.startswith("tag:") else ""
+    if len(body) > MAX_TAG:
+        return _too_long("tag", tag, MAX_TAG + 4)
+    if not body or not set(body) <= _NODE_CHARS or body[0] == "-" or body[-1] == "-":
+        return (
+            f"bad tag {_show(tag)}: use tag:NAME with lowercase letters, digits and '-', "
+            "e.g. tag:server"
         )
     return None
