@@ -171,6 +171,8 @@ class AdminOps:
                 ("approval", str(approval).lower()),
                 ("user", user),
                 ("tags", ",".join(tags)),
+                ("expiry", str(expiry)),
+                ("note", note),
             ),
         )
         return {
