@@ -208,3 +208,26 @@ def test_a_real_server_coordinates_a_punch_and_forwards_peer_pings(
     assert a.recv_type(m.PeerPong) == m.PeerPong(peer=two.node_id, seq=41)
     a.close()
     b.close()
+
+
+def test_discovery_from_a_direct_port_reads_the_same_mapping_from_both_ports(
+    server: ServerHandle,
+) -> None:
+    """io.netcheck (the agent's discovery) against this server: one port, one observed address."""
+    from homeport.io.netcheck import netcheck
+    from homeport.io.punch import DirectPort
+    from homeport.proto.natcheck import classify_nat
+
+    assert server.service is not None
+    port = DirectPort(0, "127.0.0.1")
+    try:
+        obs = netcheck(
+            port,
+            ("127.0.0.1", server.port),
+            ("127.0.0.1", server.service.probe_port),
+            portmap=False,
+        )
+    finally:
+        port.close()
+    assert obs.main == obs.probe == ("127.0.0.1", port.port), obs
+    assert classify_nat(obs).kind.value in ("none", "eim")
