@@ -18,7 +18,7 @@ import pytest
 from homeport.crypto import identity
 from homeport.crypto.tls import fingerprint
 from homeport.io.dial import DialError, e2e_handshake
-from homeport.io.pump import PumpEnd, PumpResult, pump
+from homeport.io.pump import COALESCE_MIN, PumpEnd, PumpResult, _tune_fd, pump, tune_socket
 from homeport.io.tlsctx import stream_context
 from homeport.io.tlsstream import TlsStream
 
@@ -146,14 +146,20 @@ def read_to_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def test_bulk_both_directions_byte_exact(pki: Pki, closing: list[socket.socket]) -> None:
+@pytest.mark.parametrize("tuned", [False, True], ids=["plain-not-held", "coalescing"])
+def test_bulk_both_directions_byte_exact(
+    pki: Pki, closing: list[socket.socket], tuned: bool
+) -> None:
     (app_a, pa), (app_b, pb), (ta, tb) = pairs(closing, 3)
+    if tuned:  # the app ends tuned like homeport's own socketpairs: reads are held
+        tune_socket(app_a)
+        tune_socket(app_b)
     tls_a, tls_b = tls_pair(pki, ta, tb)
     ab = os.urandom(20 * MB)
     ba = os.urandom(20 * MB)
     th = Threads()
-    th.start("pump-a", lambda: pump(tls_a, pa.fileno(), pa.fileno()))
-    th.start("pump-b", lambda: pump(tls_b, pb.fileno(), pb.fileno()))
+    th.start("pump-a", lambda: pump(tls_a, pa.fileno(), pa.fileno(), local_tuned=tuned))
+    th.start("pump-b", lambda: pump(tls_b, pb.fileno(), pb.fileno(), local_tuned=tuned))
     th.start("send-ab", lambda: send_all_and_shut(app_a, ab))
     th.start("send-ba", lambda: send_all_and_shut(app_b, ba))
     th.start("recv-b", lambda: read_to_eof(app_b))
@@ -392,3 +398,120 @@ def test_pin_mismatch_rejected(pki: Pki, closing: list[socket.socket]) -> None:
     for v in th.results.values():
         assert isinstance(v, TlsStream)
         v.close()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        b = sock.recv(n - len(buf))
+        assert b, "EOF too early"
+        buf += b
+    return bytes(buf)
+
+
+def test_small_writes_are_never_held(pki: Pki, closing: list[socket.socket]) -> None:
+    """Keystrokes and screenfuls (well below COALESCE_MIN) go through at once, even with a
+    30 s hold configured: only a bulk-sized read holds the next one."""
+    (app_a, pa), (app_b, pb), (ta, tb) = pairs(closing, 3)
+    tune_socket(app_a)
+    tune_socket(app_b)
+    tls_a, tls_b = tls_pair(pki, ta, tb)
+    th = Threads()
+    th.start(
+        "pump-a", lambda: pump(tls_a, pa.fileno(), pa.fileno(), coalesce=30.0, local_tuned=True)
+    )
+    th.start(
+        "pump-b", lambda: pump(tls_b, pb.fileno(), pb.fileno(), coalesce=30.0, local_tuned=True)
+    )
+    for s in (app_a, app_b):
+        s.settimeout(10)  # far below the 30 s hold: a held read fails the test
+    for i in range(20):
+        # A screenful: half the threshold, so its records (TLS adds 22 bytes per
+        # 16 KiB) stay below it on the encrypted side too.
+        msg = bytes([i]) * (COALESCE_MIN // 2 if i % 2 else 1)
+        app_a.sendall(msg)
+        assert recv_exactly(app_b, len(msg)) == msg
+        app_b.sendall(msg[:1])
+        assert recv_exactly(app_a, 1) == msg[:1]
+    app_a.shutdown(socket.SHUT_WR)
+    app_b.shutdown(socket.SHUT_WR)
+    assert read_to_eof(app_a) == b"" and read_to_eof(app_b) == b""
+    th.join_all(10)
+    for name in ("pump-a", "pump-b"):
+        res = th.results[name]
+        assert isinstance(res, PumpResult) and res.end is PumpEnd.CLEAN, res
+
+
+def test_bulk_read_holds_the_next_read(pki: Pki, closing: list[socket.socket]) -> None:
+    """After a bulk-sized read that drained the fd, the next read waits ``coalesce``
+    seconds (so a producer's small writes pile up into one batch); the bytes
+    already read are not held, and nothing is lost."""
+    hold = 0.5
+    (app_a, pa), (app_b, pb), (ta, tb) = pairs(closing, 3)
+    tune_socket(app_a)  # 4 MiB: the 64 KiB write below is one atomic skb
+    tls_a, tls_b = tls_pair(pki, ta, tb)
+    th = Threads()
+    th.start(
+        "pump-a", lambda: pump(tls_a, pa.fileno(), pa.fileno(), coalesce=hold, local_tuned=True)
+    )
+    th.start("pump-b", lambda: pump(tls_b, pb.fileno(), pb.fileno()))
+    app_b.settimeout(DEADLINE)
+    bulk = os.urandom(4 * COALESCE_MIN)
+    t0 = time.monotonic()
+    app_a.sendall(bulk)
+    assert recv_exactly(app_b, len(bulk)) == bulk
+    app_a.sendall(b"!")
+    assert recv_exactly(app_b, 1) == b"!"
+    assert time.monotonic() - t0 >= hold  # the byte after the bulk read was held
+    app_a.shutdown(socket.SHUT_WR)
+    app_b.shutdown(socket.SHUT_WR)
+    assert read_to_eof(app_b) == b"" and read_to_eof(app_a) == b""
+    th.join_all(10)
+
+
+def test_only_large_kernel_buffers_are_held(closing: list[socket.socket]) -> None:
+    """Holding a reader must never fill its writer's buffer (that would stall the
+    producer): a unix socket's writer is unknown unless the caller tuned it."""
+    ((x, _y),) = pairs(closing, 1)
+    assert _tune_fd(x.fileno()) == (True, False)
+    assert _tune_fd(x.fileno(), local_tuned=True) == (True, True)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    tcp = socket.create_connection(lsock.getsockname())
+    closing += [lsock, tcp]
+    assert _tune_fd(tcp.fileno()) == (True, True)
+    r, w = os.pipe()
+    try:
+        assert _tune_fd(r) == (False, True)  # enlarged to PIPE_SIZE
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_producer_that_fills_the_buffer_is_not_held(
+    pki: Pki, closing: list[socket.socket]
+) -> None:
+    """A read that fills 3/4 of the buffer means the producer keeps up with a hold:
+    holding would only idle the pump and cap throughput, so the next read is not
+    held (even with a 30 s hold configured)."""
+    size = 8 * COALESCE_MIN
+    (app_a, pa), (app_b, pb), (ta, tb) = pairs(closing, 3)
+    tune_socket(app_a)  # 4 MiB: the write below is one atomic skb, read at once
+    tls_a, tls_b = tls_pair(pki, ta, tb)
+    th = Threads()
+    th.start(
+        "pump-a",
+        lambda: pump(
+            tls_a, pa.fileno(), pa.fileno(), coalesce=30.0, local_tuned=True, buffer_size=size
+        ),
+    )
+    th.start("pump-b", lambda: pump(tls_b, pb.fileno(), pb.fileno(), coalesce=0))
+    app_b.settimeout(10)  # far below the 30 s hold: a held read fails the test
+    bulk = os.urandom(size * 7 // 8)  # ≥ 3/4 of the buffer, but a short read
+    app_a.sendall(bulk)
+    assert recv_exactly(app_b, len(bulk)) == bulk
+    app_a.sendall(b"!")
+    assert recv_exactly(app_b, 1) == b"!"
+    app_a.shutdown(socket.SHUT_WR)
+    app_b.shutdown(socket.SHUT_WR)
+    assert read_to_eof(app_b) == b"" and read_to_eof(app_a) == b""
+    th.join_all(10)

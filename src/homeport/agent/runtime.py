@@ -59,7 +59,7 @@ from homeport.io.control import ControlLink, connect_control
 from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.loop import new_event_loop
-from homeport.io.pump import PumpEnd, pump
+from homeport.io.pump import PumpEnd, pump, tune_socket
 from homeport.node import files, hostkeys
 from homeport.node.state import NodeState
 from homeport.policy.services import SSH_NAME, Service
@@ -714,6 +714,7 @@ class Agent:
             return
         try:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            tune_socket(theirs)  # the client writes into it: room for the pump's coalescing
         except OSError as exc:  # EMFILE
             tls.close()
             with contextlib.suppress(OSError):
@@ -733,7 +734,9 @@ class Agent:
             return
         log.info("local stream %s to %s:%s opened (peer %s)", msg.stream_id, *_dst(req), peer.name)
         try:
-            res = pump(tls, mine.fileno(), mine.fileno(), cancel_fd=self._cancel_r)
+            res = pump(
+                tls, mine.fileno(), mine.fileno(), cancel_fd=self._cancel_r, local_tuned=True
+            )
             # LOCAL_ERROR here is our own user's process going away (ssh exited).
             quiet = res.ok or res.end in (PumpEnd.CANCELLED, PumpEnd.LOCAL_ERROR)
             level = logging.INFO if quiet else logging.WARNING

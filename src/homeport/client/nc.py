@@ -496,11 +496,20 @@ def _direct(args: NcArgs, handoff: "_Socket | None") -> int:
     return _pump(args.host, stream.tls, sys.stdin.fileno(), sys.stdout.fileno())
 
 
-def _pump(host: str, tls: "TlsStream", plain_in: int, plain_out: int) -> int:
+def _pump(
+    host: str, tls: "TlsStream", plain_in: int, plain_out: int, local_tuned: bool = False
+) -> int:
     from homeport.io.pump import PumpEnd, pump
 
     hangup_r, _hangup_w = _hangup_pipe()
-    result = pump(tls, plain_in, plain_out, cancel_fd=hangup_r, close_on_cancel=True)
+    result = pump(
+        tls,
+        plain_in,
+        plain_out,
+        cancel_fd=hangup_r,
+        close_on_cancel=True,
+        local_tuned=local_tuned,
+    )
     if result.ok or result.end in (PumpEnd.LOCAL_ERROR, PumpEnd.CANCELLED):
         return EXIT_OK
     return _fail(host, result.reason)
@@ -516,9 +525,14 @@ def _fork_and_hand_off(host: str, tls: "TlsStream", handoff: "_Socket") -> int:
     has finished too. The child stays in ssh's process group (a Ctrl-C or a
     hangup that ends ssh ends it too) and keeps stderr for a one-line error.
     """
+    import contextlib
     import socket
 
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # ssh writes into it: room for the pump's coalescing (io.pump.tune_socket's sizes)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            theirs.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -531,7 +545,7 @@ def _fork_and_hand_off(host: str, tls: "TlsStream", handoff: "_Socket") -> int:
             os.dup2(null, 0)  # let go of ssh's end of its socketpair
             os.dup2(null, 1)
             os.close(null)
-            code = _pump(host, tls, mine.fileno(), mine.fileno())
+            code = _pump(host, tls, mine.fileno(), mine.fileno(), local_tuned=True)
         finally:
             sys.stderr.flush()
             os._exit(code)

@@ -17,6 +17,16 @@ and for exact semantics, with the standard library only:
   has room, encrypts only while fewer than :data:`MAX_UNSENT` encrypted bytes
   wait for the socket, and reads the socket only when the incoming BIO is
   empty; a slow consumer stalls its producer instead of growing memory.
+* **Few wake-ups per byte (coalescing).** ssh writes one 32 KiB packet at a
+  time and is slower than the pump, so each packet used to cost a whole
+  wake-up (poll, read, encrypt, send — and on the far end recv, decrypt) and
+  the wake-ups, not the bytes, dominated the CPU. After a read that drained
+  its fd and got at least :data:`COALESCE_MIN` bytes, that fd is not read
+  again for :data:`COALESCE_DELAY`: the next packets pile up in the kernel
+  buffer and go through as one batch. Bytes already read are never held,
+  small reads (keystrokes) never start a hold, only fds whose kernel buffer
+  dwarfs a hold's worth are held (so the producer never stalls), and a
+  producer that fills the buffer anyway is not held (:data:`COALESCE_PROBE`).
 * **Half-close both ways (TLS 1.3).** Local EOF → once its bytes are encrypted,
   ``unwrap()`` queues ``close_notify`` and reading continues. Peer
   ``close_notify`` → once its bytes are written, ``shutdown(SHUT_WR)`` on a
@@ -40,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import math
 import os
 import select
 import socket
@@ -62,7 +73,24 @@ CANCEL_FLUSH_TIMEOUT = 1.0
 SOCKET_BUFFER = 4 * 1024 * 1024
 #: Pipe capacity we ask for on Linux (F_SETPIPE_SZ); 1 MiB is the default max.
 PIPE_SIZE = 1024 * 1024
+#: A read that drained its fd and got at least this many bytes marks a bulk flow
+#: (a keystroke, an echo or a screenful of output stays below it).
+COALESCE_MIN = 16 * 1024
+#: Seconds a bulk flow's next read of the same fd is held back, so that the
+#: producer's small writes (ssh: one 32 KiB channel packet per write) pile up
+#: in the kernel buffer and are read, encrypted and sent as one batch. Wake-ups
+#: dominate the pump's CPU when the producer is slower than the pump (ssh is).
+#: Bytes already read are never held; 0 turns coalescing off.
+COALESCE_DELAY = 0.001
+#: Seconds an fd is not held after a read filled ≥ 3/4 of the buffer (the
+#: producer is about as fast as the pump, so a hold would only cost throughput),
+#: before the pump tries holding it again.
+COALESCE_PROBE = 0.1
+#: Kernel buffer a producer must have for its fd to be held (COALESCE_DELAY):
+#: a hold must never fill it, or the producer stalls and throughput drops.
+COALESCE_MIN_KERNEL_BUFFER = 512 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
@@ -102,27 +130,40 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(level, opt, value)
 
 
-def _tune_fd(fd: int) -> bool:
-    """Enlarge a pipe; return True when ``fd`` is a socket."""
+def _tune_fd(fd: int, local_tuned: bool = False) -> tuple[bool, bool]:
+    """Enlarge a pipe or socket; return (is a socket, large enough to hold reads).
+
+    A unix socket's capacity is its *writer's* SO_SNDBUF, which we cannot read
+    from this end: it counts as large only when the caller created the pair and
+    tuned the writer's end (``local_tuned``).
+    """
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
-        return False
+        return False, False
     if stat.S_ISFIFO(mode):
         with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size: keep the default
             fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-        return False
+        try:
+            size = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+        except OSError:
+            return False, False
+        return False, size >= COALESCE_MIN_KERNEL_BUFFER
     if stat.S_ISSOCK(mode):
         try:
             s = socket.socket(fileno=os.dup(fd))
         except OSError:
-            return True
+            return True, False
         try:
             tune_socket(s)
+            size = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            large = s.family != socket.AF_UNIX or local_tuned
+        except OSError:
+            return True, False
         finally:
             s.close()
-        return True
-    return False
+        return True, large and size >= COALESCE_MIN_KERNEL_BUFFER
+    return False, False
 
 
 class _Poller:
@@ -165,6 +206,8 @@ def pump(
     close_on_cancel: bool = False,
     idle_timeout: float | None = None,
     buffer_size: int = BUFFER_SIZE,
+    coalesce: float = COALESCE_DELAY,
+    local_tuned: bool = False,
 ) -> PumpResult:
     """Copy ``plain_in`` → ``tls`` and ``tls`` → ``plain_out`` until both are closed.
 
@@ -178,6 +221,12 @@ def pump(
             peer then sees a clean end instead of a truncation.
         idle_timeout: stop (``IDLE``) after this many seconds without a byte moving.
         buffer_size: per-direction buffer (tests use small ones to force partial I/O).
+        coalesce: after a bulk-sized read that drained its fd, wait this long
+            before reading that fd again (:data:`COALESCE_DELAY`; 0 = never).
+            Only fds whose kernel buffer holds far more than a hold's worth
+            are held: pipes we could enlarge, TCP sockets, and unix sockets
+            whose writer's end the caller enlarged (``local_tuned``, e.g. with
+            :func:`tune_socket` on the far end of its own socketpair).
     """
     sock = tls.sock
     obj = tls.obj
@@ -185,10 +234,15 @@ def pump(
     outgoing = tls.outgoing
     in_blocking = os.get_blocking(plain_in)
     out_blocking = os.get_blocking(plain_out)
-    out_is_socket = _tune_fd(plain_out)
+    out_is_socket, in_large = _tune_fd(plain_out, local_tuned)
     if plain_in != plain_out:
-        _tune_fd(plain_in)
+        _, in_large = _tune_fd(plain_in, local_tuned)
     tune_socket(sock)
+    in_coalesce = coalesce if in_large else 0.0
+    sock_coalesce = coalesce
+    with contextlib.suppress(OSError):
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < COALESCE_MIN_KERNEL_BUFFER:
+            sock_coalesce = 0.0
     sock.setblocking(False)
     os.set_blocking(plain_in, False)
     os.set_blocking(plain_out, False)
@@ -210,6 +264,12 @@ def pump(
     # it may be ready, so the loop never spends a syscall and an exception on an
     # fd that poll has not reported (measured: ~40% of nc's syscalls otherwise).
     in_ready = sock_rd_ready = True
+    # Coalescing (see COALESCE_DELAY): monotonic time before which plain_in / the
+    # socket is not read again; 0.0 = not held.
+    in_hold = sock_hold = 0.0
+    # ... and before which it is not held at all (its producer outpaced a hold).
+    in_fast = sock_fast = 0.0
+    fast_fill = buffer_size * 3 // 4  # a read that fills this much: no holding
     up_eof = False  # plain_in hit EOF
     up_closed = False  # close_notify queued
     down_eof = False  # the peer's close_notify arrived
@@ -229,6 +289,7 @@ def pump(
                 progress = False
                 # ---- plain_in → up buffer
                 if in_ready and not up_eof and up_len < buffer_size:
+                    room = buffer_size - up_len
                     try:
                         n = os.readv(plain_in, [up_mv[up_len:]])
                     except BlockingIOError:
@@ -241,9 +302,25 @@ def pump(
                             up_eof = True
                         else:
                             up_len += n
+                            if n < room:
+                                # A short read drained the pipe/socket: skip the
+                                # read that would only raise EAGAIN; poll says when.
+                                in_ready = False
+                            if in_coalesce and n >= COALESCE_MIN:
+                                now = time.monotonic()
+                                if up_len >= fast_fill:
+                                    # The buffer (nearly) filled: the producer keeps up
+                                    # with a hold, which would only idle the pump and
+                                    # cap throughput near buffer_size per hold.
+                                    in_fast = now + COALESCE_PROBE
+                                elif n < room and now >= in_fast:
+                                    in_hold = now + in_coalesce
                         progress = True
                 # ---- up buffer → TLS records (bounded by what is still unsent)
-                if up_off < up_len and _unsent(wire, wire_off, outgoing) < MAX_UNSENT:
+                if up_off < up_len and (
+                    (len(wire) - wire_off if wire is not None else 0) + outgoing.pending
+                    < MAX_UNSENT
+                ):
                     n = obj.write(up_mv[up_off:up_len])
                     up_off += n
                     sent += n
@@ -292,9 +369,23 @@ def pump(
                             incoming.write_eof()
                         else:
                             incoming.write(raw_mv[:n])
+                            if n < buffer_size:  # drained: as for plain_in above
+                                sock_rd_ready = False
+                            if sock_coalesce and n >= COALESCE_MIN:
+                                now = time.monotonic()
+                                if n >= fast_fill:
+                                    sock_fast = now + COALESCE_PROBE
+                                elif now >= sock_fast:
+                                    sock_hold = now + sock_coalesce
                         progress = True
-                # ---- incoming BIO → down buffer (until OpenSSL wants more bytes)
-                while not down_eof and down_len < buffer_size:
+                # ---- incoming BIO → down buffer (until OpenSSL wants more bytes).
+                # With nothing in the BIO, nothing decrypted pending and no EOF,
+                # read() could only raise SSLWantReadError: skip that exception.
+                while (
+                    not down_eof
+                    and down_len < buffer_size
+                    and (incoming.pending or sock_eof or obj.pending())
+                ):
                     got: int | bytes
                     try:
                         got = obj.read(buffer_size - down_len, down_mv[down_len:])
@@ -336,13 +427,25 @@ def pump(
                 break
 
             # ---- nothing more to do without waiting: poll
+            timeout_s: float | None = None
+            if in_hold or sock_hold:
+                now = time.monotonic()
+                if in_hold and now >= in_hold:
+                    in_hold = 0.0
+                    in_ready = True  # try the read at once; EAGAIN sends it to poll
+                if sock_hold and now >= sock_hold:
+                    sock_hold = 0.0
+                    sock_rd_ready = True
+                if in_ready or sock_rd_ready:
+                    continue
+                timeout_s = min(t for t in (in_hold, sock_hold) if t) - now
             wanted: dict[int, int] = {}
-            if not up_eof and up_len < buffer_size:
+            if not up_eof and up_len < buffer_size and not in_hold:
                 wanted[plain_in] = _POLLIN
             if down_off < down_len:
                 wanted[plain_out] = wanted.get(plain_out, 0) | _POLLOUT
             sock_mask = 0
-            if incoming.pending == 0 and not sock_eof and not down_eof:
+            if incoming.pending == 0 and not sock_eof and not down_eof and not sock_hold:
                 sock_mask |= _POLLIN
             if wire is not None:
                 sock_mask |= _POLLOUT
@@ -350,13 +453,13 @@ def pump(
             if cancel_fd is not None:
                 wanted[cancel_fd] = _POLLIN
             poller.set(wanted)
-            timeout_ms: int | None = None
             if idle_timeout is not None:
                 left = last_activity + idle_timeout - time.monotonic()
                 if left <= 0:
                     result = finish(False, PumpEnd.IDLE, f"idle for {idle_timeout:.0f}s")
                     break
-                timeout_ms = max(1, int(left * 1000))
+                timeout_s = left if timeout_s is None else min(timeout_s, left)
+            timeout_ms = None if timeout_s is None else max(1, math.ceil(timeout_s * 1000))
             for fd, ev in poller.poll(timeout_ms):
                 if cancel_fd is not None and fd == cancel_fd:
                     result = finish(False, PumpEnd.CANCELLED, "cancelled")
@@ -402,10 +505,6 @@ def _close_and_flush(tls: TlsStream, wire: memoryview | None) -> None:
         if wire is not None:
             tls.sock.sendall(wire)
         tls.sock.sendall(tls.outgoing.read())
-
-
-def _unsent(wire: memoryview | None, wire_off: int, outgoing: ssl.MemoryBIO) -> int:
-    return (len(wire) - wire_off if wire is not None else 0) + outgoing.pending
 
 
 def _half_close(fd: int, is_socket: bool, plain_in: int) -> None:

@@ -45,6 +45,7 @@ Stream life (one table, one place)::
 
 from __future__ import annotations
 
+import collections
 import datetime
 import enum
 import heapq
@@ -53,12 +54,14 @@ import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
 from homeport.policy.acl import CompiledPolicy, SelSet, reach_set
 from homeport.policy.decide import Subject, decide
 from homeport.proto import audit as au
+from homeport.proto import path as hpath
 from homeport.proto.audit import (
     APPROVE,
     CERT_ISSUE,
@@ -68,6 +71,7 @@ from homeport.proto.audit import (
     NODE_REMOVE,
     Audit,
 )
+from homeport.proto.nat import NatKind
 from homeport.proto.netmap import PeerBook
 from homeport.proto.policy import policy_message
 from homeport.wire import authkey, names
@@ -77,6 +81,8 @@ from homeport.wire.errors import WireError
 from homeport.wire.hostkey import sanitize_host_keys
 
 SessionId = int
+K = TypeVar("K")
+V = TypeVar("V")
 
 #: How long the destination agent has to ACCEPT or REJECT an INCOMING.
 OPEN_TIMEOUT = 10.0
@@ -97,6 +103,17 @@ MAX_SERVICES = 256
 MAX_REACH_CACHE = 65536
 #: Keepalive interval the server asks nodes to use (WELCOME.ping_interval).
 PING_INTERVAL = 5.0
+#: PATH_REQs one pair of nodes may make (either direction) per PATH_REQ_WINDOW seconds.
+MAX_PATH_REQS_PER_PAIR = 6
+PATH_REQ_WINDOW = 60.0
+#: A PUNCH counts as in flight this long (or until a PATH_REPORT of the pair).
+PUNCH_IN_FLIGHT = 10.0
+#: PEER_PING/PEER_PONG one node may have forwarded per PEER_PING_WINDOW seconds.
+MAX_PEER_PINGS = 20
+PEER_PING_WINDOW = 10.0
+#: Pairs whose path reports, counters, rate limits and punches in flight are kept
+#: (each table separately; the oldest entry is dropped beyond this).
+MAX_PATH_RECORDS = 65536
 #: Default node-key lifetime (``homeport server --key-expiry``); None would mean never.
 DEFAULT_KEY_EXPIRY = 180 * 86400.0
 #: An ephemeral node is removed once it has been offline this long.
@@ -369,6 +386,52 @@ Command = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class PathRecord:
+    """The last PATH_REPORT one node sent about one peer (for status and counters)."""
+
+    kind: str
+    endpoint: str
+    rtt_ms: float
+    code: str
+    reason: str
+    at: float
+    punch_attempts: int = 0
+    punch_successes: int = 0
+    streams_direct: int = 0
+    streams_relay: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PairStats:
+    """Server-side counters of one pair: punches coordinated, direct paths reported up."""
+
+    punches: int = 0
+    direct_ups: int = 0
+
+
+DIRECT_MESSAGES = (m.Endpoints, m.PathReq, m.PathReport, m.PeerPing, m.PeerPong)
+
+
+def _evict_oldest(table: dict[K, V], key: K) -> None:
+    """Make room for ``key`` in a bounded table (insertion order: the oldest goes first)."""
+    if key not in table and len(table) >= MAX_PATH_RECORDS:
+        table.pop(next(iter(table)))
+
+
+def _nat(eps: m.Endpoints) -> NatKind:
+    try:
+        return NatKind(eps.nat)
+    except ValueError:
+        return NatKind.UNKNOWN
+
+
+def _reach(eps: m.Endpoints) -> hpath.Reach:
+    public = frozenset(c.addr.rpartition(":")[0] for c in eps.candidates if c.kind == "public")
+    mapped = any(c.kind == "mapped" for c in eps.candidates)
+    return hpath.Reach(_nat(eps), public, mapped)
+
+
 # -- inputs from the relay and the database -------------------------------------------
 
 
@@ -492,6 +555,8 @@ class Coordinator:
         ping_interval: float = PING_INTERVAL,
         max_streams: int = MAX_STREAMS,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+        relay_only: bool = False,
+        probe_port: int = 0,
         key_expiry: float | None = DEFAULT_KEY_EXPIRY,
         expire_tagged: bool = False,
         ephemeral_offline: float = EPHEMERAL_OFFLINE,
@@ -518,6 +583,16 @@ class Coordinator:
         self._timers: list[_Timer] = []
         self._timer_seq = 0
         self._push_due: float | None = None
+        #: Server setting: never coordinate direct paths (WELCOME says ``direct: false``).
+        self.relay_only = relay_only
+        #: The whoami probe port announced in WELCOME (0: none); set once it is bound.
+        self.probe_port = probe_port
+        self._endpoints: dict[str, m.Endpoints] = {}  # online agents' ENDPOINTS, memory only
+        self._path_reqs: dict[frozenset[str], collections.deque[float]] = {}
+        self._punching: dict[frozenset[str], float] = {}  # pair -> in flight until
+        self._paths: dict[tuple[str, str], PathRecord] = {}  # (reporter, peer) -> last report
+        self._pair_stats: dict[frozenset[str], PairStats] = {}
+        self._peer_pings: dict[str, collections.deque[float]] = {}
         self.key_expiry = key_expiry
         self.expire_tagged = expire_tagged
         self.ephemeral_offline = ephemeral_offline
@@ -614,6 +689,7 @@ class Coordinator:
                     if st.state is StreamState.WAITING:
                         self._fail(st, "offline", f"{node.name} went offline")
                 self._note(logging.INFO, f"agent {node.name} ({node_id}) offline")
+                self._direct_offline(node_id)
                 self._map_changed(node_id, now)
                 if node.ephemeral:
                     self._set_due("ephemeral", node_id, now + self.ephemeral_offline)
@@ -640,6 +716,8 @@ class Coordinator:
             self._open(s, msg, now)
         elif isinstance(msg, m.Accept | m.Reject) and agent:
             self._answer(s, msg, now)
+        elif isinstance(msg, DIRECT_MESSAGES) and agent:
+            self._direct(s, msg, now)
         elif isinstance(msg, m.Renew) and agent:
             self._renew(s, msg, now)
         else:
@@ -718,6 +796,8 @@ class Coordinator:
                     ping_interval=self.ping_interval,
                     capver=m.CAPVER,
                     caps=m.OUR_CAPS,
+                    direct=not self.relay_only,
+                    probe_port=self.probe_port,
                     approved=node.approved,
                     expires_at=node.expiry_deadline or 0.0,
                     key_lifetime=self.key_expiry or 0.0,
@@ -1194,6 +1274,7 @@ class Coordinator:
                 self._emit(RelayCancel(st.stream_id))
         self._emit(RelayCut(node_id))
         self._addresses.pop(node_id, None)
+        self._direct_offline(node_id)
         self._note(
             logging.INFO,
             f"node {node.name} ({node_id}) removed; {len(sessions)} session(s) closed, "
@@ -1203,6 +1284,173 @@ class Coordinator:
         self._node_due.pop(("expiry", node_id), None)
         self._node_due.pop(("ephemeral", node_id), None)
         return node
+
+    # -- direct paths (capability "direct"; docs/nat-traversal.md) ------------------------------
+    def endpoints_of(self, node_id: str) -> m.Endpoints | None:
+        """The ENDPOINTS an online agent reported last (None: none, or offline)."""
+        return self._endpoints.get(node_id)
+
+    def path_record(self, reporter: str, peer: str) -> PathRecord | None:
+        """The last PATH_REPORT ``reporter`` sent about ``peer``."""
+        return self._paths.get((reporter, peer))
+
+    def pair_stats(self, a: str, b: str) -> PairStats:
+        """Punches the server coordinated between ``a`` and ``b`` and how many came up."""
+        return self._pair_stats.get(frozenset((a, b)), PairStats())
+
+    def _direct(self, s: _Session, msg: m.Message, now: float) -> None:
+        if m.CAP_DIRECT not in s.caps:
+            self._note(logging.INFO, f"{s.node_id}: {msg.TYPE.name} without capability direct")
+            return
+        if isinstance(msg, m.Endpoints):
+            self._endpoints[s.node_id] = msg
+        elif isinstance(msg, m.PathReq):
+            self._path_req(s, msg, now)
+        elif isinstance(msg, m.PathReport):
+            self._path_report(s, msg, now)
+        elif isinstance(msg, m.PeerPing | m.PeerPong):
+            self._peer_ping(s, msg, now)
+
+    def _path_req(self, s: _Session, msg: m.PathReq, now: float) -> None:
+        src = self._nodes[s.node_id]
+
+        def fail(code: str, reason: str = "") -> None:
+            text = reason or hpath.REASONS.get(code, code)
+            self._note(logging.INFO, f"path {src.name} -> {msg.dst[:64]!r}: refused: {code}")
+            self._emit(
+                Send(
+                    s.sid,
+                    m.PathFailed(punch_id=msg.punch_id, dst=msg.dst[:64], code=code, reason=text),
+                )
+            )
+
+        dst = self._nodes.get(msg.dst)
+        if dst is None or dst.removed or dst.node_id == src.node_id:
+            fail(hpath.UNKNOWN_NODE, f"no node with id {msg.dst[:64]!r} in this network")
+            return
+        pair = frozenset((src.node_id, dst.node_id))
+        verdict = self._path_verdict(src, dst, pair, now)
+        if verdict is not None:
+            fail(*verdict)
+            return
+        mine, theirs = self._endpoints[src.node_id], self._endpoints[dst.node_id]
+        _evict_oldest(self._punching, pair)
+        self._punching[pair] = now + PUNCH_IN_FLIGHT
+        _evict_oldest(self._pair_stats, pair)
+        stats = self._pair_stats.setdefault(pair, PairStats())
+        self._pair_stats[pair] = replace(stats, punches=stats.punches + 1)
+        for sid, peer, eps, role in (
+            (s.sid, dst, theirs, "client"),
+            (self._agents[dst.node_id], src, mine, "server"),
+        ):
+            punch = m.Punch(
+                punch_id=msg.punch_id,
+                peer=peer.peer_info(),
+                candidates=eps.candidates,
+                nat=_nat(eps).value,
+                tls_role=role,
+            )
+            self._emit(Send(sid, punch))
+        self._note(logging.INFO, f"path {src.name} -> {dst.name}: punch {msg.punch_id} sent")
+
+    def _path_verdict(
+        self, src: NodeRecord, dst: NodeRecord, pair: frozenset[str], now: float
+    ) -> tuple[str, str] | None:
+        """Why no punch may go to this pair now (code, reason), or None. Checked in order."""
+        if self.relay_only:
+            return hpath.RELAY_ONLY_SERVER, hpath.REASONS[hpath.RELAY_ONLY_SERVER]
+        dst_sid = self._agents.get(dst.node_id)
+        if dst_sid is None:
+            return hpath.PEER_OFFLINE, f"{dst.name} is offline"
+        dst_s = self._sessions.get(dst_sid)
+        if dst_s is None or m.CAP_DIRECT not in dst_s.caps:
+            return hpath.PEER_NO_DIRECT, f"{dst.name} runs an older homeport without direct paths"
+        allowed = any(
+            decide(src.subject(), dst.subject(), dst.services, svc.name, self.policy).allowed
+            for svc in dst.services
+        )
+        if not allowed:
+            return hpath.POLICY, f"{dst.name} exposes no service {src.name} may reach"
+        _evict_oldest(self._path_reqs, pair)
+        reqs = self._path_reqs.setdefault(pair, collections.deque())
+        while reqs and reqs[0] <= now - PATH_REQ_WINDOW:
+            reqs.popleft()
+        if len(reqs) >= MAX_PATH_REQS_PER_PAIR:
+            wait = reqs[0] + PATH_REQ_WINDOW - now
+            return hpath.RATE_LIMITED, (
+                f"more than {MAX_PATH_REQS_PER_PAIR} path requests for this pair in "
+                f"{PATH_REQ_WINDOW:g} s; retry in {wait:.0f} s"
+            )
+        reqs.append(now)
+        if self._punching.get(pair, 0.0) > now:
+            return hpath.BUSY, hpath.REASONS[hpath.BUSY]
+        mine, theirs = self._endpoints.get(src.node_id), self._endpoints.get(dst.node_id)
+        if mine is not None and mine.relay_only:
+            return hpath.RELAY_ONLY_LOCAL, hpath.REASONS[hpath.RELAY_ONLY_LOCAL]
+        if theirs is not None and theirs.relay_only:
+            return hpath.PEER_RELAY_ONLY, f"relay-only mode ({dst.name} runs --relay-only)"
+        if mine is None or not mine.candidates:
+            return hpath.NO_CANDIDATES, hpath.REASONS[hpath.NO_CANDIDATES]
+        if theirs is None or not theirs.candidates:
+            return hpath.PEER_NO_CANDIDATES, f"{dst.name} has reported no direct-path candidates"
+        outlook = hpath.punch_outlook(_reach(mine), _reach(theirs))
+        if outlook is not None:
+            return outlook, hpath.REASONS[outlook]
+        return None
+
+    def _path_report(self, s: _Session, msg: m.PathReport, now: float) -> None:
+        peer = self._nodes.get(msg.peer)
+        if peer is None:
+            return
+        pair = frozenset((s.node_id, peer.node_id))
+        key = (s.node_id, peer.node_id)
+        old = self._paths.get(key)
+        rec = PathRecord(
+            kind=msg.kind[:MAX_CODE],
+            endpoint=msg.endpoint[:MAX_CODE],
+            rtt_ms=msg.rtt_ms,
+            code=msg.code[:MAX_CODE],
+            reason=msg.reason[:MAX_REASON],
+            at=now,
+            punch_attempts=msg.punch_attempts,
+            punch_successes=msg.punch_successes,
+            streams_direct=msg.streams_direct,
+            streams_relay=msg.streams_relay,
+        )
+        _evict_oldest(self._paths, key)
+        self._paths[key] = rec
+        if rec.code == hpath.PROBING:
+            return  # a punch started: not an outcome
+        # an outcome (up, failed, timed out) ends the punch in flight; the first "up"
+        # report of a punch counts it as a success (both ends report it)
+        if self._punching.pop(pair, None) is not None and rec.kind != "relay":
+            stats = self._pair_stats.setdefault(pair, PairStats())
+            self._pair_stats[pair] = replace(stats, direct_ups=stats.direct_ups + 1)
+        if rec.kind != (old.kind if old is not None else "relay"):
+            self._note(
+                logging.INFO,
+                f"path {s.node_id} -> {peer.name}: {rec.kind} {rec.endpoint} ({rec.code})",
+            )
+
+    def _peer_ping(self, s: _Session, msg: m.PeerPing | m.PeerPong, now: float) -> None:
+        sent = self._peer_pings.setdefault(s.node_id, collections.deque())
+        while sent and sent[0] <= now - PEER_PING_WINDOW:
+            sent.popleft()
+        if len(sent) >= MAX_PEER_PINGS:
+            return  # dropped: the pinger times that probe out
+        dst_sid = self._agents.get(msg.peer)
+        dst_s = self._sessions.get(dst_sid) if dst_sid is not None else None
+        if dst_s is None or m.CAP_DIRECT not in dst_s.caps or msg.peer == s.node_id:
+            return
+        sent.append(now)
+        out = type(msg)(peer=s.node_id, seq=msg.seq)
+        self._emit(Send(dst_s.sid, out))
+
+    def _direct_offline(self, node_id: str) -> None:
+        self._endpoints.pop(node_id, None)
+        self._peer_pings.pop(node_id, None)
+        for pair in [p for p in self._punching if node_id in p]:
+            del self._punching[pair]
 
     # -- identity: approval, expiry, renewal, ephemeral nodes ------------------------------------
     def _live(self, name: str) -> NodeRecord:

@@ -17,6 +17,13 @@ The driver's loop::
     core.open_local(token, dst, service, now, timeout) / core.local_open_ended(token)
     core.session_ended(reason, now) / core.connect_failed(reason, now)
     core.handle_timer(now)                  # when core.get_timer() is due
+    # direct paths (capability "direct"):
+    core.set_endpoints(endpoints, now)      # discovery result (io/netcheck); again on change
+    core.path_choice(peer_id, now)          # before a local open: direct → open on the mux
+    core.stream_wanted(peer_id, now, direct=...)   # a stream started (relay ones may PATH_REQ)
+    core.punch_succeeded(peer_id, kind, endpoint, now) / core.punch_failed(peer_id, id, code, …)
+    core.path_lost(peer_id, reason, now) / core.path_rtt(peer_id, ms)   # from the mux link
+    core.peer_ping(peer_id, seq)            # homeport ping over the relay → PeerPongReceived
     while (cmd := core.next_command()) is not None: carry_out(cmd)
 
 What it owns:
@@ -56,6 +63,15 @@ What it owns:
 * **The peer map** from PEERS frames (capability ``peers`` only): a
   :class:`~homeport.proto.netmap.PeerView`; a delta that does not follow the
   version we hold makes the core ask once for a full map (NETMAP_REQ).
+* **Direct paths** (capability ``direct``, docs/nat-traversal.md): the
+  driver's discovery result goes out as ENDPOINTS after every WELCOME
+  (:meth:`NodeCore.set_endpoints`); a :class:`~homeport.proto.path.PathTable`
+  (one pure path manager per peer) turns ``stream_wanted`` into PATH_REQ and
+  PATH_REPORT; a PUNCH becomes :class:`StartPunch` for the driver, whose
+  outcome comes back as ``punch_succeeded`` / ``punch_failed`` (and later
+  ``path_lost``); PEER_PING is answered here, PEER_PONG goes to the driver
+  (:class:`PeerPongReceived`). The driver asks :meth:`NodeCore.path_choice`
+  before each local open: a direct choice means "open it on the mux".
 
 Commands are drained with :meth:`NodeCore.next_command`, in the order they were
 made; the queue never holds more than one input's worth of commands if the
@@ -74,7 +90,9 @@ from homeport.crypto import identity
 from homeport.policy.acl import CompiledPolicy
 from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
 from homeport.policy.services import Service
+from homeport.proto import path as hpath
 from homeport.proto.backoff import Backoff
+from homeport.proto.nat import NatKind
 from homeport.proto.netmap import PeerView, Status
 from homeport.proto.policy import policy_from_message
 from homeport.wire import control as m
@@ -137,6 +155,7 @@ class NodeConfig:
     server: str  # "host:port", for messages only
     services: tuple[Service, ...] = ()
     software: str = ""
+    relay_only: bool = False  # --relay-only: never probe, never punch (ENDPOINTS says so)
     #: ``up --shields-up``: refuse every INCOMING (REJECT ``shields-up``); opens still work.
     shields_up: bool = False
 
@@ -292,6 +311,35 @@ class LocalOpenFailed:
     admitted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class StartPunch:
+    """The server's PUNCH: connect from the direct port to ``punch.candidates`` now.
+
+    Both nodes get one at the same moment. Run TLS as ``punch.tls_role`` and pin
+    ``punch.peer.fingerprint``; report with :meth:`NodeCore.punch_succeeded` or
+    :meth:`NodeCore.punch_failed` (with ``punch.punch_id``) by ``deadline``.
+    """
+
+    punch: m.Punch
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPongReceived:
+    """A PEER_PONG over the server: the relay round trip of ping ``seq`` to ``peer`` ended."""
+
+    peer: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    """The path to ``peer`` (a node id) changed (log it; ``status`` shows it)."""
+
+    peer: str
+    choice: hpath.PathChoice
+
+
 Command = (
     Send
     | Renewed
@@ -307,6 +355,9 @@ Command = (
     | LocalOpenAdmitted
     | LocalOpenSucceeded
     | LocalOpenFailed
+    | StartPunch
+    | PeerPongReceived
+    | PathChanged
 )
 
 
@@ -373,6 +424,13 @@ class NodeCore:
         self._streams: set[str] = set()
         self._local: dict[bytes, _LocalOpen] = {}
         self._commands: collections.deque[Command] = collections.deque()
+        #: One path manager per peer (direct paths); facts shared through the table.
+        self.paths = hpath.PathTable()
+        self.paths.relay_only_local = config.relay_only
+        #: Our latest discovery result (sent after each WELCOME), if the driver gave one.
+        self.endpoints: m.Endpoints | None = None
+        #: The server's whoami probe port from WELCOME (0: none or no ``direct``).
+        self.probe_port = 0
         #: Whether an admin approved this node (WELCOME/NOTICE); False: it reaches no one.
         self.approved = True
         #: When the node key expires (server's unix time; 0 = never) and the last notice.
@@ -453,6 +511,9 @@ class NodeCore:
             self._send(self._announce())
 
     def _end_session(self, reason: str, now: float, *, reconnect: bool) -> None:
+        for pm in self.paths.managers():
+            pm.session_lost(now)
+        self._drain_paths()  # reports are not sent (no session); PathChanged still goes out
         self.state = SessionState.IDLE
         self.server_caps, self.server_capver = frozenset(), 1
         self._commands.append(SessionLost(reason))
@@ -481,7 +542,7 @@ class NodeCore:
             self._on_error(msg)
         elif self.state is SessionState.HELLO_SENT:
             if isinstance(msg, m.Welcome):
-                self._on_welcome(msg)
+                self._on_welcome(msg, now)
             else:
                 self.ignored += 1  # the control machine refuses these; belt and braces
         elif isinstance(msg, m.Incoming):
@@ -497,8 +558,14 @@ class NodeCore:
         elif isinstance(msg, m.Peers):
             if self.peers_expected:
                 self._on_peers(msg)
+                self._peers_online(now)
             else:
                 self.ignored += 1  # the server did not announce ``peers``: not for us
+        elif isinstance(msg, m.Punch | m.PathFailed | m.PeerPing | m.PeerPong):
+            if self.direct_expected:
+                self._on_direct(msg, now)
+            else:
+                self.ignored += 1  # the server did not announce ``direct``: not for us
         else:
             self.ignored += 1  # NETMAP (capver 1 push), a second WELCOME, ...
 
@@ -523,7 +590,7 @@ class NodeCore:
         self.policy_version = msg.version
         self.user, self.tags = msg.user, msg.tags
 
-    def _on_welcome(self, msg: m.Welcome) -> None:
+    def _on_welcome(self, msg: m.Welcome, now: float) -> None:
         self.state = SessionState.READY
         self.node_id = msg.node_id
         self.name = msg.name or self.name
@@ -538,6 +605,7 @@ class NodeCore:
         # ANNOUNCE right after WELCOME: a client that sees this node online can
         # open streams to its services at once.
         self._send(self._announce())
+        self._welcome_direct(msg, now)
         self._commands.append(
             SessionReady(
                 node_id=msg.node_id,
@@ -743,16 +811,176 @@ class NodeCore:
                 lo.state = _OpenState.FAILED
                 self._commands.append(LocalOpenFailed(lo.token, code, message, fallback, True))
 
+    # -- direct paths --------------------------------------------------------------------
+    @property
+    def direct_expected(self) -> bool:
+        """Whether the server speaks direct paths (announced ``direct``)."""
+        return m.CAP_DIRECT in self.server_caps
+
+    def _welcome_direct(self, msg: m.Welcome, now: float) -> None:
+        direct = self.direct_expected
+        self.probe_port = msg.probe_port if direct else 0
+        self.paths.update_all(now, relay_only_server=direct and not msg.direct)
+        if not direct:
+            return
+        if self.config.relay_only:
+            self._send(m.Endpoints(relay_only=True))
+        elif self.endpoints is not None:
+            self._send(self.endpoints)
+        self._drain_paths()
+
+    def set_endpoints(self, endpoints: m.Endpoints, now: float) -> None:
+        """The driver's discovery result (candidates, NAT kind); sent now and after each WELCOME.
+
+        A change makes every peer's manager forget its backoff and re-probe if in use.
+        """
+        if self.config.relay_only or endpoints == self.endpoints:
+            return
+        self.endpoints = endpoints
+        try:
+            nat = NatKind(endpoints.nat)
+        except ValueError:
+            nat = NatKind.UNKNOWN
+        self.paths.update_all(now, self_nat=nat)
+        if self.state is SessionState.READY and self.direct_expected:
+            self._send(endpoints)
+        for pm in self.paths.managers():
+            pm.endpoints_changed(now)
+        self._drain_paths()
+
+    def set_probe_port_ok(self, ok: bool, now: float) -> None:
+        """Whether discovery reached the server's probe port (explains ``no-probe-port``)."""
+        self.paths.update_all(now, probe_port_ok=ok)
+        self._drain_paths()
+
+    def path_choice(self, peer: str, now: float) -> hpath.PathChoice:
+        """The path a new stream to ``peer`` (node id) takes now, and why."""
+        return self.paths.choose(peer, now)
+
+    def stream_wanted(self, peer: str, now: float, *, direct: bool = False) -> None:
+        """A stream to ``peer`` starts (over the mux if ``direct``, else the relay).
+
+        On the relay this may ask the server for a direct path (PATH_REQ).
+        """
+        pm = self.paths.manager(peer)
+        if pm is not None:
+            pm.stream_wanted(now, direct=direct)
+        self._drain_paths()
+
+    def punch_succeeded(
+        self, peer: str, kind: hpath.PathKind, endpoint: str, now: float, *, rtt_ms: float = 0.0
+    ) -> None:
+        """An authenticated direct connection to ``peer`` is up (a punch won, or it dialled us).
+
+        Any authenticated connection to the peer is the path, whichever punch made it.
+        """
+        pm = self.paths.manager(peer)
+        if pm is not None:
+            pm.path_up(kind, endpoint, now, rtt_ms)
+        self._drain_paths()
+
+    def punch_failed(self, peer: str, punch_id: int, code: str, reason: str, now: float) -> None:
+        """The driver's punch ``punch_id`` to ``peer`` ended without a path."""
+        pm = self.paths.get(peer)
+        if pm is not None:
+            pm.punch_failed(punch_id, code, reason, now)
+        self._drain_paths()
+
+    def path_lost(self, peer: str, reason: str, now: float) -> None:
+        """The direct path to ``peer`` died: new streams use the relay; re-probe soon."""
+        pm = self.paths.get(peer)
+        if pm is not None:
+            pm.path_lost(reason, now)
+        self._drain_paths()
+
+    def path_rtt(self, peer: str, rtt_ms: float) -> None:
+        """The mux measured a round trip to ``peer``."""
+        pm = self.paths.get(peer)
+        if pm is not None:
+            pm.set_rtt(rtt_ms)
+
+    def peer_ping(self, peer: str, seq: int) -> bool:
+        """Send PEER_PING to ``peer`` over the server; False when the server cannot forward it."""
+        if self.state is not SessionState.READY or not self.direct_expected:
+            return False
+        self._send(m.PeerPing(peer=peer, seq=seq))
+        return True
+
+    def _peers_online(self, now: float) -> None:
+        """Feed the peer map's online flags to the path managers; a peer back online re-probes."""
+        view = self.peers.peers
+        for pm in self.paths.managers():
+            peer = view.get(pm.peer)
+            if peer is not None and peer.online != pm.peer_online:
+                pm.update(now, peer_online=peer.online)
+                if peer.online:
+                    pm.endpoints_changed(now)
+        self._drain_paths()
+
+    def _on_direct(self, msg: m.Punch | m.PathFailed | m.PeerPing | m.PeerPong, now: float) -> None:
+        if isinstance(msg, m.PeerPing):
+            self._send(m.PeerPong(peer=msg.peer, seq=msg.seq))
+        elif isinstance(msg, m.PeerPong):
+            self._commands.append(PeerPongReceived(msg.peer, msg.seq))
+        elif isinstance(msg, m.PathFailed):
+            pm = self.paths.get(msg.dst)
+            if pm is None:
+                self.ignored += 1
+            else:
+                pm.path_failed(msg.punch_id, msg.code, msg.reason, now)
+        elif self.config.relay_only:
+            self.ignored += 1  # we never reported candidates; a PUNCH is a server's mistake
+        else:
+            pm = self.paths.manager(msg.peer.node_id)
+            if pm is not None and pm.punch_started(msg.punch_id, now):
+                deadline = now + hpath.PUNCH_TIMEOUT
+                self._commands.append(StartPunch(msg, deadline))
+            else:
+                self.ignored += 1
+        self._drain_paths()
+
+    def _drain_paths(self) -> None:
+        live = self.state is SessionState.READY and self.direct_expected
+        while (cmd := self.paths.next_command()) is not None:
+            if isinstance(cmd, hpath.RequestPath):
+                if live:
+                    self._send(m.PathReq(dst=cmd.peer, punch_id=cmd.punch_id))
+                continue
+            ch = cmd.choice
+            if live:
+                self._send(
+                    m.PathReport(
+                        peer=cmd.peer,
+                        kind=ch.kind.value,
+                        endpoint=ch.endpoint,
+                        rtt_ms=cmd.rtt_ms,
+                        code=ch.code,
+                        reason=ch.reason,
+                        punch_attempts=cmd.punch_attempts,
+                        punch_successes=cmd.punch_successes,
+                        streams_direct=cmd.streams_direct,
+                        streams_relay=cmd.streams_relay,
+                    )
+                )
+            self._commands.append(PathChanged(cmd.peer, ch))
+
     # -- time -----------------------------------------------------------------------------
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` must run next (a local open's deadline, a renewal), or None."""
+        """When :meth:`handle_timer` must run next (a local open's or a path's deadline, a
+        renewal), or None."""
         waiting = [lo.deadline for lo in self._local.values() if lo.state is _OpenState.WAITING]
         if self._renew_due is not None and self.state is SessionState.READY:
             waiting.append(self._renew_due)
+        path_t = self.paths.get_timer()
+        if path_t is not None:
+            waiting.append(path_t)
         return min(waiting) if waiting else None
 
     def handle_timer(self, now: float) -> None:
-        """Fail local opens whose answer did not come in time; renew the node key when due."""
+        """Fail local opens whose answer did not come in time; renew the node key when due;
+        run path timers."""
+        self.paths.handle_timer(now)
+        self._drain_paths()
         if (
             self._renew_due is not None
             and self.state is SessionState.READY

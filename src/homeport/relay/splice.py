@@ -19,6 +19,17 @@ Here each worker owns one ``epoll`` and serves any number of streams:
   gives it back as soon as it is empty. Idle streams hold no pipe; a worker
   creates at most :data:`MAX_PIPES` (then directions wait for one: more
   backpressure, never more memory), and keeps at most :data:`POOL_KEEP` idle.
+* **Bulk mode** (for ssh traffic, which reaches us as one TLS record of
+  ≤ 16 KiB per write, so a wake-up per record cost ~0.8 CPU-s/GiB in Python).
+  After BULK_STREAK reads of ≥ BULK_READ bytes a stream raises SO_RCVLOWAT on
+  both its sockets to about BULK_WAKE_S of its traffic, so epoll reports a
+  socket once that much is queued (EOF and errors still at once); every
+  wake-up of the stream reads both directions, so the small records going
+  back (window adjusts) ride along; a stream nothing woke for FLUSH_S is read
+  anyway (a tail below the mark), and leaves bulk mode if that found little.
+  It keeps its pipes meanwhile (no lease/release per wake-up). The cost: a
+  byte of a bulk stream may wait in the relay up to ~1.5 x FLUSH_S (15 ms)
+  once the burst ends; interactive streams never enter bulk mode.
 * **Backpressure.** A direction reads only while its pipe has room, so a slow
   reader stalls its writer's socket buffer, then TCP flow control.
 * **Half-close.** EOF on one side becomes ``shutdown(SHUT_WR)`` on the other
@@ -63,10 +74,33 @@ POOL_KEEP = 32
 COPY_CHUNK = 256 * 1024
 #: Streams whose ends one wake-up may process before epoll is polled again.
 MAX_EVENTS = 1024
+#: A read at least this large counts towards bulk mode (ssh bulk arrives as
+#: ~16 KiB TLS records; interactive ssh as records of a few hundred bytes).
+BULK_READ = 8 * 1024
+#: ... and smaller than this: a stream whose wake-ups already move this much
+#: (a fast sender, the relay behind) batches by itself; bulk mode only slowed it.
+BULK_BIG = 256 * 1024
+#: Consecutive such reads (one direction) that put a stream in bulk mode.
+BULK_STREAK = 4
+#: SO_RCVLOWAT of both sockets of a stream in bulk mode: epoll reports a socket
+#: only once this much is queued (or at EOF/error), so one wake-up moves many
+#: records, and the small records going the other way (ssh window adjusts)
+#: ride on those wake-ups instead of costing one each. The mark follows the
+#: stream's rate: what arrives in BULK_WAKE_S, within these bounds.
+BULK_LOWAT_MIN = 64 * 1024
+BULK_LOWAT_MAX = 1024 * 1024
+#: Aimed time between two wake-ups of a stream in bulk mode.
+BULK_WAKE_S = 0.004
+#: A stream in bulk mode that nothing woke for this long is read anyway, both
+#: directions (a tail below the mark; looked for every FLUSH_S / 4, so a tail
+#: waits at most ~1.5 x this): the only latency bulk mode adds. A flush that
+#: finds less than BULK_READ ends bulk mode.
+FLUSH_S = 0.010
 
 HAVE_SPLICE = hasattr(os, "splice") and hasattr(select, "epoll")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_SO_RCVLOWAT = getattr(socket, "SO_RCVLOWAT", 18)
 _ENDED_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ESHUTDOWN}
 _IN_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_MORE", 4)
 _IN_FLAGS |= getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -93,6 +127,7 @@ class _Dir:
         "rd",
         "src",
         "src_hup",
+        "streak",
         "wr",
     )
 
@@ -112,12 +147,14 @@ class _Dir:
         self.buf: memoryview | None = None  # copy mode
         self.off = 0
         self.end = 0
+        self.streak = 0  # consecutive reads of at least BULK_READ bytes
 
 
 class SpliceStream:
     """A stream being relayed; byte counters are updated by its worker."""
 
     __slots__ = (
+        "bulk",
         "bytes_down",
         "bytes_up",
         "cut_reason",
@@ -125,6 +162,11 @@ class SpliceStream:
         "dst",
         "ended",
         "error",
+        "flushed",
+        "flushing",
+        "lowat",
+        "rx",
+        "rx_mark",
         "src",
         "started",
         "stream_id",
@@ -145,6 +187,12 @@ class SpliceStream:
         self.error: str | None = None
         self.ended = False
         self.worker: _Worker | None = None
+        self.bulk = False  # both sockets have SO_RCVLOWAT raised (see _Worker._set_bulk)
+        self.flushed = 0.0  # monotonic time of the last wake-up (bulk mode)
+        self.flushing = False  # read in this step because nothing woke it
+        self.rx = 0  # bytes read from either socket
+        self.rx_mark = 0  # rx at the last wake-up (bulk mode)
+        self.lowat = 1  # SO_RCVLOWAT set on both sockets
 
 
 EndCallback = Callable[[SpliceStream, str], None]
@@ -164,6 +212,10 @@ class _Worker:
         self.free: list[tuple[int, int, int]] = []  # (r, w, capacity)
         self.made = 0
         self.starved: collections.deque[SpliceStream] = collections.deque()
+        self.bulk: dict[SpliceStream, None] = {}  # streams in bulk mode (ordered set)
+        self.bulk_entered = 0  # times a stream went into bulk mode (statistics)
+        self.next_flush = 0.0  # monotonic time of the next look for streams to flush
+        self.woken: list[SpliceStream] = []  # bulk streams in this step
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"relay-splice-{index}", daemon=True)
 
@@ -181,7 +233,7 @@ class _Worker:
         try:
             while not (self.stopping and not self.streams):
                 dirty: set[SpliceStream] = set()
-                for fd, ev in ep.poll(-1, MAX_EVENTS):
+                for fd, ev in ep.poll(FLUSH_S / 2 if self.bulk else -1, MAX_EVENTS):
                     if fd == self.wake_r:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self.wake_r, 4096)
@@ -205,9 +257,13 @@ class _Worker:
                     dirty.add(st)
                 while self.starved and (self.free or self.made < MAX_PIPES):
                     dirty.add(self.starved.popleft())
+                if self.bulk:
+                    self._bulk_wakeup(dirty)
                 for st in dirty:
                     if not st.ended:
                         self._step(st)
+                if self.woken:
+                    self._paced()
         except Exception:  # never let a worker die silently: end its streams
             log.exception("relay worker failed")
             for st in list(self.streams):
@@ -250,6 +306,93 @@ class _Worker:
             self.fds[fd] = (st, side)
             self.masks[fd] = 0
             self.ep.register(fd, 0)
+
+    def _bulk_wakeup(self, dirty: set[SpliceStream]) -> None:
+        """Bulk streams: read both directions whenever either wakes; flush the quiet ones.
+
+        A bulk stream that epoll reported (a mark reached) also reads its other
+        direction, so the small records going back ride on the big ones' wake-ups.
+        One that nothing woke for FLUSH_S is read anyway (a tail below the mark).
+        :meth:`_paced` looks at what they read once the step is done.
+        """
+        now = time.monotonic()
+        for st in dirty:
+            if st.bulk:
+                st.up.rd = st.down.rd = True
+                self.woken.append(st)
+        if now < self.next_flush:
+            return
+        self.next_flush = now + FLUSH_S / 4
+        for st in self.bulk:
+            if now - st.flushed >= FLUSH_S and st not in dirty:
+                st.up.rd = st.down.rd = True
+                st.flushing = True
+                dirty.add(st)
+                self.woken.append(st)
+
+    def _paced(self) -> None:
+        """After a step: aim each woken bulk stream's mark at BULK_WAKE_S of its traffic.
+
+        ``rx - rx_mark`` is what it read in this step, i.e. what arrived since
+        its previous wake-up ended, ``now - flushed`` how long that was. A flush
+        that found less than BULK_READ ends bulk mode (the burst is over), and
+        so does a rate high enough to batch by itself (over BULK_LOWAT_MAX per
+        BULK_WAKE_S: there bulk mode only slowed the stream down).
+        """
+        now = time.monotonic()
+        for st in self.woken:
+            if st.ended or not st.bulk:
+                continue
+            got = st.rx - st.rx_mark
+            elapsed = now - st.flushed
+            flushing, st.flushing = st.flushing, False
+            if flushing and got < BULK_READ:
+                self._set_bulk(st, False)
+                continue
+            if elapsed < BULK_WAKE_S / 4:
+                continue  # too short to tell a rate (e.g. both sockets woke in turn)
+            want = (st.lowat + int(got * BULK_WAKE_S / elapsed)) // 2  # damped
+            if want > BULK_LOWAT_MAX:
+                self._set_bulk(st, False)
+                continue
+            want = max(BULK_LOWAT_MIN, want)
+            if not (st.lowat * 3 // 4 <= want <= st.lowat * 4 // 3):  # no setsockopt churn
+                self._set_lowat(st, want)
+            st.flushed = now
+            st.rx_mark = st.rx
+        self.woken.clear()
+
+    def _set_lowat(self, st: SpliceStream, lowat: int) -> None:
+        st.lowat = lowat
+        for sock in (st.src, st.dst):
+            with contextlib.suppress(OSError):  # a dead socket: the error surfaces elsewhere
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RCVLOWAT, lowat)
+
+    def _set_bulk(self, st: SpliceStream, on: bool) -> None:
+        """Raise (or lower back to 1) SO_RCVLOWAT on both of a stream's sockets.
+
+        Why: with ssh traffic the ends write one TLS record (≤ 16 KiB) at a
+        time, and a wake-up per record costs more Python than the splices
+        themselves. With the mark raised the kernel wakes us once per mark's
+        worth of bytes (EOF and errors still wake at once; :meth:`_paced` keeps
+        the mark at about BULK_WAKE_S of traffic); the flush after FLUSH_S of
+        quiet (:meth:`_bulk_wakeup`) moves what waits below the mark, in both
+        directions, and ends bulk mode once the stream has gone quiet.
+        """
+        st.bulk = on
+        st.up.streak = st.down.streak = 0
+        if on:
+            self.bulk[st] = None
+            self.bulk_entered += 1
+            st.flushed = time.monotonic()
+            st.rx_mark = st.rx
+            self._set_lowat(st, BULK_LOWAT_MIN)
+        else:
+            self.bulk.pop(st, None)
+            for d in (st.up, st.down):  # back to pooling: give back idle pipes now
+                if d.pending == 0:
+                    self._release(d)
+            self._set_lowat(st, 1)
 
     def _forget_fd(self, fd: int) -> None:
         if self.masks.pop(fd, None) is not None and self.ep is not None:
@@ -353,12 +496,20 @@ class _Worker:
                     d.eof = True
                 else:
                     d.pending += n
+                    st.rx += n
                     if n < room and not d.src_hup:
                         d.rd = False  # short read: drained (epoll says when there is more)
+                    if n < BULK_READ or n >= BULK_BIG:
+                        d.streak = 0
+                    elif not st.bulk:
+                        d.streak += 1
+                        if d.streak >= BULK_STREAK:
+                            self._set_bulk(st, True)
                 continue
             break
         if d.pending == 0:
-            self._release(d)
+            if not st.bulk:  # a bulk stream keeps its pipes between wake-ups
+                self._release(d)
             if d.eof and not d.done:
                 d.done = True
                 with contextlib.suppress(OSError):  # the peer may have gone: the
@@ -419,6 +570,7 @@ class _Worker:
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
+        self.bulk.pop(st, None)
         for d in (st.up, st.down):
             self._release(d, dirty=d.pending > 0)
         self.engine._ended(st, st.cut_reason or reason)
@@ -487,6 +639,14 @@ class SpliceEngine:
     def pipes(self) -> int:
         """Pipes currently open (leased or pooled), for statistics and tests."""
         return sum(w.made for w in self._workers)
+
+    def bulk_streams(self) -> int:
+        """Streams in bulk mode now (their sockets' low-water marks raised)."""
+        return sum(len(w.bulk) for w in self._workers)
+
+    def bulk_entered(self) -> int:
+        """How many times a stream went into bulk mode, since the start."""
+        return sum(w.bulk_entered for w in self._workers)
 
     def _ended(self, st: SpliceStream, reason: str) -> None:
         worker = st.worker

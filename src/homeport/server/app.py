@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ class Running:
     pin: str
     data_dir: Path
     service: Service
+    probe_port: int = 0
 
 
 async def serve(
@@ -99,6 +100,7 @@ async def serve(
         open_timeout=cfg.open_timeout,
         unpaired_timeout=cfg.unpaired_timeout,
         ping_interval=cfg.ping_interval,
+        relay_only=cfg.relay_only,
         key_expiry=key_expiry,
         policy=policy,
     )
@@ -134,7 +136,9 @@ async def serve(
         host, port = parse_listen(listen)
         bound_host, bound_port = await service.start(host, port)
         if started is not None:
-            started(Running(bound_host, bound_port, files.pin, data_dir, service))
+            started(
+                Running(bound_host, bound_port, files.pin, data_dir, service, service.probe_port)
+            )
         await stop.wait()
     finally:
         log.info("shutting down")
@@ -158,6 +162,7 @@ def _banner(running: Running, listen_host: str) -> str:
             "  add a node:",
             f"    1. here:          homeport keys create --data {data}",
             f"    2. on the node:   homeport up --server {addr} --authkey KEY --name NAME",
+            f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
         ]
     )
 
@@ -179,6 +184,8 @@ def run_server(
     db_url: str | None = None,
     *,
     idle_timeout: float | None = None,
+    probe_port: int | None = None,
+    relay_only: bool = False,
     key_expiry: float | None = DEFAULT_KEY_EXPIRY,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
@@ -187,6 +194,11 @@ def run_server(
     data = Path(data_dir).expanduser().resolve()
     host, _port = parse_listen(listen)
     cfg = ServiceConfig() if idle_timeout is None else ServiceConfig(idle_timeout=idle_timeout)
+    cfg = replace(
+        cfg,
+        probe_port=cfg.probe_port if probe_port is None else probe_port,
+        relay_only=relay_only,
+    )
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -105,6 +105,18 @@ def register(cli: click.Group) -> None:
         "--idle-timeout", type=float, default=None, help="Seconds of silence before offline."
     )
     @click.option(
+        "--probe-port",
+        type=click.IntRange(0, 65535),
+        default=None,
+        help="Whoami probe port for NAT discovery [default: main port + 1; 0 disables].",
+    )
+    @click.option(
+        "--relay-only",
+        is_flag=True,
+        default=False,
+        help="Never coordinate direct paths: every stream goes through this relay.",
+    )
+    @click.option(
         "--key-expiry",
         default=DEFAULT_KEY_EXPIRY,
         show_default=True,
@@ -120,6 +132,8 @@ def register(cli: click.Group) -> None:
         tls_key: Path | None,
         db_url: str | None,
         idle_timeout: float | None,
+        probe_port: int | None,
+        relay_only: bool,
     ) -> None:
         """Run the homeport server (coordinator and relay) in the foreground."""
         from homeport.server.app import parse_listen, run_server
@@ -148,6 +162,8 @@ def register(cli: click.Group) -> None:
             tls_key,
             db_url,
             idle_timeout=idle_timeout,
+            probe_port=probe_port,
+            relay_only=relay_only,
             key_expiry=key_seconds,
         )
         sys.exit(code)

@@ -10,8 +10,15 @@ classified by its first byte (peeked, never consumed) within
   events out, bytes back, one timer.
 * ``'H'``: a data connection. The 20-byte preamble is read (exactly; the
   end-to-end TLS bytes that follow stay in the kernel) and the socket goes to
-  the relay (:mod:`homeport.relay`).
+  the relay (:mod:`homeport.relay`) -- unless it is a whoami request
+  (``HPW\x01``, :mod:`homeport.wire.probe`): then the answer is the address
+  and port this connection comes from, and the connection is closed.
 * anything else: closed with a logged reason.
+
+A second, optional listener (the **probe port**, default main port + 1) speaks
+only whoami, within :data:`PROBE_TIMEOUT` and at most :data:`MAX_PROBE_CONNECTIONS`
+at once: a node that asks both ports from the same source port learns whether
+its NAT maps endpoint-independently (docs/nat-traversal.md).
 
 Every decision (enrollment, authentication, may this stream open, peer maps,
 timeouts) is made by the pure :class:`homeport.proto.coord.Coordinator`; this
@@ -53,6 +60,7 @@ from homeport.proto.control import (
 from homeport.relay import UNPAIRED_TIMEOUT, Relay, RelayFull, TokenInUse
 from homeport.store.registry import Registry, WriteBehind
 from homeport.wire import control as m
+from homeport.wire import probe
 from homeport.wire.data import (
     PREAMBLE_LEN,
     TLS_HANDSHAKE_BYTE,
@@ -70,6 +78,12 @@ MAX_UNAUTHENTICATED = 512
 BUSY_LOG_INTERVAL = 5.0
 #: How often waiting data connections are checked for their deadline.
 SWEEP_INTERVAL = 0.5
+#: Whole life of one connection to the probe port (request in, answer out).
+PROBE_TIMEOUT = 5.0
+#: Connections the probe port serves at once (more are closed at accept).
+MAX_PROBE_CONNECTIONS = 128
+#: ServiceConfig.probe_port: -1 = main port + 1 (ephemeral if the main port is), 0 = none.
+PROBE_PORT_AUTO = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +96,17 @@ class ServiceConfig:
     open_timeout: float = c.OPEN_TIMEOUT
     unpaired_timeout: float = UNPAIRED_TIMEOUT
     max_unauthenticated: int = MAX_UNAUTHENTICATED
+    probe_port: int = PROBE_PORT_AUTO  # the whoami listener (-1 auto, 0 none, or a port)
+    relay_only: bool = False  # never coordinate direct paths (WELCOME direct: false)
+
+
+def observed_address(sock: socket.socket) -> tuple[str, int]:
+    """The peer's address as the whoami answer carries it (IPv4-mapped IPv6 unwrapped)."""
+    peer = sock.getpeername()
+    host, port = str(peer[0]), int(peer[1])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    return host.partition("%")[0], port
 
 
 def _format_addr(addr: object) -> str:
@@ -142,10 +167,51 @@ class Service:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._refused_busy = 0
         self._next_busy_log = 0.0
+        self._probe_listener: socket.socket | None = None
+        self._probe_conns = 0
+        #: The bound whoami probe port (0: none).
+        self.probe_port = 0
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Bind and start accepting; returns the bound address."""
+        """Bind and start accepting (and the probe port); returns the main bound address."""
+        loop = asyncio.get_running_loop()
+        sock = await self._bind(host, port)
+        self._listener = sock
+        self._loop = loop
+        self._spawn(self._accept_loop(sock))
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._rearm()  # timers of loaded nodes (expiry, ephemeral removal) run without traffic
+        bound = sock.getsockname()
+        await self._start_probe(host, port, int(bound[1]))
+        return str(bound[0]), int(bound[1])
+
+    async def _start_probe(self, host: str, port: int, bound_port: int) -> None:
+        want = self.config.probe_port
+        if want == 0:
+            return
+        if want < 0:
+            want = 0 if port == 0 else bound_port + 1
+            if want > 65535:
+                log.warning("no probe port (main port %d is the last one)", bound_port)
+                return
+        try:
+            psock = await self._bind(host, want)
+        except OSError as exc:
+            if self.config.probe_port > 0:
+                raise
+            log.warning(
+                "probe port %d unavailable (%s): nodes cannot measure their NAT's mapping",
+                want,
+                exc,
+            )
+            return
+        self._probe_listener = psock
+        self.probe_port = int(psock.getsockname()[1])
+        self.core.probe_port = self.probe_port
+        self._spawn(self._probe_loop(psock))
+
+    async def _bind(self, host: str, port: int) -> socket.socket:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, addr = infos[0]
@@ -161,13 +227,7 @@ class Service:
         except OSError:
             sock.close()
             raise
-        self._listener = sock
-        self._loop = loop
-        self._spawn(self._accept_loop(sock))
-        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
-        self._rearm()  # timers of loaded nodes (expiry, ephemeral removal) run without traffic
-        bound = sock.getsockname()
-        return str(bound[0]), int(bound[1])
+        return sock
 
     async def stop(self) -> None:
         """Stop accepting, close every session and the relay, write what is queued."""
@@ -182,6 +242,9 @@ class Service:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        if self._probe_listener is not None:
+            self._probe_listener.close()
+            self._probe_listener = None
         for link in list(self._links.values()):
             if link.transport is not None:
                 link.transport.abort()
@@ -282,6 +345,9 @@ class Service:
             elif first == b"H":
                 try:
                     data = await asyncio.wait_for(self._recv_exact(sock, PREAMBLE_LEN), timeout)
+                    if probe.is_probe(data):
+                        await asyncio.wait_for(self._answer_whoami(sock, data), timeout)
+                        return
                     token = parse_preamble_untrusted(data)
                 except TimeoutError:
                     log.info("closing data connection %s: no preamble within %gs", address, timeout)
@@ -307,6 +373,44 @@ class Service:
             if not handed_off:
                 slot.release()
                 sock.close()
+
+    # -- whoami (wire.probe) -----------------------------------------------------------
+    async def _answer_whoami(self, sock: socket.socket, request: bytes) -> None:
+        """Answer a complete whoami request with the address ``sock`` comes from."""
+        nonce = probe.parse_request_untrusted(request)
+        host, port = observed_address(sock)
+        await asyncio.get_running_loop().sock_sendall(sock, probe.encode_answer(nonce, host, port))
+
+    async def _probe_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _addr = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                log.warning("probe port: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if self._probe_conns >= MAX_PROBE_CONNECTIONS:
+                sock.close()
+                continue
+            self._probe_conns += 1
+            self._spawn(self._probe_one(sock))
+
+    async def _probe_one(self, sock: socket.socket) -> None:
+        async def serve() -> None:
+            request = await self._recv_exact(sock, probe.REQUEST_LEN)
+            await self._answer_whoami(sock, request)
+
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(serve(), PROBE_TIMEOUT)  # the whole exchange
+        except (TimeoutError, WireError, OSError, ConnectionError) as exc:
+            log.debug("probe port: %s", exc)
+        finally:
+            self._probe_conns -= 1
+            sock.close()
 
     async def _start_control(self, sock: socket.socket, address: str, slot: _Slot) -> bool:
         loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
-"""Control messages between nodes/CLIs and the server: wire version 1, capability version 2.
+"""Control messages between nodes/CLIs and the server: wire version 1, capability version 3.
 
 Each message is one frame (see :mod:`homeport.wire.frame`) whose type byte is
 the message's :class:`MsgType` and whose body is a JSON object with the
@@ -25,6 +25,13 @@ Message table (c = node or CLI, s = server)::
     0x0f  PONG         c↔s                                                                1
     0x10  ERROR        s→c   fatal: the server closes the connection after this           1
     0x80  PEERS        s→c   this node's peer map, full or delta, versioned (cap peers)   2
+    0x81  ENDPOINTS    c→s   agent: its direct-path candidates and NAT kind (cap direct)  3
+    0x82  PATH_REQ     c→s   agent: please coordinate a direct path to dst (cap direct)   3
+    0x83  PUNCH        s→c   to both nodes at once: punch to the peer's candidates now    3
+    0x84  PATH_FAILED  s→c   to the requester: no punch, with a code and a reason         3
+    0x85  PATH_REPORT  c→s   agent: the path it uses to a peer now, and why (counters)    3
+    0x86  PEER_PING    c↔s   a ping to a peer over the server (s rewrites ``peer``)        3
+    0x87  PEER_PONG    c↔s   its answer, forwarded the same way                           3
     0x88  RENEW        c→s   agent: a CSR for a new node key before the old expires (renew) 3
     0x89  RENEWED      s→c   the renewed certificate and the new expiry date (cap renew)   3
     0x8a  NOTICE       s→c   a notice for the node: expiry warning, approved (cap renew)   3
@@ -51,7 +58,12 @@ the way Tailscale's capability version lets old clients talk to new servers):
 History: capver 1 (2026-11) first version. capver 2 (2026-12): HELLO/WELCOME
 carry ``capver``/``caps``; PEERS (per-node, versioned, delta-encoded peer map,
 no host keys); host keys travel only in OPENED; PeerInfo carries ``user`` and
-``tags`` for policy decisions. capver 3 (2027-01): POLICY (cap ``policy``).
+``tags`` for policy decisions. capver 3 (2026-12): capability ``direct`` (direct
+peer-to-peer paths, docs/nat-traversal.md): ENDPOINTS, PATH_REQ, PUNCH,
+PATH_FAILED, PATH_REPORT, PEER_PING, PEER_PONG (0x81-0x87); WELCOME carries
+``direct`` (false: the server is in relay-only mode) and ``probe_port`` (the
+whoami probe listener, 0 = none); POLICY
+(0x90, cap ``policy``).
 """
 
 from __future__ import annotations
@@ -63,6 +75,7 @@ import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
+from homeport.wire import probe
 from homeport.wire.errors import UnknownType, WireError
 from homeport.wire.frame import encode_frame
 
@@ -77,18 +90,26 @@ MIN_CAPVER = 1
 IGNORABLE_MIN = 0x80
 #: Capability names. ``peers``: understands PEERS (and wants it pushed, if an agent).
 CAP_PEERS = "peers"
+#: ``direct``: understands ENDPOINTS … PEER_PONG (direct paths, capver 3).
+CAP_DIRECT = "direct"
 #: ``renew``: understands RENEW/RENEWED/NOTICE (node-key renewal, expiry and approval notices).
 CAP_RENEW = "renew"
 #: ``policy``: understands POLICY and enforces it on every INCOMING.
 CAP_POLICY = "policy"
 #: Every capability this code implements, announced in HELLO and WELCOME.
-OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_POLICY)
+OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT, CAP_POLICY)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
 MAX_STRING = 16 * 1024
 #: Most elements in any list field (nodes in a netmap, services, host keys).
 MAX_LIST = 4096
+#: Most direct-path candidates one node may report (ENDPOINTS, PUNCH).
+MAX_CANDIDATES = 16
+#: Candidate kinds: an interface address, a router port mapping, the address the server sees.
+CANDIDATE_KINDS = frozenset({"local", "mapped", "public"})
+#: TLS roles in a PUNCH (the requester of the path is the TLS client).
+TLS_ROLES = frozenset({"client", "server"})
 
 
 class MsgType(enum.IntEnum):
@@ -109,6 +130,13 @@ class MsgType(enum.IntEnum):
     PONG = 0x0F
     ERROR = 0x10
     PEERS = 0x80
+    ENDPOINTS = 0x81
+    PATH_REQ = 0x82
+    PUNCH = 0x83
+    PATH_FAILED = 0x84
+    PATH_REPORT = 0x85
+    PEER_PING = 0x86
+    PEER_PONG = 0x87
     RENEW = 0x88
     RENEWED = 0x89
     NOTICE = 0x8A
@@ -210,6 +238,8 @@ class Welcome(Message):
     ping_interval: float
     capver: int = 1
     caps: tuple[str, ...] = ()
+    direct: bool = True  # capver 3: false = the server is in relay-only mode (never probe)
+    probe_port: int = 0  # capver 3: the server's whoami probe port (0: none)
     #: capver 3: False while an admin has not approved this node (it sees and reaches no one).
     approved: bool = True
     #: capver 3: when this node's key expires (unix time; 0 = never).
@@ -422,6 +452,124 @@ class Error(Message):
     message: str
 
 
+def _check_candidates(where: str, candidates: tuple[Candidate, ...]) -> None:
+    if len(candidates) > MAX_CANDIDATES:
+        raise WireError(f"{where}: more than {MAX_CANDIDATES} candidates")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One address a peer may reach our direct port at (checked on construction).
+
+    ``addr`` must be a literal ``ip:port`` (:func:`homeport.wire.probe.parse_addr_untrusted`):
+    candidates come from the network and are dialled, so no host names.
+    """
+
+    kind: str  # "local" | "mapped" | "public"
+    addr: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in CANDIDATE_KINDS:
+            raise WireError(f"unknown candidate kind {self.kind[:32]!r}")
+        probe.parse_addr_untrusted(self.addr)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints(Message):
+    """Agent → server after WELCOME and whenever discovery changes (cap ``direct``).
+
+    ``relay_only``: this agent runs ``--relay-only`` (no candidates; peers are
+    told why no direct path is tried). ``nat`` is a :class:`homeport.proto.nat.NatKind`
+    value; a value this release does not know is read as ``unknown``.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.ENDPOINTS
+    candidates: tuple[Candidate, ...] = ()
+    nat: str = "unknown"
+    nat_reason: str = ""
+    portmap: str = ""  # "natpmp" | "pcp" | "upnp" | ""
+    direct_port: int = 0
+    relay_only: bool = False
+
+    def __post_init__(self) -> None:
+        _check_candidates("ENDPOINTS", self.candidates)
+
+
+@dataclass(frozen=True, slots=True)
+class PathReq(Message):
+    """Agent → server: coordinate a direct path to ``dst`` (a node id)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PATH_REQ
+    dst: str
+    punch_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Punch(Message):
+    """Server → both nodes at once: connect to ``candidates`` from the direct port now."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PUNCH
+    punch_id: int
+    peer: PeerInfo
+    candidates: tuple[Candidate, ...]
+    nat: str
+    tls_role: str  # "client" (the requester) or "server"
+
+    def __post_init__(self) -> None:
+        _check_candidates("PUNCH", self.candidates)
+        if self.tls_role not in TLS_ROLES:
+            raise WireError(f"PUNCH: unknown tls_role {self.tls_role[:32]!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class PathFailed(Message):
+    """Server → requester: no punch for ``punch_id``; ``code`` is a path reason code."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PATH_FAILED
+    punch_id: int
+    dst: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PathReport(Message):
+    """Agent → server: the path to ``peer`` now, why, and this agent's counters for it.
+
+    The counters are cumulative since the agent started (the server shows the latest).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.PATH_REPORT
+    peer: str
+    kind: str  # "relay" | "direct" | "local" | "mapped"
+    endpoint: str = ""
+    rtt_ms: float = 0.0
+    code: str = ""
+    reason: str = ""
+    punch_attempts: int = 0
+    punch_successes: int = 0
+    streams_direct: int = 0
+    streams_relay: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPing(Message):
+    """A ping to ``peer`` over the server; the server rewrites ``peer`` to the sender."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PEER_PING
+    peer: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPong(Message):
+    """The answer to a PEER_PING (same ``seq``), forwarded the same way."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PEER_PONG
+    peer: str
+    seq: int
+
+
 MESSAGES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -442,6 +590,13 @@ MESSAGES: dict[int, type[Message]] = {
         Pong,
         Error,
         Peers,
+        Endpoints,
+        PathReq,
+        Punch,
+        PathFailed,
+        PathReport,
+        PeerPing,
+        PeerPong,
         Renew,
         Renewed,
         Notice,
@@ -452,6 +607,13 @@ MESSAGES: dict[int, type[Message]] = {
 #: The capability a peer must have announced before we send it this type.
 REQUIRES: dict[MsgType, str] = {
     MsgType.PEERS: CAP_PEERS,
+    MsgType.ENDPOINTS: CAP_DIRECT,
+    MsgType.PATH_REQ: CAP_DIRECT,
+    MsgType.PUNCH: CAP_DIRECT,
+    MsgType.PATH_FAILED: CAP_DIRECT,
+    MsgType.PATH_REPORT: CAP_DIRECT,
+    MsgType.PEER_PING: CAP_DIRECT,
+    MsgType.PEER_PONG: CAP_DIRECT,
     MsgType.RENEW: CAP_RENEW,
     MsgType.RENEWED: CAP_RENEW,
     MsgType.NOTICE: CAP_RENEW,
