@@ -401,10 +401,14 @@ def negotiate(stream: TlsStream, *, server_side: bool, timeout: float) -> TlsStr
     # so the keys are bound to this pair of identities as each end saw them.
     me_as_seen = got[65:97]
     if server_side:
-        c2s, s2c = records.derive_keys(shared, peer_random, random, peer_fp, me_as_seen)
+        c2s, s2c = records.derive_keys(
+            shared, peer_random, random, client_fp=peer_fp, server_fp=me_as_seen
+        )
         sealer, opener = records.Sealer(s2c), records.Opener(c2s)
     else:
-        c2s, s2c = records.derive_keys(shared, random, peer_random, me_as_seen, peer_fp)
+        c2s, s2c = records.derive_keys(
+            shared, random, peer_random, client_fp=me_as_seen, server_fp=peer_fp
+        )
         sealer, opener = records.Sealer(c2s), records.Opener(s2c)
     incoming, outgoing = _Incoming(), _Outgoing()
     leftover = stream.incoming.read()  # records the peer sent right behind its message

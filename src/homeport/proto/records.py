@@ -29,7 +29,7 @@ after :data:`MAX_EPOCHS` epochs the direction refuses to seal or open.
 
 Theory of operation (no sockets, no clock)::
 
-    c2s, s2c = derive_keys(shared, client_random, server_random, client_fp, server_fp, alpn)
+    c2s, s2c = derive_keys(shared, c_random, s_random, client_fp=..., server_fp=...)
     sealer = Sealer(c2s)                      # client side sends with c2s
     n = sealer.seal_into(out, off, plaintext) # writes header+ciphertext+tag at out[off:]
     opener = Opener(s2c)
@@ -143,6 +143,7 @@ def derive_keys(
     shared: bytes,
     client_random: bytes,
     server_random: bytes,
+    *,
     client_fp: bytes,
     server_fp: bytes,
     alpn: str = ALPN_RECORDS,
