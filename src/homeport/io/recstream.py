@@ -47,6 +47,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from homeport.io.tlsstream import TlsStream
+from homeport.wire.errors import WireError
 
 if TYPE_CHECKING:
     from homeport.proto.records import Opener, Sealer
@@ -54,6 +55,13 @@ if TYPE_CHECKING:
 #: The ALPN name of the record layer (same value as proto.records.ALPN_RECORDS,
 #: repeated here so that choosing it needs no import of ``cryptography``).
 ALPN_RECORDS = "homeport-stream/2"
+# The record machine's sizes, repeated so that the hot loop needs no import
+# (a test checks they equal homeport.proto.records').
+_HEADER = 4
+_TAG = 16
+_MAX_RECORD = 64 * 1024
+_KIND_END = 0x02
+
 #: Environment switch: "0" stops offering (and accepting) the record layer.
 ENV_SWITCH = "HOMEPORT_RECORDS"
 #: Key-exchange message inside TLS: version (1) | X25519 public key (32) | random (32)
@@ -70,8 +78,9 @@ KEX_READ_SIZE = 64 * 1024
 
 
 def enabled() -> bool:
-    """Whether this process offers ``homeport-stream/2`` (``HOMEPORT_RECORDS=0`` says no)."""
-    return os.environ.get(ENV_SWITCH, "1") != "0"
+    """Whether this process offers ``homeport-stream/2``: only with ``HOMEPORT_RECORDS=1``
+    (off by default: measured too small a gain to switch, see docs/benchmarks.md)."""
+    return os.environ.get(ENV_SWITCH, "0") == "1"
 
 
 class RecordError(ssl.SSLError):
@@ -193,14 +202,12 @@ class RecordSession:
         outgoing: _Outgoing,
         peer_cert: bytes | None,
     ) -> None:
-        from homeport.proto.records import MAX_RECORD
-
         self._sealer = sealer
         self._opener = opener
         self._in = incoming
         self._out = outgoing
         self._peer_cert = peer_cert
-        self._pt = bytearray(MAX_RECORD)  # a record that did not fit the caller's buffer
+        self._pt = bytearray(_MAX_RECORD)  # a record that did not fit the caller's buffer
         self._pt_off = self._pt_len = 0
         self._end_sent = False
         self._peer_ended = False
@@ -216,22 +223,19 @@ class RecordSession:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Seal all of ``data`` into 64 KiB records (like ``SSLObject.write``, takes all)."""
-        from homeport.proto.records import HEADER, MAX_RECORD, TAG
-        from homeport.wire.errors import WireError
-
         if self._end_sent:
             raise RecordError("write after our END record")
         mv = data if isinstance(data, memoryview) else memoryview(data)
         n = len(mv)
         if n == 0:
             return 0
-        records = -(-n // MAX_RECORD)
-        buf, off = self._out.room(n + records * (HEADER + TAG))
+        records = -(-n // _MAX_RECORD)
+        buf, off = self._out.room(n + records * (_HEADER + _TAG))
         seal = self._sealer.seal_into
         pos = 0
         try:
             while pos < n:
-                chunk = mv[pos : pos + MAX_RECORD]
+                chunk = mv[pos : pos + _MAX_RECORD]
                 off += seal(buf, off, chunk)
                 pos += len(chunk)
         except WireError as exc:  # the record limit
@@ -242,10 +246,8 @@ class RecordSession:
 
     def unwrap(self) -> None:
         """Queue our END record; return if the peer's END already came, else WANT_READ."""
-        from homeport.proto.records import HEADER, TAG
-
         if not self._end_sent:
-            buf, off = self._out.room(HEADER + TAG)
+            buf, off = self._out.room(_HEADER + _TAG)
             self._out.advance(self._sealer.seal_into(buf, off, b"", end=True))
             self._end_sent = True
         if not self._peer_ended:
@@ -253,9 +255,6 @@ class RecordSession:
 
     def read(self, size: int = 1024, buffer: Any = None) -> Any:
         """Deliver up to ``size`` authenticated bytes (into ``buffer`` if given)."""
-        from homeport.proto.records import HEADER, RecordKind
-        from homeport.wire.errors import WireError
-
         if self._pt_off < self._pt_len:  # the rest of a record that did not fit before
             k = min(size, self._pt_len - self._pt_off)
             chunk = memoryview(self._pt)[self._pt_off : self._pt_off + k]
@@ -271,9 +270,9 @@ class RecordSession:
         inc = self._in
         avail = inc._end - inc._start
         try:
-            if inc._next == 0 and avail >= HEADER:
+            if inc._next == 0 and avail >= _HEADER:
                 inc._next = self._opener.record_size_untrusted(
-                    memoryview(inc._buf)[inc._start : inc._start + HEADER]
+                    memoryview(inc._buf)[inc._start : inc._start + _HEADER]
                 )
             if inc._next == 0 or avail < inc._next:
                 if inc.eof:
@@ -281,7 +280,7 @@ class RecordSession:
                 raise ssl.SSLWantReadError("no whole record buffered")
             size_on_wire = inc._next
             record = memoryview(inc._buf)[inc._start : inc._start + size_on_wire]
-            plain = self._opener.plaintext_size(size_on_wire)
+            plain = size_on_wire - _HEADER - _TAG
             direct = buffer is not None and plain <= size
             dst = buffer if direct else memoryview(self._pt)
             kind, got = self._opener.open_into_untrusted(record, dst)
@@ -291,7 +290,7 @@ class RecordSession:
         inc._next = 0
         if inc._start == inc._end:
             inc._start = inc._end = 0
-        if kind is RecordKind.END:
+        if kind.value == _KIND_END:
             self._peer_ended = True
             if inc._end != inc._start:
                 raise RecordError("bytes after the peer's END record")
