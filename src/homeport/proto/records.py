@@ -276,6 +276,8 @@ class Opener:
         """Whole wire length of the record starting with ``header`` (≥ 4 bytes)."""
         if self._d.ended:
             raise RecordAfterEnd("bytes after the peer's END record")
+        if len(header) < HEADER:
+            raise WireError("short record header")
         kind = header[0]
         if kind not in {KIND_DATA, KIND_END}:
             raise UnknownType(f"unknown record kind {kind:#x}")
