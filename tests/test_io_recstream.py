@@ -8,6 +8,7 @@ what only the record layer has.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -209,3 +210,27 @@ def test_tampering_replay_reorder_injection_deliver_nothing() -> None:
         assert not isinstance(info.value, ssl.SSLWantReadError), attack
         assert not isinstance(info.value, ssl.SSLZeroReturnError), attack
         assert bytes(got) in (b"", b"one", b"onetwo"), attack  # an authentic prefix at most
+
+
+def test_tls_leaves_the_records_behind_the_key_exchange_untouched(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch relies on OpenSSL reading exactly one TLS record (no read-ahead):
+    records the peer sends right behind its key-exchange message stay in the BIO."""
+    monkeypatch.setenv(recstream.ENV_SWITCH, "1")
+    ca, cb = pki.ctx("a"), pki.ctx("b")
+    ia, oa, ib, ob = (ssl.MemoryBIO() for _ in range(4))
+    a = ca.wrap_bio(ia, oa, server_side=False)
+    b = cb.wrap_bio(ib, ob, server_side=True)
+    for _ in range(10):
+        for obj in (a, b):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.do_handshake()
+        ib.write(oa.read())
+        ia.write(ob.read())
+    assert a.selected_alpn_protocol() == b.selected_alpn_protocol() == recstream.ALPN_RECORDS
+    b.write(b"K" * recstream.KEX_LEN)
+    behind = os.urandom(70_000)
+    ia.write(ob.read() + behind)
+    assert a.read(recstream.KEX_LEN) == b"K" * recstream.KEX_LEN
+    assert a.pending() == 0 and ia.read() == behind
