@@ -44,6 +44,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from homeport.io.tlsstream import TlsStream
@@ -101,7 +102,7 @@ class _Outgoing:
     __slots__ = ("_bufs", "_fill", "_len")
 
     def __init__(self) -> None:
-        self._bufs = [bytearray(OUT_BUFFER), bytearray(OUT_BUFFER)]
+        self._bufs = [memoryview(bytearray(OUT_BUFFER)), memoryview(bytearray(OUT_BUFFER))]
         self._fill = 0
         self._len = 0
 
@@ -109,11 +110,11 @@ class _Outgoing:
     def pending(self) -> int:
         return self._len
 
-    def room(self, need: int) -> tuple[bytearray, int]:
+    def room(self, need: int) -> tuple[memoryview, int]:
         """The fill buffer and offset with room for ``need`` more bytes (grown if needed)."""
         buf = self._bufs[self._fill]
         if self._len + need > len(buf):
-            bigger = bytearray(max(2 * len(buf), self._len + need))
+            bigger = memoryview(bytearray(max(2 * len(buf), self._len + need)))
             bigger[: self._len] = buf[: self._len]
             self._bufs[self._fill] = buf = bigger
         return buf, self._len
@@ -127,51 +128,63 @@ class _Outgoing:
         The view stays valid until the next ``read``; the buffers then swap.
         """
         del size
-        out = memoryview(self._bufs[self._fill])[: self._len]
+        out = self._bufs[self._fill][: self._len]
         self._fill ^= 1
         self._len = 0
         return out
 
 
 class _Incoming:
-    """Stand-in for the incoming ``MemoryBIO``: received bytes, reassembled into records."""
+    """Stand-in for the incoming ``MemoryBIO``: received bytes, reassembled into records.
 
-    __slots__ = ("_buf", "_end", "_next", "_start", "eof")
+    The header of the record at ``_start`` is parsed as soon as it is here, so that
+    ``pending`` is exact (whole records only) and the reader is never called just to
+    raise WANT_READ; a malformed header is kept in ``_err`` for the reader to raise.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "_end", "_err", "_mv", "_next", "_size_of", "_start", "eof")
+
+    def __init__(self, size_of: Callable[[memoryview], int] | None = None) -> None:
         self._buf = bytearray(IN_BUFFER)
+        self._mv = memoryview(self._buf)
         self._start = 0
         self._end = 0
         self._next = 0  # wire size of the record at _start, 0 = not known yet
+        self._size_of = size_of
+        self._err: WireError | None = None
         self.eof = False
 
     @property
     def pending(self) -> int:
         """Bytes of whole records waiting (0 while only part of a record is here)."""
         avail = self._end - self._start
-        # Size unknown yet: report the bytes, so that the reader parses the header
-        # (and learns the size, or raises WANT_READ); size known: whole records only.
-        if self._next:
-            return avail if avail >= self._next else 0
-        return avail if avail >= 4 else 0
+        if self._err is not None:
+            return avail or 1
+        return avail if self._next and avail >= self._next else 0
 
-    def buffered(self) -> int:
-        return self._end - self._start
+    def _parse(self) -> None:
+        if self._end - self._start >= _HEADER and self._size_of is not None:
+            try:
+                self._next = self._size_of(self._mv[self._start : self._start + _HEADER])
+            except WireError as exc:
+                self._err = exc
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(data)
-        buf = self._buf
-        if self._end + n > len(buf):
+        if self._end + n > len(self._buf):
             keep = self._end - self._start
-            if keep + n > len(buf):
-                bigger = bytearray(max(2 * len(buf), keep + n))
-                bigger[:keep] = buf[self._start : self._end]
-                self._buf = buf = bigger
+            if keep + n > len(self._buf):
+                bigger = bytearray(max(2 * len(self._buf), keep + n))
+                bigger[:keep] = self._mv[self._start : self._end]
+                self._mv.release()
+                self._buf, self._mv = bigger, memoryview(bigger)
             else:
-                buf[:keep] = buf[self._start : self._end]
+                self._mv[:keep] = self._mv[self._start : self._end]
             self._start, self._end = 0, keep
-        buf[self._end : self._end + n] = data
+        self._mv[self._end : self._end + n] = data
         self._end += n
+        if self._next == 0 and self._err is None:
+            self._parse()
         return n
 
     def write_eof(self) -> None:
@@ -205,9 +218,11 @@ class RecordSession:
         self._sealer = sealer
         self._opener = opener
         self._in = incoming
+        incoming._size_of = opener.record_size_untrusted
+        incoming._parse()
         self._out = outgoing
         self._peer_cert = peer_cert
-        self._pt = bytearray(_MAX_RECORD)  # a record that did not fit the caller's buffer
+        self._pt = memoryview(bytearray(_MAX_RECORD))  # a record too big for the caller
         self._pt_off = self._pt_len = 0
         self._end_sent = False
         self._peer_ended = False
@@ -225,23 +240,26 @@ class RecordSession:
         """Seal all of ``data`` into 64 KiB records (like ``SSLObject.write``, takes all)."""
         if self._end_sent:
             raise RecordError("write after our END record")
-        mv = data if isinstance(data, memoryview) else memoryview(data)
-        n = len(mv)
+        n = len(data)
         if n == 0:
             return 0
-        records = -(-n // _MAX_RECORD)
-        buf, off = self._out.room(n + records * (_HEADER + _TAG))
+        out = self._out
         seal = self._sealer.seal_into
-        pos = 0
         try:
+            if n <= _MAX_RECORD:  # the common case: one record
+                buf, off = out.room(n + _HEADER + _TAG)
+                out._len = off + seal(buf, off, data)
+                return n
+            mv = data if type(data) is memoryview else memoryview(data)
+            buf, off = out.room(n + -(-n // _MAX_RECORD) * (_HEADER + _TAG))
+            pos = 0
             while pos < n:
                 chunk = mv[pos : pos + _MAX_RECORD]
                 off += seal(buf, off, chunk)
                 pos += len(chunk)
+            out._len = off
         except WireError as exc:  # the record limit
             raise RecordError(str(exc)) from None
-        finally:
-            self._out.advance(off - self._out.pending)
         return n
 
     def unwrap(self) -> None:
@@ -257,7 +275,7 @@ class RecordSession:
         """Deliver up to ``size`` authenticated bytes (into ``buffer`` if given)."""
         if self._pt_off < self._pt_len:  # the rest of a record that did not fit before
             k = min(size, self._pt_len - self._pt_off)
-            chunk = memoryview(self._pt)[self._pt_off : self._pt_off + k]
+            chunk = self._pt[self._pt_off : self._pt_off + k]
             self._pt_off += k
             if self._pt_off == self._pt_len:
                 self._pt_off = self._pt_len = 0
@@ -268,35 +286,36 @@ class RecordSession:
         if self._peer_ended:
             raise ssl.SSLZeroReturnError("the peer's END record was received")
         inc = self._in
-        avail = inc._end - inc._start
+        if inc._err is not None:
+            raise RecordError(str(inc._err))
+        nxt = inc._next
+        start = inc._start
+        if nxt == 0 or inc._end - start < nxt:
+            if inc.eof:
+                raise RecordTruncated("connection truncated without END record")
+            raise ssl.SSLWantReadError("no whole record buffered")
+        direct = buffer is not None and nxt - _HEADER - _TAG <= size
+        dst = self._pt
+        if direct:
+            dst = buffer if type(buffer) is memoryview else memoryview(buffer)
         try:
-            if inc._next == 0 and avail >= _HEADER:
-                inc._next = self._opener.record_size_untrusted(
-                    memoryview(inc._buf)[inc._start : inc._start + _HEADER]
-                )
-            if inc._next == 0 or avail < inc._next:
-                if inc.eof:
-                    raise RecordTruncated("connection truncated without END record")
-                raise ssl.SSLWantReadError("no whole record buffered")
-            size_on_wire = inc._next
-            record = memoryview(inc._buf)[inc._start : inc._start + size_on_wire]
-            plain = size_on_wire - _HEADER - _TAG
-            direct = buffer is not None and plain <= size
-            dst = buffer if direct else memoryview(self._pt)
-            kind, got = self._opener.open_into_untrusted(record, dst)
+            got = self._opener.open_sized_untrusted(inc._mv, start, nxt, dst)
         except WireError as exc:
             raise RecordError(str(exc)) from None
-        inc._start += size_on_wire
         inc._next = 0
-        if inc._start == inc._end:
+        if start + nxt == inc._end:
             inc._start = inc._end = 0
-        if kind.value == _KIND_END:
+        else:
+            inc._start = start + nxt
+        if got < 0:  # the peer's END record
             self._peer_ended = True
             if inc._end != inc._start:
                 raise RecordError("bytes after the peer's END record")
             raise ssl.SSLZeroReturnError("the peer's END record was received")
+        if inc._start:
+            inc._parse()
         if direct:
-            return got if buffer is not None else None
+            return got
         self._pt_off, self._pt_len = 0, got
         return self.read(size, buffer)
 

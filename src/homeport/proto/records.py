@@ -181,23 +181,27 @@ class _Direction:
         self._epoch = 0
         self.seq = 0
         self.ended = False
-        key, self._base = keys.epoch_material(0)
+        key, base = keys.epoch_material(0)
+        self._base = int.from_bytes(base, "big")
+        self._aead = AESGCM(key)
+
+    def _next_epoch(self) -> None:
+        if self._epoch + 1 >= MAX_EPOCHS:
+            raise RecordLimit("record limit of this direction reached: reopen the stream")
+        self._epoch += 1
+        self.seq = 0
+        # Ratchet one step from the current epoch (epoch_material(n) from 0 is O(n)).
+        self._keys = DirectionKeys(hkdf_expand(self._keys.secret, b"hp2 next", 32))
+        key, base = self._keys.epoch_material(0)
+        self._base = int.from_bytes(base, "big")
         self._aead = AESGCM(key)
 
     def _next_nonce(self) -> bytes:
         if self.seq >= self._rekey:
-            if self._epoch + 1 >= MAX_EPOCHS:
-                raise RecordLimit("record limit of this direction reached: reopen the stream")
-            self._epoch += 1
-            self.seq = 0
-            # Ratchet one step from the current epoch (cheap; epoch_material(n) from 0
-            # would be O(n)).
-            self._keys = DirectionKeys(hkdf_expand(self._keys.secret, b"hp2 next", 32))
-            key, self._base = self._keys.epoch_material(0)
-            self._aead = AESGCM(key)
+            self._next_epoch()
         seq = self.seq
         self.seq = seq + 1
-        return (int.from_bytes(self._base, "big") ^ seq).to_bytes(NONCE_LEN, "big")
+        return (self._base ^ seq).to_bytes(NONCE_LEN, "big")
 
 
 class Sealer:
@@ -234,20 +238,27 @@ class Sealer:
             if n:
                 raise ValueError("an END record carries no data")
             kind = KIND_END
-        else:
-            if not 0 < n <= MAX_RECORD:
-                raise ValueError(f"record plaintext must be 1..{MAX_RECORD} bytes")
+        elif 0 < n <= MAX_RECORD:
             kind = KIND_DATA
-        nonce = d._next_nonce()
+        else:
+            raise ValueError(f"record plaintext must be 1..{MAX_RECORD} bytes")
+        if d.seq >= d._rekey:
+            d._next_epoch()
+        seq = d.seq
+        d.seq = seq + 1
         length = n + TAG
-        header = bytes((kind, length >> 16, (length >> 8) & 0xFF, length & 0xFF))
-        total = HEADER + length
-        mv = out if isinstance(out, memoryview) else memoryview(out)
+        header = ((kind << 24) | length).to_bytes(HEADER, "big")
+        mv = out if type(out) is memoryview else memoryview(out)
         mv[off : off + HEADER] = header
-        d._aead.encrypt_into(nonce, data, header, mv[off + HEADER : off + total])
+        d._aead.encrypt_into(
+            (d._base ^ seq).to_bytes(NONCE_LEN, "big"),
+            data,
+            header,
+            mv[off + HEADER : off + HEADER + length],
+        )
         if end:
             d.ended = True
-        return total
+        return HEADER + length
 
     def seal(self, data: bytes, *, end: bool = False) -> bytes:
         """Convenience (tests, one-off messages): seal into a new bytes object."""
@@ -305,14 +316,31 @@ class Opener:
         if len(record) != size:
             raise WireError("record length does not match its header")
         mv = record if isinstance(record, memoryview) else memoryview(record)
-        nonce = self._d._next_nonce()
-        n = size - HEADER - TAG
         out = dst if isinstance(dst, memoryview) else memoryview(dst)
+        n = self.open_sized_untrusted(mv, 0, size, out)
+        return (RecordKind.DATA, n) if n >= 0 else (RecordKind.END, 0)
+
+    def open_sized_untrusted(self, buf: memoryview, start: int, size: int, dst: memoryview) -> int:
+        """The I/O layer's fast path: open the record at ``buf[start:start+size]``
+        whose ``size`` this opener's :meth:`record_size_untrusted` just returned
+        for that very header (so it is not parsed again); decrypt into ``dst``.
+        Return the plaintext length, or -1 for the END record."""
+        d = self._d
+        if d.seq >= d._rekey:
+            d._next_epoch()
+        seq = d.seq
+        d.seq = seq + 1
+        n = size - HEADER - TAG
         try:
-            self._d._aead.decrypt_into(nonce, mv[HEADER:], mv[:HEADER], out[:n])
+            d._aead.decrypt_into(
+                (d._base ^ seq).to_bytes(NONCE_LEN, "big"),
+                buf[start + HEADER : start + size],
+                buf[start : start + HEADER],
+                dst[:n],
+            )
         except InvalidTag:
             raise RecordAuthFailed("record authentication failed (bad record mac)") from None
-        if record[0] == KIND_END:
-            self._d.ended = True
-            return RecordKind.END, 0
-        return RecordKind.DATA, n
+        if buf[start] == KIND_END:
+            d.ended = True
+            return -1
+        return n
