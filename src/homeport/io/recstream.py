@@ -69,11 +69,13 @@ ENV_SWITCH = "HOMEPORT_RECORDS"
 #: | SHA-256 of the certificate the sender authenticated as its peer (32).
 KEX_VERSION = 1
 KEX_LEN = 1 + 32 + 32 + 32
-#: Capacity of each of the two send buffers; grown (never shrunk) only if a caller
-#: writes more at once than this holds (the mux does; the pump never does).
-OUT_BUFFER = 640 * 1024
-#: Initial reassembly buffer for received bytes (grown if a caller hands more).
-IN_BUFFER = 512 * 1024
+#: Initial capacity of each of the two send buffers (one whole record); a bulk
+#: stream grows them by doubling to what it needs (the pump: ~512 KiB), so an
+#: interactive stream never pays for bulk buffers (zeroing 1.8 MiB per stream end
+#: measured 1.5 ms of set-up).
+OUT_BUFFER = 80 * 1024
+#: Initial reassembly buffer for received bytes (grown by doubling as needed).
+IN_BUFFER = 80 * 1024
 #: Bytes read per ``recv`` while waiting for the peer's key-exchange message.
 KEX_READ_SIZE = 64 * 1024
 
