@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import queue
 import re
@@ -69,6 +70,8 @@ CHUNK = 64 * 1024
 KEEPALIVE_SLACK = 1.0
 MIB = 1 << 20
 
+#: A policy in force, so a restart has one to keep (everyone may reach everything).
+POLICY = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}\n'
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 LOST = "control connection lost"
 CONNECTED = "connected to "
@@ -120,7 +123,7 @@ class Session:
 
     def _read(self, out: IO[bytes]) -> None:
         if self._raw:
-            while chunk := out.read1(CHUNK):
+            while chunk := out.read(CHUNK):
                 self.received += len(chunk)
                 self.digest.update(chunk)
             return
@@ -228,6 +231,9 @@ class FaultLab:
         self.agents["laptop"] = self.hp.up("laptop", prefix=self.prefix("laptop"))
         for name, proc in self.agents.items():
             self.hp.wait_online(name, proc)
+        policy = self.root / "policy.hujson"
+        policy.write_text(POLICY)
+        self.hp.run([*HOMEPORT, "policy", "set", str(policy), "--data", str(self.hp.data_dir)])
         wait_for(self.ssh_ok, 20, "a first ssh labpc from the laptop")
 
     def close(self) -> None:
@@ -322,7 +328,11 @@ class FaultLab:
         """A fresh ssh labpc round trip from the laptop (the user's view of "it works")."""
         try:
             res = subprocess.run(
-                self.ssh_argv("echo ok"), capture_output=True, timeout=timeout, env=self.hp.env
+                self.ssh_argv("echo ok"),
+                capture_output=True,
+                timeout=timeout,
+                env=self.hp.env,
+                check=False,
             )
         except subprocess.TimeoutExpired:
             return False
@@ -446,10 +456,12 @@ def blackhole(fl: FaultLab, seconds: float = BLACKHOLE_SECONDS) -> list[FaultRes
             det,
             ctl_back,
             0,
-            det is not None and det <= DETECT_BAR and ctl_back is not None
+            det is not None
+            and det <= DETECT_BAR
+            and ctl_back is not None
             and ctl_back <= RECOVER_BAR,
             "ping 1.5 s, dead after 4.5 s",
-        ),  # fmt: skip
+        ),
         FaultResult(
             f"{tag}: idle ssh session",
             None,
@@ -469,7 +481,7 @@ def blackhole(fl: FaultLab, seconds: float = BLACKHOLE_SECONDS) -> list[FaultRes
     ]
 
 
-def _nat_fault(fl: FaultLab, name: str, inject: Callable[[], None], note: str) -> FaultResult:
+def _nat_fault(fl: FaultLab, name: str, inject: Callable[[], object], note: str) -> FaultResult:
     """Inject a laptop-side network fault; detection from the agent's log, recovery to ssh ok."""
     t0 = time.time()
     inject()
@@ -477,7 +489,9 @@ def _nat_fault(fl: FaultLab, name: str, inject: Callable[[], None], note: str) -
     det = _first(fl.events("laptop", LOST, t0))
     detection = None if det is None else det - t0
     ok = rec is not None and rec <= NAT_RECOVER_BAR
-    return FaultResult(name, detection, rec, 0, ok, note if det is not None else note + "; link kept")
+    return FaultResult(
+        name, detection, rec, 0, ok, note if det is not None else note + "; link kept"
+    )
 
 
 def conntrack_flush(fl: FaultLab) -> FaultResult:
@@ -519,19 +533,24 @@ def agent_restart(fl: FaultLab, name: str = "labpc") -> FaultResult:
                        "includes Python start-up")  # fmt: skip
 
 
+#: Fields of a node that change with its connection, not with the server's state.
+_VOLATILE = ("online", "last_seen", "address", "expiry_warning")
+
+
 @dataclass(frozen=True)
 class ServerState:
-    nodes: tuple[tuple[str, str], ...]
+    nodes: str
     keys: str
     policy: str
 
 
 def server_state(fl: FaultLab) -> ServerState:
-    nodes = tuple(sorted((str(n.get("name")), str(n.get("id", ""))) for n in fl.hp.nodes()))
+    """What the server must keep across a crash: nodes, auth keys, the policy (as JSON)."""
+    nodes = [{k: v for k, v in n.items() if k not in _VOLATILE} for n in fl.hp.nodes()]
     data = str(fl.hp.data_dir)
-    keys = fl.hp.run([*HOMEPORT, "keys", "list", "--data", data]).stdout
-    policy = fl.hp.run([*HOMEPORT, "policy", "get", "--data", data], check=False).stdout
-    return ServerState(nodes, keys, policy)
+    keys = fl.hp.run([*HOMEPORT, "keys", "list", "--json", "--data", data]).stdout
+    policy = fl.hp.run([*HOMEPORT, "policy", "get", "--json", "--data", data]).stdout
+    return ServerState(json.dumps(nodes, sort_keys=True), keys, policy)
 
 
 def server_sigkill(fl: FaultLab) -> FaultResult:
@@ -545,7 +564,7 @@ def server_sigkill(fl: FaultLab) -> FaultResult:
     t1 = fl.start_server()
     rec = fl.wait_recovered(t0, t1, ("labpc", "laptop"), RECOVER_BAR)
     after = server_state(fl)
-    same = before == after
+    same = before == after and '"set": true' in after.policy
     ok = rec is not None and rec <= RECOVER_BAR and same
     return FaultResult("server SIGKILL + restart (same data dir)", det, rec, 0, ok,
                        f"nodes, keys, policy unchanged: {same}")  # fmt: skip

@@ -7,7 +7,7 @@ errors, the reconnect schedule). This module only feeds it events and carries
 out its commands:
 
 * **Control connection**: :func:`homeport.io.control.connect_control` (the one
-  asyncio driver shared with the server: framing, 5 s pings, dead after 15 s of
+  asyncio driver shared with the server: framing, 1.5 s pings, dead after 4.5 s of
   silence, WELCOME deadline), then the server pin is checked here, then the
   core is told the session started. The core answers a lost session or a failed
   connect with a :class:`~homeport.proto.node.Reconnect` delay (jittered
