@@ -45,6 +45,7 @@ from homeport.proto.control import (
     State,
 )
 from homeport.wire import control as m
+from homeport.wire.logtext import esc
 
 log = logging.getLogger("homeport.control")
 
@@ -182,7 +183,7 @@ class ControlLink(asyncio.Protocol):
     def abort(self, reason: str) -> None:
         """Drop the connection at once (no TLS close)."""
         if not self._ended:
-            log.info("control connection %s dropped: %s", self.address, reason)
+            log.info("control connection %s dropped: %s", self.address, esc(reason))
         transport = self.transport
         self._end(ConnectionClosed("abort", reason))
         if transport is not None:

@@ -75,6 +75,7 @@ from homeport.wire import control as m
 from homeport.wire.data import token_from_hex_untrusted
 from homeport.wire.errors import WireError
 from homeport.wire.hostkey import sanitize_host_keys
+from homeport.wire.logtext import esc
 
 SessionId = int
 K = TypeVar("K")
@@ -88,6 +89,8 @@ UNPAIRED_TIMEOUT = 10.0
 MAX_PENDING_OPENS_PER_SESSION = 64
 #: Streams in any state (waiting, accepted, live) over the whole server.
 MAX_STREAMS = 4096
+#: Longest log line (Note) the core produces; peer text within it is escaped (wire.logtext).
+MAX_NOTE = 1024
 #: Netmap changes within this window go out as one push per agent.
 NETMAP_COALESCE = 0.05
 #: Longest reject reason / code from an agent that we pass on.
@@ -1736,4 +1739,6 @@ class Coordinator:
         self._out.append(cmd)
 
     def _note(self, level: int, text: str) -> None:
-        self._out.append(Note(level, text))
+        # texts carry peer-supplied strings (names, OPEN dst/service, REJECT code/message):
+        # escaped here, once, so no node can forge a log line (docs/reliability.md)
+        self._out.append(Note(level, esc(text, MAX_NOTE)))

@@ -66,6 +66,7 @@ from homeport.wire.data import (
     parse_preamble_untrusted,
 )
 from homeport.wire.errors import WireError
+from homeport.wire.logtext import esc
 
 log = logging.getLogger("homeport.server")
 
@@ -73,6 +74,9 @@ log = logging.getLogger("homeport.server")
 HANDSHAKE_TIMEOUT = 5.0
 #: Connections not yet authenticated (TLS handshakes, preambles being read).
 MAX_UNAUTHENTICATED = 512
+#: Of those, at most this many from one source address; a new connection from a source at
+#: its limit evicts that source's oldest unauthenticated one (a flooder only displaces itself).
+MAX_UNAUTHENTICATED_PER_SOURCE = 64
 #: At most one "too many handshakes" log line per this many seconds.
 BUSY_LOG_INTERVAL = 5.0
 #: How often waiting data connections are checked for their deadline.
@@ -95,6 +99,7 @@ class ServiceConfig:
     open_timeout: float = c.OPEN_TIMEOUT
     unpaired_timeout: float = UNPAIRED_TIMEOUT
     max_unauthenticated: int = MAX_UNAUTHENTICATED
+    max_unauthenticated_per_source: int = MAX_UNAUTHENTICATED_PER_SOURCE
     probe_port: int = PROBE_PORT_AUTO  # the whoami listener (-1 auto, 0 none, or a port)
     relay_only: bool = False  # never coordinate direct paths (WELCOME direct: false)
 
@@ -116,17 +121,45 @@ def _format_addr(addr: object) -> str:
 
 
 class _Slot:
-    """One unit of the unauthenticated-connection budget; release is idempotent."""
+    """One unit of the unauthenticated-connection budget; release is idempotent.
 
-    def __init__(self, service: Service) -> None:
+    Slots are kept per source address in arrival order, so the admission policy can
+    evict the oldest unauthenticated connection of the heaviest source.
+    """
+
+    def __init__(self, service: Service, source: str) -> None:
         self._service = service
         self._held = True
+        self.source = source
+        #: Drops the connection this slot stands for (set by whoever owns it at the time).
+        self.kill: Callable[[], None] | None = None
         service._unauthenticated += 1
+        service._by_source.setdefault(source, {})[self] = None
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self._service._unauthenticated -= 1
+            held = self._service._by_source.get(self.source)
+            if held is not None:
+                held.pop(self, None)
+                if not held:
+                    del self._service._by_source[self.source]
+
+    def evict(self) -> None:
+        """Release the slot and drop its connection."""
+        kill, self.kill = self.kill, None
+        self.release()
+        if kill is not None:
+            kill()
+
+
+def _source_of(addr: object) -> str:
+    """The admission key of a peer address: its host, IPv4-mapped IPv6 unwrapped."""
+    host = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    return host.partition("%")[0]
 
 
 class Service:
@@ -152,6 +185,8 @@ class Service:
         self.ssl_context = ssl_context
         self.config = config or ServiceConfig()
         self._unauthenticated = 0
+        self._by_source: dict[str, dict[_Slot, None]] = {}
+        self._evicted = 0
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._links: dict[c.SessionId, ControlLink] = {}
@@ -164,7 +199,6 @@ class Service:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._refused_busy = 0
         self._next_busy_log = 0.0
         self._probe_listener: socket.socket | None = None
         self._probe_conns = 0
@@ -251,10 +285,11 @@ class Service:
         await asyncio.to_thread(self.relay.close)
         await asyncio.to_thread(self.writer.flush)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _sweep(self) -> None:
         self.relay.sweep()
@@ -274,21 +309,42 @@ class Service:
                 await asyncio.sleep(0.1)
                 continue
             address = _format_addr(addr)
-            if self._unauthenticated >= self.config.max_unauthenticated:
-                self._refused_busy += 1
-                now = loop.time()
-                if now >= self._next_busy_log:  # one line per interval, not one per attacker SYN
-                    self._next_busy_log = now + BUSY_LOG_INTERVAL
-                    log.warning(
-                        "refused %d connection(s) (latest %s): %d still handshaking (limit)",
-                        self._refused_busy,
-                        address,
-                        self._unauthenticated,
-                    )
-                    self._refused_busy = 0
-                sock.close()
-                continue
-            self._spawn(self._classify(sock, address, _Slot(self)))
+            slot = self._admit(_source_of(addr), address, loop.time())
+            task = self._spawn(self._classify(sock, address, slot))
+            slot.kill = task.cancel  # the task's finally closes the socket
+
+    def _admit(self, source: str, address: str, now: float) -> _Slot:
+        """Make room for one more unauthenticated connection from ``source``.
+
+        Never refuses the newcomer (a reconnecting node must get in during a flood):
+        when ``source`` is at its own limit its oldest pending connection goes; when the
+        global budget is full the oldest of the source holding the most slots goes. An
+        attacker with few addresses thus only ever evicts itself, and a legitimate
+        handshake, which takes milliseconds, is rarely the oldest.
+        """
+        held = self._by_source.get(source)
+        victim: _Slot | None = None
+        if held is not None and len(held) >= self.config.max_unauthenticated_per_source:
+            victim = next(iter(held))
+        elif self._unauthenticated >= self.config.max_unauthenticated and self._by_source:
+            heaviest = max(self._by_source.values(), key=len)
+            victim = next(iter(heaviest))
+        if victim is not None:
+            victim.evict()
+            self._evicted += 1
+            if now >= self._next_busy_log:  # one line per interval, not one per attacker SYN
+                self._next_busy_log = now + BUSY_LOG_INTERVAL
+                log.warning(
+                    "evicted %d unauthenticated connection(s) (latest from %s, admitting %s): "
+                    "%d handshaking, %d source(s)",
+                    self._evicted,
+                    esc(victim.source),
+                    esc(address),
+                    self._unauthenticated,
+                    len(self._by_source),
+                )
+                self._evicted = 0
+        return _Slot(self, source)
 
     async def _wait_readable(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -352,7 +408,7 @@ class Service:
                     log.info("closing data connection %s: no preamble within %gs", address, timeout)
                     return
                 except (WireError, ConnectionError) as exc:
-                    log.info("closing data connection %s: %s", address, exc)
+                    log.info("closing data connection %s: %s", address, esc(exc))
                     return
                 slot.release()
                 sock.setblocking(True)
@@ -427,6 +483,15 @@ class Service:
             self._links[self._next_sid] = link
             self._sids[link] = self._next_sid
             self._slots[link] = slot
+            cancel = slot.kill
+
+            def kill() -> None:  # mid-handshake: cancel the task; after it: drop the link
+                if cancel is not None:
+                    cancel()
+                if link.transport is not None:
+                    link.abort("evicted: too many unauthenticated connections")
+
+            slot.kill = kill
             return link
 
         try:
@@ -466,8 +531,8 @@ class Service:
             logging.DEBUG if quiet else logging.INFO,
             "control connection %s closed (%s): %s",
             link.address,
-            ev.code,
-            ev.reason,
+            esc(ev.code),
+            esc(ev.reason),
         )
         slot = self._slots.pop(link, None)
         if slot is not None:
@@ -504,7 +569,7 @@ class Service:
         elif isinstance(cmd, c.Close):
             link = self._links.get(cmd.session)
             if link is not None:
-                log.info("%s: closing: %s: %s", link.address, cmd.code, cmd.message)
+                log.info("%s: closing: %s: %s", link.address, esc(cmd.code), esc(cmd.message))
                 link.close_with_error(cmd.code, cmd.message)
         elif isinstance(cmd, c.Finish):
             link = self._links.get(cmd.session)
@@ -557,7 +622,7 @@ class Service:
         try:
             result = fut.result()
         except Exception as exc:
-            log.error("enrollment of %r failed in the database: %s", req.node.name, exc)
+            log.error("enrollment of %s failed in the database: %s", esc(req.node.name), exc)
             result = c.EnrollRefused("internal", "the server could not store the node; retry")
         self.core.enroll_done(req.session, result, time.time())
         self._run()
