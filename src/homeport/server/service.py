@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import socket
 import ssl
@@ -81,6 +82,10 @@ MAX_UNAUTHENTICATED_PER_SOURCE = 64
 BUSY_LOG_INTERVAL = 5.0
 #: How often waiting data connections are checked for their deadline.
 SWEEP_INTERVAL = 0.5
+#: Give freed heap back to the OS (glibc ``malloc_trim``) once this many unauthenticated
+#: connections have ended since the high-water mark: after a flood the freed TLS and frame
+#: buffers otherwise stay in the process for good (measured: docs/reliability.md).
+TRIM_AFTER_RELEASED = 64
 #: Whole life of one connection to the probe port (request in, answer out).
 PROBE_TIMEOUT = 5.0
 #: Connections the probe port serves at once (more are closed at accept).
@@ -154,6 +159,22 @@ class _Slot:
             kill()
 
 
+def _malloc_trim() -> None:
+    """Return free heap pages to the OS (glibc only; elsewhere a no-op)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None)
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None
+
+
 def _source_of(addr: object) -> str:
     """The admission key of a peer address: its host, IPv4-mapped IPv6 unwrapped."""
     host = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
@@ -186,6 +207,7 @@ class Service:
         self.config = config or ServiceConfig()
         self._unauthenticated = 0
         self._by_source: dict[str, dict[_Slot, None]] = {}
+        self._high_water = 0  # most unauthenticated connections since the last trim
         self._evicted = 0
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -293,6 +315,10 @@ class Service:
 
     def _sweep(self) -> None:
         self.relay.sweep()
+        self._high_water = max(self._high_water, self._unauthenticated)
+        if self._high_water - self._unauthenticated >= TRIM_AFTER_RELEASED:
+            self._high_water = self._unauthenticated
+            _malloc_trim()
         loop = asyncio.get_running_loop()
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
