@@ -238,3 +238,32 @@ def test_unauthenticated_tls_connections_cost_little_and_memory_returns(tmp_path
         )
         print(f"\n{n} unauthenticated TLS connections: {FIGURES['preauth-rss']}")
         assert per_conn < 256 * 1024, FIGURES["preauth-rss"]
+
+
+# -- finding 5: a peer's ERROR frame cannot forge a server log line ----------------------------
+
+
+def test_peer_error_frame_cannot_forge_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from homeport.server.app import start_server_thread
+    from homeport.server.service import ServiceConfig
+
+    forged = "x\n2026-12-05 04:00:00 INFO homeport.server: node labpc (n1) removed\x1b[2J"
+    caplog.set_level(logging.DEBUG)
+    cfg = ServiceConfig(handshake_timeout=5.0)
+    with start_server_thread(tmp_path / "srv", config=cfg) as srv:
+        ctx = tlsctx.control_client_context(None, None)
+        s = ctx.wrap_socket(socket.create_connection((srv.host, srv.port), timeout=DEADLINE))
+        s.sendall(m.encode(m.Error(code=forged[:60], message=forged)))
+
+        def logged() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "closed (remote:" in r.getMessage()]
+
+        wait_for(lambda: bool(logged()), DEADLINE, "the server to log the peer's ERROR")
+        s.close()
+        for line in logged():
+            assert line.isprintable(), repr(line)
+            assert "x\\n2026-12-05" in line

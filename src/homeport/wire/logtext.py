@@ -5,8 +5,9 @@ an OPEN ``dst`` or a REJECT ``code`` must not be able to forge a second line
 ("node ... removed"), and terminal escape sequences must not reach a terminal
 tailing the log. :func:`esc` keeps printable text as it is (the common case is
 one ``isprintable`` call), writes everything else as a Python-style escape
-(``\\n``, ``\\x1b``, ``\\u202e``), escapes the backslash itself so an escaped
-line cannot be confused with a literal one, and cuts very long values.
+(``\\n``, ``\\x1b``, ``\\u202e``) and cuts very long values. The backslash itself
+is kept: a peer can write a literal ``\\n`` but never a line break, and texts that
+already quote a value with ``repr`` (``'a\\nb'``) pass through unchanged.
 
 Pure and import-free: every layer may log with it.
 """
@@ -14,7 +15,7 @@ Pure and import-free: every layer may log with it.
 #: Longest peer-supplied value written into one log line (longer ones are cut, with a marker).
 MAX_LOG_VALUE = 256
 
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def esc(value: object, limit: int = MAX_LOG_VALUE) -> str:
@@ -24,7 +25,7 @@ def esc(value: object, limit: int = MAX_LOG_VALUE) -> str:
     cut = len(text) - limit
     if cut > 0:
         text = text[:limit]
-    if not (text.isprintable() and "\\" not in text):
+    if not text.isprintable():
         out = []
         for ch in text:
             if ch in _NAMED:
