@@ -38,13 +38,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from homeport import relay as hprelay
 from homeport.crypto.tls import fingerprint
@@ -159,20 +160,25 @@ class _Slot:
             kill()
 
 
+@functools.cache
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return cast(Callable[[int], int], trim)
+
+
 def _malloc_trim() -> None:
     """Return free heap pages to the OS (glibc only; elsewhere a no-op)."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None)
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_libc: Any = None
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
 
 
 def _source_of(addr: object) -> str:
@@ -337,7 +343,7 @@ class Service:
             address = _format_addr(addr)
             slot = self._admit(_source_of(addr), address, loop.time())
             task = self._spawn(self._classify(sock, address, slot))
-            slot.kill = task.cancel  # the task's finally closes the socket
+            slot.kill = functools.partial(_cancel, task)  # its finally closes the socket
 
     def _admit(self, source: str, address: str, now: float) -> _Slot:
         """Make room for one more unauthenticated connection from ``source``.
