@@ -816,7 +816,7 @@ class Coordinator:
 
     def _enroll(self, s: _Session, msg: m.Enroll, now: float) -> None:
         s.state = SessionState.ENROLLING
-        rate = self._enroll_rate.take(_source(s.address), now)
+        rate = self._enroll_rate.check(_source(s.address), now)
         if not rate.allowed:  # one log line and audit record per burst, not per guess
             if rate.first:
                 self._refuse_enroll(s, "rate-limited", rate.reason, now)
@@ -865,6 +865,8 @@ class Coordinator:
         )
 
     def _refuse_enroll(self, s: _Session, code: str, message: str, now: float) -> None:
+        if code != "rate-limited":  # a failed attempt spends its source's budget
+            self._enroll_rate.spend(_source(s.address), now)
         self._note(logging.INFO, f"enrollment from {s.address} refused: {code}: {message}")
         self._emit(
             Audit(
