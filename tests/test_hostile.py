@@ -267,3 +267,60 @@ def test_peer_error_frame_cannot_forge_a_log_line(
         for line in logged():
             assert line.isprintable(), repr(line)
             assert "x\\n2026-12-05" in line
+
+
+# -- finding 7: relayed streams and agent pumps have TCP keepalive -----------------------------
+
+
+def _keepalive_sockets(port: int, side: str) -> list[str]:
+    """``ss`` lines of established TCP sockets with ``side`` (sport/dport) ``port`` whose
+    timer is a keepalive (the kernel probes the peer and errors the socket if it vanished)."""
+    out = subprocess.run(
+        ["ss", "-tnoH", "state", "established", f"( {side} = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [ln for ln in out.splitlines() if "timer:(keepalive" in ln]
+
+
+def test_relayed_stream_sockets_have_keepalive(tmp_path: Path) -> None:
+    echo = EchoServer()
+    with server_process(tmp_path) as srv:
+        hp = Homeport(tmp_path)
+        hp.data_dir = srv.data
+        hp.server_addr = f"127.0.0.1:{srv.port}"
+        try:
+            lab = hp.up("labpc", "--expose", f"echo=127.0.0.1:{echo.port}")
+            hp.wait_online("labpc", lab)
+            laptop = hp.up("laptop")
+            hp.wait_online("laptop", laptop)
+            assert _keepalive_sockets(srv.port, "sport") == []  # control links: pings instead
+            nc = subprocess.Popen(
+                [*HOMEPORT, "nc", "--state", str(hp.state("laptop")), "labpc", "echo"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=hp.env,
+            )
+            try:
+                assert nc.stdin is not None and nc.stdout is not None
+                nc.stdin.write(b"ping\n")
+                nc.stdin.flush()
+                assert nc.stdout.readline() == b"ping\n"  # the stream is up (relayed)
+                # both relay ends on the server, both dialled ends (nc, agent) on the nodes
+                wait_for(
+                    lambda: len(_keepalive_sockets(srv.port, "sport")) >= 2,
+                    DEADLINE,
+                    "keepalive on the server's two data sockets",
+                )
+                wait_for(
+                    lambda: len(_keepalive_sockets(srv.port, "dport")) >= 2,
+                    DEADLINE,
+                    "keepalive on the nodes' two data sockets",
+                )
+            finally:
+                nc.kill()
+                nc.wait()
+        finally:
+            hp.close()
+            echo.close()

@@ -50,6 +50,7 @@ from typing import Any, cast
 from homeport import relay as hprelay
 from homeport.crypto.tls import fingerprint
 from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
+from homeport.io.pump import set_keepalive
 from homeport.proto import coord as c
 from homeport.proto.audit import Audit
 from homeport.proto.control import (
@@ -446,6 +447,7 @@ class Service:
                 sock.setblocking(True)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_keepalive(sock)  # a vanished peer must not hold a relay slot forever
                 self.relay.attach(token, sock)
                 handed_off = True
             else:
