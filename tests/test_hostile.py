@@ -324,3 +324,77 @@ def test_relayed_stream_sockets_have_keepalive(tmp_path: Path) -> None:
         finally:
             hp.close()
             echo.close()
+
+
+# -- graceful behaviour: SIGTERM drains -----------------------------------------------------------
+
+
+class _Stream:
+    """A ``homeport nc`` stream to an echo service, kept open."""
+
+    def __init__(self, hp: Homeport, state: Path) -> None:
+        self.proc = subprocess.Popen(
+            [*HOMEPORT, "nc", "--state", str(state), "labpc", "echo"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=hp.env,
+        )
+
+    def echo(self, line: bytes) -> bytes:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline()
+
+    def close(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=DEADLINE)
+
+
+@pytest.mark.parametrize("who", ["server", "agent"])
+def test_sigterm_drains_open_streams_within_the_grace(tmp_path: Path, who: str) -> None:
+    """SIGTERM: an open stream keeps working and its end lets the process exit at once; a
+    stream that stays open is cut when the grace (DRAIN_GRACE) runs out."""
+    import time
+
+    from homeport.agent.runtime import DRAIN_GRACE as AGENT_GRACE
+    from homeport.server.service import DRAIN_GRACE as SERVER_GRACE
+
+    grace = SERVER_GRACE if who == "server" else AGENT_GRACE
+    echo = EchoServer()
+    hp = Homeport(tmp_path)
+    try:
+        server = hp.start_server(extra=["--relay-only"])
+        lab = hp.up("labpc", "--expose", f"echo=127.0.0.1:{echo.port}")
+        hp.wait_online("labpc", lab)
+        laptop = hp.up("laptop")
+        hp.wait_online("laptop", laptop)
+        target = server if who == "server" else lab
+
+        short, held = _Stream(hp, hp.state("laptop")), _Stream(hp, hp.state("laptop"))
+        assert short.echo(b"one\n") == b"one\n" and held.echo(b"two\n") == b"two\n"
+        target.send_signal(15)
+        t0 = time.monotonic()
+        wait_for(
+            lambda: (
+                f"draining 2 stream(s) for up to {grace:g}s"
+                in hp.log(who if who == "server" else "agent-labpc")
+            ),
+            DEADLINE,
+            "the drain to start",
+        )
+        assert short.echo(b"after\n") == b"after\n"  # open streams keep working
+        assert held.echo(b"after2\n") == b"after2\n"
+        assert short.close() == 0
+        assert target.poll() is None  # still draining: one stream is open
+        code = target.wait(timeout=grace + DEADLINE)
+        took = time.monotonic() - t0
+        FIGURES[f"drain-{who}"] = f"held stream cut after {took:.1f}s (grace {grace:g}s)"
+        print(f"\nSIGTERM {who}: {FIGURES[f'drain-{who}']}")
+        assert grace - 0.5 <= took <= grace + 5.0, took
+        assert code == 0, hp.log(who if who == "server" else "agent-labpc")  # a clean stop
+        held.close()
+    finally:
+        hp.close()
+        echo.close()

@@ -92,6 +92,10 @@ TRIM_AFTER_RELEASED = 64
 PROBE_TIMEOUT = 5.0
 #: Connections the probe port serves at once (more are closed at accept).
 MAX_PROBE_CONNECTIONS = 128
+#: SIGTERM: how long open streams may go on after the server stopped taking connections.
+DRAIN_GRACE = 10.0
+#: How often a draining server looks whether its streams have ended.
+DRAIN_POLL = 0.1
 #: ServiceConfig.probe_port: -1 = main port + 1 (ephemeral if the main port is), 0 = none.
 PROBE_PORT_AUTO = -1
 
@@ -214,7 +218,10 @@ class Service:
         self.config = config or ServiceConfig()
         self._unauthenticated = 0
         self._by_source: dict[str, dict[_Slot, None]] = {}
-        self._high_water = 0  # most unauthenticated connections since the last trim
+        self._high_water = 0
+        self._acceptors: list[
+            asyncio.Task[None]
+        ] = []  # most unauthenticated connections since the last trim
         self._evicted = 0
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -241,7 +248,7 @@ class Service:
         sock = await self._bind(host, port)
         self._listener = sock
         self._loop = loop
-        self._spawn(self._accept_loop(sock))
+        self._acceptors.append(self._spawn(self._accept_loop(sock)))
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         self._rearm()  # timers of loaded nodes (expiry, ephemeral removal) run without traffic
         bound = sock.getsockname()
@@ -271,7 +278,7 @@ class Service:
         self._probe_listener = psock
         self.probe_port = int(psock.getsockname()[1])
         self.core.probe_port = self.probe_port
-        self._spawn(self._probe_loop(psock))
+        self._acceptors.append(self._spawn(self._probe_loop(psock)))
 
     async def _bind(self, host: str, port: int) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -290,6 +297,31 @@ class Service:
             sock.close()
             raise
         return sock
+
+    async def drain(self, grace: float) -> int:
+        """Graceful stop (SIGTERM), before :meth:`stop`: stop accepting connections, tell the
+        nodes (ERROR ``server-stopping``: they reconnect with backoff, and open no new
+        streams here meanwhile), and let open streams run for up to ``grace`` seconds.
+        Returns how many streams were still open when the grace ran out."""
+        for task in self._acceptors:
+            task.cancel()
+        await asyncio.gather(*self._acceptors, return_exceptions=True)
+        for lst in (self._listener, self._probe_listener):
+            if lst is not None:
+                lst.close()
+        self._listener = self._probe_listener = None
+        for link in list(self._links.values()):
+            link.close_with_error("server-stopping", "the server is shutting down; reconnecting")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.core.stream_states():
+            log.info("draining %d stream(s) for up to %gs", len(self.core.stream_states()), grace)
+        while self.core.stream_states() and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+        left = len(self.core.stream_states())
+        if left:
+            log.info("grace of %gs over: cutting %d stream(s)", grace, left)
+        return left
 
     async def stop(self) -> None:
         """Stop accepting, close every session and the relay, write what is queued."""
