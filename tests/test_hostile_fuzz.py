@@ -191,7 +191,7 @@ _OPS = ["ping", "keys.create", "keys.list", "keys.revoke", "nodes.list", "nodes.
                 "preauthorized",
                 "reason",
             )
-        },  # fmt: skip
+        },
     )
 )
 def test_admin_socket_request_never_raises(request: Any) -> None:
