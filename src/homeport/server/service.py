@@ -85,9 +85,11 @@ BUSY_LOG_INTERVAL = 5.0
 #: How often waiting data connections are checked for their deadline.
 SWEEP_INTERVAL = 0.5
 #: Give freed heap back to the OS (glibc ``malloc_trim``) once this many unauthenticated
-#: connections have ended since the high-water mark: after a flood the freed TLS and frame
-#: buffers otherwise stay in the process for good (measured: docs/reliability.md).
+#: connections have ended since the last trim: after a flood the freed TLS and frame
+#: buffers otherwise stay in the process for good (measured: docs/reliability.md) ...
 TRIM_AFTER_RELEASED = 64
+#: ... but at most once per this many seconds (a trim of a large heap takes milliseconds).
+TRIM_INTERVAL = 2.0
 #: Whole life of one connection to the probe port (request in, answer out).
 PROBE_TIMEOUT = 5.0
 #: Connections the probe port serves at once (more are closed at accept).
@@ -151,6 +153,7 @@ class _Slot:
         if self._held:
             self._held = False
             self._service._unauthenticated -= 1
+            self._service._released += 1
             held = self._service._by_source.get(self.source)
             if held is not None:
                 held.pop(self, None)
@@ -218,10 +221,9 @@ class Service:
         self.config = config or ServiceConfig()
         self._unauthenticated = 0
         self._by_source: dict[str, dict[_Slot, None]] = {}
-        self._high_water = 0
-        self._acceptors: list[
-            asyncio.Task[None]
-        ] = []  # most unauthenticated connections since the last trim
+        self._released = 0  # unauthenticated connections ended since the last trim
+        self._next_trim = 0.0
+        self._acceptors: list[asyncio.Task[None]] = []
         self._evicted = 0
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -354,11 +356,11 @@ class Service:
 
     def _sweep(self) -> None:
         self.relay.sweep()
-        self._high_water = max(self._high_water, self._unauthenticated)
-        if self._high_water - self._unauthenticated >= TRIM_AFTER_RELEASED:
-            self._high_water = self._unauthenticated
-            _malloc_trim()
         loop = asyncio.get_running_loop()
+        if self._released >= TRIM_AFTER_RELEASED and loop.time() >= self._next_trim:
+            self._released = 0
+            self._next_trim = loop.time() + TRIM_INTERVAL
+            _malloc_trim()
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- accepting and classifying -------------------------------------------------
