@@ -112,16 +112,9 @@ def test_a_check_rule_blocks_until_a_login_is_approved(net: Net) -> None:
     cert = json.loads(got.stdout)
     assert cert["principals"] == ["ubuntu"] and cert["rule"] == "ssh[1]"
     assert Path(cert["key"]).stat().st_mode & 0o777 == 0o600
-    other = net.hp.run(
-        [
-            *net.hp.ssh_args(net.hp.state("devbox"), Path(cert["key"]), ME),
-            "-o",
-            f"CertificateFile={cert['cert']}",
-            "labpc",
-            "true",
-        ],  # fmt: skip
-        check=False,
-    )
+    argv = net.hp.ssh_args(net.hp.state("devbox"), Path(cert["key"]), ME)
+    argv += ["-o", f"CertificateFile={cert['cert']}", "labpc", "true"]
+    other = net.hp.run(argv, check=False)
     assert other.returncode == 255 and "Permission denied" in other.stderr, other.stderr
     # ME needs the check
     blocked = net.ssh("devbox", ME, "true")
