@@ -29,6 +29,10 @@ def _register() -> None:
     register_server(cli)
     register_agent(cli)
     register_client(cli)
+    from homeport.client import cli as client_cli
+    from homeport.server.cli import admin_login_approve
+
+    client_cli.ADMIN_LOGIN_APPROVE = admin_login_approve  # ``login approve`` on the server host
 
 
 _register()

@@ -305,6 +305,56 @@ def _mark_shields(state_dir: Path, shields_up: bool) -> None:
         logging.getLogger("homeport.up").warning("cannot update %s: %s", path, exc)
 
 
+@click.command("ssh-trust")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--print", "print_only", is_flag=True, help="show what would be written")
+@click.option("--user", "account", metavar="USER", help="without root: this account [yours]")
+def ssh_trust(state: str | None, print_only: bool, account: str | None) -> None:
+    """Make the local sshd trust the homeport server's SSH certificates (keyless SSH).
+
+    As root: an sshd drop-in with TrustedUserCAKeys (reload sshd after). Otherwise
+    a cert-authority line in your own ~/.ssh/authorized_keys. Needs the CA key the
+    agent learnt from the server ('homeport up' once).
+    """
+    from homeport.agent import sshtrust
+    from homeport.node.state import resolve_dir
+
+    path = resolve_dir(state) / sshtrust.CA_STATE_FILE
+    try:
+        ca = sshtrust.ca_line_untrusted(path.read_text())
+    except OSError:
+        raise click.ClickException(
+            f"no SSH CA key in {path}: run 'homeport up' once (the server sends it)"
+        ) from None
+    except sshtrust.TrustError as exc:
+        raise click.ClickException(str(exc)) from None
+    root = os.geteuid() == 0 and account is None
+    try:
+        if print_only:
+            if root:
+                click.echo(f"# {sshtrust.CA_COPY}\n{ca} {sshtrust.MARK}\n")
+                click.echo(f"# {sshtrust.DROPIN}\n{sshtrust.sshd_dropin()}", nl=False)
+            else:
+                import pwd
+
+                who = account or pwd.getpwuid(os.getuid()).pw_name
+                click.echo(sshtrust.authorized_keys_line(ca, who))
+            return
+        if root:
+            changed = sshtrust.install_root(ca)
+            for p in changed:
+                click.echo(f"wrote {p}")
+            click.echo(
+                "reload sshd to apply it (systemctl reload ssh)" if changed else "up to date"
+            )
+        else:
+            written = sshtrust.install_user(ca, account)
+            click.echo(f"added the homeport CA to {written}" if written else "up to date")
+    except (sshtrust.TrustError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def register(cli: click.Group) -> None:
     """Add ``up`` to the top-level ``homeport`` group."""
     cli.add_command(up)
+    cli.add_command(ssh_trust)

@@ -362,6 +362,20 @@ class Agent:
         return await asyncio.get_running_loop().run_in_executor(None, hostkeys.collect, target)
 
     # -- carrying out the core's commands ----------------------------------------------
+    def _ssh_ca(self, text: str) -> None:
+        """Keep the server's SSH CA key in the state dir (``homeport ssh-trust`` installs it)."""
+        from homeport.agent import sshtrust
+
+        try:
+            line = sshtrust.ca_line_untrusted(text)
+            path = self.state.dir / sshtrust.CA_STATE_FILE
+            data = f"{line} {sshtrust.MARK}\n".encode()
+            if not path.exists() or path.read_bytes() != data:
+                files.write_public(path, data)
+                log.info("the server's SSH user CA is %s (kept in %s)", line[:40] + "…", path)
+        except (sshtrust.TrustError, OSError) as exc:
+            log.warning("cannot keep the server's SSH CA key: %s", exc)
+
     def _drain(self) -> None:
         """Carry out every command the core made (event loop only)."""
         while (cmd := self.core.next_command()) is not None:
@@ -385,6 +399,8 @@ class Agent:
             elif isinstance(cmd, core.LocalOpenFailed):
                 self._local_failed(cmd)
             elif isinstance(cmd, core.SessionReady):
+                if cmd.ssh_ca:
+                    self._ssh_ca(cmd.ssh_ca)
                 log.info(
                     "connected to %s as %s (%s); announced %d services, %d host keys%s%s",
                     self.state.server,

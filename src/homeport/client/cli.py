@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -91,24 +92,94 @@ def nc(args: tuple[str, ...]) -> None:
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--user", "account", metavar="USER", help="local account to log in as (certificate)")
+@click.option("--no-cert", is_flag=True, help="do not ask the server for an SSH certificate")
 @click.argument("name")
 @click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED)
-def ssh(state: str | None, name: str, ssh_args: tuple[str, ...]) -> None:
-    """Run the system ssh to NAME through homeport (extra args go to ssh)."""
+def ssh(
+    state: str | None, account: str | None, no_cert: bool, name: str, ssh_args: tuple[str, ...]
+) -> None:
+    """Run the system ssh to NAME through homeport (extra args go to ssh).
+
+    A fresh key and a short-lived certificate for the account are fetched first
+    when the server's policy allows it (keyless SSH); otherwise your own keys.
+    """
     from homeport.client.ssh import exec_ssh
 
     st = _load(state)
+    extra: list[tuple[str, str]] = []
+    args = list(ssh_args)
+    if not no_cert:
+        import getpass
+
+        user, _, host = name.rpartition("@")
+        who = account or user or getpass.getuser()
+        extra = _cert_options(st, host, who)
+        if account and not user:
+            args = ["-l", account, *args]
     try:
-        exec_ssh(name, list(ssh_args), st.dir)
+        exec_ssh(name, args, st.dir, extra)
     except OSError as exc:
         _fail(f"cannot run ssh: {exc.strerror or exc}")
+
+
+def _cert_options(st: Any, host: str, account: str) -> list[tuple[str, str]]:
+    from homeport.client.login import CertRefused, DialError, fetch_certificate, ssh_cert_options
+
+    try:
+        files = fetch_certificate(st, host, account)
+    except CertRefused as exc:
+        if exc.code not in {"no-ssh-ca", "no-policy"}:
+            click.echo(f"homeport: no SSH certificate for {account}@{host}: {exc}", err=True)
+        return []
+    except DialError as exc:
+        click.echo(f"homeport: no SSH certificate: {exc.message}", err=True)
+        return []
+    return ssh_cert_options(files)
+
+
+@click.command("ssh-cert")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--user", "account", metavar="USER", help="local account [default: yours]")
+@click.option("--quiet", is_flag=True, help="print nothing on success (ssh_config Match exec)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.argument("name")
+def ssh_cert(state: str | None, account: str | None, quiet: bool, as_json: bool, name: str) -> None:
+    """Fetch a fresh key and SSH certificate to log in to NAME (exit 1 if refused)."""
+    import getpass
+
+    from homeport.client.login import CertRefused, DialError, fetch_certificate
+
+    st = _load(state)
+    who = account or getpass.getuser()
+    try:
+        files = fetch_certificate(st, name, who)
+    except CertRefused as exc:
+        _fail(f"no SSH certificate for {who}@{name}: {exc}")
+    except DialError as exc:
+        _fail(f"cannot reach {st.server}: {exc.message}")
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "key": str(files.key),
+                    "cert": str(files.cert),
+                    "principals": list(files.principals),
+                    "valid_before": files.valid_before,
+                    "rule": files.rule,
+                }
+            )
+        )
+    elif not quiet:
+        click.echo(f"{files.cert} ({', '.join(files.principals)}; rule {files.rule})")
 
 
 @click.command("ssh-config")
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--no-certs", is_flag=True, help="no Match exec block for SSH certificates")
 @click.argument("names", nargs=-1)
-def ssh_config(state: str | None, as_json: bool, names: tuple[str, ...]) -> None:
+def ssh_config(state: str | None, as_json: bool, no_certs: bool, names: tuple[str, ...]) -> None:
     """Print a Host block for ~/.ssh/config (all other nodes, or NAMES)."""
     from homeport.client.ssh import ssh_config_block, ssh_config_json
 
@@ -120,7 +191,7 @@ def ssh_config(state: str | None, as_json: bool, names: tuple[str, ...]) -> None
     if as_json:
         click.echo(ssh_config_json(hosts, st.dir))
     else:
-        click.echo(ssh_config_block(hosts, st.dir), nl=False)
+        click.echo(ssh_config_block(hosts, st.dir, certs=not no_certs), nl=False)
 
 
 # -- forward --------------------------------------------------------------------
@@ -273,7 +344,72 @@ def service_install(  # noqa: PLR0917 - click passes options positionally
         click.echo(f"wrote {p.path}\nenable and start it with:\n  {p.enable_command}")
 
 
+# -- login (check rules) ----------------------------------------------------------
+
+
+@click.group(invoke_without_command=True)
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--wait", default=600.0, show_default=True, help="seconds to wait for approval")
+@click.pass_context
+def login(ctx: click.Context, state: str | None, wait: float) -> None:
+    """Complete a login check (for 'check' ssh rules): prints a code to approve.
+
+    An admin approves it on the server host with 'homeport login approve CODE',
+    or you do from another of your devices whose own check is fresh.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from homeport.client.login import DialError
+    from homeport.client.login import login as run_login
+
+    st = _load(state)
+
+    def show(ls: Any) -> None:
+        if ls.state == "pending":
+            click.echo(ls.message)
+            click.echo("waiting for approval …")
+
+    try:
+        final = run_login(st, show, wait=wait)
+    except DialError as exc:
+        _fail(f"cannot reach {st.server}: {exc.message}")
+    if final.state != "approved":
+        _fail(f"login {final.state}: {final.message}")
+    click.echo("approved: certificates for 'check' rules are issued until the check period ends")
+
+
+#: Set by ``homeport.cli`` to the server's admin approval (processes do not import each
+#: other): ``(code, data_dir) -> message``, or None when this host runs no server.
+ADMIN_LOGIN_APPROVE: Callable[[str, Path | None], str | None] | None = None
+
+
+@login.command("approve")
+@click.option("--state", metavar="DIR", help=STATE_HELP + " (approve from this device)")
+@click.option("--data", "data_dir", metavar="DIR", help="server data directory (admin approval)")
+@click.argument("code")
+def login_approve(state: str | None, data_dir: str | None, code: str) -> None:
+    """Approve a login CODE: as the admin on the server host, or from an approved device."""
+    if state is None and ADMIN_LOGIN_APPROVE is not None:
+        try:
+            message = ADMIN_LOGIN_APPROVE(code, Path(data_dir) if data_dir else None)
+        except click.ClickException as exc:
+            _fail(exc.message)
+        if message is not None:
+            click.echo(message)
+            return
+    from homeport.client.login import DialError, approve_from_device
+
+    st = _load(state)
+    try:
+        ls = approve_from_device(st, code)
+    except DialError as exc:
+        _fail(f"cannot reach {st.server}: {exc.message}")
+    if ls.state != "approved":
+        _fail(ls.message)
+    click.echo(ls.message)
+
+
 def register(cli: click.Group) -> None:
     """Add the client commands to the top-level ``homeport`` group."""
-    for cmd in (status, nc, ssh, ssh_config, forward, trust, service):
+    for cmd in (status, nc, ssh, ssh_cert, ssh_config, forward, trust, service, login):
         cli.add_command(cmd)

@@ -70,18 +70,29 @@ def ssh_options(state_dir: Path, python: str | None = None) -> list[tuple[str, s
 
 
 def ssh_argv(
-    name: str, args: list[str], state_dir: Path, *, python: str | None = None, ssh: str = "ssh"
+    name: str,
+    args: list[str],
+    state_dir: Path,
+    *,
+    python: str | None = None,
+    ssh: str = "ssh",
+    extra: list[tuple[str, str]] | None = None,
 ) -> list[str]:
-    """The argv ``homeport ssh`` execs: options first, then NAME, then the user's args."""
+    """The argv ``homeport ssh`` execs: options first, then NAME, then the user's args.
+
+    ``extra``: more options (the certificate's IdentityFile/CertificateFile).
+    """
     argv = [ssh]
-    for key, value in ssh_options(state_dir, python):
+    for key, value in [*ssh_options(state_dir, python), *(extra or [])]:
         argv += ["-o", f"{key}={value}"]
     return [*argv, name, *args]
 
 
-def exec_ssh(name: str, args: list[str], state_dir: Path) -> None:
+def exec_ssh(
+    name: str, args: list[str], state_dir: Path, extra: list[tuple[str, str]] | None = None
+) -> None:
     """Replace this process with ssh (never returns on success)."""
-    argv = ssh_argv(name, args, state_dir)
+    argv = ssh_argv(name, args, state_dir, extra=extra)
     os.execvp(argv[0], argv)  # noqa: S606 - exec ssh, no shell
 
 
@@ -89,14 +100,55 @@ def _quote_config(value: str) -> str:
     return f'"{value}"' if any(c.isspace() for c in value) and '"' not in value else value
 
 
-def ssh_config_block(names: list[str], state_dir: Path, *, python: str | None = None) -> str:
-    """A ``Host`` block for ~/.ssh/config covering ``names`` (the network's nodes)."""
+def ssh_config_block(
+    names: list[str], state_dir: Path, *, python: str | None = None, certs: bool = False
+) -> str:
+    """A ``Host`` block for ~/.ssh/config covering ``names`` (the network's nodes).
+
+    ``certs``: add a ``Match … exec`` block that fetches a fresh key and SSH
+    certificate (``homeport ssh-cert``) before every login and points ssh at
+    them; if the server refuses, the exec fails and ssh uses the user's own keys.
+    """
     if not names:
         return "# no nodes in this homeport network yet\n"
     lines = [f"# homeport: nodes of this network (state {state_dir})", "Host " + " ".join(names)]
     for key, value in ssh_options(state_dir, python):
         lines.append(f"    {key} {_quote_config(value) if key != 'ProxyCommand' else value}")
+    if certs:
+        lines += cert_match_block(names, state_dir, python)
     return "\n".join(lines) + "\n"
+
+
+def cert_match_block(names: list[str], state_dir: Path, python: str | None = None) -> list[str]:
+    """``Match host … exec "homeport ssh-cert …"`` + IdentityFile/CertificateFile lines.
+
+    The exec runs while ssh reads its config, before authentication: it writes
+    the key and certificate to fixed per-(node, account) paths
+    (``homeport.client.login.key_paths``), which the two lines then name.
+    """
+    from homeport.client.login import SSH_KEYS_DIR
+
+    exe = python or sys.executable
+    cmd = " ".join(
+        [
+            shlex.quote(exe),
+            "-m",
+            "homeport",
+            "ssh-cert",
+            "--quiet",
+            "--state",
+            shlex.quote(str(state_dir)),
+            "--user",
+            "%r",
+            "%n",
+        ]
+    )
+    base = state_dir / SSH_KEYS_DIR
+    return [
+        "Match host " + ",".join(names) + f' exec "{cmd}"',
+        f"    IdentityFile {_quote_config(str(base / '%n_%r'))}",
+        f"    CertificateFile {_quote_config(str(base / '%n_%r-cert.pub'))}",
+    ]
 
 
 def ssh_config_json(names: list[str], state_dir: Path, *, python: str | None = None) -> str:

@@ -56,7 +56,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from homeport.crypto import sshca
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
+from homeport.crypto.sshca import SshCa
 from homeport.crypto.tls import fingerprint
 from homeport.policy.acl import CompiledPolicy, SelSet, reach_set
 from homeport.policy.decide import Subject, decide
@@ -71,6 +73,7 @@ from homeport.proto.audit import (
     NODE_REMOVE,
     Audit,
 )
+from homeport.proto.login import Approvals, CodeProvider, Outcome
 from homeport.proto.nat import NatKind
 from homeport.proto.netmap import PeerBook
 from homeport.proto.policy import policy_message
@@ -571,6 +574,8 @@ class Coordinator:
         expire_tagged: bool = False,
         ephemeral_offline: float = EPHEMERAL_OFFLINE,
         policy: CompiledPolicy | None = None,
+        ssh_ca: SshCa | None = None,
+        ssh_cert_validity: float = sshca.DEFAULT_VALIDITY,
     ) -> None:
         self.ca = ca
         self._ca_pem = ca.cert_pem.decode()
@@ -613,6 +618,11 @@ class Coordinator:
         #: The ACL policy in force (None: no policy file; see policy.decide).
         self.policy = policy
         self._policy_version = 1
+        #: The SSH user CA (keyless SSH, capability sshcert); None: certificates refused.
+        self.ssh_ca = ssh_ca
+        self.ssh_cert_validity = ssh_cert_validity
+        #: Login checks for ``check`` ssh rules (pluggable provider; docs/policy.md).
+        self.logins = Approvals(CodeProvider(random_bytes))
         # who a viewer is (name, user, tags) -> the rules it may reach through (its
         # peer-map filter); depends only on the policy, cleared when it changes
         self._reach: dict[tuple[str, str, tuple[str, ...]], SelSet] = {}
@@ -731,6 +741,10 @@ class Coordinator:
             self._direct(s, msg, now)
         elif isinstance(msg, m.Renew) and agent:
             self._renew(s, msg, now)
+        elif isinstance(msg, m.SshCertReq):
+            self._ssh_cert(s, msg, now)
+        elif isinstance(msg, m.Login):
+            self._login(s, msg, now)
         else:
             self._emit(
                 Close(sid, "bad-request", f"unexpected {msg.TYPE.name} from a {s.role or 'node'}")
@@ -813,6 +827,7 @@ class Coordinator:
                     expires_at=node.expiry_deadline or 0.0,
                     key_lifetime=self.key_expiry or 0.0,
                     server_time=now,
+                    ssh_ca=self.ssh_ca.public_line if self.ssh_ca is not None else "",
                 ),
             )
         )
@@ -1807,6 +1822,204 @@ class Coordinator:
     def policy_refused(self, reason: str, now: float) -> None:
         """An admin's policy was refused (the old one stays): recorded for the audit log."""
         self._emit(Audit(au.POLICY_REFUSED, now, (("reason", reason[:MAX_REASON]),)))
+
+    # -- keyless SSH: user certificates and login checks (capability sshcert) -----------------
+    def _ssh_cert(self, s: _Session, msg: m.SshCertReq, now: float) -> None:
+        """Sign a short-lived SSH user certificate if the policy's ssh rules allow it."""
+        src = self._nodes[s.node_id]
+        ca = self.ssh_ca
+
+        def answer(reply: m.SshCert) -> None:
+            if m.CAP_SSHCERT in s.caps:
+                self._emit(Send(s.sid, reply))
+
+        def refuse(code: str, reason: str, rule: str = "") -> None:
+            self._note(
+                logging.INFO,
+                f"ssh certificate {src.name} -> {msg.dst[:64]!r} as {msg.user}: refused: {code}",
+            )
+            self._emit(
+                Audit(
+                    CERT_ISSUE,
+                    now,
+                    (
+                        ("node", src.name),
+                        ("kind", "ssh-user-refused"),
+                        ("dst", msg.dst[:64]),
+                        ("account", msg.user),
+                        ("code", code),
+                        ("rule", rule),
+                    ),
+                )
+            )
+            answer(m.SshCert(req_id=msg.req_id, code=code, reason=reason[:MAX_REASON], rule=rule))
+
+        if ca is None:
+            refuse(sshca.NO_CA, "this server has no SSH certificate authority")
+            return
+        if not src.approved:
+            refuse("pending-approval", _PENDING_TEXT.format(name=src.name))
+            return
+        dst_id = self._by_name.get(msg.dst)
+        dst = self._nodes.get(dst_id) if dst_id is not None else None
+        if dst is None or dst.removed:
+            refuse("unknown-node", f"no node named {msg.dst[:64]!r} in this network")
+            return
+        plan = sshca.plan_certificate(
+            self.policy,
+            src.subject(),
+            dst.subject(),
+            msg.user,
+            approved_at=self.logins.approved_at(src.node_id),
+            now=now,
+        )
+        if isinstance(plan, sshca.Refusal):
+            refuse(plan.code, plan.reason, plan.rule)
+            return
+        serial = int.from_bytes(self._random(8), "big")
+        kid = sshca.key_id(src.name, msg.user, plan.rule, serial)
+        try:
+            issued = ca.sign_user(
+                msg.public_key,
+                plan.principals,
+                key_id=kid,
+                serial=serial,
+                now=now,
+                validity=self.ssh_cert_validity,
+            )
+        except sshca.SshCaError as exc:
+            refuse(sshca.BAD_REQUEST, str(exc))
+            return
+        self._note(
+            logging.INFO,
+            f"ssh certificate for {src.name} -> {dst.name} as {','.join(plan.principals)} "
+            f"({plan.rule}, {plan.verdict.value}); key id {kid}",
+        )
+        self._emit(
+            Audit(
+                CERT_ISSUE,
+                now,
+                (
+                    ("node", src.name),
+                    ("node_id", src.node_id),
+                    ("kind", "ssh-user"),
+                    ("dst", dst.name),
+                    ("principals", ",".join(plan.principals)),
+                    ("rule", plan.rule),
+                    ("key_id", kid),
+                    ("valid_before", str(issued.valid_before)),
+                ),
+            )
+        )
+        answer(
+            m.SshCert(
+                req_id=msg.req_id,
+                cert=issued.line,
+                code="ok",
+                reason=plan.reason[:MAX_REASON],
+                rule=plan.rule,
+                principals=plan.principals,
+                valid_before=float(issued.valid_before),
+                ca_key=ca.public_line,
+            )
+        )
+
+    def _login(self, s: _Session, msg: m.Login, now: float) -> None:
+        """A device starts or polls its login check, or approves a sibling's."""
+        node = self._nodes[s.node_id]
+
+        def answer(reply: m.LoginState) -> None:
+            if m.CAP_SSHCERT in s.caps:
+                self._emit(Send(s.sid, reply))
+
+        if msg.action == "start":
+            if not node.user or node.tags:
+                answer(
+                    m.LoginState(
+                        state="refused",
+                        message="only a user's own (untagged) device can log in; "
+                        f"{node.name} belongs to no user",
+                    )
+                )
+                return
+            ch = self.logins.start(node.node_id, node.user, now)
+            self._note(logging.INFO, f"login check started for {node.name} ({node.user})")
+            answer(
+                m.LoginState(
+                    state="pending",
+                    code=ch.code,
+                    message=ch.instructions(),
+                    provider=ch.provider,
+                    expires_at=ch.expires_at,
+                )
+            )
+        elif msg.action == "poll":
+            got = self.logins.pending(msg.code, now)
+            if got is None or got.node_id != node.node_id:
+                answer(m.LoginState(state="expired", code=msg.code, message="no such login"))
+            elif got.approved_at is not None:
+                answer(
+                    m.LoginState(
+                        state="approved",
+                        code=got.code,
+                        message="approved",
+                        provider=got.provider,
+                        approved_at=got.approved_at,
+                    )
+                )
+            else:
+                answer(
+                    m.LoginState(
+                        state="pending",
+                        code=got.code,
+                        message=got.instructions(),
+                        provider=got.provider,
+                        expires_at=got.expires_at,
+                    )
+                )
+        else:  # approve from another device of the same user
+            if not self.logins.may_approve(node.node_id, now) or node.tags:
+                answer(
+                    m.LoginState(
+                        state="refused",
+                        code=msg.code,
+                        message=f"{node.name} has no fresh login check of its own",
+                    )
+                )
+                return
+            outcome = self.logins.complete(msg.code, now, approver_user=node.user)
+            self._login_outcome(outcome, now, by=node.name)
+            answer(
+                m.LoginState(
+                    state="approved" if outcome.ok else "refused",
+                    code=msg.code,
+                    message=outcome.message[:MAX_REASON],
+                )
+            )
+
+    def approve_login(self, code: str, now: float, by: str = "admin") -> Outcome:
+        """An admin approved a login code (``homeport login approve CODE`` on the server)."""
+        outcome = self.logins.complete(code.strip().upper(), now)
+        self._login_outcome(outcome, now, by=by)
+        return outcome
+
+    def _login_outcome(self, outcome: Outcome, now: float, by: str) -> None:
+        self._note(logging.INFO, f"login check by {by}: {outcome.message}")
+        ch = outcome.challenge
+        if ch is not None:
+            self._emit(
+                Audit(
+                    APPROVE,
+                    now,
+                    (
+                        ("node_id", ch.node_id),
+                        ("user", ch.user),
+                        ("kind", "login-check"),
+                        ("provider", ch.provider),
+                        ("by", by),
+                    ),
+                )
+            )
 
     # -- time -----------------------------------------------------------------------------------
     def _add_timer(self, when: float, kind: str, key: str) -> None:

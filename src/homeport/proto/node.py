@@ -222,6 +222,7 @@ class SessionReady:
     services: int
     host_keys: int
     peers: bool  # whether the server will push PEERS (it announced the capability)
+    ssh_ca: str = ""  # the server's SSH user CA key (WELCOME.ssh_ca; keyless SSH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,6 +618,7 @@ class NodeCore:
                 services=len(self.config.services),
                 host_keys=len(self.host_keys),
                 peers=self.peers_expected,
+                ssh_ca=msg.ssh_ca,
             )
         )
 

@@ -116,6 +116,7 @@ class AdminOps:
         set_policy: Callable[[CompiledPolicy | None], None] | None = None,
         policy_refused: Callable[[str], None] | None = None,
         node_by_name: Callable[[str], NodeRecord | None] | None = None,
+        approve_login: Callable[[str], tuple[bool, str]] | None = None,
     ) -> None:
         self.registry = registry
         self._nodes = nodes or registry.node_list
@@ -128,6 +129,7 @@ class AdminOps:
         self._set_policy = set_policy
         self._policy_refused = policy_refused
         self._node_by_name = node_by_name
+        self._approve_login = approve_login
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Answer one request; never raises for bad input."""
@@ -148,6 +150,7 @@ class AdminOps:
             "users.create": self._users_create,
             "users.list": self._users_list,
             "users.remove": self._users_remove,
+            "login.approve": self._login_approve,
             "policy.set": self._policy_set,
             "policy.get": self._policy_get,
             "policy.explain": self._policy_explain,
@@ -309,6 +312,17 @@ class AdminOps:
         if self.data_dir is None:
             raise AdminError("this server keeps no policy file")
         return self.data_dir
+
+    def _login_approve(self, req: dict[str, Any]) -> dict[str, Any]:
+        code = req.get("code")
+        if not isinstance(code, str):
+            raise TypeError("code must be a string")
+        if self._approve_login is None:
+            raise AdminError("login checks live in the running server: start 'homeport server'")
+        ok, message = self._approve_login(code)
+        if not ok:
+            raise AdminError(message)
+        return {"message": message}
 
     def _policy_set(self, req: dict[str, Any]) -> dict[str, Any]:
         text = req.get("text")

@@ -26,6 +26,7 @@ from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.audit import AuditSink, audit_path
 from homeport.server.datadir import PolicyFileError, load_policy, prepare_data_dir
 from homeport.server.service import DRAIN_GRACE, Service, ServiceConfig
+from homeport.server.sshca import load_or_create_ssh_ca
 from homeport.store.registry import WriteBehind, database_url, open_registry
 
 log = logging.getLogger("homeport.server")
@@ -93,6 +94,7 @@ async def serve(
     seconds (SIGTERM), open streams get that long to finish (:meth:`Service.drain`)."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
     policy = load_policy(data_dir)  # a bad policy file stops the start (PolicyFileError)
+    ssh_ca = load_or_create_ssh_ca(data_dir)
     registry = open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
     cfg = config or ServiceConfig()
     core = Coordinator(
@@ -105,6 +107,7 @@ async def serve(
         relay_only=cfg.relay_only,
         key_expiry=key_expiry,
         policy=policy,
+        ssh_ca=ssh_ca,
     )
     writer = WriteBehind(registry)
     services: list[Service] = []  # the relay reports to the service built right after it
@@ -133,6 +136,7 @@ async def serve(
                 set_policy=service.set_policy,
                 policy_refused=service.policy_refused,
                 node_by_name=core.node_by_name,
+                approve_login=service.approve_login,
             ),
         )
         host, port = parse_listen(listen)

@@ -56,6 +56,20 @@ def _admin(data_dir: Path | None, request: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+def admin_login_approve(code: str, data_dir: Path | None) -> str | None:
+    """``homeport login approve CODE`` on the server host: approve through the admin socket.
+
+    None when this host runs no server here (the client then approves from its device).
+    """
+    from homeport.server.admin import ADMIN_SOCKET
+
+    resolved = _resolve_data(data_dir)
+    if data_dir is None and not (resolved / ADMIN_SOCKET).exists():
+        return None
+    answer = _admin(data_dir, {"op": "login.approve", "code": code})
+    return str(answer.get("message", "approved"))
+
+
 def _when(ts: float | None, now: float) -> str:
     if ts is None:
         return "-"

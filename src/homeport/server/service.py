@@ -761,6 +761,12 @@ class Service:
         self.core.admin_audit(kind, time.time(), fields)
         self._run()
 
+    def approve_login(self, code: str) -> tuple[bool, str]:
+        """An admin approves a login check code (``homeport login approve``)."""
+        outcome = self.core.approve_login(code, time.time())
+        self._run()
+        return outcome.ok, outcome.message
+
     def set_policy(self, compiled: CompiledPolicy | None) -> None:
         """Put a (compiled, stored) policy in force: pushes, peer maps, cuts denied streams."""
         self.core.policy_changed(compiled, time.time())

@@ -35,6 +35,10 @@ Message table (c = node or CLI, s = server)::
     0x88  RENEW        c→s   agent: a CSR for a new node key before the old expires (renew) 3
     0x89  RENEWED      s→c   the renewed certificate and the new expiry date (cap renew)   3
     0x8a  NOTICE       s→c   a notice for the node: expiry warning, approved (cap renew)   3
+    0x8c  SSH_CERT_REQ c→s   a user certificate to log in to dst as user (cap sshcert)     3
+    0x8d  SSH_CERT     s→c   the certificate, or a refusal with code and reason (sshcert)   3
+    0x8e  LOGIN        c→s   start/poll/approve a login check (``homeport login``)        3
+    0x8f  LOGIN_STATE  s→c   its state: pending with a code, approved, refused            3
     0x90  POLICY       s→c   the ACL rules that can grant streams to this node (cap policy) 3
 
 Evolution rules (why: old and new nodes must interoperate during an upgrade,
@@ -63,13 +67,15 @@ peer-to-peer paths, docs/nat-traversal.md): ENDPOINTS, PATH_REQ, PUNCH,
 PATH_FAILED, PATH_REPORT, PEER_PING, PEER_PONG (0x81-0x87); WELCOME carries
 ``direct`` (false: the server is in relay-only mode) and ``probe_port`` (the
 whoami probe listener, 0 = none); POLICY
-(0x90, cap ``policy``).
+(0x90, cap ``policy``). Capability ``sshcert``: SSH_CERT_REQ, SSH_CERT, LOGIN,
+LOGIN_STATE (0x8c-0x8f); WELCOME carries ``ssh_ca`` (the SSH CA public key).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -96,8 +102,10 @@ CAP_DIRECT = "direct"
 CAP_RENEW = "renew"
 #: ``policy``: understands POLICY and enforces it on every INCOMING.
 CAP_POLICY = "policy"
+#: ``sshcert``: understands SSH_CERT_REQ/SSH_CERT/LOGIN/LOGIN_STATE (keyless SSH).
+CAP_SSHCERT = "sshcert"
 #: Every capability this code implements, announced in HELLO and WELCOME.
-OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT, CAP_POLICY)
+OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT, CAP_POLICY, CAP_SSHCERT)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -140,6 +148,10 @@ class MsgType(enum.IntEnum):
     RENEW = 0x88
     RENEWED = 0x89
     NOTICE = 0x8A
+    SSH_CERT_REQ = 0x8C
+    SSH_CERT = 0x8D
+    LOGIN = 0x8E
+    LOGIN_STATE = 0x8F
     POLICY = 0x90
 
 
@@ -249,6 +261,8 @@ class Welcome(Message):
     #: capver 3: the server's clock when it sent this, so a node with a wrong clock (or a
     #: monotonic one) still times its renewal right: it uses ``expires_at - server_time``.
     server_time: float = 0.0
+    #: cap sshcert: the server's SSH user CA public key (``ssh-ed25519 …``; "" = none).
+    ssh_ca: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +459,98 @@ class Notice(Message):
     expires_at: float = 0.0
 
 
+#: Longest SSH public key line in SSH_CERT_REQ (an RSA-8192 key line is ~1.4 kB).
+MAX_SSH_KEY = 4096
+#: LOGIN actions.
+LOGIN_ACTIONS = ("start", "poll", "approve")
+_ACCOUNT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+_LOGIN_CODE_RE = re.compile(r"^[A-Z0-9-]{0,32}$")
+
+
+@dataclass(frozen=True, slots=True)
+class SshCertReq(Message):
+    """Node → server (cap ``sshcert``): sign ``public_key`` to log in to ``dst`` as ``user``.
+
+    Checked on construction (so on decode): ``user`` is a local account name,
+    ``public_key`` one strict OpenSSH public key line of a signable type.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.SSH_CERT_REQ
+    req_id: int
+    dst: str
+    user: str
+    public_key: str
+
+    def __post_init__(self) -> None:
+        from homeport.wire.hostkey import ECDSA_CURVES, ED25519, RSA, parse_host_key_untrusted
+
+        if not _ACCOUNT_RE.match(self.user):
+            raise WireError("SshCertReq.user: not a local account name")
+        if not 0 < len(self.dst) <= 64:
+            raise WireError("SshCertReq.dst: expected a node name")
+        if len(self.public_key) > MAX_SSH_KEY:
+            raise WireError(f"SshCertReq.public_key: longer than {MAX_SSH_KEY}")
+        key = parse_host_key_untrusted(self.public_key)
+        if key.key_type not in {ED25519, RSA, *ECDSA_CURVES}:
+            raise WireError(f"SshCertReq.public_key: {key.key_type} keys are not signed")
+
+
+@dataclass(frozen=True, slots=True)
+class SshCert(Message):
+    """Server → node (cap ``sshcert``): the certificate (``cert`` non-empty), or a refusal.
+
+    A refusal has a stable ``code`` (``policy``, ``check-required``, ``no-ssh-ca``,
+    ``unknown-node`` …) and a one-line ``reason`` naming the ``rule``.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.SSH_CERT
+    req_id: int
+    cert: str = ""
+    code: str = ""
+    reason: str = ""
+    rule: str = ""
+    principals: tuple[str, ...] = ()
+    valid_before: float = 0.0
+    ca_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Login(Message):
+    """Node → server (cap ``sshcert``): a login check (``homeport login``).
+
+    ``start``: begin one (the answer carries a short code); ``poll``: the state of
+    ``code``; ``approve``: approve another device's ``code`` (same user, and this
+    device's own check is fresh).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.LOGIN
+    action: str
+    code: str = ""
+
+    def __post_init__(self) -> None:
+        if self.action not in LOGIN_ACTIONS:
+            raise WireError(f"Login.action: one of {', '.join(LOGIN_ACTIONS)}")
+        if not _LOGIN_CODE_RE.match(self.code):
+            raise WireError("Login.code: not a login code")
+
+
+@dataclass(frozen=True, slots=True)
+class LoginState(Message):
+    """Server → node (cap ``sshcert``): a login check's ``state``.
+
+    ``pending`` (show ``code`` and ``message``), ``approved`` (at ``approved_at``),
+    ``refused`` or ``expired`` (``message`` says why).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.LOGIN_STATE
+    state: str
+    code: str = ""
+    message: str = ""
+    provider: str = ""
+    approved_at: float = 0.0
+    expires_at: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Error(Message):
     TYPE: ClassVar[MsgType] = MsgType.ERROR
@@ -600,6 +706,10 @@ MESSAGES: dict[int, type[Message]] = {
         Renew,
         Renewed,
         Notice,
+        SshCertReq,
+        SshCert,
+        Login,
+        LoginState,
         Policy,
     )
 }
@@ -618,6 +728,10 @@ REQUIRES: dict[MsgType, str] = {
     MsgType.RENEWED: CAP_RENEW,
     MsgType.NOTICE: CAP_RENEW,
     MsgType.POLICY: CAP_POLICY,
+    MsgType.SSH_CERT_REQ: CAP_SSHCERT,
+    MsgType.SSH_CERT: CAP_SSHCERT,
+    MsgType.LOGIN: CAP_SSHCERT,
+    MsgType.LOGIN_STATE: CAP_SSHCERT,
 }
 
 
