@@ -372,7 +372,7 @@ def test_agent_error_is_final_and_one_line(tmp_path: Path) -> None:
     finally:
         agent.close()
     assert res.returncode == 1
-    assert res.stderr == b"homeport nc: labpc: labpc is offline\n"  # no direct dial after it
+    assert res.stderr == b"homeport nc: labpc is offline\n"  # no direct dial after it
     assert json.loads(agent.requests[0]) == {
         "op": "open",
         "dst": "labpc",

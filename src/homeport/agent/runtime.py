@@ -121,6 +121,10 @@ class _LocalWait:
 _Action = core.Reconnect | core.Fatal | None
 
 
+#: Seconds ``homeport set`` waits for the running agent to apply a change.
+RELOAD_TIMEOUT = 15.0
+
+
 class Agent:
     """The agent's I/O across reconnects; run with :meth:`run`, stop with :meth:`stop`."""
 
@@ -547,7 +551,7 @@ class Agent:
         if not self._local_api:
             return
         path = localapi.socket_path(self.state.dir)
-        api = LocalApiServer(path, self._serve_local)
+        api = LocalApiServer(path, self._serve_local, self._reload_local)
         try:
             api.start()
         except OSError as exc:
@@ -555,6 +559,37 @@ class Agent:
             return
         self._api = api
         log.info("local API on %s", path)
+
+    def _reload_local(self) -> dict[str, Any]:
+        """``homeport set`` (a local API thread): apply the services now saved in node.json."""
+        from homeport.node.state import StateError, load
+
+        try:
+            services = load(self.state.dir).services
+        except StateError as exc:
+            return error_reply("bad-state", str(exc))
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return error_reply("not-running", "the agent is stopping")
+        future = asyncio.run_coroutine_threadsafe(self._apply_services(services), loop)
+        try:
+            future.result(timeout=RELOAD_TIMEOUT)
+        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+            return error_reply("timeout", f"the agent did not apply the change: {exc!r}")
+        return {"ok": True, "services": [s.name for s in services]}
+
+    async def _apply_services(self, services: tuple[Service, ...]) -> None:
+        old = self.services
+        self.services = services
+        self.state = self.state.with_services(services)
+        self.core.set_services(services)
+        ssh_old = next((s for s in old if s.name == SSH_NAME), None)
+        ssh_new = next((s for s in services if s.name == SSH_NAME), None)
+        if ssh_old != ssh_new:  # the ssh target changed: its host keys may have too
+            self.core.set_host_keys(await self._host_keys())
+        self._drain()
+        exposed = ", ".join(f"{s.name}={s.target_host}:{s.target_port}" for s in services)
+        log.info("settings reloaded: exposing %s", exposed or "nothing")
 
     def _local_answer(self, cmd: core.LocalOpenAdmitted | core.LocalOpenSucceeded) -> None:
         wait = self._local.get(cmd.token)

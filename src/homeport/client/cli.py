@@ -107,20 +107,65 @@ def ssh(state: str | None, name: str, ssh_args: tuple[str, ...]) -> None:
 @click.command("ssh-config")
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option(
+    "--install",
+    is_flag=True,
+    help="write ~/.ssh/homeport.conf and put 'Include ~/.ssh/homeport.conf' atop ~/.ssh/config",
+)
 @click.argument("names", nargs=-1)
-def ssh_config(state: str | None, as_json: bool, names: tuple[str, ...]) -> None:
-    """Print a Host block for ~/.ssh/config (all other nodes, or NAMES)."""
-    from homeport.client.ssh import ssh_config_block, ssh_config_json
+def ssh_config(state: str | None, as_json: bool, install: bool, names: tuple[str, ...]) -> None:
+    """Print a Host block for ~/.ssh/config (all other nodes, or NAMES); --install writes it."""
+    from homeport.client.ssh import ConfigError, safe_names, ssh_config_block, ssh_config_json
+    from homeport.client.term import printable
 
     st = _load(state)
     hosts = list(names)
     if not hosts:
         nm = _netmap(st)
-        hosts = sorted(n.name for n in nm.nodes if n.node_id != nm.self_id)
-    if as_json:
+        hosts, problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
+        for problem in problems:  # from the server: skipped, never written
+            click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
+    try:
+        block = ssh_config_block(hosts, st.dir)
+    except ConfigError as exc:
+        _fail(printable(str(exc)), 2)
+    if install:
+        _install_ssh_config(block, as_json)
+    elif as_json:
         click.echo(ssh_config_json(hosts, st.dir))
     else:
-        click.echo(ssh_config_block(hosts, st.dir), nl=False)
+        click.echo(block, nl=False)
+
+
+def _install_ssh_config(block: str, as_json: bool) -> None:
+    """Write ~/.ssh/homeport.conf and include it first in ~/.ssh/config (idempotent)."""
+    from homeport.client.ssh import INCLUDE_FILE, add_include
+    from homeport.node.files import write_private
+
+    ssh_dir = Path.home() / ".ssh"
+    conf, main = ssh_dir / INCLUDE_FILE, ssh_dir / "config"
+    try:
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        write_private(conf, block.encode())
+        try:
+            old = main.read_text()
+        except FileNotFoundError:
+            old = ""
+        new = add_include(old)
+        if new is not None:
+            write_private(main, new.encode())
+    except OSError as exc:
+        _fail(f"cannot write {exc.filename or ssh_dir}: {exc.strerror or exc}")
+    if as_json:
+        click.echo(
+            json.dumps({"written": str(conf), "included": str(main), "added": new is not None})
+        )
+        return
+    click.echo(f"wrote {conf}")
+    click.echo(
+        f"{'added' if new is not None else 'already has'} 'Include ~/.ssh/{INCLUDE_FILE}' "
+        f"at the top of {main}; now plain ssh/scp/rsync/VS Code reach the nodes by name"
+    )
 
 
 # -- forward --------------------------------------------------------------------

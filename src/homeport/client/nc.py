@@ -156,9 +156,18 @@ def parse_args(argv: list[str]) -> NcArgs:
 
 
 def format_error(host: str, reason: str) -> str:
-    """The one line nc prints on failure (ssh shows it to the user verbatim)."""
-    one_line = " ".join(reason.split())
-    return f"homeport nc: {host}: {one_line}"
+    """The one line nc prints on failure (ssh shows it to the user verbatim).
+
+    The reason comes from the server or the agent: control characters are
+    escaped (no terminal sequences from a compromised server), and a reason
+    that already starts with the node's name does not get it twice.
+    """
+    from homeport.client.term import printable
+
+    one_line = printable(" ".join(reason.split()))
+    if one_line.startswith(host + " "):
+        return f"homeport nc: {one_line}"
+    return f"homeport nc: {printable(host)}: {one_line}"
 
 
 def _fail(host: str, reason: str) -> int:

@@ -75,6 +75,7 @@ per local open or pending stream, so it is bounded by :data:`MAX_STREAMS`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -490,6 +491,15 @@ class NodeCore:
         if keys == self.host_keys:
             return
         self.host_keys = keys
+        if self.state is SessionState.READY:
+            self._send(self._announce())
+
+    def set_services(self, services: Sequence[Service]) -> None:
+        """What this node exposes changed (``homeport set``); announced at once while READY."""
+        svcs = tuple(services)
+        if svcs == self.config.services:
+            return
+        self.config = dataclasses.replace(self.config, services=svcs)
         if self.state is SessionState.READY:
             self._send(self._announce())
 

@@ -1,0 +1,160 @@
+"""A new user's first hour, end to end with real processes: change settings, one agent per
+state directory, ssh config every ssh reads, clear errors.
+
+The network: one server, "labpc" exposing a real sshd, and the client node "laptop".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from homeport.testing.deadline import wait_for
+from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
+from tests.harness import HOMEPORT, Homeport, serve_in_threads
+
+pytestmark = pytest.mark.integration
+
+ok, why = sshd_available()
+if not ok:
+    pytest.skip(f"needs OpenSSH sshd: {why}", allow_module_level=True)
+
+
+@dataclass
+class Net:
+    hp: Homeport
+    sshd: SshdServer
+    web_port: int
+    lab: Path
+    laptop: Path
+    lab_agent: subprocess.Popen[bytes]
+
+    def ssh(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        argv = [*self.hp.ssh_args(self.laptop, self.sshd.client_key, self.sshd.user), "labpc"]
+        return subprocess.run(
+            [*argv, *cmd], capture_output=True, text=True, timeout=timeout, env=self.hp.env
+        )
+
+    def nc(self, host: str, port: str, data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*HOMEPORT, "nc", "--state", str(self.laptop), host, port],
+            input=data,
+            capture_output=True,
+            timeout=30,
+            env=self.hp.env,
+        )
+
+    def set(self, *args: str, state: Path | None = None) -> subprocess.CompletedProcess[str]:
+        argv = [*HOMEPORT, "set", "--state", str(state or self.lab), *args]
+        return self.hp.run(argv, check=False)
+
+
+def _echo_server() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    serve_in_threads(sock, handle)
+    return sock
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    root = tmp_path_factory.mktemp("hp1")
+    hp = Homeport(root)
+    sshd = make_sshd(root / "sshd")
+    web = _echo_server()
+    try:
+        sshd.start()
+        hp.start_server()
+        lab = hp.up("labpc", "--expose", f"ssh=127.0.0.1:{sshd.port}")
+        hp.wait_online("labpc", lab)
+        laptop = hp.up("laptop")
+        hp.wait_online("laptop", laptop)
+        yield Net(hp, sshd, int(web.getsockname()[1]), hp.state("labpc"), hp.state("laptop"), lab)
+    finally:
+        hp.close()
+        sshd.stop()
+        web.close()
+
+
+def test_set_expose_adds_a_service_to_the_running_agent_and_keeps_ssh(net: Net) -> None:
+    before = net.nc("labpc", "web", b"hello")
+    assert before.returncode != 0  # not exposed yet
+    res = net.set("--expose", f"web=127.0.0.1:{net.web_port}")
+    assert res.returncode == 0, res.stderr
+    assert "applied to the running agent" in res.stderr + res.stdout
+    assert "ssh=127.0.0.1" in res.stdout and "web=127.0.0.1" in res.stdout
+
+    def web_works() -> bool:
+        return net.nc("labpc", "web", b"hello").stdout == b"hello"
+
+    wait_for(web_works, 20, "web reachable after set --expose")
+    assert net.ssh("echo", "still-in").stdout.strip() == "still-in"
+    saved = json.loads((net.lab / "node.json").read_text())
+    assert sorted(s["name"] for s in saved["services"]) == ["ssh", "web"]
+
+
+def test_set_refuses_to_drop_ssh_without_force(net: Net) -> None:
+    for args in (["--no-ssh"], ["--unexpose", "ssh"]):
+        res = net.set(*args)
+        assert res.returncode == 2, res
+        assert "--force" in res.stderr and "ssh" in res.stderr
+    saved = json.loads((net.lab / "node.json").read_text())
+    assert "ssh" in [s["name"] for s in saved["services"]]
+    assert net.ssh("echo", "ok").returncode == 0
+
+
+def test_set_unexpose_removes_and_a_typo_is_an_error(net: Net) -> None:
+    net.set("--expose", f"tmp=127.0.0.1:{net.web_port}")
+    res = net.set("--unexpose", "tmp")
+    assert res.returncode == 0, res.stderr
+    assert "tmp=" not in res.stdout
+    wait_for(lambda: net.nc("labpc", "tmp").returncode != 0, 20, "tmp no longer reachable")
+    typo = net.set("--unexpose", "nosuch")
+    assert typo.returncode == 2 and "not exposed: nosuch" in typo.stderr
+
+
+def test_up_with_expose_adds_instead_of_replacing(net: Net, tmp_path: Path) -> None:
+    # a second `up` on the same state: refuses to start (the lock), but the
+    # services it was given are added to the saved ones, never replacing ssh
+    res = net.hp.run(
+        [*HOMEPORT, "up", "--state", str(net.lab), "--expose", f"extra=127.0.0.1:{net.web_port}"],
+        check=False,
+        timeout=30,
+    )
+    assert res.returncode == 1
+    assert "another 'homeport up'" in res.stderr and str(net.lab_agent.pid) in res.stderr
+    saved = json.loads((net.lab / "node.json").read_text())
+    assert {"ssh", "extra"} <= {s["name"] for s in saved["services"]}
+    assert net.lab_agent.poll() is None  # the first agent is undisturbed
+    assert net.hp.node_online("labpc")
+
+
+def test_client_only_node_does_not_warn_and_offline_nodes_show_no_path(net: Net) -> None:
+    log = net.hp.log("agent-laptop")
+    assert not [ln for ln in log.splitlines() if "WARNING" in ln and "exposing nothing" in ln]
+    res = net.hp.run([*HOMEPORT, "status", "--state", str(net.laptop), "--json"])
+    nodes = {n["name"]: n for n in json.loads(res.stdout)["nodes"]}
+    assert nodes["labpc"]["online"] and nodes["labpc"]["path"]
+
+
+def test_set_without_agent_saves_for_next_start(net: Net, tmp_path: Path) -> None:
+    res = net.set("--expose", f"web=127.0.0.1:{net.web_port}", state=net.laptop)
+    assert res.returncode == 0, res.stderr
+    assert "applied to the running agent" in res.stderr  # the laptop's agent runs too
+    saved = json.loads((net.laptop / "node.json").read_text())
+    assert [s["name"] for s in saved["services"]] == ["web"]
+    assert os.stat(net.laptop / "node.json").st_mode & 0o077 == 0
