@@ -151,10 +151,128 @@ def test_client_only_node_does_not_warn_and_offline_nodes_show_no_path(net: Net)
     assert nodes["labpc"]["online"] and nodes["labpc"]["path"]
 
 
-def test_set_without_agent_saves_for_next_start(net: Net, tmp_path: Path) -> None:
+def test_set_on_a_client_only_node_applies_at_once(net: Net) -> None:
     res = net.set("--expose", f"web=127.0.0.1:{net.web_port}", state=net.laptop)
     assert res.returncode == 0, res.stderr
-    assert "applied to the running agent" in res.stderr  # the laptop's agent runs too
+    assert "applied to the running agent" in res.stdout
     saved = json.loads((net.laptop / "node.json").read_text())
     assert [s["name"] for s in saved["services"]] == ["web"]
     assert os.stat(net.laptop / "node.json").st_mode & 0o077 == 0
+
+
+def test_set_without_agent_saves_for_the_next_start(net: Net, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "state"
+    shutil.copytree(net.lab, copy, ignore=shutil.ignore_patterns("agent.*"))
+    res = net.set("--unexpose", "extra", state=copy)
+    assert res.returncode == 0, res.stderr
+    assert "no agent runs here now" in res.stderr and "next 'homeport up'" in res.stderr
+
+
+# -- ssh config that every ssh reads (issue 9 items 5, 6; issue 8 item 3) ---------------
+
+
+@pytest.fixture(scope="module")
+def home(net: Net, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A $HOME whose ~/.ssh/config already has a ``Host *`` that would win if appended to."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ssh").mkdir(mode=0o700)
+    (home / ".ssh" / "config").write_text(
+        "Host *\n    UserKnownHostsFile /dev/null\n    StrictHostKeyChecking ask\n"
+    )
+    env = {**net.hp.env, "HOME": str(home)}
+    for _ in range(2):  # idempotent
+        res = subprocess.run(
+            [*HOMEPORT, "ssh-config", "--install", "--state", str(net.laptop)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr
+    config = (home / ".ssh" / "config").read_text()
+    assert config.count("homeport.conf") == 1
+    assert config.index("homeport.conf") < config.index("Host *")
+    return home
+
+
+def _plain_ssh(net: Net, home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    argv = [
+        "ssh", "-F", str(home / ".ssh" / "config"), "-i", str(net.sshd.client_key),
+        "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-l", net.sshd.user, *extra,
+        "labpc", "echo", "ok",
+    ]  # fmt: skip
+    env = {**net.hp.env, "HOME": str(home), "HOMEPORT_STATE": str(net.laptop)}
+    return subprocess.run(
+        argv, capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL
+    )
+
+
+def test_installed_config_lets_plain_ssh_in_despite_a_host_star(net: Net, home: Path) -> None:
+    res = _plain_ssh(net, home)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert "authenticity" not in res.stderr
+
+
+def test_proxycommand_one_liner_does_not_prompt_once_installed(net: Net, home: Path) -> None:
+    bin_dir = home / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    wrapper = bin_dir / "homeport"
+    wrapper.write_text(f'#!/bin/sh\nexec {" ".join(HOMEPORT)} "$@"\n')
+    wrapper.chmod(0o755)
+    proxy = f"ProxyCommand={wrapper} nc %h %p"
+    res = _plain_ssh(net, home, "-o", proxy)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    assert "authenticity" not in res.stderr and "mm_receive_fd" not in res.stderr
+
+
+def test_paramiko_connects_with_the_installed_config(net: Net, home: Path) -> None:
+    paramiko = pytest.importorskip("paramiko")
+    assert _plain_ssh(net, home).returncode == 0  # nc has pinned and written the keys
+    cfg = paramiko.SSHConfig.from_path(str(home / ".ssh" / "homeport.conf")).lookup("labpc")
+    known = str(cfg["userknownhostsfile"]).split()[0]
+    assert "%" not in known and Path(known).exists()
+    client = paramiko.SSHClient()
+    client.load_host_keys(known)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    sock = paramiko.ProxyCommand(cfg["proxycommand"])
+    try:
+        client.connect(
+            "labpc",
+            port=22,
+            username=net.sshd.user,
+            key_filename=str(net.sshd.client_key),
+            sock=sock,
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=30,
+        )
+        _in, out, _err = client.exec_command("echo ok")
+        assert out.read().strip() == b"ok"
+    finally:
+        client.close()
+
+
+def test_ssh_config_quotes_paths_and_refuses_hostile_names(tmp_path: Path) -> None:
+    from homeport.client.ssh import ConfigError, ssh_config_block
+
+    spaced = tmp_path / "my state"
+    block = ssh_config_block(["labpc"], spaced, python="/usr/bin/python3")
+    assert f'UserKnownHostsFile "{spaced}/ssh_known_hosts"' in block
+    for bad in ("labpc\nHost *\n  ProxyCommand touch /tmp/pwned", "*", "a b", "x\x1b[2J"):
+        with pytest.raises(ConfigError):
+            ssh_config_block(["labpc", bad], tmp_path)
+    with pytest.raises(ConfigError):
+        ssh_config_block(["labpc"], tmp_path / 'q"uote')
+
+
+def test_status_escapes_control_characters_from_the_server() -> None:
+    from homeport.client.status import render_table
+    from homeport.wire.control import NetMap, NodeInfo
+
+    evil = NodeInfo("n2", "lab\x1b]0;owned\x07\nroot", online=False, last_seen=0, fingerprint="")
+    table = render_table(NetMap(self_id="n1", nodes=(evil,)))
+    assert "\x1b" not in table and "\x07" not in table and table.count("\n") == 2
+    assert "lab\\x1b]0;owned\\x07\\x0aroot" in table

@@ -139,10 +139,17 @@ def ssh_config(state: str | None, as_json: bool, install: bool, names: tuple[str
 
 def _install_ssh_config(block: str, as_json: bool) -> None:
     """Write ~/.ssh/homeport.conf and include it first in ~/.ssh/config (idempotent)."""
-    from homeport.client.ssh import INCLUDE_FILE, add_include
+    import pwd
+
+    from homeport.client.ssh import INCLUDE_FILE, add_include, include_line
     from homeport.node.files import write_private
 
-    ssh_dir = Path.home() / ".ssh"
+    home = Path.home()
+    try:
+        login_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        login_home = home
+    ssh_dir = home / ".ssh"
     conf, main = ssh_dir / INCLUDE_FILE, ssh_dir / "config"
     try:
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
@@ -151,7 +158,7 @@ def _install_ssh_config(block: str, as_json: bool) -> None:
             old = main.read_text()
         except FileNotFoundError:
             old = ""
-        new = add_include(old)
+        new = add_include(old, include_line(home, login_home))
         if new is not None:
             write_private(main, new.encode())
     except OSError as exc:

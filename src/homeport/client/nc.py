@@ -184,7 +184,7 @@ def main(argv: list[str]) -> int:
             return EXIT_OK
         print(f"homeport nc: {exc}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
-    handoff = _fdpass_socket() if args.fdpass else None
+    handoff = _fdpass_socket() if args.fdpass or _ssh_wants_fd() else None
     if names.host_name_problem(args.host) is None:  # else the direct path reports it
         code = _agent_open(args, handoff)
         if code is not None:
@@ -298,6 +298,25 @@ def send_fd(sock: "_Socket", fd: int) -> None:
 
     payload = fd.to_bytes(_INT_SIZE, sys.byteorder, signed=True)
     sock.sendmsg([b"\0"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)])
+
+
+def _ssh_wants_fd() -> bool:
+    """Whether ssh runs us under ``ProxyUseFdpass`` although ``--fdpass`` was not given.
+
+    Why: ``ssh -o ProxyCommand='homeport nc %h %p' NAME`` with ``ssh-config --install``
+    done takes ``ProxyUseFdpass yes`` from the included file; without this ssh
+    waited for a descriptor that never came. OpenSSH's signature for it: stdin
+    and stdout are one and the same socket (its socketpair); without
+    ProxyUseFdpass they are two pipes, and paramiko gives two pipes too.
+    """
+    import stat
+
+    try:
+        st_in, st_out = os.fstat(0), os.fstat(1)
+    except OSError:
+        return False
+    same = (st_in.st_dev, st_in.st_ino) == (st_out.st_dev, st_out.st_ino)
+    return same and stat.S_ISSOCK(st_out.st_mode)
 
 
 def _fdpass_socket() -> "_Socket | None":

@@ -143,27 +143,26 @@ def ssh_config_block(names: list[str], state_dir: Path, *, python: str | None = 
     return "\n".join(lines) + "\n"
 
 
-def add_include(config_text: str) -> str | None:
-    """``config_text`` with :data:`INCLUDE_LINE` first; None when it is already there.
+def include_line(home: Path, login_home: Path) -> str:
+    """:data:`INCLUDE_LINE`, or its absolute form when ``$HOME`` is not the login's home
+    (ssh expands ``~`` from the password database, not from ``$HOME``)."""
+    if home == login_home:
+        return INCLUDE_LINE
+    return f"Include {quote_config(str(home / '.ssh' / INCLUDE_FILE))}"
+
+
+def add_include(config_text: str, line: str = INCLUDE_LINE) -> str | None:
+    """``config_text`` with ``line`` first; None when an Include of our file is there.
 
     First, because ssh takes the first value it finds for each option: an
     ``Include`` appended after a ``Host *`` that sets known-hosts options would lose.
     """
-    for line in config_text.splitlines():
-        words = line.split()
-        if (
-            len(words) == 2
-            and words[0].lower() == "include"
-            and words[1]
-            in (
-                INCLUDE_LINE.split()[1],
-                str(Path.home() / ".ssh" / INCLUDE_FILE),
-                INCLUDE_FILE,
-            )
-        ):
+    for existing in config_text.splitlines():
+        words = existing.split()
+        ours = any(w.strip('"').endswith("/.ssh/" + INCLUDE_FILE) for w in words[1:])
+        if words and words[0].lower() == "include" and ours:
             return None
-    header = f"# added by homeport ssh-config --install\n{INCLUDE_LINE}\n\n"
-    return header + config_text
+    return f"# added by homeport ssh-config --install\n{line}\n\n" + config_text
 
 
 def ssh_config_json(names: list[str], state_dir: Path, *, python: str | None = None) -> str:
