@@ -75,10 +75,10 @@ per local open or pending stream, so it is bounded by :data:`MAX_STREAMS`.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as with_fields
 
 from homeport.crypto import identity
 from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
@@ -499,7 +499,7 @@ class NodeCore:
         svcs = tuple(services)
         if svcs == self.config.services:
             return
-        self.config = dataclasses.replace(self.config, services=svcs)
+        self.config = with_fields(self.config, services=svcs)
         if self.state is SessionState.READY:
             self._send(self._announce())
 
