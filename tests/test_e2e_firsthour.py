@@ -276,3 +276,18 @@ def test_status_escapes_control_characters_from_the_server() -> None:
     table = render_table(NetMap(self_id="n1", nodes=(evil,)))
     assert "\x1b" not in table and "\x07" not in table and table.count("\n") == 2
     assert "lab\\x1b]0;owned\\x07\\x0aroot" in table
+
+
+def test_forward_to_a_port_the_node_does_not_expose_fails_at_start_with_the_fix(
+    net: Net,
+) -> None:
+    res = net.hp.run(
+        [*HOMEPORT, "forward", "--state", str(net.laptop), "0", "labpc:8888"], check=False
+    )
+    assert res.returncode == 1
+    assert "labpc does not expose 8888" in res.stderr
+    assert "homeport set --expose NAME=127.0.0.1:8888" in res.stderr
+    res = net.hp.run(
+        [*HOMEPORT, "forward", "--state", str(net.laptop), "0", "nosuch:22"], check=False
+    )
+    assert res.returncode == 1 and "no node named 'nosuch'" in res.stderr

@@ -186,13 +186,20 @@ def _install_ssh_config(block: str, as_json: bool) -> None:
 @click.argument("target", metavar="NODE:PORT|NODE:SERVICE")
 def forward(bind: str, state: str | None, as_json: bool, local_port: int, target: str) -> None:
     """Listen on LOCALPORT; tunnel each connection to NODE's PORT or SERVICE."""
-    from homeport.client.forward import Forwarder, parse_target, printer
+    from homeport.client.forward import Forwarder, parse_target, printer, target_problem
+    from homeport.client.term import printable
 
     try:
         spec = parse_target(target)
     except ValueError as exc:
         _fail(str(exc), 2)
     st = _load(state)
+    found = target_problem(_netmap(st), spec)
+    if found is not None:
+        fatal, why = found
+        if fatal:
+            _fail(printable(why))
+        click.echo(f"homeport: warning: {printable(why)}", err=True)
     report = printer(as_json)
     try:
         fwd = Forwarder(st, spec, bind, local_port, report=report)
