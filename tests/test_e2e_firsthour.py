@@ -291,3 +291,64 @@ def test_forward_to_a_port_the_node_does_not_expose_fails_at_start_with_the_fix(
         [*HOMEPORT, "forward", "--state", str(net.laptop), "0", "nosuch:22"], check=False
     )
     assert res.returncode == 1 and "no node named 'nosuch'" in res.stderr
+
+
+def test_first_join_to_something_else_fails_fast_with_the_reason(net: Net, tmp_path: Path) -> None:
+    http = socket.socket()
+    http.bind(("127.0.0.1", 0))
+    http.listen(8)
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    serve_in_threads(http, answer)
+    key = net.hp.keys_create()
+    try:
+        for server, words in (
+            (f"127.0.0.1:{http.getsockname()[1]}", "not a homeport server"),
+            (f"https://{net.hp.server_addr}", "no https://"),
+        ):
+            res = net.hp.run(
+                [*HOMEPORT, "up", "--state", str(tmp_path / "s"), "--server", server,
+                 "--authkey", key, "--name", "newpc"],
+                check=False, timeout=30,
+            )  # fmt: skip
+            assert res.returncode == 1, res
+            assert words in res.stderr and "Traceback" not in res.stderr
+    finally:
+        http.close()
+
+
+def test_enrolled_node_follows_a_new_server_address_and_refuses_a_silent_rename(
+    net: Net, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "state"
+    shutil.copytree(net.laptop, copy, ignore=shutil.ignore_patterns("agent.*"))
+    res = net.hp.run(
+        [*HOMEPORT, "up", "--state", str(copy), "--name", "other"], check=False, timeout=30
+    )
+    assert res.returncode == 2 and "enrolled as 'laptop'" in res.stderr
+    _host, port = net.hp.server_addr.rsplit(":", 1)
+    moved = f"localhost:{port}"  # the same server under another name
+    proc = net.hp.spawn(
+        [*HOMEPORT, "up", "--state", str(copy), "--server", moved, "--ping-interval", "1"],
+        "agent-moved",
+    )
+    try:
+        wait_for(
+            lambda: json.loads((copy / "node.json").read_text())["server"] == moved,
+            20,
+            "node.json follows --server",
+        )
+        wait_for(
+            lambda: "connected to localhost" in net.hp.log("agent-moved"),
+            30,
+            f"agent connects to the new address\n{net.hp.log('agent-moved')}",
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -408,6 +408,37 @@ def dial_data(state: NodeState, token: bytes, *, timeout: float = DEFAULT_TIMEOU
 # -- enrollment --------------------------------------------------------------------
 
 
+#: OpenSSL reasons meaning "what answered does not speak TLS" (plain HTTP, ssh, …).
+NOT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "UNEXPECTED_RECORD", "HTTP_REQUEST", "RECORD_LAYER_FAILURE",
+     "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
+)  # fmt: skip
+
+
+def first_join_error(exc: DialError, server: str) -> DialError:
+    """``exc`` as first join sees it: an answer that is clearly no homeport server is final.
+
+    Why: at first join the node has no reason to believe the address is right,
+    so retrying forever on "not TLS" or "another certificate" only hides a typo
+    (``https://…``, a web server's port). Once enrolled, the same errors are
+    retried forever (the server may be restarting behind a proxy).
+    """
+    if exc.code == "tls" and any(r in exc.message for r in NOT_TLS_REASONS):
+        return DialError(
+            "not-homeport",
+            f"{server} answered, but not with TLS ({exc.message.rpartition(': ')[2]}): "
+            "it is not a homeport server; check the host and the port (homeport server "
+            "prints its address; the default port is 8443)",
+        )
+    if exc.code == "pin-mismatch":
+        return DialError(
+            "not-homeport",
+            f"{server} answered with a certificate that is not the one the auth key names: "
+            "another service answers on that port, or the key is from another homeport server",
+        )
+    return exc
+
+
 def enroll(
     server: str,
     auth_key_text: str,
@@ -434,6 +465,11 @@ def enroll(
         auth_key = parse_untrusted(auth_key_text)
     except WireError as exc:
         raise DialError("bad-auth-key", str(exc)) from exc
+    if "://" in server:
+        raise DialError(
+            "bad-server",
+            f"--server {server[:80]!r}: give HOST:PORT (no https://), e.g. vps.example.org:8443",
+        )
     try:
         host, port = node_state.parse_server(server)
     except ValueError as exc:
@@ -442,7 +478,12 @@ def enroll(
     family, addr = resolve(host, port)
     what = f"server {server}"
     sock = _connect(family, addr, deadline, "server")
-    tls = _tls_client(sock, tlsctx.control_client_context(), deadline, auth_key.server_pin, what)
+    try:
+        tls = _tls_client(
+            sock, tlsctx.control_client_context(), deadline, auth_key.server_pin, what
+        )
+    except DialError as exc:
+        raise first_join_error(exc, server) from exc
     with ControlClient(tls, ControlConnection(Role.CLIENT, time.monotonic()), what) as client:
         csr = keys.new_key_and_csr(state_dir, name)
         client.send(
