@@ -352,3 +352,22 @@ def test_enrolled_node_follows_a_new_server_address_and_refuses_a_silent_rename(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_hung_local_agent_costs_at_most_a_second(net: Net) -> None:
+    import signal
+    import time
+
+    laptop_agent = next(p for p in net.hp.procs if str(net.laptop) in str(p.args))
+    warm = time.monotonic()
+    assert net.nc("labpc", "ssh").stdout.startswith(b"SSH-")
+    warm = time.monotonic() - warm
+    os.kill(laptop_agent.pid, signal.SIGSTOP)
+    try:
+        cold = time.monotonic()
+        res = net.nc("labpc", "ssh")
+        cold = time.monotonic() - cold
+    finally:
+        os.kill(laptop_agent.pid, signal.SIGCONT)
+    assert res.stdout.startswith(b"SSH-"), res.stderr  # it dialled by itself
+    assert cold < 1.0 + 3.0, f"hung agent cost {cold:.1f}s (warm {warm:.2f}s)"

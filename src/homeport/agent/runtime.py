@@ -673,6 +673,9 @@ class Agent:
             with contextlib.suppress(OSError):
                 send_reply(conn, error_reply(exc.code, exc.message, fallback=True))
             return
+        if req.ack:  # nc's sign of life: it gives up on a silent agent after 1 s
+            with contextlib.suppress(OSError):
+                send_reply(conn, localapi.ACCEPTED)
         try:
             self._local_stream(conn, req, token, wait.answer, deadline)
         finally:

@@ -58,6 +58,8 @@ AGENT_SOCKET = "agent.sock"
 MAX_REPLY = 4 * 1024
 #: Seconds to connect to the agent and send the request; past this we dial ourselves.
 AGENT_CONNECT_TIMEOUT = 1.0
+#: The agent's first line once it admitted an open (``localapi.ACCEPTED``, compact JSON).
+ACCEPTED_LINE = b'{"accepted":true}'
 #: Seconds the agent may take beyond the stream timeout before we dial ourselves.
 AGENT_REPLY_MARGIN = 1.0
 #: Descriptors we make room for in one reply (exactly one is expected; extras are closed).
@@ -204,7 +206,9 @@ def state_dir(arg: str | None) -> str:
 def open_request(host: str, service: str, timeout: float) -> bytes:
     """The local API request line. ``host`` passed ``names.host_name_problem`` and
     ``service`` :func:`parse_args`, so neither holds a character JSON would need to escape."""
-    return f'{{"op":"open","dst":"{host}","service":"{service}","timeout":{timeout!r}}}\n'.encode()
+    return (
+        f'{{"op":"open","dst":"{host}","service":"{service}","timeout":{timeout!r},"ack":true}}\n'
+    ).encode()
 
 
 def _agent_open(args: NcArgs, handoff: "_Socket | None") -> int | None:
@@ -218,11 +222,13 @@ def _agent_open(args: NcArgs, handoff: "_Socket | None") -> int | None:
         return None
     fds: list[int] = []
     try:
-        api.settimeout(AGENT_CONNECT_TIMEOUT)
+        api.settimeout(AGENT_CONNECT_TIMEOUT)  # connect, request and its ACCEPTED line
         api.connect(path)
         api.sendall(open_request(args.host, args.service, args.timeout))
-        api.settimeout(args.timeout + AGENT_REPLY_MARGIN)
         line, rest = _recv_line(api, fds)
+        if line == ACCEPTED_LINE:  # alive and working on it: now the stream setup's time
+            api.settimeout(args.timeout + AGENT_REPLY_MARGIN)
+            line, rest = _recv_line(api, fds, rest)
         reply = parse_reply(line.decode())
     except (OSError, ValueError):  # no agent, a stale socket, a hung or confused agent
         api.close()

@@ -30,6 +30,10 @@ Protocol (version 1), one request per connection:
   pumping stdin/stdout) can tell a clean end from an integrity failure. A client
   that handed the descriptor on (ssh's ``ProxyUseFdpass``) has left; the write
   then fails quietly.
+* ``"ack": true`` in an open request asks the agent to send ``{"accepted":true}``
+  at once when its event loop has admitted the open, before the stream is set up:
+  nc waits at most 1 s for that line, so a hung agent costs at most 1 s before nc
+  dials by itself (the reply proper can take as long as the stream setup).
 * ``{"op": "reload"}`` (``homeport set``): the agent re-reads the services saved in
   node.json, announces them and answers ``{"ok": true, "services": [...]}``; an
   agent that cannot reload answers ``unknown-op`` and ``set`` says to restart it.
@@ -98,6 +102,7 @@ class OpenRequest:
     dst: str
     service: str
     timeout: float | None = None
+    ack: bool = False  # send ACCEPTED as soon as the open is admitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +164,11 @@ def parse_request(line: bytes) -> OpenRequest | ReloadRequest:
                 "bad-request", f"timeout must be between {MIN_TIMEOUT} and {MAX_TIMEOUT:g} s"
             )
         timeout = float(timeout)
-    return OpenRequest(_check_dst(dst), _check_service(service), timeout)
+    return OpenRequest(_check_dst(dst), _check_service(service), timeout, obj.get("ack") is True)
+
+
+#: The early line an ``ack`` request gets once the agent admitted the open.
+ACCEPTED: dict[str, Any] = {"accepted": True}
 
 
 def encode(obj: dict[str, Any]) -> bytes:
