@@ -371,3 +371,27 @@ def test_a_hung_local_agent_costs_at_most_a_second(net: Net) -> None:
         os.kill(laptop_agent.pid, signal.SIGCONT)
     assert res.stdout.startswith(b"SSH-"), res.stderr  # it dialled by itself
     assert cold < 1.0 + 3.0, f"hung agent cost {cold:.1f}s (warm {warm:.2f}s)"
+
+
+def test_agent_picks_up_an_sshd_that_starts_after_it(net: Net, tmp_path: Path) -> None:
+    late = make_sshd(tmp_path / "late-sshd")  # port chosen, not started yet
+    agent = net.hp.up(
+        "latepc", "--expose", f"ssh=127.0.0.1:{late.port}", "--hostkey-refresh", "0.5"
+    )
+    try:
+        net.hp.wait_online("latepc", agent)
+        late.start()
+        ed25519 = next(p for p in late.host_key_pubs if "ed25519" in p.name).read_text().split()[1]
+        wait_for(
+            lambda: "sshd host keys changed" in net.hp.log("agent-latepc"),
+            30,
+            f"agent re-reads the late sshd's keys\n{net.hp.log('agent-latepc')}",
+        )
+        argv = [*net.hp.ssh_args(net.laptop, late.client_key, late.user), "latepc", "echo", "ok"]
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=net.hp.env)
+        assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+        assert ed25519 in (net.laptop / "ssh_known_hosts").read_text()
+    finally:
+        agent.terminate()
+        agent.wait(timeout=10)
+        late.stop()

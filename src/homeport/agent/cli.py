@@ -233,6 +233,14 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
     "--shields-up", is_flag=True, help="accept no incoming stream at all (this node can still open)"
 )
 @click.option("--ping-interval", type=float, default=5.0, show_default=True, metavar="S")
+@click.option(
+    "--hostkey-refresh",
+    type=click.FloatRange(0.1),
+    default=60.0,
+    show_default=True,
+    metavar="S",
+    help="re-read the exposed sshd's host keys this often (and after a failed connection)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
     server: str | None,
@@ -244,6 +252,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
     state: str | None,
     shields_up: bool,
     ping_interval: float,
+    hostkey_refresh: float,
     verbose: bool,
 ) -> None:
     """Enroll this machine (first run) and run the agent in the foreground."""
@@ -291,6 +300,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
         ping_interval=ping_interval,
         idle_timeout=3 * ping_interval,
         shields_up=shields_up,
+        hostkey_refresh=hostkey_refresh,
     )
     os.close(lock)
     sys.exit(code)

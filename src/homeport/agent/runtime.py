@@ -121,6 +121,9 @@ class _LocalWait:
 _Action = core.Reconnect | core.Fatal | None
 
 
+#: Seconds between re-reads of the exposed sshd's host keys (rotation, an sshd that
+#: started after the agent); a failed connection to the ssh target re-reads at once.
+HOSTKEY_REFRESH = 60.0
 #: Seconds ``homeport set`` waits for the running agent to apply a change.
 RELOAD_TIMEOUT = 15.0
 
@@ -140,7 +143,10 @@ class Agent:
         on_decision: Callable[[StreamRecord], None] | None = None,
         local_api: bool = True,
         shields_up: bool = False,
+        hostkey_refresh: float = HOSTKEY_REFRESH,
     ) -> None:
+        self.hostkey_refresh = hostkey_refresh
+        self._hostkey_wake: asyncio.Event | None = None
         self.state = state
         self.services = services
         self.ping_interval = ping_interval
@@ -211,6 +217,8 @@ class Agent:
             exposed or "nothing",
         )
         self._start_local_api()
+        self._hostkey_wake = asyncio.Event()
+        refresher = asyncio.get_running_loop().create_task(self._refresh_host_keys_forever())
         try:
             while not self._stopping:
                 action = await self._attempt()
@@ -225,6 +233,7 @@ class Agent:
             if not self._stopping:
                 raise
         finally:
+            refresher.cancel()
             self.connected.clear()
             self.core.stop()
             self._drain()
@@ -347,6 +356,31 @@ class Agent:
         target = (ssh.target_host, ssh.target_port)
         return await asyncio.get_running_loop().run_in_executor(None, hostkeys.collect, target)
 
+    async def _refresh_host_keys_forever(self) -> None:
+        """Re-read the ssh target's host keys on a schedule and after a failed connection.
+
+        Why: sshd host keys rotate, and an sshd that starts after the agent was
+        announced with the fallback keys from /etc/ssh (or none); until the agent
+        restarted, clients got OpenSSH's man-in-the-middle warning.
+        """
+        wake = self._hostkey_wake
+        assert wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.hostkey_refresh)
+            wake.clear()
+            if self._fixed_host_keys is not None:
+                continue
+            keys = await self._host_keys()
+            if keys and keys != self.core.host_keys:
+                log.info(
+                    "sshd host keys changed: announcing %d keys (%s)",
+                    len(keys),
+                    ", ".join(hostkeys.fingerprint(k) for k in keys),
+                )
+                self.core.set_host_keys(keys)
+                self._drain()
+
     # -- carrying out the core's commands ----------------------------------------------
     def _drain(self) -> None:
         """Carry out every command the core made (event loop only)."""
@@ -465,6 +499,8 @@ class Agent:
             target = await _connect_target(svc.target_host, svc.target_port)
         except OSError as exc:
             self.core.target_failed(cmd.stream_id, _connect_reason(exc, svc))
+            if svc.name == SSH_NAME and self._hostkey_wake is not None:
+                self._hostkey_wake.set()  # sshd restarted or moved: its keys may have changed
         else:
             self._targets[cmd.stream_id] = target
             self.core.target_connected(cmd.stream_id)
@@ -876,6 +912,7 @@ def run_agent(
     idle_timeout: float = 15.0,
     host_keys: tuple[str, ...] | None = None,
     shields_up: bool = False,
+    hostkey_refresh: float = HOSTKEY_REFRESH,
 ) -> int:
     """Run the agent in the foreground until SIGINT/SIGTERM or a fatal error.
 
@@ -889,6 +926,7 @@ def run_agent(
         idle_timeout=idle_timeout,
         host_keys=host_keys,
         shields_up=shields_up,
+        hostkey_refresh=hostkey_refresh,
     )
     return run_in_loop(agent)
 

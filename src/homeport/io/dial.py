@@ -430,9 +430,9 @@ def first_join_error(exc: DialError, server: str) -> DialError:
             "it is not a homeport server; check the host and the port (homeport server "
             "prints its address; the default port is 8443)",
         )
-    if exc.code == "pin-mismatch":
+    if exc.code == "pin-mismatch":  # already final; the message says what it likely means
         return DialError(
-            "not-homeport",
+            "pin-mismatch",
             f"{server} answered with a certificate that is not the one the auth key names: "
             "another service answers on that port, or the key is from another homeport server",
         )
