@@ -56,7 +56,7 @@ from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
 from homeport.io import localapi, tlsctx, tlsstream
 from homeport.io.control import ControlLink, connect_control
-from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
+from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake, renewed_pin
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.loop import new_event_loop
 from homeport.io.pump import PumpEnd, pump, tune_socket
@@ -302,13 +302,10 @@ class Agent:
         if link.ended:  # refused by the driver itself (ALPN)
             ev = await link.wait_closed()
             raise _ServerRefused(ev.reason)
-        try:
-            hptls.check_pin(link.peer_cert_der(), self.state.server_pin)
-        except hptls.PinMismatch as exc:
+        problem = await self._server_cert_problem(link)
+        if problem is not None:
             link.abort("server pin mismatch")
-            raise _ServerRefused(
-                f"server certificate does not match the pinned one ({exc})"
-            ) from exc
+            raise _ServerRefused(problem)
         if link.transport is not None:
             sock = link.transport.get_extra_info("socket")
             if sock is not None:
@@ -355,6 +352,23 @@ class Agent:
             return ()
         target = (ssh.target_host, ssh.target_port)
         return await asyncio.get_running_loop().run_in_executor(None, hostkeys.collect, target)
+
+    async def _server_cert_problem(self, link: ControlLink) -> str | None:
+        """None when the server's certificate is the pinned one, or a renewal we follow.
+
+        A renewed certificate is accepted only as :func:`homeport.io.dial.renewed_pin`
+        decides (the node joined a publicly trusted server under the same name).
+        """
+        der = link.peer_cert_der()
+        try:
+            hptls.check_pin(der, self.state.server_pin)
+        except hptls.PinMismatch as exc:
+            loop = asyncio.get_running_loop()
+            renewed = await loop.run_in_executor(None, renewed_pin, self.state)
+            if renewed is None or der is None or hptls.fingerprint(der) != renewed.server_pin:
+                return f"server certificate does not match the pinned one ({exc})"
+            self.state = renewed
+        return None
 
     async def _refresh_host_keys_forever(self) -> None:
         """Re-read the ssh target's host keys on a schedule and after a failed connection.

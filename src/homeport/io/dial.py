@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from homeport import __version__
@@ -33,6 +34,7 @@ from homeport.io import tlsctx, tlsstream
 from homeport.io.pump import tune_socket
 from homeport.io.tlsstream import TlsStream
 from homeport.node import state as node_state
+from homeport.node.files import write_private
 from homeport.node.state import NodeState
 from homeport.proto.control import ConnectionClosed, ControlConnection, MessageReceived, Role
 from homeport.wire import control as m
@@ -43,6 +45,7 @@ DEFAULT_TIMEOUT = 10.0
 #: Bytes read from the control connection per recv.
 CONTROL_READ_SIZE = 64 * 1024
 SOFTWARE = f"homeport/{__version__}"
+log = logging.getLogger("homeport.dial")
 
 #: Codes meaning "try again later" (network, server restarting), as opposed to
 #: answers that will not change by retrying (bad auth key, unknown node).
@@ -234,7 +237,82 @@ def _control_tls(
 ) -> ssl.SSLSocket:
     ctx = tlsctx.control_client_context(state.cert_path, state.key_path)
     sock = _connect(family, addr, deadline, "server")
-    return _tls_client(sock, ctx, deadline, state.server_pin, _server_what(state))
+    try:
+        return _tls_client(sock, ctx, deadline, state.server_pin, _server_what(state))
+    except DialError as exc:
+        renewed = renewed_pin(state) if exc.code == "pin-mismatch" else None
+        if renewed is None:
+            raise
+    sock = _connect(family, addr, deadline, "server")
+    return _tls_client(sock, ctx, deadline, renewed.server_pin, _server_what(renewed))
+
+
+# -- a renewed, publicly trusted server certificate -----------------------------------
+
+#: File in the state directory naming the host the server's certificate was publicly
+#: valid for when this node joined. Only then is a renewed certificate followed.
+WEBPKI_FILE = "server-webpki"
+#: Longest host name we read from it.
+MAX_WEBPKI_NAME = 256
+#: Seconds for the check's own TLS connection.
+WEBPKI_TIMEOUT = 5.0
+
+
+def webpki_fingerprint(host: str, port: int, timeout: float = WEBPKI_TIMEOUT) -> str | None:
+    """The pin of the certificate ``host:port`` serves if it is publicly valid for ``host``."""
+    try:
+        ctx = tlsctx.webpki_client_context()
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.settimeout(timeout)
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return None
+    return None if der is None else hptls.fingerprint(der)
+
+
+def record_webpki(state: NodeState) -> bool:
+    """At enrollment: remember the server's name if its pinned certificate is publicly valid.
+
+    Why: an operator who serves a public CA's certificate (``--tls-cert``, the
+    usual way on 443) renews it every 60-90 days, which changes the pin every
+    node holds. Such a node may follow a renewal, because the new certificate
+    proves continuity the same way the old one did (a public CA vouches for the
+    name); a self-signed server's nodes never accept another certificate.
+    """
+    host, port = state.server_address()
+    if webpki_fingerprint(host, port) != state.server_pin:
+        return False
+    write_private(state.dir / WEBPKI_FILE, host.encode() + b"\n")
+    return True
+
+
+def renewed_pin(state: NodeState) -> NodeState | None:
+    """After a pin mismatch: the state with the renewed certificate's pin, or None.
+
+    Accepted only when the node joined a server whose certificate was publicly
+    valid for the same host name it dials now, and the certificate served now
+    is publicly valid for that name. node.json is updated (the next dial pins it).
+    """
+    try:
+        with open(state.dir / WEBPKI_FILE, "rb") as f:
+            name = f.read(MAX_WEBPKI_NAME).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    host, port = state.server_address()
+    if not name or name != host:
+        return None
+    pin = webpki_fingerprint(host, port)
+    if pin is None or pin == state.server_pin:
+        return None
+    renewed = replace(state, server_pin=pin)
+    node_state.save(renewed)
+    log.warning(
+        "the server's certificate was renewed (publicly valid for %s): now pinning %s…",
+        host,
+        pin[:23],
+    )
+    return renewed
 
 
 def connect_control(
@@ -511,4 +589,5 @@ def enroll(
         services=old_services,
     )
     node_state.save(new)
+    record_webpki(new)
     return new
