@@ -17,6 +17,8 @@ from typing import Any, NoReturn
 
 import click
 
+from homeport.proto.control import AGENT_PING_INTERVAL
+
 STATE_HELP = "state directory (env HOMEPORT_STATE, default ~/.local/state/homeport)"
 #: Environment variable an auth key may come from (removed from our environment once read).
 AUTHKEY_ENV = "HOMEPORT_AUTHKEY"
@@ -232,7 +234,9 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 @click.option(
     "--shields-up", is_flag=True, help="accept no incoming stream at all (this node can still open)"
 )
-@click.option("--ping-interval", type=float, default=5.0, show_default=True, metavar="S")
+@click.option(
+    "--ping-interval", type=float, default=AGENT_PING_INTERVAL, show_default=True, metavar="S"
+)
 @click.option(
     "--hostkey-refresh",
     type=click.FloatRange(0.1),
