@@ -229,8 +229,7 @@ def test_reenrolled_name_with_other_host_keys_is_refused_until_trust_reset(net: 
         res = net.ssh(state, net.sshd_b, "echo", "ok")
         assert res.returncode == 255 and res.stdout == "", res
         assert (
-            f"homeport nc: labpc: labpc is now a different node ({new_id}, pinned {old_id}"
-            in res.stderr
+            f"homeport nc: labpc is now a different node ({new_id}, pinned {old_id}" in res.stderr
         )
         assert "run: homeport trust reset labpc" in res.stderr
         # known_hosts still holds only the old keys: ssh never saw the impostor's

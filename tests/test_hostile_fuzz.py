@@ -163,6 +163,7 @@ def test_local_api_request_line_parse_or_request_error(line: bytes) -> None:
 def test_local_api_open_fields(obj: dict[str, Any]) -> None:
     with contextlib.suppress(localapi.RequestError):
         req = localapi.parse_request(json.dumps(obj).encode())
+        assert isinstance(req, localapi.OpenRequest)
         assert "\n" not in req.dst and "/" not in req.dst
 
 

@@ -35,7 +35,7 @@ DEADLINE = 20.0
 def test_parse_request_accepts_the_open_request_nc_sends() -> None:
     for host, service in (("labpc", "22"), ("lab-pc.home_1", "ssh"), ("a", "65535")):
         line = nc.open_request(host, service, 2.5).rstrip(b"\n")
-        assert parse_request(line) == OpenRequest(host, service, 2.5)
+        assert parse_request(line) == OpenRequest(host, service, 2.5, ack=True)
     assert parse_request(b'{"op":"open","dst":"x","service":"echo"}') == OpenRequest("x", "echo")
 
 
@@ -213,7 +213,7 @@ def test_open_reply_carries_one_descriptor(
     with socket.socket(fileno=fds[0]) as passed:
         passed.settimeout(DEADLINE)
         assert passed.recv(100) == b"through the passed socket"
-    assert seen == [OpenRequest("labpc", "22", 3.0)]
+    assert seen == [OpenRequest("labpc", "22", 3.0, ack=True)]
 
 
 @pytest.mark.parametrize(
@@ -372,12 +372,13 @@ def test_agent_error_is_final_and_one_line(tmp_path: Path) -> None:
     finally:
         agent.close()
     assert res.returncode == 1
-    assert res.stderr == b"homeport nc: labpc: labpc is offline\n"  # no direct dial after it
+    assert res.stderr == b"homeport nc: labpc is offline\n"  # no direct dial after it
     assert json.loads(agent.requests[0]) == {
         "op": "open",
         "dst": "labpc",
         "service": "22",
         "timeout": 10.0,
+        "ack": True,
     }
 
 

@@ -149,7 +149,12 @@ def test_fast_path_errors_are_the_direct_paths_one_line(
     direct = net.nc(net.bare, host, port)
     assert fast.returncode == direct.returncode == 1
     line = fast.stderr.decode()
-    assert line.count("\n") == 1 and line.startswith(f"homeport nc: {host}: ") and words in line
+    assert (
+        line.count("\n") == 1
+        and line.startswith("homeport nc: ")
+        and host in line
+        and words in line
+    )
     assert fast.stderr == direct.stderr
     assert f"local open of {host}:{port} failed" in net.hp.log("agent-laptop")
 

@@ -6,6 +6,8 @@ packages do not import each other (see tests/test_architecture.py).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -235,6 +237,14 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 @click.option(
     "--ping-interval", type=float, default=AGENT_PING_INTERVAL, show_default=True, metavar="S"
 )
+@click.option(
+    "--hostkey-refresh",
+    type=click.FloatRange(0.1),
+    default=60.0,
+    show_default=True,
+    metavar="S",
+    help="re-read the exposed sshd's host keys this often (and after a failed connection)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
     server: str | None,
@@ -246,6 +256,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
     state: str | None,
     shields_up: bool,
     ping_interval: float,
+    hostkey_refresh: float,
     verbose: bool,
 ) -> None:
     """Enroll this machine (first run) and run the agent in the foreground."""
@@ -258,8 +269,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
     state_dir = node_state.resolve_dir(state)
     try:
         st = node_state.load(state_dir)
-        if authkey:
-            log.warning("already enrolled as %s; ignoring --authkey/--server/--name", st.name)
+        st = _moved(st, server, name, authkey)
     except node_state.NotEnrolled:
         if not (server and authkey and name):
             _fail(f"not enrolled ({state_dir}): {node_state.ENROLL_HINT}")
@@ -271,23 +281,98 @@ def up(  # noqa: PLR0917 - click passes options positionally
         st = _enroll_with_retry(server, authkey, name, state_dir)
     except node_state.StateError as exc:
         _fail(str(exc))
-    if services is not None:
-        st = st.with_services(services)
-        node_state.save(st)
+    if services is not None:  # added to the saved ones: `set --unexpose` removes
+        from homeport.node.settings import ChangeVerdict, apply_changes
+
+        change = apply_changes(st.services, add=services)
+        if change.verdict is ChangeVerdict.CHANGED:
+            st = st.with_services(change.services)
+            node_state.save(st)
+            log.info("%s (saved; remove one with: homeport set --unexpose NAME)", change.reason)
     elif not st.services:
-        log.warning("exposing nothing: add --ssh or --expose NAME=HOST:PORT")
+        log.info(
+            "exposing nothing (this node can still reach others): add services with "
+            "homeport set --ssh or --expose NAME=HOST:PORT"
+        )
+    lock = _lock_state(st.dir)
     _mark_shields(st.dir, shields_up)
     from homeport.agent.runtime import run_agent
 
-    sys.exit(
-        run_agent(
-            st,
-            st.services,
-            ping_interval=ping_interval,
-            idle_timeout=3 * ping_interval,
-            shields_up=shields_up,
-        )
+    code = run_agent(
+        st,
+        st.services,
+        ping_interval=ping_interval,
+        idle_timeout=3 * ping_interval,
+        shields_up=shields_up,
+        hostkey_refresh=hostkey_refresh,
     )
+    os.close(lock)
+    sys.exit(code)
+
+
+#: The lock file that keeps a second agent off a state directory.
+LOCK_FILE = "agent.lock"
+
+
+def _lock_state(state_dir: Path) -> int:
+    """Hold ``<state>/agent.lock`` for this agent's life (a second one refuses to start).
+
+    Why: two agents with one identity replace each other's session at the
+    server in turn (the node flaps online/offline) and fight over agent.sock.
+    ``flock`` is released by the kernel when the process dies, so a crash
+    leaves no stale lock behind.
+    """
+    import fcntl
+
+    path = state_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        _fail(f"cannot open {path}: {exc.strerror or exc}")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        _fail(
+            f"another 'homeport up' (pid {holder}) already runs on {state_dir}; "
+            "stop it first, or give this one its own --state DIR"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _moved(st: Any, server: str | None, name: str | None, authkey: str | None) -> Any:
+    """An enrolled node given ``--server``/``--name``: follow a new address, refuse a rename.
+
+    Why not ignore them (as before): a user who corrects a wrong address or moves
+    the server to a new host expects the flag to take effect. The server's
+    identity is still checked against the pin taken at enrollment, so a new
+    address cannot lead the node to another network.
+    """
+    from homeport.node import state as node_state
+
+    log = logging.getLogger("homeport.up")
+    if name and name != st.name:
+        _fail(
+            f"this node is enrolled as {st.name!r}; it cannot rename itself to {name!r} yet. "
+            f"Run without --name, or re-enroll under the new name with an empty --state DIR",
+            2,
+        )
+    if server and server != st.server:
+        try:
+            node_state.parse_server(server)
+        except ValueError as exc:
+            _fail(f"--server: {exc}", 2)
+        log.info(
+            "server address changed: %s -> %s (same network: the pin is kept)", st.server, server
+        )
+        st = dataclasses.replace(st, server=server)
+        node_state.save(st)
+    if authkey:
+        log.warning("already enrolled as %s; the auth key is not needed (not used)", st.name)
+    return st
 
 
 def _mark_shields(state_dir: Path, shields_up: bool) -> None:
@@ -354,7 +439,106 @@ def ssh_trust(state: str | None, print_only: bool, account: str | None) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+# -- set ------------------------------------------------------------------------
+
+
+def _tell_agent(state_dir: Path) -> tuple[bool, str]:
+    """Ask the running agent to reload (``True``, what it says) or say why not."""
+    import socket
+
+    from homeport.io.localapi import MAX_REPLY, socket_path
+
+    path = socket_path(state_dir)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(20.0)
+            sock.connect(str(path))
+            sock.sendall(b'{"op":"reload"}\n')
+            data = b""
+            while b"\n" not in data and len(data) <= MAX_REPLY:
+                chunk = sock.recv(MAX_REPLY)
+                if not chunk:
+                    break
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False, "no agent runs here now: the change applies at the next 'homeport up'"
+    except OSError as exc:
+        return False, f"cannot reach the agent ({exc}): restart it to apply the change"
+    try:
+        reply = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        return False, "the agent's answer was not understood: restart it to apply the change"
+    if not isinstance(reply, dict) or reply.get("ok") is not True:
+        why = reply.get("message", "refused") if isinstance(reply, dict) else "refused"
+        return False, f"the running agent did not apply it ({why}): restart it"
+    return True, "applied to the running agent"
+
+
+@click.command("set")
+@click.option("--ssh", "ssh_flag", flag_value="on", default=None, help="expose the local sshd")
+@click.option("--no-ssh", "ssh_flag", flag_value="off", help="stop exposing sshd (needs --force)")
+@click.option("--expose", multiple=True, metavar="NAME=HOST:PORT", help="add (or replace) one")
+@click.option("--unexpose", multiple=True, metavar="NAME", help="stop exposing a service")
+@click.option("--force", is_flag=True, help="allow removing ssh, the way back into this node")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def set_cmd(  # noqa: PLR0917 - click passes options positionally
+    ssh_flag: str | None,
+    expose: tuple[str, ...],
+    unexpose: tuple[str, ...],
+    force: bool,
+    state: str | None,
+    as_json: bool,
+) -> None:
+    """Change what this node exposes; saved, and applied to the running agent at once.
+
+    Adds and removes by name (unlike a restart with other flags, nothing else
+    changes); without options it shows the current settings.
+    """
+    from homeport.node import state as node_state
+    from homeport.node.settings import ChangeVerdict, apply_changes, describe
+    from homeport.policy.services import SSH_NAME
+
+    try:
+        st = node_state.load(node_state.resolve_dir(state))
+    except node_state.StateError as exc:
+        _fail(str(exc))
+    add = _services(ssh_flag == "on", expose) or ()
+    remove = (*unexpose, *([SSH_NAME] if ssh_flag == "off" else []))
+    change = apply_changes(st.services, add=add, remove=remove, force=force)
+    applied, how = False, "nothing to apply"
+    if change.verdict is ChangeVerdict.REFUSED:
+        _fail(change.reason, 2)
+    if change.verdict is ChangeVerdict.CHANGED:
+        st = st.with_services(change.services)
+        node_state.save(st)
+        applied, how = _tell_agent(st.dir)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "verdict": change.verdict.value,
+                    "services": [
+                        {
+                            "name": s.name,
+                            "port": s.port,
+                            "target": f"{s.target_host}:{s.target_port}",
+                        }
+                        for s in change.services
+                    ],
+                    "applied": applied,
+                    "reason": how,
+                }
+            )
+        )
+        return
+    click.echo(f"{st.name}: exposing {describe(change.services)}")
+    if change.verdict is ChangeVerdict.CHANGED:
+        click.echo(how, err=not applied)
+
+
 def register(cli: click.Group) -> None:
-    """Add ``up`` to the top-level ``homeport`` group."""
+    """Add ``up`` and ``set`` to the top-level ``homeport`` group."""
     cli.add_command(up)
     cli.add_command(ssh_trust)
+    cli.add_command(set_cmd)

@@ -57,7 +57,7 @@ from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
 from homeport.io import localapi, tlsctx, tlsstream
 from homeport.io.control import ControlLink, connect_control
-from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
+from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake, renewed_pin
 from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
 from homeport.io.loop import new_event_loop
 from homeport.io.pump import PumpEnd, pump, tune_socket
@@ -129,6 +129,13 @@ class _LocalWait:
 _Action = core.Reconnect | core.Fatal | None
 
 
+#: Seconds between re-reads of the exposed sshd's host keys (rotation, an sshd that
+#: started after the agent); a failed connection to the ssh target re-reads at once.
+HOSTKEY_REFRESH = 60.0
+#: Seconds ``homeport set`` waits for the running agent to apply a change.
+RELOAD_TIMEOUT = 15.0
+
+
 class Agent:
     """The agent's I/O across reconnects; run with :meth:`run`, stop with :meth:`stop`."""
 
@@ -144,7 +151,10 @@ class Agent:
         on_decision: Callable[[StreamRecord], None] | None = None,
         local_api: bool = True,
         shields_up: bool = False,
+        hostkey_refresh: float = HOSTKEY_REFRESH,
     ) -> None:
+        self.hostkey_refresh = hostkey_refresh
+        self._hostkey_wake: asyncio.Event | None = None
         self.state = state
         self.services = services
         self.ping_interval = ping_interval
@@ -219,6 +229,8 @@ class Agent:
             exposed or "nothing",
         )
         self._start_local_api()
+        self._hostkey_wake = asyncio.Event()
+        refresher = asyncio.get_running_loop().create_task(self._refresh_host_keys_forever())
         try:
             while not self._stopping:
                 action = await self._attempt()
@@ -233,6 +245,7 @@ class Agent:
             if not self._stopping:
                 raise
         finally:
+            refresher.cancel()
             self.connected.clear()
             self.core.stop()
             self._drain()
@@ -307,13 +320,10 @@ class Agent:
         if link.ended:  # refused by the driver itself (ALPN)
             ev = await link.wait_closed()
             raise _ServerRefused(ev.reason)
-        try:
-            hptls.check_pin(link.peer_cert_der(), self.state.server_pin)
-        except hptls.PinMismatch as exc:
+        problem = await self._server_cert_problem(link)
+        if problem is not None:
             link.abort("server pin mismatch")
-            raise _ServerRefused(
-                f"server certificate does not match the pinned one ({exc})"
-            ) from exc
+            raise _ServerRefused(problem)
         if link.transport is not None:
             sock = link.transport.get_extra_info("socket")
             if sock is not None:
@@ -360,6 +370,48 @@ class Agent:
             return ()
         target = (ssh.target_host, ssh.target_port)
         return await asyncio.get_running_loop().run_in_executor(None, hostkeys.collect, target)
+
+    async def _server_cert_problem(self, link: ControlLink) -> str | None:
+        """None when the server's certificate is the pinned one, or a renewal we follow.
+
+        A renewed certificate is accepted only as :func:`homeport.io.dial.renewed_pin`
+        decides (the node joined a publicly trusted server under the same name).
+        """
+        der = link.peer_cert_der()
+        try:
+            hptls.check_pin(der, self.state.server_pin)
+        except hptls.PinMismatch as exc:
+            loop = asyncio.get_running_loop()
+            renewed = await loop.run_in_executor(None, renewed_pin, self.state)
+            if renewed is None or der is None or hptls.fingerprint(der) != renewed.server_pin:
+                return f"server certificate does not match the pinned one ({exc})"
+            self.state = renewed
+        return None
+
+    async def _refresh_host_keys_forever(self) -> None:
+        """Re-read the ssh target's host keys on a schedule and after a failed connection.
+
+        Why: sshd host keys rotate, and an sshd that starts after the agent was
+        announced with the fallback keys from /etc/ssh (or none); until the agent
+        restarted, clients got OpenSSH's man-in-the-middle warning.
+        """
+        wake = self._hostkey_wake
+        assert wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.hostkey_refresh)
+            wake.clear()
+            if self._fixed_host_keys is not None:
+                continue
+            keys = await self._host_keys()
+            if keys and keys != self.core.host_keys:
+                log.info(
+                    "sshd host keys changed: announcing %d keys (%s)",
+                    len(keys),
+                    ", ".join(hostkeys.fingerprint(k) for k in keys),
+                )
+                self.core.set_host_keys(keys)
+                self._drain()
 
     # -- carrying out the core's commands ----------------------------------------------
     def _ssh_ca(self, text: str) -> None:
@@ -495,6 +547,8 @@ class Agent:
             target = await _connect_target(svc.target_host, svc.target_port)
         except OSError as exc:
             self.core.target_failed(cmd.stream_id, _connect_reason(exc, svc))
+            if svc.name == SSH_NAME and self._hostkey_wake is not None:
+                self._hostkey_wake.set()  # sshd restarted or moved: its keys may have changed
         else:
             self._targets[cmd.stream_id] = target
             self.core.target_connected(cmd.stream_id)
@@ -581,7 +635,7 @@ class Agent:
         if not self._local_api:
             return
         path = localapi.socket_path(self.state.dir)
-        api = LocalApiServer(path, self._serve_local)
+        api = LocalApiServer(path, self._serve_local, self._reload_local)
         try:
             api.start()
         except OSError as exc:
@@ -589,6 +643,37 @@ class Agent:
             return
         self._api = api
         log.info("local API on %s", path)
+
+    def _reload_local(self) -> dict[str, Any]:
+        """``homeport set`` (a local API thread): apply the services now saved in node.json."""
+        from homeport.node.state import StateError, load
+
+        try:
+            services = load(self.state.dir).services
+        except StateError as exc:
+            return error_reply("bad-state", str(exc))
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return error_reply("not-running", "the agent is stopping")
+        future = asyncio.run_coroutine_threadsafe(self._apply_services(services), loop)
+        try:
+            future.result(timeout=RELOAD_TIMEOUT)
+        except (concurrent.futures.TimeoutError, RuntimeError) as exc:
+            return error_reply("timeout", f"the agent did not apply the change: {exc!r}")
+        return {"ok": True, "services": [s.name for s in services]}
+
+    async def _apply_services(self, services: tuple[Service, ...]) -> None:
+        old = self.services
+        self.services = services
+        self.state = self.state.with_services(services)
+        self.core.set_services(services)
+        ssh_old = next((s for s in old if s.name == SSH_NAME), None)
+        ssh_new = next((s for s in services if s.name == SSH_NAME), None)
+        if ssh_old != ssh_new:  # the ssh target changed: its host keys may have too
+            self.core.set_host_keys(await self._host_keys())
+        self._drain()
+        exposed = ", ".join(f"{s.name}={s.target_host}:{s.target_port}" for s in services)
+        log.info("settings reloaded: exposing %s", exposed or "nothing")
 
     def _local_answer(self, cmd: core.LocalOpenAdmitted | core.LocalOpenSucceeded) -> None:
         wait = self._local.get(cmd.token)
@@ -672,6 +757,9 @@ class Agent:
             with contextlib.suppress(OSError):
                 send_reply(conn, error_reply(exc.code, exc.message, fallback=True))
             return
+        if req.ack:  # nc's sign of life: it gives up on a silent agent after 1 s
+            with contextlib.suppress(OSError):
+                send_reply(conn, localapi.ACCEPTED)
         try:
             self._local_stream(conn, req, token, wait.answer, deadline)
         finally:
@@ -872,6 +960,7 @@ def run_agent(
     idle_timeout: float = AGENT_IDLE_TIMEOUT,
     host_keys: tuple[str, ...] | None = None,
     shields_up: bool = False,
+    hostkey_refresh: float = HOSTKEY_REFRESH,
 ) -> int:
     """Run the agent in the foreground until SIGINT/SIGTERM or a fatal error.
 
@@ -885,6 +974,7 @@ def run_agent(
         idle_timeout=idle_timeout,
         host_keys=host_keys,
         shields_up=shields_up,
+        hostkey_refresh=hostkey_refresh,
     )
     return run_in_loop(agent)
 

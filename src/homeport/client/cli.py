@@ -178,20 +178,74 @@ def ssh_cert(state: str | None, account: str | None, quiet: bool, as_json: bool,
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--no-certs", is_flag=True, help="no Match exec block for SSH certificates")
+@click.option(
+    "--install",
+    is_flag=True,
+    help="write ~/.ssh/homeport.conf and put 'Include ~/.ssh/homeport.conf' atop ~/.ssh/config",
+)
 @click.argument("names", nargs=-1)
-def ssh_config(state: str | None, as_json: bool, no_certs: bool, names: tuple[str, ...]) -> None:
-    """Print a Host block for ~/.ssh/config (all other nodes, or NAMES)."""
-    from homeport.client.ssh import ssh_config_block, ssh_config_json
+def ssh_config(
+    state: str | None, as_json: bool, no_certs: bool, install: bool, names: tuple[str, ...]
+) -> None:
+    """Print a Host block for ~/.ssh/config (all other nodes, or NAMES); --install writes it."""
+    from homeport.client.ssh import ConfigError, safe_names, ssh_config_block, ssh_config_json
+    from homeport.client.term import printable
 
     st = _load(state)
     hosts = list(names)
     if not hosts:
         nm = _netmap(st)
-        hosts = sorted(n.name for n in nm.nodes if n.node_id != nm.self_id)
-    if as_json:
+        hosts, problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
+        for problem in problems:  # from the server: skipped, never written
+            click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
+    try:
+        block = ssh_config_block(hosts, st.dir, certs=not no_certs)
+    except ConfigError as exc:
+        _fail(printable(str(exc)), 2)
+    if install:
+        _install_ssh_config(block, as_json)
+    elif as_json:
         click.echo(ssh_config_json(hosts, st.dir))
     else:
-        click.echo(ssh_config_block(hosts, st.dir, certs=not no_certs), nl=False)
+        click.echo(block, nl=False)
+
+
+def _install_ssh_config(block: str, as_json: bool) -> None:
+    """Write ~/.ssh/homeport.conf and include it first in ~/.ssh/config (idempotent)."""
+    import pwd
+
+    from homeport.client.ssh import INCLUDE_FILE, add_include, include_line
+    from homeport.node.files import write_private
+
+    home = Path.home()
+    try:
+        login_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        login_home = home
+    ssh_dir = home / ".ssh"
+    conf, main = ssh_dir / INCLUDE_FILE, ssh_dir / "config"
+    try:
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        write_private(conf, block.encode())
+        try:
+            old = main.read_text()
+        except FileNotFoundError:
+            old = ""
+        new = add_include(old, include_line(home, login_home))
+        if new is not None:
+            write_private(main, new.encode())
+    except OSError as exc:
+        _fail(f"cannot write {exc.filename or ssh_dir}: {exc.strerror or exc}")
+    if as_json:
+        click.echo(
+            json.dumps({"written": str(conf), "included": str(main), "added": new is not None})
+        )
+        return
+    click.echo(f"wrote {conf}")
+    click.echo(
+        f"{'added' if new is not None else 'already has'} 'Include ~/.ssh/{INCLUDE_FILE}' "
+        f"at the top of {main}; now plain ssh/scp/rsync/VS Code reach the nodes by name"
+    )
 
 
 # -- forward --------------------------------------------------------------------
@@ -205,13 +259,20 @@ def ssh_config(state: str | None, as_json: bool, no_certs: bool, names: tuple[st
 @click.argument("target", metavar="NODE:PORT|NODE:SERVICE")
 def forward(bind: str, state: str | None, as_json: bool, local_port: int, target: str) -> None:
     """Listen on LOCALPORT; tunnel each connection to NODE's PORT or SERVICE."""
-    from homeport.client.forward import Forwarder, parse_target, printer
+    from homeport.client.forward import Forwarder, parse_target, printer, target_problem
+    from homeport.client.term import printable
 
     try:
         spec = parse_target(target)
     except ValueError as exc:
         _fail(str(exc), 2)
     st = _load(state)
+    found = target_problem(_netmap(st), spec)
+    if found is not None:
+        fatal, why = found
+        if fatal:
+            _fail(printable(why))
+        click.echo(f"homeport: warning: {printable(why)}", err=True)
     report = printer(as_json)
     try:
         fwd = Forwarder(st, spec, bind, local_port, report=report)

@@ -22,6 +22,7 @@ from homeport.io.dial import DialError, open_stream
 from homeport.io.pump import pump
 from homeport.node.state import NodeState
 from homeport.wire import names
+from homeport.wire.control import NetMap
 
 #: Concurrent forwarded connections; beyond this, new ones are closed at once.
 MAX_CONNECTIONS = 256
@@ -50,6 +51,28 @@ def parse_target(text: str) -> ForwardSpec:
     if problem is not None:
         raise ValueError(problem)
     return ForwardSpec(node, service)
+
+
+def target_problem(netmap: NetMap, spec: ForwardSpec) -> tuple[bool, str] | None:
+    """Why connections to ``spec`` cannot work now: (fatal, one line with the fix), or None.
+
+    Why at start: the forwarder used to listen happily and fail only per
+    connection, so ``homeport forward 8888 labpc:8888`` to a node that never
+    exposed 8888 looked fine until the browser got a reset.
+    """
+    node = next((n for n in netmap.nodes if n.name == spec.node), None)
+    if node is None:
+        return True, f"no node named {spec.node!r} in this network (see: homeport status)"
+    if not any(spec.service in (s.name, str(s.port)) for s in node.services):
+        exposed = ", ".join(f"{s.name}/{s.port}" for s in node.services) or "nothing"
+        port = spec.service if spec.service.isdigit() else "PORT"
+        return True, (
+            f"{spec.node} does not expose {spec.service} (it exposes {exposed}); "
+            f"on {spec.node} run: homeport set --expose NAME=127.0.0.1:{port}"
+        )
+    if not node.online:
+        return False, f"{spec.node} is offline now; connections will work once it is back"
+    return None
 
 
 class Forwarder:

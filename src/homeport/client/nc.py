@@ -58,6 +58,8 @@ AGENT_SOCKET = "agent.sock"
 MAX_REPLY = 4 * 1024
 #: Seconds to connect to the agent and send the request; past this we dial ourselves.
 AGENT_CONNECT_TIMEOUT = 1.0
+#: The agent's first line once it admitted an open (``localapi.ACCEPTED``, compact JSON).
+ACCEPTED_LINE = b'{"accepted":true}'
 #: Seconds the agent may take beyond the stream timeout before we dial ourselves.
 AGENT_REPLY_MARGIN = 1.0
 #: Descriptors we make room for in one reply (exactly one is expected; extras are closed).
@@ -156,9 +158,18 @@ def parse_args(argv: list[str]) -> NcArgs:
 
 
 def format_error(host: str, reason: str) -> str:
-    """The one line nc prints on failure (ssh shows it to the user verbatim)."""
-    one_line = " ".join(reason.split())
-    return f"homeport nc: {host}: {one_line}"
+    """The one line nc prints on failure (ssh shows it to the user verbatim).
+
+    The reason comes from the server or the agent: control characters are
+    escaped (no terminal sequences from a compromised server), and a reason
+    that already starts with the node's name does not get it twice.
+    """
+    from homeport.client.term import printable
+
+    one_line = printable(" ".join(reason.split()))
+    if one_line.startswith(host + " "):
+        return f"homeport nc: {one_line}"
+    return f"homeport nc: {printable(host)}: {one_line}"
 
 
 def _fail(host: str, reason: str) -> int:
@@ -175,7 +186,7 @@ def main(argv: list[str]) -> int:
             return EXIT_OK
         print(f"homeport nc: {exc}\n{USAGE}", file=sys.stderr)
         return EXIT_USAGE
-    handoff = _fdpass_socket() if args.fdpass else None
+    handoff = _fdpass_socket() if args.fdpass or _ssh_wants_fd() else None
     if names.host_name_problem(args.host) is None:  # else the direct path reports it
         code = _agent_open(args, handoff)
         if code is not None:
@@ -195,7 +206,9 @@ def state_dir(arg: str | None) -> str:
 def open_request(host: str, service: str, timeout: float) -> bytes:
     """The local API request line. ``host`` passed ``names.host_name_problem`` and
     ``service`` :func:`parse_args`, so neither holds a character JSON would need to escape."""
-    return f'{{"op":"open","dst":"{host}","service":"{service}","timeout":{timeout!r}}}\n'.encode()
+    return (
+        f'{{"op":"open","dst":"{host}","service":"{service}","timeout":{timeout!r},"ack":true}}\n'
+    ).encode()
 
 
 def _agent_open(args: NcArgs, handoff: "_Socket | None") -> int | None:
@@ -209,11 +222,13 @@ def _agent_open(args: NcArgs, handoff: "_Socket | None") -> int | None:
         return None
     fds: list[int] = []
     try:
-        api.settimeout(AGENT_CONNECT_TIMEOUT)
+        api.settimeout(AGENT_CONNECT_TIMEOUT)  # connect, request and its ACCEPTED line
         api.connect(path)
         api.sendall(open_request(args.host, args.service, args.timeout))
-        api.settimeout(args.timeout + AGENT_REPLY_MARGIN)
         line, rest = _recv_line(api, fds)
+        if line == ACCEPTED_LINE:  # alive and working on it: now the stream setup's time
+            api.settimeout(args.timeout + AGENT_REPLY_MARGIN)
+            line, rest = _recv_line(api, fds, rest)
         reply = parse_reply(line.decode())
     except (OSError, ValueError):  # no agent, a stale socket, a hung or confused agent
         api.close()
@@ -289,6 +304,25 @@ def send_fd(sock: "_Socket", fd: int) -> None:
 
     payload = fd.to_bytes(_INT_SIZE, sys.byteorder, signed=True)
     sock.sendmsg([b"\0"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)])
+
+
+def _ssh_wants_fd() -> bool:
+    """Whether ssh runs us under ``ProxyUseFdpass`` although ``--fdpass`` was not given.
+
+    Why: ``ssh -o ProxyCommand='homeport nc %h %p' NAME`` with ``ssh-config --install``
+    done takes ``ProxyUseFdpass yes`` from the included file; without this ssh
+    waited for a descriptor that never came. OpenSSH's signature for it: stdin
+    and stdout are one and the same socket (its socketpair); without
+    ProxyUseFdpass they are two pipes, and paramiko gives two pipes too.
+    """
+    import stat
+
+    try:
+        st_in, st_out = os.fstat(0), os.fstat(1)
+    except OSError:
+        return False
+    same = (st_in.st_dev, st_in.st_ino) == (st_out.st_dev, st_out.st_ino)
+    return same and stat.S_ISSOCK(st_out.st_mode)
 
 
 def _fdpass_socket() -> "_Socket | None":

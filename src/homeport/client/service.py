@@ -83,6 +83,10 @@ def unit_text(
         lines.append(f"RestartPreventExitStatus={NODE_REMOVED_EXIT}")
     if user and system:
         lines.append(f"User={user}")
+    if server and system and _port_of(listen) < PRIVILEGED_PORTS:
+        # A non-root User= cannot bind below 1024 (443 is the usual public port) without it
+        # (harmless for root). A user unit cannot be granted it: its manager runs as the user.
+        lines.append("AmbientCapabilities=CAP_NET_BIND_SERVICE")
     if pythonpath:
         lines.append(f"Environment={shlex.quote('PYTHONPATH=' + pythonpath)}")
     lines += [
@@ -92,6 +96,26 @@ def unit_text(
         "",
     ]
     return "\n".join(lines)
+
+
+#: Ports below this need CAP_NET_BIND_SERVICE (or root) to bind.
+PRIVILEGED_PORTS = 1024
+
+
+def _port_of(listen: str) -> int:
+    """The port of ``ADDR:PORT`` (65535 when unreadable: no capability is asked for)."""
+    _, _, port = listen.rpartition(":")
+    return int(port) if port.isdigit() else 65535
+
+
+def _login_name() -> str:
+    """This user's login name, from the password database (``$USER`` may be unset)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER") or str(os.getuid())
 
 
 def plan(
@@ -115,7 +139,7 @@ def plan(
         path = config / "systemd" / "user" / name
         enable = (
             f"systemctl --user daemon-reload && systemctl --user enable --now {name}"
-            f" && loginctl enable-linger {shlex.quote(os.environ.get('USER', '$USER'))}"
+            f" && loginctl enable-linger {shlex.quote(_login_name())}"
         )
     text = unit_text(
         server=server,

@@ -11,11 +11,11 @@ Both produce the same five options:
   running, ssh then talks straight to the agent's pump, and nc's life is a few
   milliseconds of start-up. ``--fdpass`` tells nc to expect this (see
   :mod:`homeport.client.nc`; without ProxyUseFdpass it just copies, as before);
-* ``UserKnownHostsFile <state>/known_hosts/%h`` — ``nc`` writes the peer's host
-  keys (vouched for by the server, checked end to end) to exactly this file
-  before ssh reads a byte. ``%h`` rather than ``%n``: it is the name ``nc`` is
-  given, so the file ssh reads is always the one ``nc`` wrote, even when a
-  ``HostName`` line rewrites the name (OpenSSH 9.2 expands both tokens here);
+* ``UserKnownHostsFile <state>/ssh_known_hosts`` — ``nc`` writes the peer's host
+  keys (vouched for by the server, pinned, checked end to end) to
+  ``known_hosts/<peer>`` and merges every peer's file into this one before ssh
+  reads a byte. One file without ``%h`` tokens, because paramiko and asyncssh
+  cannot expand them (they failed to connect with the per-peer form);
 * ``StrictHostKeyChecking yes`` — no trust-on-first-use prompt, no silent change;
 * ``UpdateHostKeys no`` — ssh must not add keys to a file ``nc`` owns.
 """
@@ -28,7 +28,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from homeport.node.state import KNOWN_HOSTS_DIR
+from homeport.node.state import ALL_KNOWN_HOSTS
+from homeport.wire.names import node_name_problem
+
+#: The file ``ssh-config --install`` writes, and the line it puts atop ~/.ssh/config.
+INCLUDE_FILE = "homeport.conf"
+INCLUDE_LINE = "Include ~/.ssh/homeport.conf"
 
 
 def package_root() -> str:
@@ -59,7 +64,7 @@ def proxy_command(state_dir: Path, python: str | None = None, *, fdpass: bool = 
 
 def ssh_options(state_dir: Path, python: str | None = None) -> list[tuple[str, str]]:
     """The (keyword, value) pairs that route ssh through homeport."""
-    kh = state_dir / KNOWN_HOSTS_DIR / "%h"
+    kh = state_dir / ALL_KNOWN_HOSTS
     return [
         ("ProxyCommand", proxy_command(state_dir, python)),
         ("ProxyUseFdpass", "yes"),
@@ -96,8 +101,33 @@ def exec_ssh(
     os.execvp(argv[0], argv)  # noqa: S606 - exec ssh, no shell
 
 
-def _quote_config(value: str) -> str:
-    return f'"{value}"' if any(c.isspace() for c in value) and '"' not in value else value
+class ConfigError(ValueError):
+    """Something cannot be written into an ssh config safely (message is for the user)."""
+
+
+def quote_config(value: str) -> str:
+    """``value`` as one ssh_config argument: double-quoted when it holds spaces.
+
+    ssh_config has no escape for ``"`` and ends a line at a newline, so a value
+    with either (or any control character) is refused rather than written.
+    """
+    if any(c == '"' or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ConfigError(f"cannot put {value[:80]!r} into an ssh config (quote or control char)")
+    return f'"{value}"' if any(c.isspace() for c in value) or not value else value
+
+
+def safe_names(names: list[str]) -> tuple[list[str], list[str]]:
+    """(valid node names, problems): a name from the server goes into a ``Host`` line only
+    if it is a node name (a compromised server once added ``Host *`` + ``ProxyCommand``)."""
+    good: list[str] = []
+    problems: list[str] = []
+    for name in names:
+        problem = node_name_problem(name)
+        if problem is None:
+            good.append(name)
+        else:
+            problems.append(problem)
+    return good, problems
 
 
 def ssh_config_block(
@@ -108,14 +138,27 @@ def ssh_config_block(
     ``certs``: add a ``Match … exec`` block that fetches a fresh key and SSH
     certificate (``homeport ssh-cert``) before every login and points ssh at
     them; if the server refuses, the exec fails and ssh uses the user's own keys.
+
+    Raises:
+        ConfigError: a name is not a node name, or a value cannot be quoted safely.
     """
-    if not names:
+    good, problems = safe_names(names)
+    if problems:
+        raise ConfigError(problems[0])
+    if not good:
         return "# no nodes in this homeport network yet\n"
-    lines = [f"# homeport: nodes of this network (state {state_dir})", "Host " + " ".join(names)]
+    lines = [
+        f"# homeport: nodes of this network (state {quote_config(str(state_dir))})",
+        "Host " + " ".join(good),
+    ]
     for key, value in ssh_options(state_dir, python):
-        lines.append(f"    {key} {_quote_config(value) if key != 'ProxyCommand' else value}")
+        if key == "ProxyCommand":  # run by a shell: proxy_command() shell-quoted each word
+            quote_config(value)  # refuses control characters all the same
+            lines.append(f"    {key} {value}")
+        else:
+            lines.append(f"    {key} {quote_config(value)}")
     if certs:
-        lines += cert_match_block(names, state_dir, python)
+        lines += cert_match_block(good, state_dir, python)
     return "\n".join(lines) + "\n"
 
 
@@ -146,9 +189,31 @@ def cert_match_block(names: list[str], state_dir: Path, python: str | None = Non
     base = state_dir / SSH_KEYS_DIR
     return [
         "Match host " + ",".join(names) + f' exec "{cmd}"',
-        f"    IdentityFile {_quote_config(str(base / '%n_%r'))}",
-        f"    CertificateFile {_quote_config(str(base / '%n_%r-cert.pub'))}",
+        f"    IdentityFile {quote_config(str(base / '%n_%r'))}",
+        f"    CertificateFile {quote_config(str(base / '%n_%r-cert.pub'))}",
     ]
+
+
+def include_line(home: Path, login_home: Path) -> str:
+    """:data:`INCLUDE_LINE`, or its absolute form when ``$HOME`` is not the login's home
+    (ssh expands ``~`` from the password database, not from ``$HOME``)."""
+    if home == login_home:
+        return INCLUDE_LINE
+    return f"Include {quote_config(str(home / '.ssh' / INCLUDE_FILE))}"
+
+
+def add_include(config_text: str, line: str = INCLUDE_LINE) -> str | None:
+    """``config_text`` with ``line`` first; None when an Include of our file is there.
+
+    First, because ssh takes the first value it finds for each option: an
+    ``Include`` appended after a ``Host *`` that sets known-hosts options would lose.
+    """
+    for existing in config_text.splitlines():
+        words = existing.split()
+        ours = any(w.strip('"').endswith("/.ssh/" + INCLUDE_FILE) for w in words[1:])
+        if words and words[0].lower() == "include" and ours:
+            return None
+    return f"# added by homeport ssh-config --install\n{line}\n\n" + config_text
 
 
 def ssh_config_json(names: list[str], state_dir: Path, *, python: str | None = None) -> str:

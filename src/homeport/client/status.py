@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from homeport.client.term import printable
 from homeport.proto.node import SHIELDS_UP_FILE
 from homeport.wire.control import NetMap, NodeInfo, Welcome
 
@@ -51,16 +52,28 @@ def services_text(node: NodeInfo) -> str:
     )
 
 
+def path_text(netmap: NetMap, node: NodeInfo) -> str:
+    """``-`` for this node and for offline nodes (no path exists), else the path."""
+    if node.node_id == netmap.self_id or not node.online:
+        return "-"
+    return printable(node.path or "relay")
+
+
 def rows(netmap: NetMap, now: float | None = None) -> list[tuple[str, ...]]:
     """One row per node, this node first, then by name."""
     now = time.time() if now is None else now
     nodes = sorted(netmap.nodes, key=lambda n: (n.node_id != netmap.self_id, n.name))
     out: list[tuple[str, ...]] = []
     for n in nodes:
-        name = f"{n.name} (this node)" if n.node_id == netmap.self_id else n.name
-        path = "-" if n.node_id == netmap.self_id else (n.path or "relay")
+        name = printable(n.name) + (" (this node)" if n.node_id == netmap.self_id else "")
         out.append(
-            (name, "yes" if n.online else "no", last_seen_text(n, now), services_text(n), path)
+            (
+                name,
+                "yes" if n.online else "no",
+                last_seen_text(n, now),
+                printable(services_text(n)),
+                path_text(netmap, n),
+            )
         )
     return out
 
@@ -87,7 +100,7 @@ def to_json(netmap: NetMap, now: float | None = None) -> dict[str, Any]:
                 "last_seen": n.last_seen,
                 "last_seen_text": last_seen_text(n, now),
                 "services": [{"name": s.name, "port": s.port} for s in n.services],
-                "path": "" if n.node_id == netmap.self_id else (n.path or "relay"),
+                "path": "" if path_text(netmap, n) == "-" else (n.path or "relay"),
                 "fingerprint": n.fingerprint,
             }
             for n in netmap.nodes

@@ -34,6 +34,9 @@ ALPN_STREAM_RECORDS = "homeport-stream/2"
 class PinMismatch(ssl.SSLError):
     """The peer's certificate is valid but is not the one we were told to expect."""
 
+    def __str__(self) -> str:  # SSLError would print the args tuple: ('peer …',)
+        return str(self.args[0]) if self.args else "certificate pin mismatch"
+
 
 def fingerprint(der: bytes) -> str:
     """Return the pin form of a DER certificate: ``sha256:<hex>``."""

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from homeport import __version__
@@ -33,6 +34,7 @@ from homeport.io import recstream, tlsctx, tlsstream
 from homeport.io.pump import tune_socket
 from homeport.io.tlsstream import TlsStream
 from homeport.node import state as node_state
+from homeport.node.files import write_private
 from homeport.node.state import NodeState
 from homeport.proto.control import ConnectionClosed, ControlConnection, MessageReceived, Role
 from homeport.wire import control as m
@@ -43,6 +45,7 @@ DEFAULT_TIMEOUT = 10.0
 #: Bytes read from the control connection per recv.
 CONTROL_READ_SIZE = 64 * 1024
 SOFTWARE = f"homeport/{__version__}"
+log = logging.getLogger("homeport.dial")
 
 #: Codes meaning "try again later" (network, server restarting), as opposed to
 #: answers that will not change by retrying (bad auth key, unknown node).
@@ -238,7 +241,82 @@ def _control_tls(
 ) -> ssl.SSLSocket:
     ctx = tlsctx.control_client_context(state.cert_path, state.key_path)
     sock = _connect(family, addr, deadline, "server")
-    return _tls_client(sock, ctx, deadline, state.server_pin, _server_what(state))
+    try:
+        return _tls_client(sock, ctx, deadline, state.server_pin, _server_what(state))
+    except DialError as exc:
+        renewed = renewed_pin(state) if exc.code == "pin-mismatch" else None
+        if renewed is None:
+            raise
+    sock = _connect(family, addr, deadline, "server")
+    return _tls_client(sock, ctx, deadline, renewed.server_pin, _server_what(renewed))
+
+
+# -- a renewed, publicly trusted server certificate -----------------------------------
+
+#: File in the state directory naming the host the server's certificate was publicly
+#: valid for when this node joined. Only then is a renewed certificate followed.
+WEBPKI_FILE = "server-webpki"
+#: Longest host name we read from it.
+MAX_WEBPKI_NAME = 256
+#: Seconds for the check's own TLS connection.
+WEBPKI_TIMEOUT = 5.0
+
+
+def webpki_fingerprint(host: str, port: int, timeout: float = WEBPKI_TIMEOUT) -> str | None:
+    """The pin of the certificate ``host:port`` serves if it is publicly valid for ``host``."""
+    try:
+        ctx = tlsctx.webpki_client_context()
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.settimeout(timeout)
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return None
+    return None if der is None else hptls.fingerprint(der)
+
+
+def record_webpki(state: NodeState) -> bool:
+    """At enrollment: remember the server's name if its pinned certificate is publicly valid.
+
+    Why: an operator who serves a public CA's certificate (``--tls-cert``, the
+    usual way on 443) renews it every 60-90 days, which changes the pin every
+    node holds. Such a node may follow a renewal, because the new certificate
+    proves continuity the same way the old one did (a public CA vouches for the
+    name); a self-signed server's nodes never accept another certificate.
+    """
+    host, port = state.server_address()
+    if webpki_fingerprint(host, port) != state.server_pin:
+        return False
+    write_private(state.dir / WEBPKI_FILE, host.encode() + b"\n")
+    return True
+
+
+def renewed_pin(state: NodeState) -> NodeState | None:
+    """After a pin mismatch: the state with the renewed certificate's pin, or None.
+
+    Accepted only when the node joined a server whose certificate was publicly
+    valid for the same host name it dials now, and the certificate served now
+    is publicly valid for that name. node.json is updated (the next dial pins it).
+    """
+    try:
+        with open(state.dir / WEBPKI_FILE, "rb") as f:
+            name = f.read(MAX_WEBPKI_NAME).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    host, port = state.server_address()
+    if not name or name != host:
+        return None
+    pin = webpki_fingerprint(host, port)
+    if pin is None or pin == state.server_pin:
+        return None
+    renewed = replace(state, server_pin=pin)
+    node_state.save(renewed)
+    log.warning(
+        "the server's certificate was renewed (publicly valid for %s): now pinning %s…",
+        host,
+        pin[:23],
+    )
+    return renewed
 
 
 def connect_control(
@@ -412,6 +490,37 @@ def dial_data(state: NodeState, token: bytes, *, timeout: float = DEFAULT_TIMEOU
 # -- enrollment --------------------------------------------------------------------
 
 
+#: OpenSSL reasons meaning "what answered does not speak TLS" (plain HTTP, ssh, …).
+NOT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "UNEXPECTED_RECORD", "HTTP_REQUEST", "RECORD_LAYER_FAILURE",
+     "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL"}
+)  # fmt: skip
+
+
+def first_join_error(exc: DialError, server: str) -> DialError:
+    """``exc`` as first join sees it: an answer that is clearly no homeport server is final.
+
+    Why: at first join the node has no reason to believe the address is right,
+    so retrying forever on "not TLS" or "another certificate" only hides a typo
+    (``https://…``, a web server's port). Once enrolled, the same errors are
+    retried forever (the server may be restarting behind a proxy).
+    """
+    if exc.code == "tls" and any(r in exc.message for r in NOT_TLS_REASONS):
+        return DialError(
+            "not-homeport",
+            f"{server} answered, but not with TLS ({exc.message.rpartition(': ')[2]}): "
+            "it is not a homeport server; check the host and the port (homeport server "
+            "prints its address; the default port is 8443)",
+        )
+    if exc.code == "pin-mismatch":  # already final; the message says what it likely means
+        return DialError(
+            "pin-mismatch",
+            f"{server} answered with a certificate that is not the one the auth key names: "
+            "another service answers on that port, or the key is from another homeport server",
+        )
+    return exc
+
+
 def enroll(
     server: str,
     auth_key_text: str,
@@ -438,6 +547,11 @@ def enroll(
         auth_key = parse_untrusted(auth_key_text)
     except WireError as exc:
         raise DialError("bad-auth-key", str(exc)) from exc
+    if "://" in server:
+        raise DialError(
+            "bad-server",
+            f"--server {server[:80]!r}: give HOST:PORT (no https://), e.g. vps.example.org:8443",
+        )
     try:
         host, port = node_state.parse_server(server)
     except ValueError as exc:
@@ -446,7 +560,12 @@ def enroll(
     family, addr = resolve(host, port)
     what = f"server {server}"
     sock = _connect(family, addr, deadline, "server")
-    tls = _tls_client(sock, tlsctx.control_client_context(), deadline, auth_key.server_pin, what)
+    try:
+        tls = _tls_client(
+            sock, tlsctx.control_client_context(), deadline, auth_key.server_pin, what
+        )
+    except DialError as exc:
+        raise first_join_error(exc, server) from exc
     with ControlClient(tls, ControlConnection(Role.CLIENT, time.monotonic()), what) as client:
         csr = keys.new_key_and_csr(state_dir, name)
         client.send(
@@ -474,4 +593,5 @@ def enroll(
         services=old_services,
     )
     node_state.save(new)
+    record_webpki(new)
     return new

@@ -30,6 +30,13 @@ Protocol (version 1), one request per connection:
   pumping stdin/stdout) can tell a clean end from an integrity failure. A client
   that handed the descriptor on (ssh's ``ProxyUseFdpass``) has left; the write
   then fails quietly.
+* ``"ack": true`` in an open request asks the agent to send ``{"accepted":true}``
+  at once when its event loop has admitted the open, before the stream is set up:
+  nc waits at most 1 s for that line, so a hung agent costs at most 1 s before nc
+  dials by itself (the reply proper can take as long as the stream setup).
+* ``{"op": "reload"}`` (``homeport set``): the agent re-reads the services saved in
+  node.json, announces them and answers ``{"ok": true, "services": [...]}``; an
+  agent that cannot reload answers ``unknown-op`` and ``set`` says to restart it.
 
 Security (shared with the admin socket, :mod:`homeport.io.unixsock`): the socket
 file is created 0600 inside the state directory
@@ -95,6 +102,12 @@ class OpenRequest:
     dst: str
     service: str
     timeout: float | None = None
+    ack: bool = False  # send ACCEPTED as soon as the open is admitted
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadRequest:
+    """``reload``: re-read this node's saved settings (``homeport set``)."""
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -120,7 +133,7 @@ def _check_service(service: str) -> str:
     return service
 
 
-def parse_request(line: bytes) -> OpenRequest:
+def parse_request(line: bytes) -> OpenRequest | ReloadRequest:
     """Parse one request line (untrusted bytes from a local client).
 
     Raises:
@@ -136,6 +149,8 @@ def parse_request(line: bytes) -> OpenRequest:
     if not isinstance(obj, dict):
         raise RequestError("bad-request", "request is not a JSON object")
     op = obj.get("op")
+    if op == "reload":
+        return ReloadRequest()
     if op != "open":
         raise RequestError("unknown-op", f"unknown op {str(op)[:32]!r}")
     dst, service, timeout = obj.get("dst"), obj.get("service"), obj.get("timeout")
@@ -149,7 +164,11 @@ def parse_request(line: bytes) -> OpenRequest:
                 "bad-request", f"timeout must be between {MIN_TIMEOUT} and {MAX_TIMEOUT:g} s"
             )
         timeout = float(timeout)
-    return OpenRequest(_check_dst(dst), _check_service(service), timeout)
+    return OpenRequest(_check_dst(dst), _check_service(service), timeout, obj.get("ack") is True)
+
+
+#: The early line an ``ack`` request gets once the agent admitted the open.
+ACCEPTED: dict[str, Any] = {"accepted": True}
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -206,6 +225,8 @@ def read_request(conn: socket.socket, timeout: float = REQUEST_TIMEOUT) -> bytes
 
 
 Handler = Callable[[socket.socket, OpenRequest], None]
+#: ``reload``: returns the reply object (``{"ok": true, ...}`` or an error reply).
+Reloader = Callable[[], dict[str, Any]]
 
 
 class LocalApiServer:
@@ -217,9 +238,10 @@ class LocalApiServer:
     returns. Only connections from this process's uid get that far.
     """
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, reload: Reloader | None = None) -> None:
         self.path = path
         self.handler = handler
+        self.reload = reload
         self._sock: socket.socket | None = None
         self._listener: unixsock.UnixListener | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -294,6 +316,14 @@ class LocalApiServer:
             self._slots.release()
             conn.close()
 
+    def _reload(self, conn: socket.socket) -> None:
+        if self.reload is None:
+            reply = error_reply("unknown-op", "this agent cannot reload its settings")
+        else:
+            reply = self.reload()
+        with contextlib.suppress(OSError):
+            send_reply(conn, reply)
+
     @staticmethod
     def _refuse(conn: socket.socket, code: str, message: str) -> None:
         with conn:
@@ -315,7 +345,10 @@ class LocalApiServer:
                     log.info("local API: client went away: %s", exc)
                     return
                 try:
-                    self.handler(conn, req)
+                    if isinstance(req, ReloadRequest):
+                        self._reload(conn)
+                    else:
+                        self.handler(conn, req)
                 except Exception:
                     log.exception("local API: handler crashed")
                     with contextlib.suppress(OSError):

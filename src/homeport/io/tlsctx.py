@@ -29,6 +29,20 @@ def control_client_context(cert: Path | None = None, key: Path | None = None) ->
     return ctx
 
 
+def webpki_client_context() -> ssl.SSLContext:
+    """Context that checks the server's certificate the way a browser does (system CAs).
+
+    Used only to let a node follow a renewal of a publicly trusted server
+    certificate (see :func:`homeport.io.dial.renewed_pin`); ``SSL_CERT_FILE``
+    and ``SSL_CERT_DIR`` choose other trust anchors, as for any OpenSSL client.
+    """
+    ctx = control_client_policy()
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_default_certs()
+    return ctx
+
+
 def control_server_context(cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
     """Context for the server's listener, trusting node certificates of ``ca_cert``."""
     ctx = control_server_policy()

@@ -38,6 +38,7 @@ from homeport.node.files import write_private
 from homeport.node.state import (
     KNOWN_HOSTS_DIR,
     check_host_name,
+    rebuild_known_hosts,
     sanitize_host_key,
     write_known_hosts,
 )
@@ -391,6 +392,7 @@ def reset_pin(state_dir: Path, name: str) -> bool:
             found = True
         except FileNotFoundError:
             continue
+    rebuild_known_hosts(state_dir)
     return found
 
 

@@ -34,6 +34,11 @@ KEY_FILE = "node.key"
 CERT_FILE = "node.crt"
 CA_FILE = "ca.crt"
 KNOWN_HOSTS_DIR = "known_hosts"
+#: One known_hosts file holding every peer's keys, for ssh implementations that cannot
+#: expand ``%h`` (paramiko, asyncssh) and for ``ssh -o ProxyCommand=...`` users.
+ALL_KNOWN_HOSTS = "ssh_known_hosts"
+#: Largest per-peer known_hosts file merged into :data:`ALL_KNOWN_HOSTS` (bigger: skipped).
+MAX_PEER_KNOWN_HOSTS = 64 * 1024
 #: node.json is tiny; refuse to parse anything absurd (a corrupted or foreign file).
 MAX_STATE_FILE = 1024 * 1024
 #: Most host key lines we write for one peer (the wire rule's limit).
@@ -268,7 +273,42 @@ def write_known_hosts(
     kh.mkdir(mode=0o700, exist_ok=True)
     path = kh / host
     write_private(path, text.encode())
+    rebuild_known_hosts(state_dir)
     return path
+
+
+def rebuild_known_hosts(state_dir: Path) -> Path:
+    """Rewrite ``<state>/ssh_known_hosts`` from every ``known_hosts/<peer>`` file.
+
+    Under a lock: each writer's own per-peer file exists before it takes the
+    lock, so whichever rebuild renames last includes every file written so far.
+    """
+    import fcntl
+
+    kh = state_dir / KNOWN_HOSTS_DIR
+    out = state_dir / ALL_KNOWN_HOSTS
+    fd = os.open(
+        state_dir / (ALL_KNOWN_HOSTS + ".lock"),
+        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+        0o600,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        parts: list[bytes] = []
+        for entry in sorted(os.listdir(kh)) if kh.is_dir() else []:
+            if names.host_name_problem(entry) is not None:
+                continue  # temporary files and strays
+            try:
+                with open(kh / entry, "rb") as f:
+                    data = f.read(MAX_PEER_KNOWN_HOSTS + 1)
+            except OSError:
+                continue
+            if len(data) <= MAX_PEER_KNOWN_HOSTS:
+                parts.append(data)
+        write_private(out, b"".join(parts))
+    finally:
+        os.close(fd)
+    return out
 
 
 def check_node_name(name: str) -> str:

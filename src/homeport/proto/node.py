@@ -85,6 +85,7 @@ import collections
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as with_fields
 
 from homeport.crypto import identity
 from homeport.policy.acl import CompiledPolicy
@@ -512,6 +513,15 @@ class NodeCore:
         if keys == self.host_keys:
             return
         self.host_keys = keys
+        if self.state is SessionState.READY:
+            self._send(self._announce())
+
+    def set_services(self, services: Sequence[Service]) -> None:
+        """What this node exposes changed (``homeport set``); announced at once while READY."""
+        svcs = tuple(services)
+        if svcs == self.config.services:
+            return
+        self.config = with_fields(self.config, services=svcs)
         if self.state is SessionState.READY:
             self._send(self._announce())
 

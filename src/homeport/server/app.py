@@ -242,7 +242,7 @@ def run_server(
         try:
             runner.run(main())
         except OSError as exc:
-            log.error("cannot start: %s", exc)
+            log.error("cannot start (--listen %s): %s", listen, exc)
             return 1
         except Exception as exc:
             from homeport.server.admin import AdminError

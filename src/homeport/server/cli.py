@@ -40,6 +40,21 @@ _data_option = click.option(
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
+def _duration(text: str, option: str) -> float | None:
+    """``parse_duration`` that insists on a unit: ``--expiry 3`` meaning 3 s surprised users."""
+    from homeport.server.admin import parse_duration
+
+    t = text.strip()
+    if t.replace(".", "", 1).isdigit() and t != "0":
+        raise click.BadParameter(
+            f"{text!r} has no unit: write e.g. {t}h, {t}d, {t}m, {t}s or never", param_hint=option
+        )
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
 def _resolve_data(data_dir: Path | None) -> Path:
     return (data_dir or default_data_dir()).expanduser().absolute()
 
@@ -154,16 +169,11 @@ def register(cli: click.Group) -> None:
 
         if (tls_cert is None) != (tls_key is None):
             raise click.UsageError("--tls-cert and --tls-key go together")
-        from homeport.server.admin import parse_duration
-
         try:
             parse_listen(listen)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--listen") from None
-        try:
-            key_seconds = parse_duration(key_expiry)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--key-expiry") from None
+        key_seconds = _duration(key_expiry, "--key-expiry")
         if key_seconds is not None and key_seconds < 86400:
             raise click.BadParameter(
                 "node keys must live at least 1d (nodes renew with a third left)",
@@ -217,12 +227,7 @@ def register(cli: click.Group) -> None:
         data_dir: Path | None,
     ) -> None:
         """Create an auth key; prints only the key on stdout."""
-        from homeport.server.admin import parse_duration
-
-        try:
-            seconds = parse_duration(expiry)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint="--expiry") from None
+        seconds = _duration(expiry, "--expiry")
         answer = _admin(
             data_dir,
             {
