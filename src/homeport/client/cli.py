@@ -177,7 +177,11 @@ def ssh_cert(state: str | None, account: str | None, quiet: bool, as_json: bool,
 @click.command("ssh-config")
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--no-certs", is_flag=True, help="no Match exec block for SSH certificates")
+@click.option(
+    "--certs",
+    is_flag=True,
+    help="add a Match exec block that fetches a short-lived SSH certificate before each login",
+)
 @click.option(
     "--install",
     is_flag=True,
@@ -185,7 +189,7 @@ def ssh_cert(state: str | None, account: str | None, quiet: bool, as_json: bool,
 )
 @click.argument("names", nargs=-1)
 def ssh_config(
-    state: str | None, as_json: bool, no_certs: bool, install: bool, names: tuple[str, ...]
+    state: str | None, as_json: bool, certs: bool, install: bool, names: tuple[str, ...]
 ) -> None:
     """Print a Host block for ~/.ssh/config (all other nodes, or NAMES); --install writes it."""
     from homeport.client.ssh import ConfigError, safe_names, ssh_config_block, ssh_config_json
@@ -199,7 +203,7 @@ def ssh_config(
         for problem in problems:  # from the server: skipped, never written
             click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
     try:
-        block = ssh_config_block(hosts, st.dir, certs=not no_certs)
+        block = ssh_config_block(hosts, st.dir, certs=certs)
     except ConfigError as exc:
         _fail(printable(str(exc)), 2)
     if install:
