@@ -82,6 +82,7 @@ from homeport.testing.deadline import wait_for
 from homeport.wire import control as m
 from homeport.wire.data import encode_preamble, new_token
 from homeport.wire.errors import UnknownType, WireError
+from homeport.wire.frame import MAX_FRAME
 
 ECHO = "echo"
 ECHO_PORT = 7
@@ -164,15 +165,65 @@ def write_state(dir_: Path, server: str, pin: str, member: Member, ca_pem: bytes
 # -- one simulated agent -------------------------------------------------------------------------
 
 
+class SkimDecoder:
+    """Frames like :class:`homeport.wire.frame.FrameDecoder`, but PEERS bodies are only counted.
+
+    Same length checks; a PEERS frame is skipped in place (no copy), which is most of the
+    bytes a 5,000-node fleet receives (every (re)connect gets the whole map).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0  # bytes of a PEERS frame still to skip
+        self.peers_bytes = 0
+
+    def feed_untrusted(self, data: bytes) -> list[tuple[int, bytes]]:
+        if self._skip:
+            n = min(self._skip, len(data))
+            self._skip -= n
+            data = data[n:]
+        self._buf += data
+        frames: list[tuple[int, bytes]] = []
+        while len(self._buf) >= 5:
+            length = int.from_bytes(self._buf[:4], "big")
+            if length == 0 or length > MAX_FRAME:
+                raise WireError(f"bad frame length {length}")
+            if self._buf[4] == m.MsgType.PEERS:
+                self.peers_bytes += 4 + length
+                have = len(self._buf) - 4
+                if have < length:
+                    self._skip = length - have
+                    self._buf.clear()
+                    break
+                del self._buf[: 4 + length]
+                continue
+            if len(self._buf) < 4 + length:
+                break
+            frames.append((self._buf[4], bytes(self._buf[5 : 4 + length])))
+            del self._buf[: 4 + length]
+        return frames
+
+
 class SkimConnection(ControlConnection):
     """The control machine, minus decoding PEERS bodies (load-generator CPU; see module doc).
 
     Every byte is still read, decrypted and framed; PEERS frames are counted and dropped.
     """
 
-    peers_bytes = 0
     #: Observers decode PEERS into their PeerView; the rest only count the bytes.
     decode_peers = False
+
+    def __init__(self, role: Role, now: float) -> None:
+        super().__init__(role, now)
+        self._peers_counted = 0
+        if not self.decode_peers:
+            self._decoder = SkimDecoder()  # type: ignore[assignment]
+
+    @property
+    def peers_bytes(self) -> int:
+        if isinstance(self._decoder, SkimDecoder):
+            return self._decoder.peers_bytes
+        return self._peers_counted
 
     def receive_data(self, data: bytes, now: float) -> None:
         if self.closed or not data:
@@ -182,9 +233,7 @@ class SkimConnection(ControlConnection):
         try:
             for msg_type, body in self._decoder.feed_untrusted(data):
                 if msg_type == m.MsgType.PEERS:
-                    self.peers_bytes += len(body) + 5
-                    if not self.decode_peers:
-                        continue
+                    self._peers_counted += len(body) + 5
                 try:
                     msg = m.decode_untrusted(msg_type, body)
                 except UnknownType:
@@ -503,6 +552,29 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+class LagMonitor:
+    """The load process's own event-loop lag: when it is high, the load generator (not the
+    server) is the bottleneck, and keepalive or latency figures of that phase say so."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.05)
+            self.worst = max(self.worst, loop.time() - t - 0.05)
+
+    def take(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return worst
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 class EchoServer:
     """The legitimate destination's local service (a thread per connection)."""
 
@@ -559,6 +631,8 @@ class Options:
     idle_seconds: float
     observers: int
     root: Path
+    settle: float = 3.0  # seconds of quiet after the ramp and after the churn
+    nc_runs: int = 3  # legitimate nc round trips at idle
 
 
 async def _ramp(fleet: Fleet, agents: list[SimAgent]) -> list[float]:
@@ -606,9 +680,11 @@ async def _churn(
     i = 0
     while loop.time() - t0 < seconds and not stop.is_set():
         due = int((loop.time() - t0) * rate) + 1
-        while started < due:
+        tries = 0
+        while started < due and tries < len(order):
             a = order[i % len(order)]
             i += 1
+            tries += 1
             if a.churning or not a.ready:
                 continue
             started += 1
@@ -642,6 +718,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
     srv = ServerProc(root / "server", port, root / "server.log")
     procs: list[subprocess.Popen[bytes]] = []
     fleet = Fleet("127.0.0.1", port, pin, server_addr, loop)
+    lag = LagMonitor()
     try:
         await loop.run_in_executor(
             None,
@@ -683,12 +760,11 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         nc_idle = await loop.run_in_executor(
             None, lambda: _retry(lambda: nc_round_trip(legit_src, "legit-dst"), 30)
         )
-        await asyncio.sleep(2)
         fig["nc_idle"] = [
             nc_idle,
             *[
                 await loop.run_in_executor(None, nc_round_trip, legit_src, "legit-dst")
-                for _ in range(2)
+                for _ in range(opts.nc_runs - 1)
             ],
         ]
         rss0 = srv.rss()
@@ -696,8 +772,10 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         log(f"server RSS with no fleet: {rss0 / 2**20:.1f} MiB; nc at idle {fig['nc_idle']}")
 
         # -- ramp -------------------------------------------------------------------------------
+        lag.take()
         cpu_a, t_a, me_a = srv.cpu(), time.perf_counter(), self_cpu()
         connect_times = await _ramp(fleet, fleet.agents)
+        fig["lag_ramp"] = lag.take()
         fig["ramp_s"] = time.perf_counter() - t_a
         fig["ramp_cpu"] = srv.cpu() - cpu_a
         fig["ramp_load_cpu"] = self_cpu() - me_a
@@ -708,7 +786,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
             f"(server CPU {fig['ramp_cpu']:.1f} s); lost {dict(fleet.lost_reasons)}"
         )
         # let full maps drain and the allocator settle, then idle
-        await _quiet(fleet, srv, 3.0)
+        await asyncio.sleep(opts.settle)
         rss_n = srv.rss()
         fig["rss_n"] = rss_n
         fig["rss_per_agent"] = (rss_n - rss0) / max(1, fig["online"])
@@ -716,6 +794,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         cpu_a, t_a, me_a = srv.cpu(), time.perf_counter(), self_cpu()
         await asyncio.sleep(opts.idle_seconds)
         wall = time.perf_counter() - t_a
+        fig["lag_idle"] = lag.take()
         fig["idle_s"] = wall
         fig["idle_cpu"] = (srv.cpu() - cpu_a) / wall
         fig["idle_load_cpu"] = (self_cpu() - me_a) / wall
@@ -733,7 +812,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
             by_name["joiner"].pem, by_name["joiner"].pem
         )
         await joiner.connect()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(c.NETMAP_COALESCE_MAX + 0.5)  # the push window grows with the fleet
         deltas = [a.peers_bytes() - b for a, b in zip(obs, before, strict=True)]
         fig["delta_join"] = statistics.median(deltas) if deltas else float("nan")
         fig["join_full_map"] = joiner.peers_bytes()
@@ -779,6 +858,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
             await asyncio.sleep(1.0)
         started, reconnects, failed = await churn_task
         wall = time.perf_counter() - t_a
+        fig["lag_churn"] = lag.take()
         fig["churn_s"] = wall
         fig["churn_cpu"] = (srv.cpu() - cpu_a) / wall
         fig["churn_load_cpu"] = (self_cpu() - me_a) / wall
@@ -787,6 +867,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         fig["reconnect_p50"], fig["reconnect_p99"] = pct(reconnects, 0.5), pct(reconnects, 0.99)
         fig["nc_churn"], fig["nc_fail"] = nc_churn, nc_fail
         fig["live_streams_data"] = sum(len(a.data) for a in srcs + dsts)
+        log(f"worst loop lag: ramp {fig['lag_ramp']:.2f} s idle {fig['lag_idle']:.2f} s churn {fig['lag_churn']:.2f} s")
         log(
             f"churn {wall:.0f} s: {len(reconnects)} reconnects ({failed} failed), server "
             f"{100 * fig['churn_cpu']:.0f} % CPU, load {100 * fig['churn_load_cpu']:.0f} %; "
@@ -794,12 +875,13 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         )
         for a in srcs + dsts:
             a.close_data()
-        await _quiet(fleet, srv, 2.0)
+        await asyncio.sleep(opts.settle)
         fig["online_end"] = fleet.online()
         fig["lost"] = sum(a.lost for a in fleet.agents)
         fig["lost_reasons"] = dict(fleet.lost_reasons)
         # observers' maps agree with the fleet (every agent online in their view)
         views = [a.core.peers for a in obs]
+        fig["expected_online"] = fleet.online() + 1 + int(joiner.ready)  # + legit-dst
         fig["observer_maps"] = [
             sum(1 for p in v.peers.values() if p.online) for v in views
         ]
@@ -810,6 +892,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
             if a.link is not None:
                 a.link.abort("bench over")
     finally:
+        lag.stop()
         fleet.closing = True
         for p in procs:
             if p.poll() is None:
@@ -821,10 +904,6 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         srv.stop()
         echo.close()
     return fig
-
-
-async def _quiet(fleet: Fleet, srv: ServerProc, seconds: float) -> None:
-    await asyncio.sleep(seconds)
 
 
 def _accepts(port: int) -> bool:
@@ -906,6 +985,12 @@ def rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]:
             f"{statistics.median(nc_churn):.2f} s" if nc_churn else "none",
             f"median of {len(nc_churn)}, max {max(nc_churn, default=0):.2f} s; "
             f"{len(fig['nc_fail'])} failed",
+        ),
+        (
+            "load process: worst event-loop lag",
+            f"{_ms(fig['lag_churn'])} churn",
+            f"ramp {_ms(fig['lag_ramp'])}, idle {_ms(fig['lag_idle'])}: above ~10 s its "
+            "pings are late and sessions time out (the generator, not the server)",
         ),
         (
             "agents dropped by the server",
