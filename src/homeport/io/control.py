@@ -200,9 +200,7 @@ class ControlLink(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._ended:
             return
-        while self._held and (
-            everything or transport.get_write_buffer_size() < ENCODED_HIGH_WATER
-        ):
+        while self._held and (everything or transport.get_write_buffer_size() < ENCODED_HIGH_WATER):
             view = self._held[0]
             chunk = view if everything else view[:ENCODED_CHUNK]
             if len(chunk) == len(view):
