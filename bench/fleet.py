@@ -74,7 +74,7 @@ from homeport.policy.services import Service
 from homeport.proto import coord as c
 from homeport.proto import node as core
 from homeport.proto.backoff import Backoff
-from homeport.proto.control import ConnectionClosed, ControlConnection, Role
+from homeport.proto.control import AGENT_PING_INTERVAL, ConnectionClosed, ControlConnection, Role
 from homeport.server.datadir import prepare_data_dir
 from homeport.store.registry import database_url, open_registry
 from homeport.testing.deadline import wait_for
@@ -212,8 +212,10 @@ class SkimConnection(ControlConnection):
     #: Observers decode PEERS into their PeerView; the rest only count the bytes.
     decode_peers = False
 
-    def __init__(self, role: Role, now: float) -> None:
-        super().__init__(role, now)
+    def __init__(
+        self, role: Role, now: float, *, ping_interval: float, idle_timeout: float
+    ) -> None:
+        super().__init__(role, now, ping_interval=ping_interval, idle_timeout=idle_timeout)
         self._peers_counted = 0
         if not self.decode_peers:
             self._decoder = SkimDecoder()  # type: ignore[assignment]
@@ -330,9 +332,17 @@ class SimAgent:
         observer = self.observer
 
         def make() -> ControlLink:
-            link = ControlLink(Role.CLIENT, self, address=self.fleet.server, answer_timeout=30.0)
+            ping, idle = self.fleet.ping_interval, 3 * self.fleet.ping_interval
+            link = ControlLink(
+                Role.CLIENT,
+                self,
+                address=self.fleet.server,
+                answer_timeout=30.0,
+                ping_interval=ping,
+                idle_timeout=idle,
+            )
             conn_cls = CountingConnection if observer else SkimConnection
-            link.conn = conn_cls(Role.CLIENT, loop.time())
+            link.conn = conn_cls(Role.CLIENT, loop.time(), ping_interval=ping, idle_timeout=idle)
             return link
 
         ctx = self.fleet.contexts[self.member.name]
@@ -468,6 +478,8 @@ class Fleet:
     agents: list[SimAgent] = field(default_factory=list)
     lost_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     closing: bool = False  # the run is over: nobody reconnects
+    #: What real agents use (``homeport up``): a PING every this many s, dead after 3 missed.
+    ping_interval: float = AGENT_PING_INTERVAL
 
     def online(self) -> int:
         return sum(1 for a in self.agents if a.ready)
@@ -632,6 +644,7 @@ class Options:
     root: Path
     settle: float = 3.0  # seconds of quiet after the ramp and after the churn
     nc_runs: int = 3  # legitimate nc round trips at idle
+    ping_interval: float = AGENT_PING_INTERVAL
 
 
 async def _ramp(fleet: Fleet, agents: list[SimAgent]) -> list[float]:
@@ -716,7 +729,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
     write_state(legit_src, server_addr, pin, by_name["legit-src"], ca_pem)
     srv = ServerProc(root / "server", port, root / "server.log")
     procs: list[subprocess.Popen[bytes]] = []
-    fleet = Fleet("127.0.0.1", port, pin, server_addr, loop)
+    fleet = Fleet("127.0.0.1", port, pin, server_addr, loop, ping_interval=opts.ping_interval)
     lag = LagMonitor()
     try:
         await loop.run_in_executor(
@@ -949,7 +962,8 @@ def rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]:
         (
             f"server CPU at idle (keepalives), {fig['idle_s']:.0f} s",
             f"{100 * fig['idle_cpu']:.1f} % of a core",
-            f"a PING per agent per 5 s ({opts.agents / 5:,.0f}/s); load process "
+            f"a PING per agent per {opts.ping_interval:g} s "
+            f"({opts.agents / opts.ping_interval:,.0f}/s); load process "
             f"{100 * fig['idle_load_cpu']:.0f} %; {fig['online_after_idle']:,} still online",
         ),
         (
@@ -1034,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--churn-seconds", type=float, default=30.0)
     p.add_argument("--idle-seconds", type=float, default=30.0)
     p.add_argument("--observers", type=int, default=10)
+    p.add_argument("--ping-interval", type=float, default=AGENT_PING_INTERVAL)
     p.add_argument("--json", type=Path, help="also write the raw figures here")
     p.add_argument("--write-docs", action="store_true", help="update docs/reliability.md")
     p.add_argument("--doc", type=Path, default=Path("docs/reliability.md"))
@@ -1052,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_seconds=args.idle_seconds,
             observers=args.observers,
             root=Path(tmp),
+            ping_interval=args.ping_interval,
         )
 
         def log(text: str) -> None:
