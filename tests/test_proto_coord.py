@@ -429,3 +429,25 @@ def test_audit_records_enrollment_streams_and_removal(sim: Sim) -> None:
     assert _audits(sim, au.NODE_REMOVE) == [
         {"node": "labpc", "node_id": lab.node_id, "by": "admin"}
     ]
+
+
+def test_map_pushes_coalesce_longer_as_the_fleet_grows(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every push writes to every online agent: the window scales with the agents online
+    monkeypatch.setattr(c, "NETMAP_PUSH_RATE", 10.0)
+    sids = [sim.agent(sim.new_node(f"n{i}")) for i in range(5)]
+    sim.advance(c.NETMAP_COALESCE_MAX)
+    assert sim.core.push_delay() == pytest.approx(0.5)
+    for sid in sids:
+        sim.out[sid].take()
+    sim.end(sids[0])  # 4 agents left: 0.4 s
+    sim.advance(c.NETMAP_COALESCE)
+    assert not sim.out[sids[1]].of(m.Peers)
+    sim.advance(0.4 - c.NETMAP_COALESCE + 0.01)
+    [delta] = sim.out[sids[1]].of(m.Peers)
+    assert isinstance(delta, m.Peers) and not delta.reset
+    monkeypatch.setattr(c, "NETMAP_PUSH_RATE", 1.0)
+    assert sim.core.push_delay() == c.NETMAP_COALESCE_MAX  # capped
+    monkeypatch.setattr(c, "NETMAP_PUSH_RATE", 1000.0)
+    assert sim.core.push_delay() == c.NETMAP_COALESCE  # small networks: unchanged

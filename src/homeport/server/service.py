@@ -81,6 +81,10 @@ MAX_UNAUTHENTICATED = 512
 #: Of those, at most this many from one source address; a new connection from a source at
 #: its limit evicts that source's oldest unauthenticated one (a flooder only displaces itself).
 MAX_UNAUTHENTICATED_PER_SOURCE = 64
+#: Accept queue of the listening sockets (the kernel caps it at net.core.somaxconn). With
+#: 1024, 5,000 agents reconnecting at once overflowed it (SYN cookies, retransmitted SYNs:
+#: seconds of connect delay); agents reconnect in bursts after any server or network blip.
+LISTEN_BACKLOG = 4096
 #: At most one "too many handshakes" log line per this many seconds.
 BUSY_LOG_INTERVAL = 5.0
 #: How often waiting data connections are checked for their deadline.
@@ -294,7 +298,7 @@ class Service:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(addr)
-            sock.listen(1024)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
         except OSError:
             sock.close()
