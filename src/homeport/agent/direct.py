@@ -60,7 +60,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from homeport.crypto import tls as hptls
 from homeport.io import tlsctx
@@ -68,7 +68,9 @@ from homeport.io.dial import DialError
 from homeport.io.muxlink import MuxLink, MuxLinkError, Refusal
 from homeport.io.netcheck import netcheck
 from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, punch
+from homeport.node.state import NodeState
 from homeport.policy.decide import Subject, decide
+from homeport.policy.services import Service
 from homeport.proto import node as core
 from homeport.proto import path as hpath
 from homeport.proto.natcheck import Candidate, NatVerdict, Observations, candidates, classify_nat
@@ -76,10 +78,20 @@ from homeport.wire import control as m
 from homeport.wire.errors import WireError
 from homeport.wire.probe import parse_addr_untrusted
 
-if TYPE_CHECKING:
-    from homeport.agent.runtime import Agent
-
 log = logging.getLogger("homeport.agent.direct")
+
+
+class Agent(Protocol):
+    """What this driver uses of :class:`homeport.agent.runtime.Agent` (no import cycle)."""
+
+    core: core.NodeCore
+    state: NodeState
+    services: tuple[Service, ...]
+    _loop: asyncio.AbstractEventLoop | None
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None: ...
+    def _drain(self) -> None: ...
+
 
 T = TypeVar("T")
 
