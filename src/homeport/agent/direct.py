@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import selectors
@@ -67,6 +68,7 @@ from homeport.io import tlsctx
 from homeport.io.dial import DialError
 from homeport.io.muxlink import MuxLink, MuxLinkError, Refusal
 from homeport.io.netcheck import netcheck
+from homeport.io.portmap import PortMapFailure, request_mapping
 from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, punch
 from homeport.node.state import NodeState
 from homeport.policy.decide import Subject, decide
@@ -267,12 +269,25 @@ class DirectPaths:
         pp = self.agent.core.probe_port
         probe = (host, pp) if pp else None
         try:
+            # whoami first and report at once: a router that never answers NAT-PMP/PCP
+            # costs seconds, and peers can punch to the observed address meanwhile.
             obs = await loop.run_in_executor(
-                None, lambda: netcheck(self.port, (host, port), probe, portmap=self.portmap)
+                None, lambda: netcheck(self.port, (host, port), probe, portmap=False)
             )
+            d = self._apply(obs, loop)
+            if not self.portmap:
+                return d
+            got = await loop.run_in_executor(None, lambda: request_mapping(self.port.port))
         except Exception:
             log.exception("discovery failed")
             return None
+        if isinstance(got, PortMapFailure):
+            obs = dataclasses.replace(obs, mapping_error=got.reason)
+        else:
+            obs = dataclasses.replace(obs, mapping=got)
+        return self._apply(obs, loop)
+
+    def _apply(self, obs: Observations, loop: asyncio.AbstractEventLoop) -> Discovery:
         verdict = classify_nat(obs)
         cands = tuple(candidates(obs, verdict))
         d = Discovery(obs, verdict, cands, time.time())
@@ -509,7 +524,8 @@ class DirectPaths:
         if not isinstance(service, str) or not service or len(service) > 64:
             return Refusal("protocol", "OPEN without a service")
         if agent.core.config.shields_up:
-            return Refusal("shields-up", f"{agent.state.name} has shields up")
+            reason = f"{agent.state.name} has shields up: it accepts no incoming streams"
+            return Refusal(core.SHIELDS_UP, reason)
         src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
         decision = decide(src, agent.state.name, agent.services, service)
         log.info(

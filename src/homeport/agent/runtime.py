@@ -403,7 +403,9 @@ class Agent:
                     self._direct.pong(cmd)
             elif isinstance(cmd, core.PathChanged):
                 ch = cmd.choice
-                log.info("path to %s: %s (%s)", cmd.peer, ch.kind.value, ch.reason)
+                known = self.core.peers.peers.get(cmd.peer)
+                who = known.name if known is not None else cmd.peer
+                log.info("path to %s: %s (%s)", who, ch.kind.value, ch.reason)
             elif isinstance(cmd, core.Renewed):
                 self._store_renewed(cmd)
             elif isinstance(cmd, core.NoticeReceived):
