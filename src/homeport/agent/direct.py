@@ -71,11 +71,12 @@ from homeport.io.netcheck import netcheck
 from homeport.io.portmap import PortMapFailure, request_mapping
 from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, punch
 from homeport.node.state import NodeState
-from homeport.policy.decide import Subject, decide
+from homeport.policy.decide import Subject, decide, match_service
 from homeport.policy.services import Service
 from homeport.proto import node as core
 from homeport.proto import path as hpath
 from homeport.proto.natcheck import Candidate, NatVerdict, Observations, candidates, classify_nat
+from homeport.proto.node import StreamRecord
 from homeport.wire import control as m
 from homeport.wire.errors import WireError
 from homeport.wire.probe import parse_addr_untrusted
@@ -93,6 +94,7 @@ class Agent(Protocol):
 
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None: ...
     def _drain(self) -> None: ...
+    def _log_decision(self, rec: StreamRecord) -> None: ...
 
 
 T = TypeVar("T")
@@ -523,19 +525,28 @@ class DirectPaths:
         service = meta.get("service")
         if not isinstance(service, str) or not service or len(service) > 64:
             return Refusal("protocol", "OPEN without a service")
+        who = f"{peer.name} ({peer.node_id})"
         if agent.core.config.shields_up:
             reason = f"{agent.state.name} has shields up: it accepts no incoming streams"
+            self._audit(
+                core.StreamRecord(
+                    f"direct-{sid}", who, service, False, core.SHIELDS_UP, reason, core.SHIELDS_UP
+                )
+            )
             return Refusal(core.SHIELDS_UP, reason)
         src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
         decision = decide(src, agent.state.name, agent.services, service)
-        log.info(
-            "direct stream %d from %s for %r: %s: %s (rule %s)",
-            sid,
-            peer.name,
-            service,
-            "accepted" if decision.allowed else f"rejected [{decision.code}]",
-            decision.reason,
-            decision.rule,
+        # the same record (log line, audit callback) as a relayed INCOMING's
+        self._audit(
+            core.StreamRecord(
+                f"direct-{sid}",
+                who,
+                service,
+                decision.allowed,
+                "ok" if decision.allowed else decision.code,
+                decision.reason,
+                decision.rule,
+            )
         )
         if not decision.allowed or decision.service is None:
             return Refusal(decision.code, decision.reason)
@@ -555,6 +566,9 @@ class DirectPaths:
             "port": svc.port,
             "name": agent.state.name,
         }
+
+    def _audit(self, rec: core.StreamRecord) -> None:
+        self.agent._on_loop(self.agent._log_decision, rec)
 
     def _count_incoming(self) -> None:
         self.counters.streams_incoming_direct += 1
@@ -577,12 +591,16 @@ class DirectPaths:
         loop.call_soon_threadsafe(run)
         return fut.result(LOOP_ANSWER_TIMEOUT)
 
-    def route(self, dst: str) -> tuple[m.Peer, _Link] | m.Peer | None:
-        """Event loop: the direct link a new stream to ``dst`` takes, or the peer (relay)."""
+    def route(self, dst: str, service: str) -> tuple[m.Peer, _Link] | m.Peer | None:
+        """Event loop: the direct link a new stream to ``dst`` takes, or the peer (relay).
+
+        A service the peer did not announce goes to the relay: the server refuses it
+        there with the usual answer and keeps it in its audit log.
+        """
         core_ = self.agent.core
         peer = core_.peers.get_by_name(dst)
         self.counters.streams_opened += 1
-        if peer is None:
+        if peer is None or match_service(peer.services, service) is None:
             return None
         now = asyncio.get_running_loop().time()
         choice = core_.path_choice(peer.node_id, now)
@@ -605,7 +623,7 @@ class DirectPaths:
             MuxLinkError: the peer refused (its policy: not a reason to use the relay).
         """
         try:
-            routed = self._ask_loop(lambda: self.route(dst))
+            routed = self._ask_loop(lambda: self.route(dst, service))
         except (RuntimeError, concurrent.futures.TimeoutError):
             return None
         if not isinstance(routed, tuple):
