@@ -209,6 +209,7 @@ class DirectPaths:
         self._links: dict[str, _Link] = {}  # by peer node id (event loop writes)
         self._punch_lock = threading.Lock()
         self._kick: asyncio.Event | None = None
+        self._discovering = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_discovery = -1e9
         self._closed = False
@@ -257,15 +258,22 @@ class DirectPaths:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kick.wait(), timeout=min(wait, RTT_INTERVAL))
             self._feed_rtts()
-            due = kick.is_set() or time.monotonic() - self._last_discovery >= wait
-            if not due or time.monotonic() - self._last_discovery < DISCOVERY_MIN_GAP:
+            since = time.monotonic() - self._last_discovery
+            if not kick.is_set() and since < wait:
                 continue
+            if since < DISCOVERY_MIN_GAP:  # asked again too soon: run it when the gap is over
+                await asyncio.sleep(DISCOVERY_MIN_GAP - since)
             kick.clear()
             if not self.agent.core.ready or not self.agent.core.direct_expected:
                 continue
             await self._discover_once(loop)
 
     async def _discover_once(self, loop: asyncio.AbstractEventLoop) -> Discovery | None:
+        # One at a time: two whoamis from P to the same server port would be one 4-tuple.
+        async with self._discovering:
+            return await self._discover_locked(loop)
+
+    async def _discover_locked(self, loop: asyncio.AbstractEventLoop) -> Discovery | None:
         self._last_discovery = time.monotonic()
         host, port = self.agent.state.server_address()
         pp = self.agent.core.probe_port
