@@ -71,7 +71,7 @@ from homeport.io.netcheck import netcheck
 from homeport.io.portmap import PortMapFailure, request_mapping
 from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, punch
 from homeport.node.state import NodeState
-from homeport.policy.decide import Subject, decide, match_service
+from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide, match_service
 from homeport.policy.services import Service
 from homeport.proto import node as core
 from homeport.proto import path as hpath
@@ -529,36 +529,17 @@ class DirectPaths:
 
     # -- incoming mux streams (worker thread per request) ---------------------------------
     def _incoming(self, peer: m.PeerInfo, sid: int, meta: dict[str, Any]) -> Any:
-        agent = self.agent
+        """A mux OPEN from ``peer`` (its link's worker thread): decide, connect, answer."""
         service = meta.get("service")
         if not isinstance(service, str) or not service or len(service) > 64:
             return Refusal("protocol", "OPEN without a service")
-        who = f"{peer.name} ({peer.node_id})"
-        if agent.core.config.shields_up:
-            reason = f"{agent.state.name} has shields up: it accepts no incoming streams"
-            self._audit(
-                core.StreamRecord(
-                    f"direct-{sid}", who, service, False, core.SHIELDS_UP, reason, core.SHIELDS_UP
-                )
-            )
-            return Refusal(core.SHIELDS_UP, reason)
-        src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
-        decision = decide(src, agent.state.name, agent.services, service)
-        # the same record (log line, audit callback) as a relayed INCOMING's
-        self._audit(
-            core.StreamRecord(
-                f"direct-{sid}",
-                who,
-                service,
-                decision.allowed,
-                "ok" if decision.allowed else decision.code,
-                decision.reason,
-                decision.rule,
-            )
-        )
-        if not decision.allowed or decision.service is None:
-            return Refusal(decision.code, decision.reason)
-        svc = decision.service
+        try:
+            answer = self._ask_loop(lambda: self._decide(peer, sid, service))
+        except (RuntimeError, concurrent.futures.TimeoutError):
+            return Refusal("busy", f"{self.agent.state.name} did not decide in time")
+        if isinstance(answer, Refusal):
+            return answer
+        svc, host_keys = answer
         try:
             target = socket.create_connection(
                 (svc.target_host, svc.target_port), TARGET_CONNECT_TIMEOUT
@@ -568,18 +549,52 @@ class DirectPaths:
                 "service-down", f"cannot connect to {svc.target_host}:{svc.target_port}: {exc}"
             )
         target.settimeout(None)
-        self.agent._on_loop(self._count_incoming)
-        return target, {
-            "host_keys": list(agent.core.host_keys),
-            "port": svc.port,
-            "name": agent.state.name,
-        }
+        return target, {"host_keys": list(host_keys), "port": svc.port, "name": peer.name}
 
-    def _audit(self, rec: core.StreamRecord) -> None:
-        self.agent._on_loop(self.agent._log_decision, rec)
-
-    def _count_incoming(self) -> None:
+    def _decide(
+        self, peer: m.PeerInfo, sid: int, service: str
+    ) -> Refusal | tuple[Service, tuple[str, ...]]:
+        """Event loop: the destination's decision on a mux OPEN, with the same checks, in the
+        same order, as the core's on INCOMING (shields up, an unreadable policy, then
+        ``policy.decide`` with the policy in force); one :class:`StreamRecord` either way."""
+        core_ = self.agent.core
+        who = f"{peer.name} ({peer.node_id})"
+        sid_text = f"direct-{sid}"
+        if core_.config.shields_up:
+            core_.shields_refused += 1
+            reason = f"{core_.name} has shields up: it accepts no incoming streams"
+            self.agent._log_decision(
+                StreamRecord(
+                    sid_text, who, service, False, core.SHIELDS_UP, reason, core.SHIELDS_UP
+                )
+            )
+            return Refusal(core.SHIELDS_UP, reason)
+        if core_.policy_problem:
+            reason = f"this node cannot read the server's policy ({core_.policy_problem})"
+            rule = core.RULE_POLICY_UNREADABLE
+            self.agent._log_decision(
+                StreamRecord(sid_text, who, service, False, "policy", reason, rule)
+            )
+            return Refusal("policy", reason)
+        src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
+        me = Subject(core_.node_id, core_.name, core_.user, core_.tags)
+        decision = decide(src, me, core_.config.services, service, core_.policy)
+        # the same record (log line, audit callback) as a relayed INCOMING's
+        self.agent._log_decision(
+            StreamRecord(
+                sid_text,
+                who,
+                service,
+                decision.allowed,
+                "ok" if decision.allowed else decision.code,
+                decision.reason,
+                decision.rule or RULE_NOT_EXPOSED,
+            )
+        )
+        if not decision.allowed or decision.service is None:
+            return Refusal(decision.code, decision.reason)
         self.counters.streams_incoming_direct += 1
+        return decision.service, core_.host_keys
 
     # -- local opens (called from a local API thread) ---------------------------------------
     def _ask_loop(self, fn: Callable[[], T]) -> T:
