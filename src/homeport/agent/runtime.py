@@ -421,6 +421,8 @@ class Agent:
                 and not self._action.done()
             ):
                 self._action.set_result(cmd)
+        if self._direct is not None:
+            self._direct.after_input()
         self._arm_timer()
 
     def _store_renewed(self, cmd: core.Renewed) -> None:
