@@ -687,8 +687,9 @@ def test_idle_agent_goes_offline(tmp_path: Path) -> None:
 
 
 def test_unauthenticated_limit(tmp_path: Path) -> None:
+    """At the global limit a newcomer is admitted and the oldest pending one evicted."""
     # The handshake timeout is far beyond DEADLINE: a close seen within DEADLINE can
-    # only be the busy refusal, not the timeout.
+    # only be the eviction, not the timeout.
     cfg = ServiceConfig(handshake_timeout=600.0, max_unauthenticated=2)
     with start_server_thread(tmp_path / "srv", config=cfg) as srv:
         assert srv.service is not None
@@ -698,8 +699,11 @@ def test_unauthenticated_limit(tmp_path: Path) -> None:
         ]
         wait_for(lambda: service.unauthenticated == 2, DEADLINE, "2 unauthenticated slots")
         extra = socket.create_connection((srv.host, srv.port), timeout=DEADLINE)
-        assert is_closed(extra)  # refused at once: the handshake timeout is 600 s
-        assert service.unauthenticated == 2  # the two silent ones still hold their slots
+        assert is_closed(silent[0])  # the oldest goes; the handshake timeout is 600 s
+        wait_for(lambda: service.unauthenticated == 2, DEADLINE, "the newcomer admitted")
+        silent[1].settimeout(0.2)
+        extra.settimeout(0.2)
+        assert not is_closed(silent[1]) and not is_closed(extra)
         for s in [*silent, extra]:
             s.close()
         wait_for(lambda: service.unauthenticated == 0, DEADLINE, "the slots back")

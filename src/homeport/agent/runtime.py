@@ -40,6 +40,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -90,6 +91,10 @@ TARGET_CONNECT_TIMEOUT = 5.0
 STREAM_SETUP_TIMEOUT = 10.0
 #: Seconds ``stop()`` waits for stream threads to finish after cancelling them.
 STOP_GRACE = 2.0
+#: SIGTERM: how long open streams may go on after the agent stopped taking new ones.
+DRAIN_GRACE = 10.0
+#: How often a draining agent looks whether its streams have ended.
+DRAIN_POLL = 0.05
 #: Seconds a local open waits for the event loop to admit it (it only does
 #: bookkeeping and one write, so this is only reached if the loop is wedged).
 LOCAL_ADMIT_TIMEOUT = 2.0
@@ -183,6 +188,7 @@ class Agent:
         self._local_api = local_api
         self._api: LocalApiServer | None = None
         self._local: dict[bytes, _LocalWait] = {}  # by token (event loop only)
+        self.drain_grace = 0.0  # set by stop(drain=True)
 
     @property
     def backoff(self) -> Backoff:
@@ -193,8 +199,11 @@ class Agent:
         return self.core.active
 
     # -- lifecycle ------------------------------------------------------------
-    def stop(self) -> None:
-        """Ask the agent to exit (thread-safe; also from a signal handler)."""
+    def stop(self, *, drain: bool = False) -> None:
+        """Ask the agent to exit (thread-safe; also from a signal handler). ``drain``
+        (SIGTERM): open streams get :data:`DRAIN_GRACE` seconds before they are cut."""
+        if drain and not self._stopping:
+            self.drain_grace = DRAIN_GRACE
         self._stopping = True
         loop = self._loop
         if loop is not None and not loop.is_closed():
@@ -258,6 +267,12 @@ class Agent:
         return int(ExitCode.STOPPED)
 
     async def _shutdown_streams(self) -> None:
+        if self.drain_grace > 0 and self._threads:  # SIGTERM: open streams may finish
+            log.info("draining %d stream(s) for up to %gs", len(self._threads), self.drain_grace)
+            deadline = time.monotonic() + self.drain_grace
+            with contextlib.suppress(asyncio.CancelledError):  # a second signal: cut now
+                while self._threads and time.monotonic() < deadline:
+                    await asyncio.sleep(DRAIN_POLL)
         os.write(self._cancel_w, b"x")
         for sock in self._targets.values():
             sock.close()
@@ -1007,8 +1022,8 @@ def run_in_loop(agent: Agent) -> int:
     async def main() -> int:
         if threading.current_thread() is threading.main_thread():
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, agent.stop)
+            loop.add_signal_handler(signal.SIGINT, agent.stop)
+            loop.add_signal_handler(signal.SIGTERM, functools.partial(agent.stop, drain=True))
         return await agent.run()
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -45,6 +45,7 @@ from homeport.proto.control import (
     State,
 )
 from homeport.wire import control as m
+from homeport.wire.logtext import esc
 
 log = logging.getLogger("homeport.control")
 
@@ -92,6 +93,7 @@ class ControlLink(asyncio.Protocol):
         self._closed: asyncio.Future[ConnectionClosed] = self._loop.create_future()
         self._peer_der: bytes | None = None
         self._processing = False  # inside _process: sends must not re-enter it
+        self._opened = False  # the peer's HELLO/ENROLL (or our WELCOME) was seen
 
     def __repr__(self) -> str:
         return f"<ControlLink {self.role.value} {self.address}>"
@@ -182,7 +184,7 @@ class ControlLink(asyncio.Protocol):
     def abort(self, reason: str) -> None:
         """Drop the connection at once (no TLS close)."""
         if not self._ended:
-            log.info("control connection %s dropped: %s", self.address, reason)
+            log.info("control connection %s dropped: %s", self.address, esc(reason))
         transport = self.transport
         self._end(ConnectionClosed("abort", reason))
         if transport is not None:
@@ -203,6 +205,7 @@ class ControlLink(asyncio.Protocol):
         closed: ConnectionClosed | None = None
         while (ev := self.conn.next_event()) is not None:
             if isinstance(ev, MessageReceived):
+                self._opened = True
                 if self.conn.state is State.READY and self._answer_deadline is not None:
                     self._answer_deadline.cancel()
                     self._answer_deadline = None
@@ -239,6 +242,11 @@ class ControlLink(asyncio.Protocol):
             return
         if self.conn.state is State.CLOSED:
             transport.close()  # flushes what is buffered, then TLS close_notify
+            reason = self.conn.close_reason
+            if reason is not None and reason.code.startswith("protocol:") and not self._opened:
+                # an unauthenticated peer broke the protocol: its ERROR is on its way; do not
+                # read (and hold) what else it sends during a TLS shutdown (finding 2)
+                self._loop.call_soon(transport.abort)
         else:
             self._arm_timer()
 

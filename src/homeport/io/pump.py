@@ -119,8 +119,33 @@ class PumpResult:
     received: int
 
 
+#: TCP keepalive on data connections: first probe after this many idle seconds, ...
+KEEPALIVE_IDLE = 60
+#: ... then one every this many seconds ...
+KEEPALIVE_INTERVAL = 10
+#: ... and the peer is declared dead (the socket errors with ETIMEDOUT) after this many
+#: unanswered: a silently vanished peer frees its stream within 60 + 6 * 10 = 120 s, while
+#: an idle but alive ssh session (its kernel answers the probes) is never cut.
+KEEPALIVE_COUNT = 6
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """Turn on TCP keepalive with the limits above (once per connection, never per chunk)."""
+    for level, opt, value in (
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", -1), KEEPALIVE_IDLE),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", -1), KEEPALIVE_INTERVAL),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", -1), KEEPALIVE_COUNT),
+    ):
+        with contextlib.suppress(OSError):  # not TCP (a socketpair in tests), or no such option
+            sock.setsockopt(level, opt, value)
+
+
 def tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY (interactive ssh keystrokes) and large buffers (bulk copies)."""
+    """TCP_NODELAY (interactive ssh keystrokes), large buffers (bulk copies), keepalive
+    (a peer that vanished without a FIN or RST must not hold the stream forever)."""
+    if sock.family != socket.AF_UNIX:
+        set_keepalive(sock)
     for level, opt, value in (
         (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
         (socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from homeport.node.files import write_private
+from homeport.node.files import safe_dir, write_private
 from homeport.policy.services import Service
 from homeport.wire import hostkey, names
 from homeport.wire.errors import WireError
@@ -122,11 +122,9 @@ def resolve_dir(arg: str | os.PathLike[str] | None = None) -> Path:
 
 
 def ensure_dir(path: Path) -> Path:
-    """Create the state directory (0700) if needed; tighten its mode if it exists."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o700)
-    return path
+    """Create the state directory (0700) if needed, or check it (:func:`files.safe_dir`:
+    another user's or a group/other-writable directory is refused, not chmodded)."""
+    return safe_dir(path)
 
 
 def _service_from_json(obj: Any) -> Service:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from homeport.wire import control as m
 from homeport.wire.errors import UnknownType, WireError
-from homeport.wire.frame import FrameDecoder
+from homeport.wire.frame import MAX_FRAME, FrameDecoder
 
 DEFAULT_PING_INTERVAL = 5.0
 #: Three missed pings and the link is dead.  The server keeps this (it never pings; older
@@ -53,6 +53,9 @@ AGENT_PING_INTERVAL = 1.5
 AGENT_IDLE_TIMEOUT = 3 * AGENT_PING_INTERVAL
 #: Outgoing bytes we queue before declaring the peer too slow (a netmap burst fits).
 MAX_OUTGOING = 4 * 1024 * 1024
+#: Largest frame a server accepts before the peer's HELLO/ENROLL: an opener is a few hundred
+#: bytes, so an unauthenticated connection can make us buffer at most this much (not MAX_FRAME).
+MAX_PREAUTH_FRAME = 64 * 1024
 
 
 class Role(enum.Enum):
@@ -106,6 +109,8 @@ class ControlConnection:
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self._decoder = FrameDecoder()
+        if role is Role.SERVER:  # raised to MAX_FRAME once the opener is accepted
+            self._decoder.max_frame = MAX_PREAUTH_FRAME
         self._out = bytearray()
         self._events: collections.deque[Event] = collections.deque()
         self._last_rx = now
@@ -164,6 +169,7 @@ class ControlConnection:
                 return
             self._learn_caps(msg.capver, msg.caps)
             self.state = State.WAIT_ANSWER
+            self._decoder.max_frame = MAX_FRAME
         elif self.role is Role.CLIENT and self.state is State.WAIT_ANSWER:
             if not isinstance(msg, _ANSWERS):
                 self._close("protocol:order", f"expected WELCOME or ENROLLED, got {msg.TYPE.name}")

@@ -74,11 +74,13 @@ from homeport.proto.audit import (
 from homeport.proto.nat import NatKind
 from homeport.proto.netmap import PeerBook
 from homeport.proto.policy import policy_message
+from homeport.proto.ratelimit import TokenBuckets
 from homeport.wire import authkey, names
 from homeport.wire import control as m
 from homeport.wire.data import token_from_hex_untrusted
 from homeport.wire.errors import WireError
 from homeport.wire.hostkey import sanitize_host_keys
+from homeport.wire.logtext import esc
 
 SessionId = int
 K = TypeVar("K")
@@ -92,6 +94,8 @@ UNPAIRED_TIMEOUT = 10.0
 MAX_PENDING_OPENS_PER_SESSION = 64
 #: Streams in any state (waiting, accepted, live) over the whole server.
 MAX_STREAMS = 4096
+#: Longest log line (Note) the core produces; peer text within it is escaped (wire.logtext).
+MAX_NOTE = 1024
 #: Netmap changes within this window go out as one push per agent.
 NETMAP_COALESCE = 0.05
 #: Longest reject reason / code from an agent that we pass on.
@@ -413,6 +417,12 @@ class PairStats:
 DIRECT_MESSAGES = (m.Endpoints, m.PathReq, m.PathReport, m.PeerPing, m.PeerPong)
 
 
+def _source(address: str) -> str:
+    """The host part of a session address (``1.2.3.4:5``, ``[::1]:5``): the rate-limit key."""
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.strip("[]")
+
+
 def _evict_oldest(table: dict[K, V], key: K) -> None:
     """Make room for ``key`` in a bounded table (insertion order: the oldest goes first)."""
     if key not in table and len(table) >= MAX_PATH_RECORDS:
@@ -580,6 +590,7 @@ class Coordinator:
         self._addresses: dict[str, str] = {}
         self._streams: dict[str, _Stream] = {}
         self._tokens: set[bytes] = set()  # opener tokens of streams not yet spliced
+        self._enroll_rate = TokenBuckets()  # per source address (proto.ratelimit)
         self._timers: list[_Timer] = []
         self._timer_seq = 0
         self._push_due: float | None = None
@@ -829,6 +840,13 @@ class Coordinator:
 
     def _enroll(self, s: _Session, msg: m.Enroll, now: float) -> None:
         s.state = SessionState.ENROLLING
+        rate = self._enroll_rate.check(_source(s.address), now)
+        if not rate.allowed:  # one log line and audit record per burst, not per guess
+            if rate.first:
+                self._refuse_enroll(s, "rate-limited", rate.reason, now)
+            else:
+                self._emit(Close(s.sid, "rate-limited", rate.reason))
+            return
         problem = self._version_problem(msg.proto, msg.capver)
         if problem is not None:
             self._emit(Close(s.sid, "upgrade", problem))
@@ -871,6 +889,8 @@ class Coordinator:
         )
 
     def _refuse_enroll(self, s: _Session, code: str, message: str, now: float) -> None:
+        if code != "rate-limited":  # a failed attempt spends its source's budget
+            self._enroll_rate.spend(_source(s.address), now)
         self._note(logging.INFO, f"enrollment from {s.address} refused: {code}: {message}")
         self._emit(
             Audit(
@@ -1048,7 +1068,8 @@ class Coordinator:
                 logging.INFO,
                 f"{src.name}: OPEN {msg.dst[:64]!r}:{msg.service[:64]!r} refused: {code}",
             )
-            self._emit(RelayRefuse(token))
+            if token not in self._tokens:  # a live stream's token: refusing it would kill that
+                self._emit(RelayRefuse(token))
             self._emit(Send(s.sid, m.OpenFailed(token=token_text, code=code, message=message)))
 
         if s.opens >= MAX_PENDING_OPENS_PER_SESSION:
@@ -1874,4 +1895,6 @@ class Coordinator:
         self._out.append(cmd)
 
     def _note(self, level: int, text: str) -> None:
-        self._out.append(Note(level, text))
+        # texts carry peer-supplied strings (names, OPEN dst/service, REJECT code/message):
+        # escaped here, once, so no node can forge a log line (docs/reliability.md)
+        self._out.append(Note(level, esc(text, MAX_NOTE)))

@@ -184,7 +184,10 @@ class Pairing(Generic[H]):
 
     def refuse_token(self, token: bytes, now: float) -> H | None:
         """The OPEN naming ``token`` failed: returns its parked connection to close,
-        or remembers the token so the connection is closed when it arrives."""
+        or remembers the token so the connection is closed when it arrives. A token an
+        expected stream owns is left alone: a second OPEN reusing it must not kill the first."""
+        if token in self._by_token:
+            return None
         parked = self._unpaired.pop(token, None)
         if parked is None:
             self._remember_refused(token, now)

@@ -25,7 +25,7 @@ from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.audit import AuditSink, audit_path
 from homeport.server.datadir import PolicyFileError, load_policy, prepare_data_dir
-from homeport.server.service import Service, ServiceConfig
+from homeport.server.service import DRAIN_GRACE, Service, ServiceConfig
 from homeport.store.registry import WriteBehind, database_url, open_registry
 
 log = logging.getLogger("homeport.server")
@@ -87,8 +87,10 @@ async def serve(
     config: ServiceConfig | None = None,
     started: Callable[[Running], None] | None = None,
     key_expiry: float | None = DEFAULT_KEY_EXPIRY,
+    drain_grace: Callable[[], float] | None = None,
 ) -> None:
-    """Run the server until ``stop`` is set."""
+    """Run the server until ``stop`` is set; then, if ``drain_grace`` says a number of
+    seconds (SIGTERM), open streams get that long to finish (:meth:`Service.drain`)."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
     policy = load_policy(data_dir)  # a bad policy file stops the start (PolicyFileError)
     registry = open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
@@ -142,6 +144,9 @@ async def serve(
         await stop.wait()
     finally:
         log.info("shutting down")
+        grace = drain_grace() if drain_grace is not None else 0.0
+        if grace > 0:
+            await service.drain(grace)
         if admin is not None:
             admin.close()  # and removes admin.sock if it is still the one it bound
         await service.stop()
@@ -203,8 +208,15 @@ def run_server(
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        grace = [0.0]  # SIGTERM (systemd, docker stop) drains; SIGINT (Ctrl-C) stops at once
+
+        def terminate() -> None:
+            if not stop.is_set():
+                grace[0] = DRAIN_GRACE
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
 
         def started(running: Running) -> None:
             print(_banner(running, host), flush=True)
@@ -219,6 +231,7 @@ def run_server(
             config=cfg,
             started=started,
             key_expiry=key_expiry,
+            drain_grace=lambda: grace[0],
         )
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

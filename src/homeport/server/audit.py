@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from homeport.node.files import open_append
 from homeport.proto.audit import Audit
 
 log = logging.getLogger("homeport.audit")
@@ -78,16 +79,8 @@ def format_line(ev: Audit) -> bytes:
 
 
 def _open_append(path: Path) -> int:
-    """Open ``path`` for appending, creating it 0600; an existing file is tightened to 0600."""
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-    fd = os.open(path, flags, AUDIT_MODE)
-    try:
-        if os.fstat(fd).st_mode & 0o777 != AUDIT_MODE:
-            os.fchmod(fd, AUDIT_MODE)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+    """Open ``path`` for appending, creating it 0600 (never through a symlink: node.files)."""
+    return open_append(path, AUDIT_MODE)
 
 
 def _end_torn_line(fd: int) -> None:

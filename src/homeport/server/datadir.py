@@ -15,13 +15,12 @@ set``; it moves into the database with PostgreSQL later).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from homeport.crypto import identity
 from homeport.crypto.tls import fingerprint
-from homeport.node.files import atomic_write, write_private, write_public
+from homeport.node.files import atomic_write, safe_dir, write_private, write_public
 from homeport.policy.acl import CompiledPolicy, PolicyError, compile_policy
 from homeport.store.registry import Registry, database_url, open_registry
 
@@ -86,10 +85,9 @@ class ServerFiles:
 
 
 def ensure_dir(data_dir: Path) -> None:
-    """Create the data directory (0700) or tighten an existing one to 0700."""
-    if not data_dir.exists():
-        data_dir.mkdir(mode=0o700, parents=True)
-    os.chmod(data_dir, 0o700)
+    """Create the data directory (0700) or check an existing one (:func:`safe_dir`: refused
+    when another user owns it or group/others may write it; never chmodded then)."""
+    safe_dir(data_dir)
 
 
 def prepare_data_dir(

@@ -37,17 +37,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
+import functools
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from homeport import relay as hprelay
 from homeport.crypto.tls import fingerprint
 from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
+from homeport.io.pump import set_keepalive
 from homeport.policy.acl import CompiledPolicy
 from homeport.proto import coord as c
 from homeport.proto.audit import Audit
@@ -67,6 +70,7 @@ from homeport.wire.data import (
     parse_preamble_untrusted,
 )
 from homeport.wire.errors import WireError
+from homeport.wire.logtext import esc
 
 log = logging.getLogger("homeport.server")
 
@@ -74,14 +78,27 @@ log = logging.getLogger("homeport.server")
 HANDSHAKE_TIMEOUT = 5.0
 #: Connections not yet authenticated (TLS handshakes, preambles being read).
 MAX_UNAUTHENTICATED = 512
+#: Of those, at most this many from one source address; a new connection from a source at
+#: its limit evicts that source's oldest unauthenticated one (a flooder only displaces itself).
+MAX_UNAUTHENTICATED_PER_SOURCE = 64
 #: At most one "too many handshakes" log line per this many seconds.
 BUSY_LOG_INTERVAL = 5.0
 #: How often waiting data connections are checked for their deadline.
 SWEEP_INTERVAL = 0.5
+#: Give freed heap back to the OS (glibc ``malloc_trim``) once this many unauthenticated
+#: connections have ended since the last trim: after a flood the freed TLS and frame
+#: buffers otherwise stay in the process for good (measured: docs/reliability.md) ...
+TRIM_AFTER_RELEASED = 64
+#: ... but at most once per this many seconds (a trim of a large heap takes milliseconds).
+TRIM_INTERVAL = 2.0
 #: Whole life of one connection to the probe port (request in, answer out).
 PROBE_TIMEOUT = 5.0
 #: Connections the probe port serves at once (more are closed at accept).
 MAX_PROBE_CONNECTIONS = 128
+#: SIGTERM: how long open streams may go on after the server stopped taking connections.
+DRAIN_GRACE = 10.0
+#: How often a draining server looks whether its streams have ended.
+DRAIN_POLL = 0.1
 #: ServiceConfig.probe_port: -1 = main port + 1 (ephemeral if the main port is), 0 = none.
 PROBE_PORT_AUTO = -1
 
@@ -96,6 +113,7 @@ class ServiceConfig:
     open_timeout: float = c.OPEN_TIMEOUT
     unpaired_timeout: float = UNPAIRED_TIMEOUT
     max_unauthenticated: int = MAX_UNAUTHENTICATED
+    max_unauthenticated_per_source: int = MAX_UNAUTHENTICATED_PER_SOURCE
     probe_port: int = PROBE_PORT_AUTO  # the whoami listener (-1 auto, 0 none, or a port)
     relay_only: bool = False  # never coordinate direct paths (WELCOME direct: false)
 
@@ -117,17 +135,67 @@ def _format_addr(addr: object) -> str:
 
 
 class _Slot:
-    """One unit of the unauthenticated-connection budget; release is idempotent."""
+    """One unit of the unauthenticated-connection budget; release is idempotent.
 
-    def __init__(self, service: Service) -> None:
+    Slots are kept per source address in arrival order, so the admission policy can
+    evict the oldest unauthenticated connection of the heaviest source.
+    """
+
+    def __init__(self, service: Service, source: str) -> None:
         self._service = service
         self._held = True
+        self.source = source
+        #: Drops the connection this slot stands for (set by whoever owns it at the time).
+        self.kill: Callable[[], None] | None = None
         service._unauthenticated += 1
+        service._by_source.setdefault(source, {})[self] = None
 
     def release(self) -> None:
         if self._held:
             self._held = False
             self._service._unauthenticated -= 1
+            self._service._released += 1
+            held = self._service._by_source.get(self.source)
+            if held is not None:
+                held.pop(self, None)
+                if not held:
+                    del self._service._by_source[self.source]
+
+    def evict(self) -> None:
+        """Release the slot and drop its connection."""
+        kill, self.kill = self.kill, None
+        self.release()
+        if kill is not None:
+            kill()
+
+
+@functools.cache
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return cast(Callable[[int], int], trim)
+
+
+def _malloc_trim() -> None:
+    """Return free heap pages to the OS (glibc only; elsewhere a no-op)."""
+    trim = _libc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+
+
+def _source_of(addr: object) -> str:
+    """The admission key of a peer address: its host, IPv4-mapped IPv6 unwrapped."""
+    host = str(addr[0]) if isinstance(addr, tuple) and addr else str(addr)
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    return host.partition("%")[0]
 
 
 class Service:
@@ -153,6 +221,11 @@ class Service:
         self.ssl_context = ssl_context
         self.config = config or ServiceConfig()
         self._unauthenticated = 0
+        self._by_source: dict[str, dict[_Slot, None]] = {}
+        self._released = 0  # unauthenticated connections ended since the last trim
+        self._next_trim = 0.0
+        self._acceptors: list[asyncio.Task[None]] = []
+        self._evicted = 0
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._links: dict[c.SessionId, ControlLink] = {}
@@ -165,7 +238,6 @@ class Service:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._refused_busy = 0
         self._next_busy_log = 0.0
         self._probe_listener: socket.socket | None = None
         self._probe_conns = 0
@@ -179,7 +251,7 @@ class Service:
         sock = await self._bind(host, port)
         self._listener = sock
         self._loop = loop
-        self._spawn(self._accept_loop(sock))
+        self._acceptors.append(self._spawn(self._accept_loop(sock)))
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         self._rearm()  # timers of loaded nodes (expiry, ephemeral removal) run without traffic
         bound = sock.getsockname()
@@ -209,7 +281,7 @@ class Service:
         self._probe_listener = psock
         self.probe_port = int(psock.getsockname()[1])
         self.core.probe_port = self.probe_port
-        self._spawn(self._probe_loop(psock))
+        self._acceptors.append(self._spawn(self._probe_loop(psock)))
 
     async def _bind(self, host: str, port: int) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -228,6 +300,31 @@ class Service:
             sock.close()
             raise
         return sock
+
+    async def drain(self, grace: float) -> int:
+        """Graceful stop (SIGTERM), before :meth:`stop`: stop accepting connections, tell the
+        nodes (ERROR ``server-stopping``: they reconnect with backoff, and open no new
+        streams here meanwhile), and let open streams run for up to ``grace`` seconds.
+        Returns how many streams were still open when the grace ran out."""
+        for task in self._acceptors:
+            task.cancel()
+        await asyncio.gather(*self._acceptors, return_exceptions=True)
+        for lst in (self._listener, self._probe_listener):
+            if lst is not None:
+                lst.close()
+        self._listener = self._probe_listener = None
+        for link in list(self._links.values()):
+            link.close_with_error("server-stopping", "the server is shutting down; reconnecting")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.core.stream_states():
+            log.info("draining %d stream(s) for up to %gs", len(self.core.stream_states()), grace)
+        while self.core.stream_states() and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+        left = len(self.core.stream_states())
+        if left:
+            log.info("grace of %gs over: cutting %d stream(s)", grace, left)
+        return left
 
     async def stop(self) -> None:
         """Stop accepting, close every session and the relay, write what is queued."""
@@ -252,14 +349,19 @@ class Service:
         await asyncio.to_thread(self.relay.close)
         await asyncio.to_thread(self.writer.flush)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _sweep(self) -> None:
         self.relay.sweep()
         loop = asyncio.get_running_loop()
+        if self._released >= TRIM_AFTER_RELEASED and loop.time() >= self._next_trim:
+            self._released = 0
+            self._next_trim = loop.time() + TRIM_INTERVAL
+            _malloc_trim()
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     # -- accepting and classifying -------------------------------------------------
@@ -275,21 +377,42 @@ class Service:
                 await asyncio.sleep(0.1)
                 continue
             address = _format_addr(addr)
-            if self._unauthenticated >= self.config.max_unauthenticated:
-                self._refused_busy += 1
-                now = loop.time()
-                if now >= self._next_busy_log:  # one line per interval, not one per attacker SYN
-                    self._next_busy_log = now + BUSY_LOG_INTERVAL
-                    log.warning(
-                        "refused %d connection(s) (latest %s): %d still handshaking (limit)",
-                        self._refused_busy,
-                        address,
-                        self._unauthenticated,
-                    )
-                    self._refused_busy = 0
-                sock.close()
-                continue
-            self._spawn(self._classify(sock, address, _Slot(self)))
+            slot = self._admit(_source_of(addr), address, loop.time())
+            task = self._spawn(self._classify(sock, address, slot))
+            slot.kill = functools.partial(_cancel, task)  # its finally closes the socket
+
+    def _admit(self, source: str, address: str, now: float) -> _Slot:
+        """Make room for one more unauthenticated connection from ``source``.
+
+        Never refuses the newcomer (a reconnecting node must get in during a flood):
+        when ``source`` is at its own limit its oldest pending connection goes; when the
+        global budget is full the oldest of the source holding the most slots goes. An
+        attacker with few addresses thus only ever evicts itself, and a legitimate
+        handshake, which takes milliseconds, is rarely the oldest.
+        """
+        held = self._by_source.get(source)
+        victim: _Slot | None = None
+        if held is not None and len(held) >= self.config.max_unauthenticated_per_source:
+            victim = next(iter(held))
+        elif self._unauthenticated >= self.config.max_unauthenticated and self._by_source:
+            heaviest = max(self._by_source.values(), key=len)
+            victim = next(iter(heaviest))
+        if victim is not None:
+            victim.evict()
+            self._evicted += 1
+            if now >= self._next_busy_log:  # one line per interval, not one per attacker SYN
+                self._next_busy_log = now + BUSY_LOG_INTERVAL
+                log.warning(
+                    "evicted %d unauthenticated connection(s) (latest from %s, admitting %s): "
+                    "%d handshaking, %d source(s)",
+                    self._evicted,
+                    esc(victim.source),
+                    esc(address),
+                    self._unauthenticated,
+                    len(self._by_source),
+                )
+                self._evicted = 0
+        return _Slot(self, source)
 
     async def _wait_readable(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -353,12 +476,13 @@ class Service:
                     log.info("closing data connection %s: no preamble within %gs", address, timeout)
                     return
                 except (WireError, ConnectionError) as exc:
-                    log.info("closing data connection %s: %s", address, exc)
+                    log.info("closing data connection %s: %s", address, esc(exc))
                     return
                 slot.release()
                 sock.setblocking(True)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                set_keepalive(sock)  # a vanished peer must not hold a relay slot forever
                 self.relay.attach(token, sock)
                 handed_off = True
             else:
@@ -428,6 +552,15 @@ class Service:
             self._links[self._next_sid] = link
             self._sids[link] = self._next_sid
             self._slots[link] = slot
+            cancel = slot.kill
+
+            def kill() -> None:  # mid-handshake: cancel the task; after it: drop the link
+                if cancel is not None:
+                    cancel()
+                if link.transport is not None:
+                    link.abort("evicted: too many unauthenticated connections")
+
+            slot.kill = kill
             return link
 
         try:
@@ -467,8 +600,8 @@ class Service:
             logging.DEBUG if quiet else logging.INFO,
             "control connection %s closed (%s): %s",
             link.address,
-            ev.code,
-            ev.reason,
+            esc(ev.code),
+            esc(ev.reason),
         )
         slot = self._slots.pop(link, None)
         if slot is not None:
@@ -505,7 +638,7 @@ class Service:
         elif isinstance(cmd, c.Close):
             link = self._links.get(cmd.session)
             if link is not None:
-                log.info("%s: closing: %s: %s", link.address, cmd.code, cmd.message)
+                log.info("%s: closing: %s: %s", link.address, esc(cmd.code), esc(cmd.message))
                 link.close_with_error(cmd.code, cmd.message)
         elif isinstance(cmd, c.Finish):
             link = self._links.get(cmd.session)
@@ -560,7 +693,7 @@ class Service:
         try:
             result = fut.result()
         except Exception as exc:
-            log.error("enrollment of %r failed in the database: %s", req.node.name, exc)
+            log.error("enrollment of %s failed in the database: %s", esc(req.node.name), exc)
             result = c.EnrollRefused("internal", "the server could not store the node; retry")
         self.core.enroll_done(req.session, result, time.time())
         self._run()

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -54,6 +55,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
+from homeport.node.files import create_private
 from homeport.wire.control import ServiceInfo
 
 #: The schema this code writes. Bump it and append to MIGRATIONS together.
@@ -716,6 +718,8 @@ def open_store(url: str) -> Store:
                 url, poolclass=StaticPool, connect_args={"check_same_thread": False}
             )
         else:
+            if parsed.database:  # created 0600 before SQLite would create it with the umask's
+                create_private(Path(parsed.database))
             engine = create_engine(url, connect_args={"check_same_thread": False})
         _setup_sqlite(engine, memory=memory)
     else:

@@ -674,6 +674,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise WireError(f"{where}: expected a string")
         if len(value) > MAX_STRING:
             raise WireError(f"{where}: string longer than {MAX_STRING}")
+        if not value.isascii():  # JSON's "\ud800" decodes to a lone surrogate: a string that
+            try:  # cannot be encoded again would break every peer it is forwarded to
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise WireError(f"{where}: not valid Unicode (a lone surrogate)") from None
         return value
     if hint is bool:
         if not isinstance(value, bool):

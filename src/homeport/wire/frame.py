@@ -50,7 +50,8 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
-        self._max = max_frame
+        #: The largest frame accepted now; the owner may raise it later (pre-auth limits).
+        self.max_frame = max_frame
         self.failed: WireError | None = None
 
     def feed_untrusted(self, data: bytes) -> list[tuple[int, bytes]]:
@@ -68,8 +69,8 @@ class FrameDecoder:
             if length == 0:
                 self.failed = WireError("zero-length frame")
                 raise self.failed
-            if length > self._max:
-                self.failed = TooLarge(f"frame of {length} bytes exceeds limit {self._max}")
+            if length > self.max_frame:
+                self.failed = TooLarge(f"frame of {length} bytes exceeds limit {self.max_frame}")
                 raise self.failed
             if len(self._buf) < 4 + length:
                 break
