@@ -235,6 +235,20 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
     "--shields-up", is_flag=True, help="accept no incoming stream at all (this node can still open)"
 )
 @click.option(
+    "--direct-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="TCP port for direct paths to other nodes (0: ephemeral; fix it for a port forward)",
+)
+@click.option(
+    "--relay-only", is_flag=True, help="never try direct paths: every stream via the relay"
+)
+@click.option(
+    "--no-portmap", is_flag=True, help="do not ask the router for a port mapping (NAT-PMP/PCP)"
+)
+@click.option(
     "--ping-interval", type=float, default=AGENT_PING_INTERVAL, show_default=True, metavar="S"
 )
 @click.option(
@@ -255,6 +269,9 @@ def up(  # noqa: PLR0917 - click passes options positionally
     expose: tuple[str, ...],
     state: str | None,
     shields_up: bool,
+    direct_port: int,
+    relay_only: bool,
+    no_portmap: bool,
     ping_interval: float,
     hostkey_refresh: float,
     verbose: bool,
@@ -305,6 +322,9 @@ def up(  # noqa: PLR0917 - click passes options positionally
         idle_timeout=3 * ping_interval,
         shields_up=shields_up,
         hostkey_refresh=hostkey_refresh,
+        direct_port=direct_port,
+        relay_only=relay_only,
+        portmap=not no_portmap,
     )
     os.close(lock)
     sys.exit(code)

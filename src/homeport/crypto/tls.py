@@ -27,6 +27,9 @@ import ssl
 #: ALPN names keep a control connection from being mistaken for a stream.
 ALPN_CONTROL = "homeport-control/1"
 ALPN_STREAM = "homeport-stream/1"
+#: A direct (punched) connection between two nodes carrying the stream mux: its own name, so
+#: a mux connection is never taken for a relayed stream or the other way round.
+ALPN_MUX = "homeport-mux/1"
 #: The stream record layer (:mod:`homeport.proto.records`): TLS 1.3 handshake, own records.
 ALPN_STREAM_RECORDS = "homeport-stream/2"
 

@@ -110,6 +110,22 @@ class ReloadRequest:
     """``reload``: re-read this node's saved settings (``homeport set``)."""
 
 
+#: Operations other than ``open``: questions about the agent's paths, answered with one
+#: JSON line and no descriptor (``homeport status`` / ``ping`` / ``netcheck``).
+QUERY_OPS = frozenset({"status", "ping", "netcheck", "drop-direct"})
+#: Longest query reply a client reads (a status of many peers is larger than an open's).
+MAX_QUERY_REPLY = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    """A query: ``op`` in :data:`QUERY_OPS`, ``dst`` (a peer name, or "") and ``timeout``."""
+
+    op: str
+    dst: str = ""
+    timeout: float = 5.0
+
+
 def socket_path(state_dir: Path) -> Path:
     """Where the agent of ``state_dir`` listens."""
     return state_dir / SOCKET_NAME
@@ -171,6 +187,67 @@ def parse_request(line: bytes) -> OpenRequest | ReloadRequest:
 ACCEPTED: dict[str, Any] = {"accepted": True}
 
 
+def parse_any(line: bytes) -> OpenRequest | ReloadRequest | QueryRequest:
+    """Parse an ``open`` (:func:`parse_request`) or a query (:data:`QUERY_OPS`).
+
+    Raises:
+        RequestError: as :func:`parse_request`.
+    """
+    if len(line) > MAX_REQUEST:
+        raise RequestError("bad-request", f"request longer than {MAX_REQUEST} bytes")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError("bad-request", f"request is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("op") not in QUERY_OPS:
+        return parse_request(line)
+    dst = obj.get("dst", "")
+    if not isinstance(dst, str):
+        raise RequestError("bad-request", "dst must be a string")
+    if dst:
+        _check_dst(dst)
+    timeout = obj.get("timeout", 5.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise RequestError("bad-request", "timeout must be a number")
+    if not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
+        raise RequestError(
+            "bad-request", f"timeout must be between {MIN_TIMEOUT} and {MAX_TIMEOUT:g} s"
+        )
+    return QueryRequest(str(obj["op"]), dst, float(timeout))
+
+
+def query(state_dir: Path, op: str, dst: str = "", timeout: float = 5.0) -> dict[str, Any] | None:
+    """Client side of a query: the agent's one-line answer, or None when no agent runs here.
+
+    Raises:
+        OSError: the agent went away or did not answer within ``timeout`` + 5 s.
+        ValueError: the answer is not a JSON object of at most :data:`MAX_QUERY_REPLY` bytes.
+    """
+    path = socket_path(state_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.settimeout(timeout + 5.0)
+        sock.sendall(encode({"op": op, "dst": dst, "timeout": timeout}))
+        buf = bytearray()
+        while b"\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_QUERY_REPLY:
+                raise ValueError(f"agent reply longer than {MAX_QUERY_REPLY} bytes")
+    finally:
+        sock.close()
+    obj = json.loads(bytes(buf).split(b"\n", 1)[0].decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise ValueError("agent reply is not a JSON object")
+    return obj
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     """One reply line (compact JSON, ASCII only, newline-terminated)."""
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
@@ -227,6 +304,8 @@ def read_request(conn: socket.socket, timeout: float = REQUEST_TIMEOUT) -> bytes
 Handler = Callable[[socket.socket, OpenRequest], None]
 #: ``reload``: returns the reply object (``{"ok": true, ...}`` or an error reply).
 Reloader = Callable[[], dict[str, Any]]
+#: Answers a query with one JSON object (runs in the connection's thread; may block).
+QueryHandler = Callable[[QueryRequest], dict[str, Any]]
 
 
 class LocalApiServer:
@@ -238,10 +317,17 @@ class LocalApiServer:
     returns. Only connections from this process's uid get that far.
     """
 
-    def __init__(self, path: Path, handler: Handler, reload: Reloader | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        reload: Reloader | None = None,
+        query: QueryHandler | None = None,
+    ) -> None:
         self.path = path
         self.handler = handler
         self.reload = reload
+        self.query = query
         self._sock: socket.socket | None = None
         self._listener: unixsock.UnixListener | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -335,7 +421,9 @@ class LocalApiServer:
         try:
             with conn:
                 try:
-                    req = parse_request(read_request(conn, REQUEST_TIMEOUT))
+                    req = parse_any(read_request(conn, REQUEST_TIMEOUT))
+                    if isinstance(req, QueryRequest) and self.query is None:
+                        raise RequestError("unknown-op", f"unknown op {req.op!r}")
                 except RequestError as exc:
                     log.info("local API: bad request: %s", exc.message)
                     with contextlib.suppress(OSError):
@@ -347,6 +435,9 @@ class LocalApiServer:
                 try:
                     if isinstance(req, ReloadRequest):
                         self._reload(conn)
+                    elif isinstance(req, QueryRequest):
+                        assert self.query is not None
+                        send_reply(conn, self.query(req))
                     else:
                         self.handler(conn, req)
                 except Exception:
