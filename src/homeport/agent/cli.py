@@ -230,6 +230,20 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 @click.option(
     "--shields-up", is_flag=True, help="accept no incoming stream at all (this node can still open)"
 )
+@click.option(
+    "--direct-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="TCP port for direct paths to other nodes (0: ephemeral; fix it for a port forward)",
+)
+@click.option(
+    "--relay-only", is_flag=True, help="never try direct paths: every stream via the relay"
+)
+@click.option(
+    "--no-portmap", is_flag=True, help="do not ask the router for a port mapping (NAT-PMP/PCP)"
+)
 @click.option("--ping-interval", type=float, default=5.0, show_default=True, metavar="S")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
@@ -241,6 +255,9 @@ def up(  # noqa: PLR0917 - click passes options positionally
     expose: tuple[str, ...],
     state: str | None,
     shields_up: bool,
+    direct_port: int,
+    relay_only: bool,
+    no_portmap: bool,
     ping_interval: float,
     verbose: bool,
 ) -> None:
@@ -282,6 +299,9 @@ def up(  # noqa: PLR0917 - click passes options positionally
             ping_interval=ping_interval,
             idle_timeout=3 * ping_interval,
             shields_up=shields_up,
+            direct_port=direct_port,
+            relay_only=relay_only,
+            portmap=not no_portmap,
         )
     )
 

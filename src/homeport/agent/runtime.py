@@ -52,13 +52,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from homeport.agent.direct import DirectPaths, relay_only_status
 from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
 from homeport.io import localapi, tlsctx, tlsstream
 from homeport.io.control import ControlLink, connect_control
 from homeport.io.dial import SOFTWARE, DialError, dial_data, e2e_handshake
-from homeport.io.localapi import LocalApiServer, OpenRequest, error_reply, send_reply
+from homeport.io.localapi import LocalApiServer, OpenRequest, QueryRequest, error_reply, send_reply
 from homeport.io.loop import new_event_loop
+from homeport.io.muxlink import MuxLinkError
 from homeport.io.pump import PumpEnd, pump, tune_socket
 from homeport.node import files, hostkeys
 from homeport.node.state import NodeState
@@ -69,6 +71,7 @@ from homeport.proto.control import ConnectionClosed
 from homeport.proto.node import LOCAL_FALLBACK_CODES, ExitCode, NodeConfig, NodeCore, StreamRecord
 from homeport.wire import control as m
 from homeport.wire.data import new_token
+from homeport.wire.hostkey import sanitize_host_keys
 
 log = logging.getLogger("homeport.agent")
 
@@ -136,6 +139,9 @@ class Agent:
         on_decision: Callable[[StreamRecord], None] | None = None,
         local_api: bool = True,
         shields_up: bool = False,
+        direct_port: int = 0,
+        relay_only: bool = False,
+        portmap: bool = True,
     ) -> None:
         self.state = state
         self.services = services
@@ -150,9 +156,13 @@ class Agent:
                 services=services,
                 software=SOFTWARE,
                 shields_up=shields_up,
+                relay_only=relay_only,
             ),
             backoff=backoff,
         )
+        self._direct_port = direct_port
+        self._portmap = portmap
+        self._direct: DirectPaths | None = None  # direct paths (None: --relay-only or no port)
         self.connected = threading.Event()  # set while a session is READY (tests poll it)
         self._threads: set[threading.Thread] = set()
         self._cancel_r, self._cancel_w = os.pipe()  # readable = all pumps stop
@@ -207,6 +217,7 @@ class Agent:
             exposed or "nothing",
         )
         self._start_local_api()
+        self._start_direct()
         try:
             while not self._stopping:
                 action = await self._attempt()
@@ -236,6 +247,8 @@ class Agent:
                 self._timer.cancel()
             if self._api is not None:
                 self._api.close()
+            if self._direct is not None:
+                self._direct.close()
             await asyncio.sleep(0)  # let the aborted transport report connection_lost
             await self._shutdown_streams()
         log.info("agent stopped")
@@ -380,6 +393,19 @@ class Agent:
                     else "",
                 )
                 self.connected.set()
+                if self._direct is not None:
+                    self._direct.session_ready()
+            elif isinstance(cmd, core.StartPunch):
+                if self._direct is not None:
+                    self._direct.start_punch(cmd)
+            elif isinstance(cmd, core.PeerPongReceived):
+                if self._direct is not None:
+                    self._direct.pong(cmd)
+            elif isinstance(cmd, core.PathChanged):
+                ch = cmd.choice
+                known = self.core.peers.peers.get(cmd.peer)
+                who = known.name if known is not None else cmd.peer
+                log.info("path to %s: %s (%s)", who, ch.kind.value, ch.reason)
             elif isinstance(cmd, core.Renewed):
                 self._store_renewed(cmd)
             elif isinstance(cmd, core.NoticeReceived):
@@ -411,6 +437,8 @@ class Agent:
             else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cmd.expires_at))
         )
         log.info("node key renewed; it now expires %s", when)
+        if self._direct is not None:
+            self._direct.renewed()
         with contextlib.suppress(OSError, ssl.SSLError):
             self._stream_ctx = tlsctx.stream_context(
                 server_side=True,
@@ -547,7 +575,7 @@ class Agent:
         if not self._local_api:
             return
         path = localapi.socket_path(self.state.dir)
-        api = LocalApiServer(path, self._serve_local)
+        api = LocalApiServer(path, self._serve_local, self._serve_query)
         try:
             api.start()
         except OSError as exc:
@@ -628,6 +656,8 @@ class Agent:
         """
         timeout = req.timeout if req.timeout is not None else STREAM_SETUP_TIMEOUT
         deadline = time.monotonic() + timeout
+        if self._direct is not None and self._local_direct(conn, req, timeout):
+            return
         token = new_token()
         me = threading.current_thread()
         wait = _LocalWait(me, concurrent.futures.Future(), concurrent.futures.Future())
@@ -756,6 +786,111 @@ class Agent:
         finally:
             mine.close()
 
+    # -- direct paths (agent/direct.py does the work) ----------------------------------
+    def _start_direct(self) -> None:
+        """Own the direct port unless ``--relay-only``; without it streams use the relay."""
+        if self.core.config.relay_only:
+            log.info("relay-only mode: no direct paths")
+            return
+        try:
+            self._direct = DirectPaths(self, port=self._direct_port, portmap=self._portmap)
+        except OSError as exc:
+            log.warning("direct port %d unavailable (%s): relay only", self._direct_port, exc)
+            return
+        self._direct.start()
+
+    def _local_direct(self, conn: socket.socket, req: OpenRequest, timeout: float) -> bool:
+        """Open ``req`` over the peer's direct path if it is up; False: use the relay."""
+        direct = self._direct
+        assert direct is not None
+        try:
+            opened = direct.open_direct(req.dst, req.service, timeout)
+        except MuxLinkError as exc:  # the peer refused: its answer, as over the relay
+            with contextlib.suppress(OSError):
+                send_reply(conn, error_reply(exc.code, exc.message))
+            return True
+        if opened is None:
+            return False
+        sock, reply, peer = opened
+        with sock:
+            port = reply.get("port")
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                port = int(req.service) if req.service.isdigit() else 22
+            raw = reply.get("host_keys")
+            keys = sanitize_host_keys(raw if isinstance(raw, list) else [])
+            try:
+                _ensure_known_hosts(self.state.dir, req.dst, port, peer.node_id, keys)
+            except hostkeys.TrustError as exc:
+                with contextlib.suppress(OSError):
+                    send_reply(conn, error_reply("untrusted", str(exc)))
+                return True
+            except (ValueError, OSError) as exc:
+                with contextlib.suppress(OSError):
+                    send_reply(
+                        conn,
+                        error_reply(
+                            "known-hosts", f"cannot write known_hosts for {peer.name}: {exc}"
+                        ),
+                    )
+                return True
+            try:
+                send_reply(
+                    conn,
+                    {"ok": True, "peer": peer.name, "port": port, "stream": "direct"},
+                    sock.fileno(),
+                )
+                # The mux link pumps the stream; its end is not tracked here (ssh checks
+                # its own integrity), so a client that still listens is told at once.
+                send_reply(conn, {"end": "clean", "ok": True, "reason": "direct path"})
+            except OSError as exc:
+                log.info("local open of %s:%s: client left before the reply: %s", *_dst(req), exc)
+        log.info("local stream to %s:%s opened over the direct path", *_dst(req))
+        return True
+
+    def _serve_query(self, req: QueryRequest) -> dict[str, Any]:
+        """``status`` / ``ping`` / ``netcheck`` from the local API (its thread)."""
+        direct = self._direct
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return error_reply("not-connected", "the agent is stopping")
+        if req.op == "ping":
+            if direct is None:
+                return error_reply("relay-only", "this agent runs without direct paths")
+            return direct.ping(req.dst, req.timeout)
+        if req.op == "drop-direct":
+            if direct is None:
+                return error_reply("relay-only", "this agent runs without direct paths")
+            dropped = self._on_loop_wait(lambda: direct.drop_link(req.dst), req.timeout)
+            return {"ok": True, "dropped": dropped}
+        if req.op == "netcheck":
+            if direct is None:
+                return error_reply("relay-only", "this agent runs without direct paths")
+            if not self.core.ready:
+                return error_reply("not-connected", f"not connected to {self.state.server}")
+            fut = asyncio.run_coroutine_threadsafe(direct.netcheck_now(), loop)
+            answer: dict[str, Any] = fut.result(req.timeout + 30.0)
+            return answer
+
+        def status() -> dict[str, Any]:
+            if direct is not None:
+                out = direct.status()
+            else:
+                out = relay_only_status(self, "relay-only mode (this node runs --relay-only)")
+            out["connected"] = self.core.ready
+            out["server"] = self.state.server
+            return out
+
+        reply: dict[str, Any] = self._on_loop_wait(status, req.timeout)
+        return reply
+
+    def _on_loop_wait(self, fn: Callable[[], Any], timeout: float) -> Any:
+        async def run() -> Any:
+            return fn()
+
+        loop = self._loop
+        assert loop is not None
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
+
 
 async def _connect_target(host: str, port: int) -> socket.socket:
     loop = asyncio.get_running_loop()
@@ -838,6 +973,9 @@ def run_agent(
     idle_timeout: float = 15.0,
     host_keys: tuple[str, ...] | None = None,
     shields_up: bool = False,
+    direct_port: int = 0,
+    relay_only: bool = False,
+    portmap: bool = True,
 ) -> int:
     """Run the agent in the foreground until SIGINT/SIGTERM or a fatal error.
 
@@ -851,6 +989,9 @@ def run_agent(
         idle_timeout=idle_timeout,
         host_keys=host_keys,
         shields_up=shields_up,
+        direct_port=direct_port,
+        relay_only=relay_only,
+        portmap=portmap,
     )
     return run_in_loop(agent)
 

@@ -62,16 +62,87 @@ def status(state: str | None, as_json: bool) -> None:
     nm = _netmap(st, welcome)
     me = st_mod.self_status(welcome[0] if welcome else None)
     shields = st_mod.shields_up(st.dir)
+    agent = _agent_query(st.dir, "status")  # the agent holds the paths; None: not running
+    paths = {p["node_id"]: p for p in agent.get("peers", [])} if agent else {}
     if as_json:
+        extra: dict[str, Any] = {"shields_up": shields, "agent_running": agent is not None}
+        if agent:
+            extra["direct"] = {
+                k: agent.get(k) for k in ("direct_port", "nat", "nat_reason", "candidates")
+            }
+            extra["counters"] = agent.get("counters", {})
         click.echo(
-            json.dumps({**st_mod.to_json(nm), **me.as_json(), "shields_up": shields}, indent=2)
+            json.dumps({**st_mod.to_json(nm, paths=paths), **me.as_json(), **extra}, indent=2)
         )
     else:
         if shields:
             click.echo(st_mod.SHIELDS_UP_LINE)
-        click.echo(st_mod.render_table(nm), nl=False)
+        click.echo(st_mod.render_table(nm, paths=paths), nl=False)
         for line in me.warnings:
             click.echo(f"warning: {line}", err=True)
+
+
+def _agent_query(state_dir: Path, op: str, dst: str = "", timeout: float = 5.0) -> Any:
+    """The local agent's answer to a query (:func:`homeport.io.localapi.query`), None if none."""
+    from homeport.io.localapi import query
+
+    try:
+        ans = query(state_dir, op, dst, timeout)
+    except (OSError, ValueError):
+        return None
+    if ans is not None and ans.get("ok") is not True and ans.get("code") == "unknown-op":
+        return None  # an older agent
+    return ans
+
+
+@click.command()
+@click.argument("name")
+@click.option("--count", "-c", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--timeout", type=float, default=3.0, show_default=True, metavar="S")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per probe")
+def ping(name: str, count: int, timeout: float, state: str | None, as_json: bool) -> None:
+    """Probe NAME through the path streams take now; stops once a probe went direct."""
+    import time
+
+    from homeport.client import ping as ping_mod
+
+    st = _load(state)
+    got_pong = False
+    for i in range(count):
+        if i:
+            time.sleep(ping_mod.INTERVAL)  # pacing between probes, as ping(8)
+        ans = _agent_query(st.dir, "ping", name, timeout)
+        if ans is None:
+            _fail("no local agent answers: run 'homeport up' first (ping asks it)")
+        got_pong = got_pong or ans.get("ok") is True
+        if as_json:
+            click.echo(json.dumps({"seq": i + 1, "peer": name, **ans}))
+        else:
+            click.echo(ping_mod.probe_line(name, ans))
+        if ping_mod.is_direct(ans):
+            return
+    if not got_pong:
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def netcheck(state: str | None, as_json: bool) -> None:
+    """Measure this node's network: server reachability and latency, NAT mapping, port mapping."""
+    from homeport.client import netcheck as nc_mod
+
+    st = _load(state)
+    ans = _agent_query(st.dir, "netcheck", "", 10.0)
+    if ans is None:
+        _fail("no local agent answers: run 'homeport up' first (netcheck runs in it)")
+    if ans.get("ok") is not True:
+        _fail(f"netcheck: {ans.get('message') or ans.get('code')}")
+    if as_json:
+        click.echo(json.dumps(ans, indent=2))
+    else:
+        click.echo(nc_mod.render(ans), nl=False)
 
 
 # -- nc / ssh / ssh-config --------------------------------------------------------
@@ -275,5 +346,5 @@ def service_install(  # noqa: PLR0917 - click passes options positionally
 
 def register(cli: click.Group) -> None:
     """Add the client commands to the top-level ``homeport`` group."""
-    for cmd in (status, nc, ssh, ssh_config, forward, trust, service):
+    for cmd in (status, nc, ssh, ssh_config, forward, trust, service, ping, netcheck):
         cli.add_command(cmd)

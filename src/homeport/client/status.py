@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,22 +52,49 @@ def services_text(node: NodeInfo) -> str:
     )
 
 
-def rows(netmap: NetMap, now: float | None = None) -> list[tuple[str, ...]]:
-    """One row per node, this node first, then by name."""
+def path_text(detail: Mapping[str, Any] | None, fallback: str) -> str:
+    """The PATH cell from the agent's view of a peer: ``direct 203.0.113.5:41641 1.2ms`` or
+    ``relay (punch timed out)``; ``fallback`` (the server's view) without an agent."""
+    if not detail:
+        return fallback
+    kind = str(detail.get("kind") or "relay")
+    if kind != "relay":
+        rtt = detail.get("rtt_ms")
+        text = f"{kind} {detail.get('endpoint') or ''}".rstrip()
+        return f"{text} {rtt:.1f}ms" if isinstance(rtt, int | float) else text
+    reason = str(detail.get("reason") or "")
+    return f"relay ({reason})" if reason else "relay"
+
+
+def rows(
+    netmap: NetMap,
+    now: float | None = None,
+    paths: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[tuple[str, ...]]:
+    """One row per node, this node first, then by name (``paths``: the agent's per-peer view)."""
     now = time.time() if now is None else now
+    paths = paths or {}
     nodes = sorted(netmap.nodes, key=lambda n: (n.node_id != netmap.self_id, n.name))
     out: list[tuple[str, ...]] = []
     for n in nodes:
         name = f"{n.name} (this node)" if n.node_id == netmap.self_id else n.name
-        path = "-" if n.node_id == netmap.self_id else (n.path or "relay")
+        path = (
+            "-"
+            if n.node_id == netmap.self_id
+            else path_text(paths.get(n.node_id), n.path or "relay")
+        )
         out.append(
             (name, "yes" if n.online else "no", last_seen_text(n, now), services_text(n), path)
         )
     return out
 
 
-def render_table(netmap: NetMap, now: float | None = None) -> str:
-    table = [COLUMNS, *rows(netmap, now)]
+def render_table(
+    netmap: NetMap,
+    now: float | None = None,
+    paths: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    table = [COLUMNS, *rows(netmap, now, paths)]
     widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table
@@ -74,8 +102,13 @@ def render_table(netmap: NetMap, now: float | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_json(netmap: NetMap, now: float | None = None) -> dict[str, Any]:
+def to_json(
+    netmap: NetMap,
+    now: float | None = None,
+    paths: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     now = time.time() if now is None else now
+    paths = paths or {}
     return {
         "self_id": netmap.self_id,
         "nodes": [
@@ -89,6 +122,7 @@ def to_json(netmap: NetMap, now: float | None = None) -> dict[str, Any]:
                 "services": [{"name": s.name, "port": s.port} for s in n.services],
                 "path": "" if n.node_id == netmap.self_id else (n.path or "relay"),
                 "fingerprint": n.fingerprint,
+                "path_detail": dict(paths[n.node_id]) if n.node_id in paths else None,
             }
             for n in netmap.nodes
         ],

@@ -27,6 +27,9 @@ import ssl
 #: ALPN names keep a control connection from being mistaken for a stream.
 ALPN_CONTROL = "homeport-control/1"
 ALPN_STREAM = "homeport-stream/1"
+#: A direct (punched) connection between two nodes carrying the stream mux: its own name, so
+#: a mux connection is never taken for a relayed stream or the other way round.
+ALPN_MUX = "homeport-mux/1"
 
 
 class PinMismatch(ssl.SSLError):

@@ -97,6 +97,22 @@ class OpenRequest:
     timeout: float | None = None
 
 
+#: Operations other than ``open``: questions about the agent's paths, answered with one
+#: JSON line and no descriptor (``homeport status`` / ``ping`` / ``netcheck``).
+QUERY_OPS = frozenset({"status", "ping", "netcheck", "drop-direct"})
+#: Longest query reply a client reads (a status of many peers is larger than an open's).
+MAX_QUERY_REPLY = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    """A query: ``op`` in :data:`QUERY_OPS`, ``dst`` (a peer name, or "") and ``timeout``."""
+
+    op: str
+    dst: str = ""
+    timeout: float = 5.0
+
+
 def socket_path(state_dir: Path) -> Path:
     """Where the agent of ``state_dir`` listens."""
     return state_dir / SOCKET_NAME
@@ -150,6 +166,67 @@ def parse_request(line: bytes) -> OpenRequest:
             )
         timeout = float(timeout)
     return OpenRequest(_check_dst(dst), _check_service(service), timeout)
+
+
+def parse_any(line: bytes) -> OpenRequest | QueryRequest:
+    """Parse an ``open`` (:func:`parse_request`) or a query (:data:`QUERY_OPS`).
+
+    Raises:
+        RequestError: as :func:`parse_request`.
+    """
+    if len(line) > MAX_REQUEST:
+        raise RequestError("bad-request", f"request longer than {MAX_REQUEST} bytes")
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RequestError("bad-request", f"request is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("op") not in QUERY_OPS:
+        return parse_request(line)
+    dst = obj.get("dst", "")
+    if not isinstance(dst, str):
+        raise RequestError("bad-request", "dst must be a string")
+    if dst:
+        _check_dst(dst)
+    timeout = obj.get("timeout", 5.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise RequestError("bad-request", "timeout must be a number")
+    if not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
+        raise RequestError(
+            "bad-request", f"timeout must be between {MIN_TIMEOUT} and {MAX_TIMEOUT:g} s"
+        )
+    return QueryRequest(str(obj["op"]), dst, float(timeout))
+
+
+def query(state_dir: Path, op: str, dst: str = "", timeout: float = 5.0) -> dict[str, Any] | None:
+    """Client side of a query: the agent's one-line answer, or None when no agent runs here.
+
+    Raises:
+        OSError: the agent went away or did not answer within ``timeout`` + 5 s.
+        ValueError: the answer is not a JSON object of at most :data:`MAX_QUERY_REPLY` bytes.
+    """
+    path = socket_path(state_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.settimeout(timeout + 5.0)
+        sock.sendall(encode({"op": op, "dst": dst, "timeout": timeout}))
+        buf = bytearray()
+        while b"\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > MAX_QUERY_REPLY:
+                raise ValueError(f"agent reply longer than {MAX_QUERY_REPLY} bytes")
+    finally:
+        sock.close()
+    obj = json.loads(bytes(buf).split(b"\n", 1)[0].decode("utf-8"))
+    if not isinstance(obj, dict):
+        raise ValueError("agent reply is not a JSON object")
+    return obj
 
 
 def encode(obj: dict[str, Any]) -> bytes:
@@ -206,6 +283,8 @@ def read_request(conn: socket.socket, timeout: float = REQUEST_TIMEOUT) -> bytes
 
 
 Handler = Callable[[socket.socket, OpenRequest], None]
+#: Answers a query with one JSON object (runs in the connection's thread; may block).
+QueryHandler = Callable[[QueryRequest], dict[str, Any]]
 
 
 class LocalApiServer:
@@ -217,9 +296,10 @@ class LocalApiServer:
     returns. Only connections from this process's uid get that far.
     """
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, query: QueryHandler | None = None) -> None:
         self.path = path
         self.handler = handler
+        self.query = query
         self._sock: socket.socket | None = None
         self._listener: unixsock.UnixListener | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -305,7 +385,9 @@ class LocalApiServer:
         try:
             with conn:
                 try:
-                    req = parse_request(read_request(conn, REQUEST_TIMEOUT))
+                    req = parse_any(read_request(conn, REQUEST_TIMEOUT))
+                    if isinstance(req, QueryRequest) and self.query is None:
+                        raise RequestError("unknown-op", f"unknown op {req.op!r}")
                 except RequestError as exc:
                     log.info("local API: bad request: %s", exc.message)
                     with contextlib.suppress(OSError):
@@ -315,7 +397,11 @@ class LocalApiServer:
                     log.info("local API: client went away: %s", exc)
                     return
                 try:
-                    self.handler(conn, req)
+                    if isinstance(req, QueryRequest):
+                        assert self.query is not None
+                        send_reply(conn, self.query(req))
+                    else:
+                        self.handler(conn, req)
                 except Exception:
                     log.exception("local API: handler crashed")
                     with contextlib.suppress(OSError):
