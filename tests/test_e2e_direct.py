@@ -76,21 +76,12 @@ RELAY_CODES: dict[str, frozenset[str]] = {
 PATH_SETTLE = 12.0
 
 
-def _up_supports(flag: str) -> bool:
-    """Whether ``homeport up`` has ``flag`` (the direct-path wiring adds --direct-port)."""
-    out = subprocess.run(
-        [*HOMEPORT, "up", "--help"], capture_output=True, text=True, timeout=30, check=False
-    ).stdout
-    return flag in out
-
-
 @dataclass
 class Net:
     lab: Lab
     hp: Homeport
     sshd: dict[str, SshdServer]
     root: Path
-    direct_port: bool  # agents were started with --direct-port
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +107,13 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
                 extra=["--probe-port", str(SERVER_PROBE_PORT)],
             )
             key = hp.keys_create("--reusable")
-            direct = _up_supports("--direct-port")
-            extra = ["--direct-port", str(DIRECT_PORT)] if direct else []
+            extra = ["--direct-port", str(DIRECT_PORT)]
             agents = {}
             for host in HOSTS:
                 expose = ["--expose", f"ssh=127.0.0.1:{sshds[host].port}"] if host in sshds else []
                 agents[host] = hp.up(host, *expose, *extra, key=key, prefix=lab.cmd(host, []))
             _wait_all_online(hp, agents)
-            yield Net(lab, hp, sshds, root, direct)
+            yield Net(lab, hp, sshds, root)
         finally:
             hp.close()
             for sshd in sshds.values():
@@ -206,19 +196,16 @@ def peer_path(net: Net, me: str, peer: str) -> PeerPath:
         prefix=net.lab.cmd(me, []),
     ).stdout
     data: Any = json.loads(out)
-    nodes = data["nodes"] if isinstance(data, dict) else data
-    node = next(n for n in nodes if n.get("name") == peer)
-    path = node.get("path")
-    info: dict[str, Any] = dict(path) if isinstance(path, dict) else {"kind": path or "relay"}
-    for key in ("code", "reason", "endpoint"):
-        info.setdefault(key, node.get(f"path_{key}", ""))
-    counters = info.get("counters") or node.get("counters") or {}
+    node = next((n for n in data["nodes"] if n.get("name") == peer), None)
+    assert node is not None, f"status --json on {me} lists no {peer}: {out[:2000]}"
+    info: dict[str, Any] = node.get("path_detail") or {"kind": node.get("path") or "relay"}
+    counters = ("streams_direct", "streams_relay", "punch_attempts", "punch_successes")
     return PeerPath(
         kind=str(info.get("kind", "relay")),
         code=str(info.get("code") or ""),
         reason=str(info.get("reason") or ""),
         endpoint=str(info.get("endpoint") or ""),
-        counters={k: int(v) for k, v in dict(counters).items() if isinstance(v, int | float)},
+        counters={k: int(info[k]) for k in counters if isinstance(info.get(k), int)},
     )
 
 
@@ -243,24 +230,25 @@ def _path_settled(net: Net, row: MatrixRow) -> PeerPath:
 # -- the matrix ------------------------------------------------------------------------------
 
 
-def _xfail_without_direct(net: Net) -> None:
-    if not net.direct_port:
-        pytest.xfail("agents have no direct paths yet (homeport up --direct-port missing)")
+#: Rows the product does not get right yet, and why (the test still runs; xfail non-strict).
+KNOWN_GAPS: dict[str, str] = {
+    "fwd-sym": (
+        "the coordinator refuses edm-edm punches up front (punch_outlook: both-edm); it cannot "
+        "know that the fwd side's WAN:direct-port is a static forward (needs e.g. a server-side "
+        "reachability check of that candidate, or an advertised-forward flag)"
+    ),
+}
+PATH_ROWS = [
+    pytest.param(r, marks=pytest.mark.xfail(reason=KNOWN_GAPS[r.name], strict=False))
+    if r.name in KNOWN_GAPS
+    else r
+    for r in MATRIX
+]
 
 
-@pytest.mark.parametrize("row", MATRIX, ids=[r.name for r in MATRIX])
-def test_ssh_and_scp(net: Net, row: MatrixRow, tmp_path: Path) -> None:
-    """Every row, whatever its path: ``ssh labpc echo ok`` and a byte-identical scp."""
-    res = ssh(net, row, "echo", "ok")
-    assert res.returncode == 0, f"{res.stderr}\n{net.hp.log('agent-' + row.b)[-3000:]}"
-    assert res.stdout.strip() == "ok"
-    scp_roundtrip(net, row, tmp_path)
-
-
-@pytest.mark.parametrize("row", MATRIX, ids=[r.name for r in MATRIX])
-def test_path_kind(net: Net, row: MatrixRow, tmp_path: Path) -> None:
+@pytest.mark.parametrize("row", PATH_ROWS, ids=[r.name for r in MATRIX])
+def test_path_kind(net: Net, row: MatrixRow) -> None:
     """The path the laptop side reports for labpc is the row's, and new streams take it."""
-    _xfail_without_direct(net)
     t0 = time.monotonic()
     first = ssh(net, row, "echo", "ok")  # starts on the relay at once; asks for a path
     assert first.returncode == 0, first.stderr
@@ -271,21 +259,44 @@ def test_path_kind(net: Net, row: MatrixRow, tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
     after = peer_path(net, row.b, row.a)
     print(
-        f"\nE2E-MATRIX {row.name:<11} path={after.kind:<6} code={after.code:<14} "
-        f"endpoint={after.endpoint or '-':<22} settled={settled:.2f}s reason={after.reason!r}"
+        f"\nE2E-MATRIX {row.name:<11} path={got.kind:<6} code={got.code:<14} "
+        f"endpoint={got.endpoint or '-':<22} settled={settled:.2f}s reason={got.reason!r}"
     )
     if row.path == "relay":
-        assert after.kind == "relay" and after.code in RELAY_CODES[row.name], after
-        assert after.reason, after
+        # The explained outcome came, and the next stream stayed on the relay (a row that
+        # re-probes by itself, like tcp-only after a punch timeout, may say "probing" now).
+        assert got.reason, got
+        assert after.kind == "relay" and after.counters["streams_direct"] == before, after
+        assert after.counters["streams_relay"] > got.counters["streams_relay"], after
     else:
         assert after.kind == row.path, after
-        if "streams_direct" in after.counters:
-            assert after.counters["streams_direct"] > before, after
-        scp_roundtrip(net, row, tmp_path)
+        assert after.counters["streams_direct"] > before, after
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=[r.name for r in MATRIX])
+def test_ssh_and_scp(net: Net, row: MatrixRow, tmp_path: Path) -> None:
+    """Every row, whatever its path: ``ssh labpc echo ok`` and a byte-identical scp.
+
+    Runs after the row's path test, so on a row with a direct path these streams
+    (three: ssh, scp, the far end's sha256sum) must have gone over it.
+    """
+    before = peer_path(net, row.b, row.a)
+    res = ssh(net, row, "echo", "ok")
+    assert res.returncode == 0, f"{res.stderr}\n{net.hp.log('agent-' + row.b)[-3000:]}"
+    assert res.stdout.strip() == "ok"
+    scp_roundtrip(net, row, tmp_path)
+    after = peer_path(net, row.b, row.a)
+    if before.kind != "relay":
+        moved = after.counters["streams_direct"] - before.counters["streams_direct"]
+        assert after.kind == before.kind and moved >= 3, (before, after)
 
 
 # -- faults (cone-cone) ----------------------------------------------------------------------
 
+#: New streams must leave a dead direct path within this (the mux declares it dead at 3.5 s).
+FALLBACK_WITHIN = 5.0
+#: What one status poll adds to the observed detection time (a CLI start in a namespace).
+STATUS_SLACK = 0.5
 CONE = next(r for r in MATRIX if r.name == "cone-cone")
 
 
@@ -304,7 +315,6 @@ def _direct_up(net: Net, timeout: float) -> float:
 
 def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
     """Blackhole the direct path 10 s during traffic: new streams on the relay within 5 s; heals."""
-    _xfail_without_direct(net)
     _direct_up(net, PATH_SETTLE)
     peer_wan = net.lab.routers["rt_" + CONE.b].wan_ip
     # Traffic on the direct path while it dies: a long-running remote loop.
@@ -327,19 +337,27 @@ def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
         with net.lab.blackhole("rt_" + CONE.a, peer_wan):
             t0 = time.monotonic()
             clock = Deadline(10.0)
-            fell_back = None
-            while not clock.expired():
-                if peer_path(net, CONE.b, CONE.a).kind == "relay":
-                    res = ssh(net, CONE, "echo", "ok", timeout=10)
-                    if res.returncode == 0 and res.stdout.strip() == "ok":
-                        fell_back = time.monotonic() - t0
-                        break
-            assert fell_back is not None and fell_back <= 5.0 + 1.0, fell_back
+            # The status poll costs ~0.3 s (a CLI start), so detection is seen within that.
+            wait_for(
+                lambda: peer_path(net, CONE.b, CONE.a).kind == "relay",
+                FALLBACK_WITHIN + 1.0,
+                "the laptop to give up the blackholed direct path",
+                interval=0.05,
+            )
+            detected = time.monotonic() - t0
+            res = ssh(net, CONE, "echo", "ok", timeout=10)
+            fell_back = time.monotonic() - t0
+            assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+            assert detected <= FALLBACK_WITHIN + STATUS_SLACK, (detected, fell_back)
+            assert peer_path(net, CONE.b, CONE.a).kind == "relay"
             # Streams keep working over the relay for the rest of the 10 s.
             wait_for(clock.expired, 11.0, "the 10 s blackhole", interval=0.2)
             assert ssh(net, CONE, "echo", "ok").returncode == 0
         healed = _direct_up(net, 40.0)
-        print(f"\nE2E-FAULT blackhole: relay after {fell_back:.2f}s, direct again {healed:.2f}s")
+        print(
+            f"\nE2E-FAULT blackhole: relay chosen after {detected:.2f}s, a new stream done on"
+            f" the relay after {fell_back:.2f}s, direct again {healed:.2f}s after healing"
+        )
     finally:
         if bulk.poll() is None:
             bulk.kill()
@@ -349,7 +367,6 @@ def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
 @pytest.mark.skipif(not conntrack_available()[0], reason=conntrack_available()[1])
 def test_conntrack_flush_back_to_direct(net: Net) -> None:
     """A NAT that loses its mappings: the direct path is back within 10 s."""
-    _xfail_without_direct(net)
     _direct_up(net, PATH_SETTLE)
     net.lab.flush_conntrack("rt_" + CONE.a)
     t0 = time.monotonic()
