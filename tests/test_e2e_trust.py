@@ -75,7 +75,9 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         hp.start_server()
         lab = hp.up("labpc", "--expose", f"ssh=127.0.0.1:{sshd_a.port}")
         hp.wait_online("labpc", lab)
-        laptop = hp.up("laptop")
+        # Relayed streams only: these tests read the server's audit log, and a stream over
+        # a direct path never reaches the server (the destination agent logs it).
+        laptop = hp.up("laptop", "--relay-only")
         hp.wait_online("laptop", laptop)
         roamer = hp.up("roamer")
         hp.wait_online("roamer", roamer)

@@ -15,6 +15,7 @@ from homeport.policy.services import Service
 from homeport.wire.control import ServiceInfo
 
 SRC = Subject(node_id="n1", name="laptop")
+DST = Subject(node_id="n2", name="labpc")
 ANNOUNCED = (ServiceInfo("ssh", 22), ServiceInfo("jupyter", 8888))
 LOCAL = (
     Service("ssh", 22, "127.0.0.1", 2222),
@@ -36,8 +37,8 @@ LOCAL = (
 def test_server_and_destination_agree(
     requested: str, verdict: Verdict, code: str, rule: str, name: str | None
 ) -> None:
-    at_server = decide(SRC, "labpc", ANNOUNCED, requested)
-    at_dest = decide(SRC, "labpc", LOCAL, requested)
+    at_server = decide(SRC, DST, ANNOUNCED, requested)
+    at_dest = decide(SRC, DST, LOCAL, requested)
     for d in (at_server, at_dest):
         assert (d.verdict, d.code, d.rule) == (verdict, code, rule)
         assert (d.service.name if d.service else None) == name
@@ -47,6 +48,6 @@ def test_server_and_destination_agree(
 
 def test_nothing_exposed_denies_everything_and_says_so() -> None:
     none: tuple[ServiceInfo, ...] = ()
-    d = decide(SRC, "labpc", none, "ssh")
+    d = decide(SRC, DST, none, "ssh")
     assert not d.allowed
     assert d.reason == "labpc does not expose 'ssh' (exposed: none)"

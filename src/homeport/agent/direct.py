@@ -71,11 +71,12 @@ from homeport.io.netcheck import netcheck
 from homeport.io.portmap import PortMapFailure, request_mapping
 from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, punch
 from homeport.node.state import NodeState
-from homeport.policy.decide import Subject, decide
+from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide, match_service
 from homeport.policy.services import Service
 from homeport.proto import node as core
 from homeport.proto import path as hpath
 from homeport.proto.natcheck import Candidate, NatVerdict, Observations, candidates, classify_nat
+from homeport.proto.node import StreamRecord
 from homeport.wire import control as m
 from homeport.wire.errors import WireError
 from homeport.wire.probe import parse_addr_untrusted
@@ -93,6 +94,7 @@ class Agent(Protocol):
 
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None: ...
     def _drain(self) -> None: ...
+    def _log_decision(self, rec: StreamRecord) -> None: ...
 
 
 T = TypeVar("T")
@@ -207,6 +209,7 @@ class DirectPaths:
         self._links: dict[str, _Link] = {}  # by peer node id (event loop writes)
         self._punch_lock = threading.Lock()
         self._kick: asyncio.Event | None = None
+        self._discovering = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_discovery = -1e9
         self._closed = False
@@ -255,15 +258,22 @@ class DirectPaths:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(kick.wait(), timeout=min(wait, RTT_INTERVAL))
             self._feed_rtts()
-            due = kick.is_set() or time.monotonic() - self._last_discovery >= wait
-            if not due or time.monotonic() - self._last_discovery < DISCOVERY_MIN_GAP:
+            since = time.monotonic() - self._last_discovery
+            if not kick.is_set() and since < wait:
                 continue
+            if since < DISCOVERY_MIN_GAP:  # asked again too soon: run it when the gap is over
+                await asyncio.sleep(DISCOVERY_MIN_GAP - since)
             kick.clear()
             if not self.agent.core.ready or not self.agent.core.direct_expected:
                 continue
             await self._discover_once(loop)
 
     async def _discover_once(self, loop: asyncio.AbstractEventLoop) -> Discovery | None:
+        # One at a time: two whoamis from P to the same server port would be one 4-tuple.
+        async with self._discovering:
+            return await self._discover_locked(loop)
+
+    async def _discover_locked(self, loop: asyncio.AbstractEventLoop) -> Discovery | None:
         self._last_discovery = time.monotonic()
         host, port = self.agent.state.server_address()
         pp = self.agent.core.probe_port
@@ -519,27 +529,17 @@ class DirectPaths:
 
     # -- incoming mux streams (worker thread per request) ---------------------------------
     def _incoming(self, peer: m.PeerInfo, sid: int, meta: dict[str, Any]) -> Any:
-        agent = self.agent
+        """A mux OPEN from ``peer`` (its link's worker thread): decide, connect, answer."""
         service = meta.get("service")
         if not isinstance(service, str) or not service or len(service) > 64:
             return Refusal("protocol", "OPEN without a service")
-        if agent.core.config.shields_up:
-            reason = f"{agent.state.name} has shields up: it accepts no incoming streams"
-            return Refusal(core.SHIELDS_UP, reason)
-        src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
-        decision = decide(src, agent.state.name, agent.services, service)
-        log.info(
-            "direct stream %d from %s for %r: %s: %s (rule %s)",
-            sid,
-            peer.name,
-            service,
-            "accepted" if decision.allowed else f"rejected [{decision.code}]",
-            decision.reason,
-            decision.rule,
-        )
-        if not decision.allowed or decision.service is None:
-            return Refusal(decision.code, decision.reason)
-        svc = decision.service
+        try:
+            answer = self._ask_loop(lambda: self._decide(peer, sid, service))
+        except (RuntimeError, concurrent.futures.TimeoutError):
+            return Refusal("busy", f"{self.agent.state.name} did not decide in time")
+        if isinstance(answer, Refusal):
+            return answer
+        svc, host_keys = answer
         try:
             target = socket.create_connection(
                 (svc.target_host, svc.target_port), TARGET_CONNECT_TIMEOUT
@@ -549,15 +549,52 @@ class DirectPaths:
                 "service-down", f"cannot connect to {svc.target_host}:{svc.target_port}: {exc}"
             )
         target.settimeout(None)
-        self.agent._on_loop(self._count_incoming)
-        return target, {
-            "host_keys": list(agent.core.host_keys),
-            "port": svc.port,
-            "name": agent.state.name,
-        }
+        return target, {"host_keys": list(host_keys), "port": svc.port, "name": peer.name}
 
-    def _count_incoming(self) -> None:
+    def _decide(
+        self, peer: m.PeerInfo, sid: int, service: str
+    ) -> Refusal | tuple[Service, tuple[str, ...]]:
+        """Event loop: the destination's decision on a mux OPEN, with the same checks, in the
+        same order, as the core's on INCOMING (shields up, an unreadable policy, then
+        ``policy.decide`` with the policy in force); one :class:`StreamRecord` either way."""
+        core_ = self.agent.core
+        who = f"{peer.name} ({peer.node_id})"
+        sid_text = f"direct-{sid}"
+        if core_.config.shields_up:
+            core_.shields_refused += 1
+            reason = f"{core_.name} has shields up: it accepts no incoming streams"
+            self.agent._log_decision(
+                StreamRecord(
+                    sid_text, who, service, False, core.SHIELDS_UP, reason, core.SHIELDS_UP
+                )
+            )
+            return Refusal(core.SHIELDS_UP, reason)
+        if core_.policy_problem:
+            reason = f"this node cannot read the server's policy ({core_.policy_problem})"
+            rule = core.RULE_POLICY_UNREADABLE
+            self.agent._log_decision(
+                StreamRecord(sid_text, who, service, False, "policy", reason, rule)
+            )
+            return Refusal("policy", reason)
+        src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
+        me = Subject(core_.node_id, core_.name, core_.user, core_.tags)
+        decision = decide(src, me, core_.config.services, service, core_.policy)
+        # the same record (log line, audit callback) as a relayed INCOMING's
+        self.agent._log_decision(
+            StreamRecord(
+                sid_text,
+                who,
+                service,
+                decision.allowed,
+                "ok" if decision.allowed else decision.code,
+                decision.reason,
+                decision.rule or RULE_NOT_EXPOSED,
+            )
+        )
+        if not decision.allowed or decision.service is None:
+            return Refusal(decision.code, decision.reason)
         self.counters.streams_incoming_direct += 1
+        return decision.service, core_.host_keys
 
     # -- local opens (called from a local API thread) ---------------------------------------
     def _ask_loop(self, fn: Callable[[], T]) -> T:
@@ -577,12 +614,16 @@ class DirectPaths:
         loop.call_soon_threadsafe(run)
         return fut.result(LOOP_ANSWER_TIMEOUT)
 
-    def route(self, dst: str) -> tuple[m.Peer, _Link] | m.Peer | None:
-        """Event loop: the direct link a new stream to ``dst`` takes, or the peer (relay)."""
+    def route(self, dst: str, service: str) -> tuple[m.Peer, _Link] | m.Peer | None:
+        """Event loop: the direct link a new stream to ``dst`` takes, or the peer (relay).
+
+        A service the peer did not announce goes to the relay: the server refuses it
+        there with the usual answer and keeps it in its audit log.
+        """
         core_ = self.agent.core
         peer = core_.peers.get_by_name(dst)
         self.counters.streams_opened += 1
-        if peer is None:
+        if peer is None or match_service(peer.services, service) is None:
             return None
         now = asyncio.get_running_loop().time()
         choice = core_.path_choice(peer.node_id, now)
@@ -605,7 +646,7 @@ class DirectPaths:
             MuxLinkError: the peer refused (its policy: not a reason to use the relay).
         """
         try:
-            routed = self._ask_loop(lambda: self.route(dst))
+            routed = self._ask_loop(lambda: self.route(dst, service))
         except (RuntimeError, concurrent.futures.TimeoutError):
             return None
         if not isinstance(routed, tuple):

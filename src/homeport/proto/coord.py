@@ -17,6 +17,8 @@ input (method)                  when
 ``relay_event``                 the relay spliced a stream or saw it end
 ``relay_refused``               the relay could not take an :class:`RelayExpect`
 ``remove_node``                 an admin removed a node
+``policy_changed``              an admin set a new ACL policy (or none)
+``policy_refused``              an admin's policy was refused (audit only)
 ``handle_timer``                ``get_timer()`` came due
 ==============================  ===================================================
 
@@ -56,6 +58,7 @@ from typing import TypeVar
 
 from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, sign_node_csr
 from homeport.crypto.tls import fingerprint
+from homeport.policy.acl import CompiledPolicy, SelSet, reach_set
 from homeport.policy.decide import Subject, decide
 from homeport.proto import audit as au
 from homeport.proto import path as hpath
@@ -70,6 +73,7 @@ from homeport.proto.audit import (
 )
 from homeport.proto.nat import NatKind
 from homeport.proto.netmap import PeerBook
+from homeport.proto.policy import policy_message
 from homeport.wire import authkey, names
 from homeport.wire import control as m
 from homeport.wire.data import token_from_hex_untrusted
@@ -95,6 +99,8 @@ MAX_REASON = 512
 MAX_CODE = 64
 #: Services one agent may announce (more are dropped).
 MAX_SERVICES = 256
+#: Viewers whose reachable policy rules are memoised (cleared when the policy changes).
+MAX_REACH_CACHE = 65536
 #: Keepalive interval the server asks nodes to use (WELCOME.ping_interval).
 PING_INTERVAL = 5.0
 #: PATH_REQs one pair of nodes may make (either direction) per PATH_REQ_WINDOW seconds.
@@ -277,6 +283,14 @@ class RelayCut:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayCutStream:
+    """End one stream now, waiting or spliced (a policy change denied it)."""
+
+    stream_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetSeen:
     node_id: str
     last_seen: float
@@ -364,6 +378,7 @@ Command = (
     | RelayCancel
     | RelayRefuse
     | RelayCut
+    | RelayCutStream
     | Persist
     | EnrollRequest
     | Note
@@ -545,6 +560,7 @@ class Coordinator:
         key_expiry: float | None = DEFAULT_KEY_EXPIRY,
         expire_tagged: bool = False,
         ephemeral_offline: float = EPHEMERAL_OFFLINE,
+        policy: CompiledPolicy | None = None,
     ) -> None:
         self.ca = ca
         self._ca_pem = ca.cert_pem.decode()
@@ -567,7 +583,6 @@ class Coordinator:
         self._timers: list[_Timer] = []
         self._timer_seq = 0
         self._push_due: float | None = None
-        self.book = PeerBook()
         #: Server setting: never coordinate direct paths (WELCOME says ``direct: false``).
         self.relay_only = relay_only
         #: The whoami probe port announced in WELCOME (0: none); set once it is bound.
@@ -584,6 +599,13 @@ class Coordinator:
         #: (kind, node id) -> when its "expiry"/"ephemeral" timer is due (others are stale)
         self._node_due: dict[tuple[str, str], float] = {}
         self._enroll_keys: dict[SessionId, str] = {}  # auth key id of an enrollment in flight
+        #: The ACL policy in force (None: no policy file; see policy.decide).
+        self.policy = policy
+        self._policy_version = 1
+        # who a viewer is (name, user, tags) -> the rules it may reach through (its
+        # peer-map filter); depends only on the policy, cleared when it changes
+        self._reach: dict[tuple[str, str, tuple[str, ...]], SelSet] = {}
+        self.book = PeerBook(self._visible, audience=self._audience)
         for node in nodes:
             self._add_node(node)
             self._schedule_expiry(node, None)
@@ -800,6 +822,8 @@ class Coordinator:
             if old_s is not None:
                 old_s.role = ""  # its end must not take the node offline
         s.wants_map = m.CAP_PEERS in s.caps and node.approved
+        if self.policy is not None:  # a node starts every session with no policy in force
+            self._send_policy(s)
         self._note(logging.INFO, f"agent {node.name} ({node.node_id}) online from {s.address}")
         self._map_changed(node.node_id, now)
 
@@ -983,9 +1007,11 @@ class Coordinator:
             return
         # a first-release client (``homeport status`` 0.1): the old one-frame map
         nodes = tuple(
-            m.node_info(self._peer(n), now=now)
-            for n in self._nodes.values()
-            if not n.removed and n.approved
+            m.node_info(peer, now=now)
+            for peer in (
+                self._peer(n) for n in self._nodes.values() if not n.removed and n.approved
+            )
+            if self._visible(s.node_id, peer)
         )
         msg = m.NetMap(self_id=s.node_id, nodes=nodes)
         try:
@@ -1054,7 +1080,7 @@ class Coordinator:
             )
             refuse("offline", f"{dst.name} is offline ({seen}); is 'homeport up' running there?")
             return
-        decision = decide(src.subject(), dst.name, dst.services, msg.service)
+        decision = decide(src.subject(), dst.subject(), dst.services, msg.service, self.policy)
         if not decision.allowed or decision.service is None:
             refuse(decision.code, decision.reason, decision.rule)
             return
@@ -1340,7 +1366,8 @@ class Coordinator:
         if dst_s is None or m.CAP_DIRECT not in dst_s.caps:
             return hpath.PEER_NO_DIRECT, f"{dst.name} runs an older homeport without direct paths"
         allowed = any(
-            decide(src.subject(), dst.name, dst.services, svc.name).allowed for svc in dst.services
+            decide(src.subject(), dst.subject(), dst.services, svc.name, self.policy).allowed
+            for svc in dst.services
         )
         if not allowed:
             return hpath.POLICY, f"{dst.name} exposes no service {src.name} may reach"
@@ -1648,6 +1675,117 @@ class Coordinator:
     def admin_audit(self, kind: str, now: float, fields: tuple[tuple[str, str], ...]) -> None:
         """Record an admin action that happened outside the core (keys, users)."""
         self._emit(Audit(kind, now, fields))
+
+    # -- the ACL policy ------------------------------------------------------------------------
+    def _visible(self, viewer_id: str, peer: m.Peer) -> bool:
+        """PeerBook's filter: a node learns only the peers it may reach on some port."""
+        if self.policy is None:
+            return True
+        viewer = self._nodes.get(viewer_id)
+        if viewer is None:
+            return False
+        me = viewer.subject()
+        subj = Subject(peer.node_id, peer.name, peer.user, peer.tags)
+        return self._reachable(me).matches(subj, me)
+
+    def _reachable(self, me: Subject) -> SelSet:
+        assert self.policy is not None
+        key = (me.name, me.user, me.tags)
+        found = self._reach.get(key)
+        if found is None:
+            if len(self._reach) >= MAX_REACH_CACHE:
+                self._reach.clear()
+            found = self._reach[key] = reach_set(self.policy, me)
+        return found
+
+    def _audience(self, viewer_id: str) -> tuple[object, ...]:
+        """Viewers selected by the same rules (and, for autogroup:self, of the same user) see
+        the same peers, so their map frames are encoded once."""
+        if self.policy is None:
+            return ()
+        viewer = self._nodes.get(viewer_id)
+        if viewer is None:
+            return ("?", viewer_id)
+        subj = viewer.subject()
+        reach = self._reachable(subj)
+        return (reach, subj.user if reach.self_ and not subj.tags else "")
+
+    def _send_policy(self, s: _Session) -> None:
+        if m.CAP_POLICY not in s.caps or s.role != ROLE_AGENT:
+            return
+        node = self._nodes.get(s.node_id)
+        if node is not None:
+            self._emit(
+                Send(s.sid, policy_message(self.policy, node.subject(), self._policy_version))
+            )
+
+    def policy_changed(self, compiled: CompiledPolicy | None, now: float) -> int:
+        """A new policy (None: back to no policy) is in force from now on.
+
+        New streams are decided under it at once; every agent that understands
+        POLICY gets its new rules; peer maps are recomputed (a full map for
+        everyone, since who may see whom changed); and every stream the new
+        policy denies is ended now (waiting ones fail with the reason, spliced
+        ones are cut by the relay). Returns how many streams were ended.
+        """
+        self.policy = compiled
+        self._policy_version += 1
+        self._reach.clear()
+        digest = "none" if compiled is None else compiled.digest
+        self._emit(
+            Audit(
+                au.POLICY_SET,
+                now,
+                (
+                    ("digest", digest),
+                    ("acls", str(0 if compiled is None else len(compiled.acls))),
+                    ("ssh", str(0 if compiled is None else len(compiled.ssh))),
+                ),
+            )
+        )
+        for s in self._sessions.values():
+            if s.state is SessionState.AUTHED:
+                self._send_policy(s)
+        ended = 0
+        for st in list(self._streams.values()):
+            src = self._nodes.get(st.src.node_id, st.src)
+            dst = self._nodes.get(st.dst.node_id, st.dst)
+            d = decide(src.subject(), dst.subject(), dst.services, st.service.name, compiled)
+            if d.allowed:
+                continue
+            ended += 1
+            self._audit_stream(
+                now,
+                src,
+                dst.name,
+                dst,
+                st.service.name,
+                False,
+                d.code,
+                d.rule,
+                d.reason,
+                stream_id=st.stream_id,
+                by="policy-change",
+            )
+            if st.state is StreamState.WAITING:
+                self._fail(st, d.code, d.reason)  # RelayCancel: the relay never splices it
+            else:
+                self._note(logging.INFO, f"stream {st.stream_id}: cut: {d.reason}")
+                self._drop_stream(st)
+                self._emit(RelayCutStream(st.stream_id, d.reason))
+        self.book.reset_all()
+        if self._push_due is None:
+            self._push_due = now + NETMAP_COALESCE
+            self._add_timer(self._push_due, "push", "")
+        self._note(
+            logging.INFO,
+            f"policy {digest} in force (version {self._policy_version}); {ended} stream(s) ended",
+        )
+        return ended
+
+    def policy_refused(self, reason: str, now: float) -> None:
+        """An admin's policy was refused (the old one stays): recorded for the audit log."""
+        self._emit(Audit(au.POLICY_REFUSED, now, (("reason", reason[:MAX_REASON]),)))
 
     # -- time -----------------------------------------------------------------------------------
     def _add_timer(self, when: float, kind: str, key: str) -> None:

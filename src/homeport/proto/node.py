@@ -46,6 +46,13 @@ What it owns:
   outcome, and only then does the core send ACCEPT (and :class:`StartStream`)
   or REJECT(service-down).
   Every outcome is one :class:`StreamRecord` (in a :class:`Decided` command).
+* **The ACL policy** (capability ``policy``): POLICY from the server carries
+  the rules that can grant a stream to this node and who the server says this
+  node is (user, tags); :meth:`NodeCore.message_received` keeps it and every
+  INCOMING is decided with it (the destination's decision is authoritative,
+  even if the server let the stream through). Until the first POLICY arrives
+  the node decides as without a policy; a POLICY it cannot read makes it
+  refuse every stream (``policy-unreadable``) rather than guess.
 * **Local opens** (``homeport nc`` through ``agent.sock``): admitted only while
   READY and under the stream limit, sent as OPEN, and the matching OPENED or
   OPEN_FAILED is routed back by token. A session that ends, or a deadline that
@@ -80,12 +87,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from homeport.crypto import identity
+from homeport.policy.acl import CompiledPolicy
 from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
 from homeport.policy.services import Service
 from homeport.proto import path as hpath
 from homeport.proto.backoff import Backoff
 from homeport.proto.nat import NatKind
 from homeport.proto.netmap import PeerView, Status
+from homeport.proto.policy import policy_from_message
 from homeport.wire import control as m
 from homeport.wire.data import token_from_hex_untrusted
 from homeport.wire.errors import WireError
@@ -117,6 +126,7 @@ SHIELDS_UP = "shields-up"
 #: File in the state directory that says the last ``homeport up`` ran with ``--shields-up``
 #: (written by ``up``, read by ``status``: the agent and the client are separate processes).
 SHIELDS_UP_FILE = "shields-up"
+RULE_POLICY_UNREADABLE = "policy-unreadable"
 
 
 class ExitCode(enum.IntEnum):
@@ -395,6 +405,13 @@ class NodeCore:
         self.server_caps: frozenset[str] = frozenset()
         self.server_capver = 1
         self.peers = PeerView()
+        #: The ACL policy the server pushed (None: no policy in force), its version,
+        #: and who the server says this node is (for the rules' destinations).
+        self.policy: CompiledPolicy | None = None
+        self.policy_version = 0
+        self.policy_problem = ""
+        self.user = ""
+        self.tags: tuple[str, ...] = ()
         #: Why the last peer-map update was refused (over a limit), if one was.
         self.map_refused = ""
         #: Messages ignored because they came where they make no sense (for tests).
@@ -536,6 +553,8 @@ class NodeCore:
             self._on_renewed(msg)
         elif isinstance(msg, m.Notice):
             self._on_notice(msg)
+        elif isinstance(msg, m.Policy):
+            self._on_policy(msg)
         elif isinstance(msg, m.Peers):
             if self.peers_expected:
                 self._on_peers(msg)
@@ -557,6 +576,20 @@ class NodeCore:
         elif outcome.status is Status.REFUSED:
             self.map_refused = outcome.reason
 
+    def _on_policy(self, msg: m.Policy) -> None:
+        if msg.version < self.policy_version:
+            self.ignored += 1  # an older push overtaken by a newer one
+            return
+        try:
+            policy = policy_from_message(msg)
+        except WireError as exc:
+            self.policy_problem = str(exc)
+            self.policy_version = msg.version
+            return
+        self.policy, self.policy_problem = policy, ""
+        self.policy_version = msg.version
+        self.user, self.tags = msg.user, msg.tags
+
     def _on_welcome(self, msg: m.Welcome, now: float) -> None:
         self.state = SessionState.READY
         self.node_id = msg.node_id
@@ -566,6 +599,9 @@ class NodeCore:
         self.approved = msg.approved
         self.expires_at = msg.expires_at
         self._plan_renewal(msg.expires_at, msg.server_time, msg.key_lifetime)
+        # Every session starts with no policy in force; a server with a policy sends
+        # POLICY right after WELCOME, before any INCOMING can arrive on this session.
+        self.policy, self.policy_problem, self.policy_version = None, "", 0
         # ANNOUNCE right after WELCOME: a client that sees this node online can
         # open streams to its services at once.
         self._send(self._announce())
@@ -652,8 +688,17 @@ class NodeCore:
         except WireError as exc:
             self._refuse(msg, "protocol", f"bad stream token: {exc}", RULE_MALFORMED)
             return
+        if self.policy_problem:
+            self._refuse(
+                msg,
+                "policy",
+                f"this node cannot read the server's policy ({self.policy_problem})",
+                RULE_POLICY_UNREADABLE,
+            )
+            return
         src = Subject(msg.src.node_id, msg.src.name, msg.src.user, msg.src.tags)
-        decision = decide(src, self.name, self.config.services, msg.service)
+        me = Subject(self.node_id, self.name, self.user, self.tags)
+        decision = decide(src, me, self.config.services, msg.service, self.policy)
         if not decision.allowed or decision.service is None:
             self._refuse(msg, decision.code, decision.reason, decision.rule or RULE_NOT_EXPOSED)
             return

@@ -124,6 +124,9 @@ class Relay(Protocol):
     def cut_node(self, node_id: str) -> int:
         """End every stream touching ``node_id``; returns how many."""
 
+    def cut_stream(self, stream_id: str, reason: str) -> bool:
+        """End one stream, waiting or spliced (a policy change); whether it existed."""
+
     def refuse_token(self, token: bytes) -> None:
         """Close the data connection naming ``token``, now or when it arrives."""
 
@@ -233,6 +236,25 @@ class InProcessRelay:
         for st in running:
             self._engine.cut(st, "node removed")
         return cut.count
+
+    def cut_stream(self, stream_id: str, reason: str) -> bool:
+        with self._lock:
+            entry = self._pairing.streams.get(stream_id)
+            if entry is None:
+                return False
+            if entry.state is StreamState.WAITING:
+                socks = self._pairing.cancel(stream_id, self._clock())
+                running = None
+            else:
+                socks = []
+                running = self._running.get(stream_id)
+                if running is None:
+                    self._cut_early[stream_id] = reason
+        for sock in socks:
+            _close(sock)
+        if running is not None:
+            self._engine.cut(running, reason)
+        return True
 
     def refuse_token(self, token: bytes) -> None:
         """The OPEN naming ``token`` failed: close its data connection now or on arrival.

@@ -32,17 +32,42 @@ from pathlib import Path
 from typing import Any
 
 from homeport.io import unixsock
-from homeport.proto.audit import KEY_CREATE, KEY_REVOKE, NODE_REMOVE, USER, Audit
+from homeport.policy.acl import (
+    CompiledPolicy,
+    PolicyError,
+    Subject,
+    acl_check,
+    check_ssh,
+    compile_policy,
+)
+from homeport.policy.decide import decide
+from homeport.proto.audit import (
+    KEY_CREATE,
+    KEY_REVOKE,
+    NODE_REMOVE,
+    POLICY_REFUSED,
+    POLICY_SET,
+    USER,
+    Audit,
+)
 from homeport.proto.coord import EXPIRY_WARNINGS, NodeRecord, NodeStatus
 from homeport.server.audit import append_now, audit_path
-from homeport.server.datadir import has_server_data, open_offline_registry
+from homeport.server.datadir import (
+    PolicyFileError,
+    has_server_data,
+    load_policy,
+    open_offline_registry,
+    read_policy_text,
+    save_policy,
+)
 from homeport.store.registry import Registry
 
 log = logging.getLogger("homeport.server.admin")
 
 ADMIN_SOCKET = "admin.sock"
-#: Longest request line (bytes); requests are tiny.
-MAX_ADMIN_LINE = 64 * 1024
+#: Longest request line (bytes): a ``policy set`` carries the policy text
+#: (at most ``policy.hujson.MAX_TEXT`` characters, JSON-escaped).
+MAX_ADMIN_LINE = 8 * 1024 * 1024
 #: How long the CLI waits for the running server's answer.
 ADMIN_TIMEOUT = 10.0
 #: listen(2) backlog of admin.sock (admin commands are rare and short).
@@ -87,6 +112,10 @@ class AdminOps:
         clock: Callable[[], float] = time.time,
         node_action: Callable[[str, str], NodeRecord] | None = None,
         audit: Callable[[str, tuple[tuple[str, str], ...]], None] | None = None,
+        data_dir: Path | None = None,
+        set_policy: Callable[[CompiledPolicy | None], None] | None = None,
+        policy_refused: Callable[[str], None] | None = None,
+        node_by_name: Callable[[str], NodeRecord | None] | None = None,
     ) -> None:
         self.registry = registry
         self._nodes = nodes or registry.node_list
@@ -95,6 +124,10 @@ class AdminOps:
         self._audit = audit
         self.live = live
         self._clock = clock
+        self.data_dir = data_dir
+        self._set_policy = set_policy
+        self._policy_refused = policy_refused
+        self._node_by_name = node_by_name
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Answer one request; never raises for bad input."""
@@ -115,11 +148,21 @@ class AdminOps:
             "users.create": self._users_create,
             "users.list": self._users_list,
             "users.remove": self._users_remove,
+            "policy.set": self._policy_set,
+            "policy.get": self._policy_get,
+            "policy.explain": self._policy_explain,
         }.get(op)
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
         try:
             return {"ok": True, **handler(request)}
+        except PolicyError as exc:
+            return {
+                "ok": False,
+                "error": "policy refused; the policy in force is unchanged",
+                "problems": [p.as_dict() for p in exc.problems],
+                "more": exc.more,
+            }
         except AdminError as exc:
             return {"ok": False, "error": str(exc)}
         except (TypeError, ValueError) as exc:
@@ -260,6 +303,125 @@ class AdminOps:
         except KeyError:
             raise AdminError(f"no node named {name!r}") from None
         return {"name": node.name, "node_id": node.node_id}
+
+    # -- policy ---------------------------------------------------------------------------
+    def _policy_dir(self) -> Path:
+        if self.data_dir is None:
+            raise AdminError("this server keeps no policy file")
+        return self.data_dir
+
+    def _policy_set(self, req: dict[str, Any]) -> dict[str, Any]:
+        text = req.get("text")
+        if not isinstance(text, str):
+            raise TypeError("text must be a string")
+        data_dir = self._policy_dir()
+        try:
+            compiled = compile_policy(text)
+        except PolicyError as exc:
+            first = str(exc.problems[0]) if exc.problems else "refused"
+            if self._policy_refused is not None:
+                self._policy_refused(first)
+            else:  # no live core to record it: straight into the audit log
+                self._emit_audit(POLICY_REFUSED, (("reason", first),))
+            log.info("policy refused: %s", first)
+            raise
+        save_policy(data_dir, text)  # stored first: a restart keeps what is in force
+        if self._set_policy is not None:
+            self._set_policy(compiled)
+        else:
+            self._emit_audit(
+                POLICY_SET,
+                (
+                    ("digest", compiled.digest),
+                    ("acls", str(len(compiled.acls))),
+                    ("ssh", str(len(compiled.ssh))),
+                ),
+            )
+        log.info(
+            "policy %s set (%d acls, %d ssh rules)",
+            compiled.digest,
+            len(compiled.acls),
+            len(compiled.ssh),
+        )
+        return {
+            "digest": compiled.digest,
+            "acls": len(compiled.acls),
+            "ssh": len(compiled.ssh),
+            "live": self.live,
+        }
+
+    def _policy_get(self, _req: dict[str, Any]) -> dict[str, Any]:
+        text = read_policy_text(self._policy_dir())
+        if text is None:
+            return {"set": False, "text": None, "digest": None}
+        return {"set": True, "text": text, "digest": compile_policy(text).digest}
+
+    def _lookup(self, name: str) -> NodeRecord | None:
+        if self._node_by_name is not None:
+            return self._node_by_name(name)
+        for node in self.registry.load_nodes():
+            if node.name == name and not node.removed:
+                return node
+        return None
+
+    def _subject(self, text: str) -> tuple[Subject, NodeRecord | None]:
+        """A node by name, or a hypothetical node for ``tag:x`` / a user (dry runs)."""
+        node = self._lookup(text)
+        if node is not None:
+            return node.subject(), node
+        if text.startswith("tag:"):
+            return Subject("", f"(any {text} node)", "", (text,)), None
+        if "@" in text or text.startswith("user:"):
+            user = text.removeprefix("user:").rstrip("@")
+            return Subject("", f"(a node of {user})", user, ()), None
+        raise AdminError(f"no node named {text!r} (name a node, tag:x or a user)")
+
+    def _policy_explain(self, req: dict[str, Any]) -> dict[str, Any]:
+        src_text, dst_text, service = req.get("src"), req.get("dst"), req.get("service")
+        local_user = req.get("user")
+        if not all(isinstance(x, str) for x in (src_text, dst_text, service)):
+            raise TypeError("src, dst and service must be strings")
+        if local_user is not None and not isinstance(local_user, str):
+            raise TypeError("user must be a string")
+        assert isinstance(src_text, str) and isinstance(dst_text, str)
+        assert isinstance(service, str)
+        try:
+            policy = load_policy(self._policy_dir())
+        except PolicyFileError as exc:
+            raise AdminError(str(exc)) from None
+        src, _ = self._subject(src_text)
+        dst, dst_node = self._subject(dst_text)
+        answer: dict[str, Any] = {"policy": policy.digest if policy else None}
+        if dst_node is not None:
+            d = decide(src, dst, dst_node.services, service, policy)
+            answer.update(verdict=d.verdict.value, code=d.code, rule=d.rule, reason=d.reason)
+        elif not service.isdigit():
+            raise AdminError(f"{dst_text} is not a node: give a port number, not {service!r}")
+        elif policy is None:
+            answer.update(
+                verdict="allow",
+                code="ok",
+                rule="service-exposed",
+                reason="no policy: every node may reach every exposed service",
+            )
+        else:
+            v = acl_check(policy, src, dst, int(service))
+            answer.update(
+                verdict="allow" if v.allowed else "deny",
+                code="ok" if v.allowed else "policy",
+                rule=v.rule,
+                reason=v.reason,
+            )
+        if local_user is not None:
+            sd = check_ssh(policy, src, dst, local_user)
+            answer["ssh"] = {
+                "user": local_user,
+                "verdict": sd.verdict.value,
+                "rule": sd.rule,
+                "reason": sd.reason,
+                "check_period": sd.check_period,
+            }
+        return answer
 
     def _nodes_action(self, req: dict[str, Any]) -> dict[str, Any]:
         action = str(req["op"]).removeprefix("nodes.")
@@ -481,6 +643,6 @@ def admin_request(
         def offline_audit(kind: str, fields: tuple[tuple[str, str], ...]) -> None:
             append_now(path, Audit(kind, time.time(), fields))
 
-        return AdminOps(registry, audit=offline_audit).handle(request)
+        return AdminOps(registry, audit=offline_audit, data_dir=data_dir).handle(request)
     finally:
         registry.close()

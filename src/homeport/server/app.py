@@ -24,7 +24,7 @@ from homeport.proto.coord import DEFAULT_KEY_EXPIRY, Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.audit import AuditSink, audit_path
-from homeport.server.datadir import prepare_data_dir
+from homeport.server.datadir import PolicyFileError, load_policy, prepare_data_dir
 from homeport.server.service import Service, ServiceConfig
 from homeport.store.registry import WriteBehind, database_url, open_registry
 
@@ -90,6 +90,7 @@ async def serve(
 ) -> None:
     """Run the server until ``stop`` is set."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
+    policy = load_policy(data_dir)  # a bad policy file stops the start (PolicyFileError)
     registry = open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
     cfg = config or ServiceConfig()
     core = Coordinator(
@@ -101,6 +102,7 @@ async def serve(
         ping_interval=cfg.ping_interval,
         relay_only=cfg.relay_only,
         key_expiry=key_expiry,
+        policy=policy,
     )
     writer = WriteBehind(registry)
     services: list[Service] = []  # the relay reports to the service built right after it
@@ -125,6 +127,10 @@ async def serve(
                 live=True,
                 node_action=service.node_action,
                 audit=service.admin_audit,
+                data_dir=data_dir,
+                set_policy=service.set_policy,
+                policy_refused=service.policy_refused,
+                node_by_name=core.node_by_name,
             ),
         )
         host, port = parse_listen(listen)
@@ -225,7 +231,7 @@ def run_server(
             from homeport.server.admin import AdminError
             from homeport.store.registry import StoreError
 
-            if isinstance(exc, AdminError | StoreError):
+            if isinstance(exc, AdminError | StoreError | PolicyFileError):
                 log.error("cannot start: %s", exc)
                 return 1
             raise

@@ -1,4 +1,4 @@
-"""Server-side commands: ``server``, ``users``, ``keys``, ``nodes``, ``audit``.
+"""Server-side commands: ``server``, ``users``, ``keys``, ``nodes``, ``audit``, ``policy``.
 
 Heavy modules (asyncio, cryptography, SQLAlchemy) are imported inside the
 command functions so ``homeport --help`` and ``homeport nc`` stay fast.
@@ -491,3 +491,129 @@ def register(cli: click.Group) -> None:
             pass
         if stats.skipped:
             click.echo(f"({stats.skipped} damaged line(s) skipped)", err=True)
+
+    _register_policy(cli)
+
+
+def _print_problems(source: str, problems: list[dict[str, Any]], more: int) -> None:
+    for p in problems:
+        where = f"{source}:{p['line']}:{p['column']}"
+        path = f" {p['path']}:" if p.get("path") else ""
+        click.echo(f"{where}:{path} {p['error']}", err=True)
+    if more:
+        click.echo(f"... and {more} more", err=True)
+
+
+def _read_policy_file(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from None
+
+
+def _register_policy(cli: click.Group) -> None:
+    @cli.group("policy")
+    def policy() -> None:
+        """The ACL policy (HuJSON, a Tailscale-compatible subset; see docs/policy.md)."""
+
+    @policy.command("check")
+    @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+    @_json_option
+    def policy_check(file: Path, as_json: bool) -> None:
+        """Check FILE offline: syntax, fields, selectors, and its tests/sshTests."""
+        from homeport.policy.acl import PolicyError, compile_policy
+
+        text = _read_policy_file(file)
+        try:
+            compiled = compile_policy(text)
+        except PolicyError as exc:
+            problems = [p.as_dict() for p in exc.problems]
+            if as_json:
+                click.echo(json.dumps({"ok": False, "problems": problems, "more": exc.more}))
+            else:
+                _print_problems(str(file), problems, exc.more)
+            sys.exit(1)
+        summary = {
+            "ok": True,
+            "digest": compiled.digest,
+            "acls": len(compiled.acls),
+            "ssh": len(compiled.ssh),
+        }
+        if as_json:
+            click.echo(json.dumps(summary))
+        else:
+            click.echo(
+                f"{file}: ok ({summary['acls']} acls, {summary['ssh']} ssh rules, "
+                f"{compiled.digest})"
+            )
+
+    @policy.command("set")
+    @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+    @_json_option
+    @_data_option
+    def policy_set(file: Path, as_json: bool, data_dir: Path | None) -> None:
+        """Put FILE in force (refused with every problem; the old policy then stays)."""
+        from homeport.server.admin import AdminError, admin_request
+
+        text = _read_policy_file(file)
+        try:
+            answer = admin_request(_resolve_data(data_dir), {"op": "policy.set", "text": text})
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
+        if not answer.get("ok"):
+            if as_json:
+                click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+                sys.exit(1)
+            if "problems" in answer:
+                _print_problems(str(file), answer["problems"], answer.get("more", 0))
+            raise click.ClickException(str(answer.get("error", "policy set failed")))
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        where = "in force" if answer.get("live") else "stored (applies when the server starts)"
+        click.echo(
+            f"policy {answer['digest']} {where}: {answer['acls']} acls, {answer['ssh']} ssh rules"
+        )
+
+    @policy.command("get")
+    @_json_option
+    @_data_option
+    def policy_get(as_json: bool, data_dir: Path | None) -> None:
+        """Print the policy in force (its text as stored)."""
+        answer = _admin(data_dir, {"op": "policy.get"})
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+        elif not answer["set"]:
+            click.echo(
+                "no policy: every node may reach every service another node exposes", err=True
+            )
+        else:
+            click.echo(answer["text"], nl=not answer["text"].endswith("\n"))
+
+    @policy.command("explain")
+    @click.argument("src")
+    @click.argument("dst_port", metavar="DST:PORT")
+    @click.option("--user", "local_user", default=None, help="Also explain ssh login as USER.")
+    @_json_option
+    @_data_option
+    def policy_explain(
+        src: str, dst_port: str, local_user: str | None, as_json: bool, data_dir: Path | None
+    ) -> None:
+        """Dry run: may SRC reach DST:PORT (a port or service name)? Verdict and deciding rule."""
+        dst, sep, service = dst_port.rpartition(":")
+        if not sep or not dst or not service:
+            raise click.BadParameter("expected DST:PORT, e.g. labpc:22", param_hint="DST:PORT")
+        request: dict[str, Any] = {"op": "policy.explain", "src": src, "dst": dst}
+        request["service"] = service
+        if local_user is not None:
+            request["user"] = local_user
+        answer = _admin(data_dir, request)
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        click.echo(f"{answer['verdict']}  (rule {answer['rule']})  {answer['reason']}")
+        ssh = answer.get("ssh")
+        if ssh is not None:
+            click.echo(
+                f"ssh as {ssh['user']}: {ssh['verdict']}  (rule {ssh['rule']})  {ssh['reason']}"
+            )

@@ -7,7 +7,9 @@ running without importing the module that starts one: ``app`` imports
 
 Files (see docs/architecture.md): ``ca.key`` (0600) and ``ca.crt``, the
 network CA; ``server.key`` (0600) and ``server.crt`` unless ``--tls-cert`` /
-``--tls-key`` name others; ``server.pin``, the SHA-256 pin nodes check.
+``--tls-key`` name others; ``server.pin``, the SHA-256 pin nodes check;
+``policy.hujson`` (0600), the ACL policy, when one was set (``homeport policy
+set``; it moves into the database with PostgreSQL later).
 """
 
 from __future__ import annotations
@@ -19,10 +21,56 @@ from pathlib import Path
 
 from homeport.crypto import identity
 from homeport.crypto.tls import fingerprint
-from homeport.node.files import write_private, write_public
+from homeport.node.files import atomic_write, write_private, write_public
+from homeport.policy.acl import CompiledPolicy, PolicyError, compile_policy
 from homeport.store.registry import Registry, database_url, open_registry
 
 log = logging.getLogger("homeport.server")
+
+#: The ACL policy's file in the data directory (absent: no policy, the documented default).
+POLICY_FILE = "policy.hujson"
+
+
+class PolicyFileError(Exception):
+    """``policy.hujson`` in the data directory cannot be used: the server must not start."""
+
+
+def load_policy(data_dir: Path) -> CompiledPolicy | None:
+    """The policy in force at start (None: no policy file).
+
+    Raises:
+        PolicyFileError: the file is unreadable or invalid, with every problem
+            located (``policy.hujson:12:5: acls[2].dst[0]: …``). A server that
+            silently ran without its policy would grant what the admin denied.
+    """
+    path = data_dir / POLICY_FILE
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyFileError(f"cannot read {path}: {exc}") from None
+    try:
+        return compile_policy(text)
+    except PolicyError as exc:
+        lines = "\n".join(f"  {path}:{p}" for p in exc.problems)
+        raise PolicyFileError(
+            f"{path} is not a valid policy:\n{lines}\n"
+            f"fix it, or move it away to run without a policy"
+        ) from None
+
+
+def save_policy(data_dir: Path, text: str) -> None:
+    """Store ``text`` (already compiled successfully) as the policy: atomic, 0600."""
+    atomic_write(data_dir / POLICY_FILE, text.encode("utf-8"))
+
+
+def read_policy_text(data_dir: Path) -> str | None:
+    """The stored policy text, or None when no policy is set."""
+    try:
+        return (data_dir / POLICY_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)

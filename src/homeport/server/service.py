@@ -48,6 +48,7 @@ from typing import Any
 from homeport import relay as hprelay
 from homeport.crypto.tls import fingerprint
 from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
+from homeport.policy.acl import CompiledPolicy
 from homeport.proto import coord as c
 from homeport.proto.audit import Audit
 from homeport.proto.control import (
@@ -532,6 +533,8 @@ class Service:
             self.relay.refuse_token(cmd.token)
         elif isinstance(cmd, c.RelayCut):
             self.relay.cut_node(cmd.node_id)
+        elif isinstance(cmd, c.RelayCutStream):
+            self.relay.cut_stream(cmd.stream_id, cmd.reason)
         elif isinstance(cmd, c.Persist):
             self.writer.submit(cmd.op)
         elif isinstance(cmd, c.EnrollRequest):
@@ -623,6 +626,15 @@ class Service:
     def admin_audit(self, kind: str, fields: tuple[tuple[str, str], ...]) -> None:
         """An admin action outside the core (keys, users): into the audit stream, in order."""
         self.core.admin_audit(kind, time.time(), fields)
+        self._run()
+
+    def set_policy(self, compiled: CompiledPolicy | None) -> None:
+        """Put a (compiled, stored) policy in force: pushes, peer maps, cuts denied streams."""
+        self.core.policy_changed(compiled, time.time())
+        self._run()
+
+    def policy_refused(self, reason: str) -> None:
+        self.core.policy_refused(reason, time.time())
         self._run()
 
     def node_list(self) -> list[c.NodeStatus]:

@@ -35,6 +35,7 @@ Message table (c = node or CLI, s = server)::
     0x88  RENEW        c→s   agent: a CSR for a new node key before the old expires (renew) 3
     0x89  RENEWED      s→c   the renewed certificate and the new expiry date (cap renew)   3
     0x8a  NOTICE       s→c   a notice for the node: expiry warning, approved (cap renew)   3
+    0x90  POLICY       s→c   the ACL rules that can grant streams to this node (cap policy) 3
 
 Evolution rules (why: old and new nodes must interoperate during an upgrade,
 the way Tailscale's capability version lets old clients talk to new servers):
@@ -61,7 +62,8 @@ no host keys); host keys travel only in OPENED; PeerInfo carries ``user`` and
 peer-to-peer paths, docs/nat-traversal.md): ENDPOINTS, PATH_REQ, PUNCH,
 PATH_FAILED, PATH_REPORT, PEER_PING, PEER_PONG (0x81-0x87); WELCOME carries
 ``direct`` (false: the server is in relay-only mode) and ``probe_port`` (the
-whoami probe listener, 0 = none).
+whoami probe listener, 0 = none); POLICY
+(0x90, cap ``policy``).
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ CAP_PEERS = "peers"
 CAP_DIRECT = "direct"
 #: ``renew``: understands RENEW/RENEWED/NOTICE (node-key renewal, expiry and approval notices).
 CAP_RENEW = "renew"
+#: ``policy``: understands POLICY and enforces it on every INCOMING.
+CAP_POLICY = "policy"
 #: Every capability this code implements, announced in HELLO and WELCOME.
-OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT)
+OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT, CAP_POLICY)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -136,6 +140,7 @@ class MsgType(enum.IntEnum):
     RENEW = 0x88
     RENEWED = 0x89
     NOTICE = 0x8A
+    POLICY = 0x90
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +311,45 @@ class Peers(Message):
     peers: tuple[Peer, ...] = ()
     removed: tuple[str, ...] = ()
     more: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySel:
+    """One resolved selector of a POLICY rule (``kind`` as in ``policy.acl.SelKind``).
+
+    ``ports`` ("22,80,8000-8999" or "*") is set on destination entries only;
+    ``text`` is what the policy file said (``group:dev``), for explanations.
+    """
+
+    kind: str
+    value: str = ""
+    text: str = ""
+    ports: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    name: str  # where it is in the file: "acls[3]"
+    src: tuple[PolicySel, ...]
+    dst: tuple[PolicySel, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy(Message):
+    """The ACL rules that can grant a stream to the receiving node (capver 3, cap ``policy``).
+
+    ``active`` false: no policy file (every node may reach every exposed
+    service). ``user``/``tags``: who the server says this node is, for the
+    rules' destination selectors. ``version`` grows with every push.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.POLICY
+    version: int
+    active: bool
+    rules: tuple[PolicyRule, ...] = ()
+    user: str = ""
+    tags: tuple[str, ...] = ()
+    digest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +600,7 @@ MESSAGES: dict[int, type[Message]] = {
         Renew,
         Renewed,
         Notice,
+        Policy,
     )
 }
 
@@ -572,6 +617,7 @@ REQUIRES: dict[MsgType, str] = {
     MsgType.RENEW: CAP_RENEW,
     MsgType.RENEWED: CAP_RENEW,
     MsgType.NOTICE: CAP_RENEW,
+    MsgType.POLICY: CAP_POLICY,
 }
 
 
