@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from homeport.io.localapi import query
 from homeport.testing.deadline import Deadline, wait_for
 from homeport.testing.natlab import (
     DIRECT_PORT,
@@ -209,6 +210,13 @@ def peer_path(net: Net, me: str, peer: str) -> PeerPath:
     )
 
 
+def agent_peer(net: Net, me: str, peer: str) -> dict[str, Any]:
+    """The agent's own per-peer path record (the local API query behind ``status``)."""
+    got = query(net.hp.state(me), "status", timeout=5.0)
+    assert got is not None, f"no agent runs for {me}"
+    return next((dict(p) for p in got.get("peers", []) if p.get("name") == peer), {})
+
+
 def _path_settled(net: Net, row: MatrixRow) -> PeerPath:
     """Poll until labpc's path on the laptop side is the row's expected outcome (or time out)."""
     seen: list[PeerPath] = []
@@ -295,19 +303,19 @@ def test_ssh_and_scp(net: Net, row: MatrixRow, tmp_path: Path) -> None:
 
 #: New streams must leave a dead direct path within this (the mux declares it dead at 3.5 s).
 FALLBACK_WITHIN = 5.0
-#: What one status poll adds to the observed detection time (a CLI start in a namespace).
-STATUS_SLACK = 0.5
+#: What one poll of the agent's local API adds to the observed detection time.
+STATUS_SLACK = 0.2
 CONE = next(r for r in MATRIX if r.name == "cone-cone")
 
 
-def _direct_up(net: Net, timeout: float) -> float:
-    """Seconds until the cone-cone path is direct (a stream asks for it first)."""
+def _direct_up(net: Net, timeout: float, row: MatrixRow = CONE) -> float:
+    """Seconds until the row's path is direct (a stream asks for it first)."""
     t0 = time.monotonic()
-    assert ssh(net, CONE, "true").returncode == 0
+    assert ssh(net, row, "true").returncode == 0
     wait_for(
-        lambda: peer_path(net, CONE.b, CONE.a).kind == "direct",
+        lambda: peer_path(net, row.b, row.a).kind == "direct",
         timeout,
-        "cone-cone direct path",
+        f"{row.name} direct path",
         interval=0.1,
     )
     return time.monotonic() - t0
@@ -337,9 +345,9 @@ def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
         with net.lab.blackhole("rt_" + CONE.a, peer_wan):
             t0 = time.monotonic()
             clock = Deadline(10.0)
-            # The status poll costs ~0.3 s (a CLI start), so detection is seen within that.
+            # The agent's own answer (what status prints), polled cheaply: no CLI start per poll.
             wait_for(
-                lambda: peer_path(net, CONE.b, CONE.a).kind == "relay",
+                lambda: agent_peer(net, CONE.b, CONE.a).get("kind") == "relay",
                 FALLBACK_WITHIN + 1.0,
                 "the laptop to give up the blackholed direct path",
                 interval=0.05,
@@ -364,16 +372,50 @@ def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
         bulk.wait(timeout=10)
 
 
+#: (row, router to flush): an EIM NAT keeps the port, so Linux re-creates the same mapping
+#: and the connection may survive; the symmetric NAT picks a new random port, so the
+#: direct connection breaks for real (the public peer answers the new port with a RST).
+FLUSHES = [
+    pytest.param("cone-cone", "rt_cone1", id="cone-cone"),
+    pytest.param(
+        "public-sym",
+        "rt_sym1",
+        id="public-sym",
+        marks=pytest.mark.xfail(
+            strict=False,
+            reason="after the symmetric NAT loses the mapping, the re-punch's TCP connects but "
+            "TLS times out on the requester ('secure handshake with pub timed out'): the public "
+            "side still holds its old link (dead only 3.5 s later) and apparently does not "
+            "handshake the new connection; later attempts fail with UNEXPECTED_EOF",
+        ),
+    ),
+]
+
+
 @pytest.mark.skipif(not conntrack_available()[0], reason=conntrack_available()[1])
-def test_conntrack_flush_back_to_direct(net: Net) -> None:
+@pytest.mark.parametrize(("row_name", "router"), FLUSHES)
+def test_conntrack_flush_back_to_direct(net: Net, row_name: str, router: str) -> None:
     """A NAT that loses its mappings: the direct path is back within 10 s."""
-    _direct_up(net, PATH_SETTLE)
-    net.lab.flush_conntrack("rt_" + CONE.a)
+    row = next(r for r in MATRIX if r.name == row_name)
+    _direct_up(net, PATH_SETTLE, row)
+    punches = agent_peer(net, row.b, row.a).get("punch_successes", 0)
+    net.lab.flush_conntrack(router)
     t0 = time.monotonic()
 
-    def direct_again() -> bool:
-        res = ssh(net, CONE, "true", timeout=20)
-        return res.returncode == 0 and peer_path(net, CONE.b, CONE.a).kind == "direct"
+    seen: list[str] = []
 
-    wait_for(direct_again, 10.0, "direct again after conntrack -F", interval=0.2)
-    print(f"\nE2E-FAULT conntrack flush: direct after {time.monotonic() - t0:.2f}s")
+    def direct_again() -> bool:
+        res = ssh(net, row, "true", timeout=20)
+        got = peer_path(net, row.b, row.a)
+        seen.append(f"{time.monotonic() - t0:.1f}s ssh={res.returncode} {got.kind}/{got.code}")
+        return res.returncode == 0 and got.kind == "direct"
+
+    try:
+        wait_for(direct_again, 10.0, f"{row.name} direct again after conntrack -F", interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}") from None
+    again = agent_peer(net, row.b, row.a).get("punch_successes", 0) - punches
+    print(
+        f"\nE2E-FAULT conntrack flush {router}: direct after {time.monotonic() - t0:.2f}s"
+        f" ({again} new punch(es): {'re-punched' if again else 'the connection survived'})"
+    )
