@@ -16,9 +16,11 @@ byte-identical ``scp`` (sha256 here and, over ssh, on the far end). On top of
 that each row asserts the **path kind** ``homeport status --json`` reports for
 the peer (direct / local / mapped, or relay with the reason code of
 docs/nat-traversal.md), and the fault tests blackhole the direct path and flush
-a NAT's conntrack table. Rows share the agents, so a row's direct path may
-already be up from an earlier row; nothing is flushed between rows (that would
-cut every agent's control connection too).
+a NAT's conntrack table. Rows share agents but every row is a different pair,
+so each row's path test opens that pair's first stream (its time is honest);
+nothing is flushed between rows (that would cut every agent's control
+connection too). The ssh/scp tests run after the path tests, over each row's
+final path.
 """
 
 from __future__ import annotations
