@@ -197,7 +197,12 @@ class Procs:
 
 def child_env() -> dict[str, str]:
     # Explicit --state/--data everywhere; make sure no inherited default leaks in.
-    return {k: v for k, v in os.environ.items() if not k.startswith("HOMEPORT_")}
+    # HOMEPORT_RECORDS (the stream record layer switch) is passed on, for A/B runs.
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("HOMEPORT_") or k == "HOMEPORT_RECORDS"
+    }
 
 
 def wait_until(

@@ -22,7 +22,12 @@ interleaved with the current one, so both are measured under the same load
 (the machine is shared: compare ratios side by side, not absolute figures).
 ``--floor`` measures, in one thread and without waiting, what every pump pays
 whatever its loop: TLS through memory BIOs each way and one kernel copy through
-a unix socketpair and through loopback TCP. ``--profile`` runs one
+a unix socketpair and through loopback TCP. ``--layers tls,records`` (the
+default) runs every scenario over both stream record layers, interleaved:
+end-to-end TLS 1.3 records (``homeport-stream/1``) and homeport's own
+AES-256-GCM records after the same TLS handshake
+(``homeport-stream/2``, :mod:`homeport.io.recstream`); ``--floor`` then also
+measures the record layer's seal and open alone. ``--profile`` runs one
 ``ssh 32KiB @150MB/s`` transfer with pump A (or B) under cProfile and prints the
 top functions.
 """
@@ -49,6 +54,7 @@ from typing import Any
 
 from homeport.crypto import identity
 from homeport.io import pump as current_pump
+from homeport.io import recstream
 from homeport.io.tlsctx import stream_context
 from homeport.io.tlsstream import TlsStream, handshake
 
@@ -72,7 +78,20 @@ SCENARIOS = (
 )
 
 
-def contexts() -> tuple[Any, Any]:
+def contexts(records: bool = False) -> tuple[Any, Any]:
+    """A client and a server stream context; ``records`` offers homeport-stream/2."""
+    old = os.environ.get(recstream.ENV_SWITCH)
+    os.environ[recstream.ENV_SWITCH] = "1" if records else "0"
+    try:
+        return _contexts()
+    finally:
+        if old is None:
+            del os.environ[recstream.ENV_SWITCH]
+        else:
+            os.environ[recstream.ENV_SWITCH] = old
+
+
+def _contexts() -> tuple[Any, Any]:
     d = Path(tempfile.mkdtemp(prefix="pump-micro-"))
     ca = identity.create_ca()
     (d / "ca.crt").write_bytes(ca.cert_pem)
@@ -93,11 +112,15 @@ def tls_pair(ctx_a: Any, ctx_b: Any) -> tuple[TlsStream, TlsStream]:
     tb, _ = lsock.accept()
     lsock.close()
     hs: dict[str, TlsStream] = {}
-    t = threading.Thread(
-        target=lambda: hs.update(b=handshake(tb, ctx_b, server_side=True, timeout=10))
-    )
+
+    def server() -> None:
+        sb = handshake(tb, ctx_b, server_side=True, timeout=10)
+        hs["b"] = recstream.negotiate(sb, server_side=True, timeout=10)
+
+    t = threading.Thread(target=server)
     t.start()
     sa = handshake(ta, ctx_a, server_side=False, timeout=10)
+    sa = recstream.negotiate(sa, server_side=False, timeout=10)
     t.join()
     return sa, hs["b"]
 
@@ -283,6 +306,7 @@ def floor(ctx: tuple[Any, Any], nbytes: int, chunk: int = 256 * 1024) -> None:
         enc += t1 - t0
         dec += t2 - t1
     rows = [("TLS encrypt via memory BIO", enc), ("TLS decrypt via memory BIO", dec)]
+    rows += _records_floor(data, buf, n)
     for name, pair in (
         ("unix socketpair write+read", socket.socketpair()),
         ("loopback TCP send+recv", _tcp_pair()),
@@ -303,6 +327,37 @@ def floor(ctx: tuple[Any, Any], nbytes: int, chunk: int = 256 * 1024) -> None:
     print("| piece | CPU-s/GiB |\n|---|---|")
     for name, secs in rows:
         print(f"| {name} | {secs / (n * chunk / GIB):.2f} |")
+
+
+def _records_floor(data: memoryview, buf: bytearray, n: int) -> list[tuple[str, float]]:
+    """Seal and open through :mod:`homeport.io.recstream`'s stand-ins, as the pump calls them."""
+    from homeport.proto import records
+
+    c2s, _ = records.derive_keys(
+        os.urandom(32), os.urandom(32), os.urandom(32), client_fp=bytes(32), server_fp=bytes(32)
+    )
+    out_a, in_b = recstream._Outgoing(), recstream._Incoming()
+    a = recstream.RecordSession(
+        records.Sealer(c2s), records.Opener(c2s), recstream._Incoming(), out_a, None
+    )
+    b = recstream.RecordSession(
+        records.Sealer(c2s), records.Opener(c2s), in_b, recstream._Outgoing(), None
+    )
+    chunk = len(data)
+    enc = dec = 0.0
+    for _ in range(n):
+        t0 = time.process_time()
+        a.write(data)
+        rec = out_a.read()
+        t1 = time.process_time()
+        in_b.write(rec)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while True:
+                b.read(chunk, buf)
+        t2 = time.process_time()
+        enc += t1 - t0
+        dec += t2 - t1
+    return [("records (stream/2) seal incl. copy out", enc), ("records (stream/2) open", dec)]
 
 
 def _tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -330,36 +385,45 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only scenarios whose name contains this")
     ap.add_argument("--profile", choices=("A", "B"), default=None)
     ap.add_argument("--floor", action="store_true", help="measure the floor pieces only")
+    ap.add_argument("--layers", default="tls,records", help="record layers to compare")
     ap.add_argument("--profile-scenario", type=int, default=2, help="index into SCENARIOS")
     args = ap.parse_args()
     ctx = contexts()
     nbytes = args.mib << 20
+    layers = [x for x in args.layers.split(",") if x]
     if args.floor:
         floor(ctx, nbytes)
         return
     if args.profile:
         sc = SCENARIOS[args.profile_scenario]
         mod = load_pump(args.compare) if args.compare else current_pump
-        print(run_once(mod, sc, nbytes, ctx, profile=args.profile))
+        pctx = contexts(records=layers[-1] == "records")
+        print(run_once(mod, sc, nbytes, pctx, profile=args.profile))
         return
-    pumps: list[tuple[str, ModuleType]] = []
+    mods: list[tuple[str, ModuleType]] = []
     if args.compare:
-        pumps.append(("before", load_pump(args.compare)))
-    pumps.append(("now", current_pump))
+        mods.append(("before", load_pump(args.compare)))
+    mods.append(("now", current_pump))
+    ctxs = {layer: contexts(records=layer == "records") for layer in layers}
+    pumps = [
+        (f"{name} {layer}" if len(mods) > 1 else layer, mod, ctxs[layer])
+        for name, mod in mods
+        for layer in layers
+    ]
     print(f"# pump micro-benchmark: {args.mib} MiB per transfer, median of {args.repeats}")
     print(
-        "| scenario | pump | MB/s | A (encrypts) CPU-s/GiB | B (decrypts) CPU-s/GiB "
+        "| scenario | pump / layer | MB/s | A (encrypts) CPU-s/GiB | B (decrypts) CPU-s/GiB "
         "| A polls/GiB | B polls/GiB | rtt p50 µs | rtt p99 µs |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for sc in SCENARIOS:
         if args.only and args.only not in sc.name:
             continue
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in pumps}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in pumps}
         for _ in range(args.repeats):
-            for name, mod in pumps:  # interleaved: both see the same load
-                runs[name].append(run_once(mod, sc, nbytes, ctx))
-        for name, _ in pumps:
+            for name, mod, pctx in pumps:  # interleaved: all see the same load
+                runs[name].append(run_once(mod, sc, nbytes, pctx))
+        for name, _, _ in pumps:
             cells = [
                 _med(runs[name], key)
                 for key in ("MB/s", "A", "B", "A polls", "B polls", "rtt p50 us", "rtt p99 us")

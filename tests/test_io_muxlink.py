@@ -40,6 +40,13 @@ class Pki:
         return stream_context(server_side=server_side, cert=cert, key=key, ca_cert=self.ca)
 
 
+@pytest.fixture(autouse=True, params=["tls", "records"])
+def layer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run every test over TLS records (stream/1) and homeport's records (stream/2)."""
+    monkeypatch.setenv("HOMEPORT_RECORDS", "1" if request.param == "records" else "0")
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("muxpki")

@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 
 import click
 
+from homeport.proto.control import AGENT_PING_INTERVAL
+
 STATE_HELP = "state directory (env HOMEPORT_STATE, default ~/.local/state/homeport)"
 #: Environment variable an auth key may come from (removed from our environment once read).
 AUTHKEY_ENV = "HOMEPORT_AUTHKEY"
@@ -244,7 +246,9 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 @click.option(
     "--no-portmap", is_flag=True, help="do not ask the router for a port mapping (NAT-PMP/PCP)"
 )
-@click.option("--ping-interval", type=float, default=5.0, show_default=True, metavar="S")
+@click.option(
+    "--ping-interval", type=float, default=AGENT_PING_INTERVAL, show_default=True, metavar="S"
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
     server: str | None,

@@ -71,7 +71,7 @@ from homeport.io.netcheck import netcheck
 from homeport.io.portmap import PortMapFailure, request_mapping
 from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, punch
 from homeport.node.state import NodeState
-from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide, match_service
+from homeport.policy.decide import RULE_NOT_EXPOSED, Decision, Subject, decide, match_service
 from homeport.policy.services import Service
 from homeport.proto import node as core
 from homeport.proto import path as hpath
@@ -113,6 +113,9 @@ SETTLE_TIME = 1.0
 TARGET_CONNECT_TIMEOUT = 5.0
 #: Connections queued on P's listener looked at while settling (the listen backlog).
 MAX_SETTLE = 16
+#: Accepted mux streams remembered for a policy re-check (one per stream; the mux allows
+#: 256 per link).
+MAX_SERVED = 4096
 #: Seconds a thread waits for the event loop to answer a question about the core.
 LOOP_ANSWER_TIMEOUT = 2.0
 
@@ -215,6 +218,8 @@ class DirectPaths:
         self._closed = False
         self._ctx: dict[bool, ssl.SSLContext] = {}
         self._pongs: dict[tuple[str, int], concurrent.futures.Future[None]] = {}
+        self._served: list[tuple[m.PeerInfo, str, socket.socket]] = []
+        self._policy_seen: tuple[int, str] = (0, "")
         self._seq = 0
 
     # -- lifecycle (event loop) ------------------------------------------------------
@@ -549,7 +554,50 @@ class DirectPaths:
                 "service-down", f"cannot connect to {svc.target_host}:{svc.target_port}: {exc}"
             )
         target.settimeout(None)
+        self.agent._on_loop(self._serving, peer, service, target)
         return target, {"host_keys": list(host_keys), "port": svc.port, "name": peer.name}
+
+    def _serving(self, peer: m.PeerInfo, service: str, target: socket.socket) -> None:
+        """Event loop: remember an accepted mux stream, so a new policy can cut it."""
+        self._served = [x for x in self._served if x[2].fileno() >= 0]  # the link closed them
+        if len(self._served) < MAX_SERVED:
+            self._served.append((peer, service, target))
+
+    def after_input(self) -> None:
+        """Event loop, after each core input: a new policy cuts the direct streams it denies
+        (as the server cuts relayed ones), by shutting their local target down."""
+        core_ = self.agent.core
+        seen = (core_.policy_version, core_.policy_problem)
+        if seen == self._policy_seen:
+            return
+        self._policy_seen = seen
+        keep: list[tuple[m.PeerInfo, str, socket.socket]] = []
+        for peer, service, target in self._served:
+            if target.fileno() < 0:
+                continue
+            verdict = self._verdict(peer, service)
+            if isinstance(verdict, Refusal):
+                log.info("direct stream from %s for %r cut: %s", peer.name, service, verdict.reason)
+                with contextlib.suppress(OSError):
+                    target.shutdown(socket.SHUT_RDWR)
+                continue
+            keep.append((peer, service, target))
+        self._served = keep
+
+    def _verdict(self, peer: m.PeerInfo, service: str) -> Refusal | Decision[Service]:
+        core_ = self.agent.core
+        if core_.config.shields_up:
+            reason = f"{core_.name} has shields up: it accepts no incoming streams"
+            return Refusal(core.SHIELDS_UP, reason)
+        if core_.policy_problem:
+            reason = f"this node cannot read the server's policy ({core_.policy_problem})"
+            return Refusal("policy", reason)
+        src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
+        me = Subject(core_.node_id, core_.name, core_.user, core_.tags)
+        decision = decide(src, me, core_.config.services, service, core_.policy)
+        if not decision.allowed or decision.service is None:
+            return Refusal(decision.code, decision.reason)
+        return decision
 
     def _decide(
         self, peer: m.PeerInfo, sid: int, service: str

@@ -7,7 +7,7 @@ errors, the reconnect schedule). This module only feeds it events and carries
 out its commands:
 
 * **Control connection**: :func:`homeport.io.control.connect_control` (the one
-  asyncio driver shared with the server: framing, 5 s pings, dead after 15 s of
+  asyncio driver shared with the server: framing, 1.5 s pings, dead after 4.5 s of
   silence, WELCOME deadline), then the server pin is checked here, then the
   core is told the session started. The core answers a lost session or a failed
   connect with a :class:`~homeport.proto.node.Reconnect` delay (jittered
@@ -67,7 +67,7 @@ from homeport.node.state import NodeState
 from homeport.policy.services import SSH_NAME, Service
 from homeport.proto import node as core
 from homeport.proto.backoff import Backoff
-from homeport.proto.control import ConnectionClosed
+from homeport.proto.control import AGENT_IDLE_TIMEOUT, AGENT_PING_INTERVAL, ConnectionClosed
 from homeport.proto.node import LOCAL_FALLBACK_CODES, ExitCode, NodeConfig, NodeCore, StreamRecord
 from homeport.wire import control as m
 from homeport.wire.data import new_token
@@ -77,8 +77,11 @@ log = logging.getLogger("homeport.agent")
 
 __all__ = ["Agent", "ExitCode", "StreamRecord", "run_agent", "run_in_loop"]
 
-#: Seconds to open the control connection (TCP + TLS) before backing off.
-CONNECT_TIMEOUT = 10.0
+#: Seconds to open the control connection (TCP + TLS) before backing off.  Short, because
+#: an attempt made while the network is down only gets through at its next SYN retransmit
+#: (1 s, 3 s, 7 s ...): 4 s plus a reconnect delay of at most RECONNECT_CAP keeps recovery
+#: after an outage within 5 s (docs/reliability.md).
+CONNECT_TIMEOUT = 4.0
 #: Seconds to wait for WELCOME after HELLO.
 WELCOME_TIMEOUT = 10.0
 #: Seconds to connect a stream's local target (sshd) before REJECT(service-down).
@@ -132,8 +135,8 @@ class Agent:
         state: NodeState,
         services: tuple[Service, ...],
         *,
-        ping_interval: float = 5.0,
-        idle_timeout: float = 15.0,
+        ping_interval: float = AGENT_PING_INTERVAL,
+        idle_timeout: float = AGENT_IDLE_TIMEOUT,
         host_keys: tuple[str, ...] | None = None,
         backoff: Backoff | None = None,
         on_decision: Callable[[StreamRecord], None] | None = None,
@@ -421,6 +424,8 @@ class Agent:
                 and not self._action.done()
             ):
                 self._action.set_result(cmd)
+        if self._direct is not None:
+            self._direct.after_input()
         self._arm_timer()
 
     def _store_renewed(self, cmd: core.Renewed) -> None:
@@ -969,8 +974,8 @@ def run_agent(
     state: NodeState,
     services: tuple[Service, ...],
     *,
-    ping_interval: float = 5.0,
-    idle_timeout: float = 15.0,
+    ping_interval: float = AGENT_PING_INTERVAL,
+    idle_timeout: float = AGENT_IDLE_TIMEOUT,
     host_keys: tuple[str, ...] | None = None,
     shields_up: bool = False,
     direct_port: int = 0,

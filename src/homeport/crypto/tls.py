@@ -30,6 +30,8 @@ ALPN_STREAM = "homeport-stream/1"
 #: A direct (punched) connection between two nodes carrying the stream mux: its own name, so
 #: a mux connection is never taken for a relayed stream or the other way round.
 ALPN_MUX = "homeport-mux/1"
+#: The stream record layer (:mod:`homeport.proto.records`): TLS 1.3 handshake, own records.
+ALPN_STREAM_RECORDS = "homeport-stream/2"
 
 
 class PinMismatch(ssl.SSLError):
@@ -92,15 +94,25 @@ def control_server_policy() -> ssl.SSLContext:
     return ctx
 
 
-def stream_policy(*, server_side: bool) -> ssl.SSLContext:
+def stream_policy(*, server_side: bool, records: bool = True) -> ssl.SSLContext:
     """Context for an end-to-end stream: mutual auth, both chained to the network CA.
 
     The per-stream pin (:func:`check_pin`) is applied after the handshake by the
-    caller, since one context serves every stream of a node.
+    caller, since one context serves every stream of a node. With ``records``
+    the context offers (client) or prefers (server: OpenSSL picks in the
+    server's order) ``homeport-stream/2`` — the same handshake, then homeport's
+    record layer (:mod:`homeport.io.recstream`) — and still speaks
+    ``homeport-stream/1`` (TLS records) with a peer that does not offer it.
+    ALPN is inside the authenticated handshake, so an attacker cannot strip it.
     """
     ctx = base_context(server_side=server_side)
     if not server_side:
         ctx.check_hostname = False
+    else:
+        # No NewSessionTicket after the handshake (OP_NO_TICKET alone still sends
+        # stateful TLS 1.3 tickets): with homeport-stream/2 the TLS session must
+        # send nothing after the key exchange, the socket then carries records.
+        ctx.num_tickets = 0
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols([ALPN_STREAM])
+    ctx.set_alpn_protocols([ALPN_STREAM_RECORDS, ALPN_STREAM] if records else [ALPN_STREAM])
     return ctx

@@ -29,7 +29,7 @@ from pathlib import Path
 from homeport import __version__
 from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
-from homeport.io import tlsctx, tlsstream
+from homeport.io import recstream, tlsctx, tlsstream
 from homeport.io.pump import tune_socket
 from homeport.io.tlsstream import TlsStream
 from homeport.node import state as node_state
@@ -151,7 +151,11 @@ def e2e_handshake(
         raise DialError(
             "pin-mismatch", f"{peer_name} presented a certificate the server did not name"
         ) from exc
-    return stream
+    try:  # homeport-stream/2: switch to the record layer (a no-op for stream/1)
+        return recstream.negotiate(stream, server_side=server_side, timeout=timeout)
+    except (OSError, ssl.SSLError) as exc:  # TimeoutError is an OSError
+        stream.close()
+        raise DialError("e2e-tls", f"record-layer setup with {peer_name} failed: {exc}") from exc
 
 
 # -- control connection -----------------------------------------------------------

@@ -15,6 +15,7 @@ import ssl
 from pathlib import Path
 
 from homeport.crypto.tls import control_client_policy, control_server_policy, stream_policy
+from homeport.io import recstream
 
 
 def control_client_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
@@ -38,7 +39,7 @@ def control_server_context(cert: Path, key: Path, ca_cert: Path) -> ssl.SSLConte
 
 def stream_context(*, server_side: bool, cert: Path, key: Path, ca_cert: Path) -> ssl.SSLContext:
     """Context for an end-to-end stream (:func:`~homeport.crypto.tls.stream_policy`)."""
-    ctx = stream_policy(server_side=server_side)
+    ctx = stream_policy(server_side=server_side, records=recstream.enabled())
     ctx.load_cert_chain(str(cert), str(key))
     ctx.load_verify_locations(cafile=str(ca_cert))
     return ctx

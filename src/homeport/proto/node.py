@@ -115,6 +115,10 @@ RENEW_RETRY = 300.0
 LOCAL_FALLBACK_CODES = frozenset({"busy"})
 #: Seconds a local open waits for OPENED/OPEN_FAILED when the caller names no timeout.
 DEFAULT_OPEN_TIMEOUT = 10.0
+#: Longest reconnect delay (seconds; full jitter, so 1.25-2.5 s once grown): an agent is back
+#: within ~5 s of the server (or the network) returning, however long it was gone. Retrying
+#: a down server every ~2 s is cheap for it (a refused SYN); see docs/reliability.md.
+RECONNECT_CAP = 2.5
 #: The role this core announces in HELLO (it stays connected and receives streams).
 ROLE_AGENT = "agent"
 #: Rules named in a record when the core refused before any policy rule ran.
@@ -398,7 +402,7 @@ class NodeCore:
         self.config = config
         self.name = config.name
         self.node_id = ""
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff(cap=RECONNECT_CAP)
         self.state = SessionState.IDLE
         self.host_keys: tuple[str, ...] = ()
         #: Capabilities the current server announced in WELCOME (intersected with ours).

@@ -338,6 +338,34 @@ class Lab:
             for flag, ip in rules:
                 self.run(router, [*_IPT, "-D", "FORWARD", flag, ip, "-j", "DROP"], check=False)
 
+    def set_wan_ip(self, router: str, wan_ip: str) -> Router:
+        """Give ``router`` a new WAN address (an ISP's new DHCP lease) in place of the old one.
+
+        Deleting the old address makes the kernel drop the router's masqueraded
+        connections, as on a real router: every flow through it must start over.
+        """
+        r = self.routers[router]
+        # Old first: deleting a primary address also deletes its subnet's secondaries.
+        self._ip(router, "addr", "del", f"{r.wan_ip}/24", "dev", "wan")
+        self._ip(router, "addr", "add", f"{wan_ip}/24", "dev", "wan")
+        new = Router(r.name, wan_ip, r.lan_gw, r.nat)
+        self.routers[router] = new
+        return new
+
+    def move_host(self, name: str, router: str, ip: str) -> Host:
+        """Unplug host ``name`` and plug it into ``router``'s LAN as ``ip`` (a laptop moving).
+
+        Processes in the host's namespace keep running; their sockets keep the old,
+        now foreign source address and die as they would on a real laptop.
+        """
+        r = self.routers[router]
+        self._ip(name, "link", "del", "eth0")  # takes the peer port (in the old router) along
+        self._plug(name, "eth0", router, f"{ip}/24")
+        self._ip(name, "route", "add", "default", "via", r.lan_gw)
+        h = Host(name, ip, router)
+        self.hosts[name] = h
+        return h
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> Self:
