@@ -1,12 +1,26 @@
-"""Direct paths end to end on loopback: real server, two real agents, real sshd and ssh.
+"""The direct-path matrix end to end: the real server, real agents, real sshd, ssh and scp.
 
-Both agents run on 127.0.0.1, so their discovery finds no NAT and the punch
-the server coordinates connects at once: the path is ``local`` (a LAN interface
-address of the peer) or ``direct`` (127.0.0.1, when the host has no other
-address). These tests assert the *path kind* the agent reports, that ssh/scp
-really run over it, that losing it sends new streams to the relay at once and
-that re-probing brings it back; a ``--relay-only`` agent says why it is relayed.
-The NAT matrix (cone, symmetric, CGNAT, miniupnpd ...) is the namespace lab's job.
+One NAT lab (:func:`homeport.testing.natlab.build_matrix_lab`, ~25 namespaces) is
+built per module. The real ``homeport server`` listens on the lab server's main
+port with its whoami probe port next to it; every lab host runs a real ``homeport
+up`` (one agent per host, named after the host, on the fixed direct port
+:data:`DIRECT_PORT`, which ``rt_fwd`` forwards); every host that plays "labpc" in
+some row exposes a real sshd on its loopback. For each row of
+:data:`homeport.testing.natlab.MATRIX`, host ``a`` plays ``labpc`` and host ``b``
+the ``laptop``: from ``b``'s namespace, real ``ssh``/``scp`` reach ``labpc``
+through the ssh config block ``homeport ssh-config`` prints (``Host labpc`` with
+``HostName a``, as a user would alias a node).
+
+What must hold in every row, whatever the path: ``ssh labpc echo ok`` and a
+byte-identical ``scp`` (sha256 here and, over ssh, on the far end). On top of
+that each row asserts the **path kind** ``homeport status --json`` reports for
+the peer (direct / local / mapped, or relay with the reason code of
+docs/nat-traversal.md), and the fault tests blackhole the direct path and flush
+a NAT's conntrack table. Rows share agents but every row is a different pair,
+so each row's path test opens that pair's first stream (its time is honest);
+nothing is flushed between rows (that would cut every agent's control
+connection too). The ssh/scp tests run after the path tests, over each row's
+final path.
 """
 
 from __future__ import annotations
@@ -14,8 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+import shlex
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,170 +39,385 @@ from typing import Any
 import pytest
 
 from homeport.io.localapi import query
-from homeport.testing.deadline import wait_for
+from homeport.testing.deadline import Deadline, wait_for
+from homeport.testing.natlab import (
+    DIRECT_PORT,
+    MATRIX,
+    SERVER_IP,
+    SERVER_MAIN_PORT,
+    SERVER_PROBE_PORT,
+    Lab,
+    MatrixRow,
+    build_matrix_lab,
+    conntrack_available,
+    natlab_available,
+)
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
 from tests.harness import HOMEPORT, Homeport
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.netns, pytest.mark.integration]
 
-ok, why = sshd_available()
-if not ok:
-    pytest.skip(f"needs OpenSSH sshd: {why}", allow_module_level=True)
+_ok, _why = natlab_available()
+if not _ok:
+    pytest.skip(f"NAT lab unavailable: {_why}", allow_module_level=True)
+_ok, _why = sshd_available()
+if not _ok:
+    pytest.skip(f"needs OpenSSH sshd: {_why}", allow_module_level=True)
 
-DIRECT_KINDS = ("local", "direct")
+#: Every lab host runs one agent; the ``a`` side of a row is "labpc" and runs sshd.
+HOSTS = tuple(sorted({r.a for r in MATRIX} | {r.b for r in MATRIX}))
+SSHD_HOSTS = tuple(sorted({r.a for r in MATRIX}))
+#: scp payload per row: enough to cross many TLS records and mux windows, cheap for nine rows.
+SCP_BYTES = 6 * 1024 * 1024
+#: Relay codes a row expected to stay relayed may show (docs/nat-traversal.md).
+RELAY_CODES: dict[str, frozenset[str]] = {
+    "sym-cone": frozenset({"peer-edm", "self-edm"}),
+    "sym-sym": frozenset({"both-edm"}),
+    "tcp-only": frozenset({"no-probe-port", "punch-timeout", "self-edm", "peer-edm"}),
+}
+#: Seconds a row may take from its first stream to the final path (punch deadline 5 s).
+PATH_SETTLE = 12.0
 
 
 @dataclass
 class Net:
+    lab: Lab
     hp: Homeport
-    sshd: SshdServer
-    laptop: Path
-
-    def ssh(self, *cmd: str, state: Path | None = None) -> subprocess.CompletedProcess[str]:
-        argv = [
-            *self.hp.ssh_args(state or self.laptop, self.sshd.client_key, self.sshd.user),
-            "labpc",
-            *cmd,
-        ]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=self.hp.env)
-
-    def status(self, state: Path | None = None) -> dict[str, Any]:
-        res = self.hp.run([*HOMEPORT, "status", "--json", "--state", str(state or self.laptop)])
-        data: dict[str, Any] = json.loads(res.stdout)
-        return data
-
-    def path_of(self, name: str, state: Path | None = None) -> dict[str, Any]:
-        node = next(n for n in self.status(state)["nodes"] if n["name"] == name)
-        detail: dict[str, Any] = node["path_detail"] or {}
-        return detail
-
-    def wait_direct(self, timeout: float = 15) -> dict[str, Any]:
-        """Open streams (each asks for a direct path if none) until the path is direct."""
-        found: dict[str, Any] = {}
-
-        def direct() -> bool:
-            res = self.ssh("true")
-            assert res.returncode == 0, res.stderr
-            found.update(self.path_of("labpc"))
-            return found.get("kind") in DIRECT_KINDS
-
-        wait_for(direct, timeout, f"a direct path to labpc\n{self.hp.log('agent-laptop')}")
-        return found
+    sshd: dict[str, SshdServer]
+    root: Path
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
-    root = tmp_path_factory.mktemp("hpd")
+    root = tmp_path_factory.mktemp("direct")
     hp = Homeport(root)
-    sshd = make_sshd(root / "sshd")
+    sshds: dict[str, SshdServer] = {}
+    with Lab() as lab:
+        try:
+            build_matrix_lab(lab, whoami=False)
+            for host in SSHD_HOSTS:
+                sshd = make_sshd(root / f"sshd-{host}", netns=lab.ns(host))
+                sshd.start()
+                sshds[host] = sshd
+            hp.start_server(
+                SERVER_IP,
+                SERVER_MAIN_PORT,
+                prefix=lab.cmd("server", []),
+                ready=lambda: (
+                    lab.can_connect("pub", SERVER_IP, SERVER_PROBE_PORT, 0.5)
+                    and lab.can_connect("pub", SERVER_IP, SERVER_MAIN_PORT, 0.5)
+                ),
+                extra=["--probe-port", str(SERVER_PROBE_PORT)],
+            )
+            key = hp.keys_create("--reusable")
+            extra = ["--direct-port", str(DIRECT_PORT)]
+            agents = {}
+            for host in HOSTS:
+                expose = ["--expose", f"ssh=127.0.0.1:{sshds[host].port}"] if host in sshds else []
+                agents[host] = hp.up(host, *expose, *extra, key=key, prefix=lab.cmd(host, []))
+            _wait_all_online(hp, agents)
+            yield Net(lab, hp, sshds, root)
+        finally:
+            hp.close()
+            for sshd in sshds.values():
+                sshd.stop()
+
+
+def _wait_all_online(hp: Homeport, agents: dict[str, subprocess.Popen[bytes]]) -> None:
+    def ok() -> bool:
+        for name, proc in agents.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"agent {name} exited:\n{hp.log('agent-' + name)}")
+        online = {n["name"] for n in hp.nodes() if n.get("online")}
+        return online >= set(agents)
+
+    wait_for(ok, 60, "every lab agent online", interval=0.2)
+
+
+# -- a user's ssh, from the laptop side's namespace --------------------------------------------
+
+
+def _ssh_config(net: Net, row: MatrixRow) -> Path:
+    """``~/.ssh/config`` of the laptop user: an alias ``labpc`` plus homeport's block for it."""
+    path = net.root / f"ssh_config-{row.name}"
+    if path.exists():
+        return path
+    state = net.hp.state(row.b)
+    block = net.hp.run(
+        [*HOMEPORT, "ssh-config", "--state", str(state), "labpc"],
+        prefix=net.lab.cmd(row.b, []),
+    ).stdout
+    sshd = net.sshd[row.a]
+    mine = (
+        f"Host labpc\n    HostName {row.a}\n    User {sshd.user}\n"
+        f"    IdentityFile {sshd.client_key}\n    IdentitiesOnly yes\n"
+        "    BatchMode yes\n    LogLevel ERROR\n    ConnectTimeout 20\n"
+    )
+    path.write_text(mine + block)
+    return path
+
+
+def ssh(
+    net: Net, row: MatrixRow, *cmd: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    argv = ["ssh", "-F", str(_ssh_config(net, row)), "labpc", *cmd]
+    return net.hp.run(argv, prefix=net.lab.cmd(row.b, []), timeout=timeout, check=False)
+
+
+def scp_roundtrip(net: Net, row: MatrixRow, tmp: Path) -> None:
+    """A byte-identical scp to labpc: sha256 of the source here, of the copy there (over ssh)."""
+    src = tmp / f"src-{row.name}.bin"
+    src.write_bytes(os.urandom(SCP_BYTES))
+    dst = net.root / f"copy-{row.name}.bin"
+    argv = ["scp", "-q", "-F", str(_ssh_config(net, row)), str(src), f"labpc:{dst}"]
+    res = net.hp.run(argv, prefix=net.lab.cmd(row.b, []), timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    want = hashlib.sha256(src.read_bytes()).hexdigest()
+    far = ssh(net, row, "sha256sum", shlex.quote(str(dst)))
+    assert far.returncode == 0, far.stderr
+    assert far.stdout.split()[0] == want
+    assert hashlib.sha256(dst.read_bytes()).hexdigest() == want
+    dst.unlink()
+
+
+# -- the path a node reports for a peer ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerPath:
+    kind: str  # relay | direct | local | mapped
+    code: str
+    reason: str
+    endpoint: str
+    counters: dict[str, int]
+
+
+def peer_path(net: Net, me: str, peer: str) -> PeerPath:
+    """What ``homeport status --json`` on ``me`` says about the path to ``peer``."""
+    out = net.hp.run(
+        [*HOMEPORT, "status", "--json", "--state", str(net.hp.state(me))],
+        prefix=net.lab.cmd(me, []),
+    ).stdout
+    data: Any = json.loads(out)
+    node = next((n for n in data["nodes"] if n.get("name") == peer), None)
+    assert node is not None, f"status --json on {me} lists no {peer}: {out[:2000]}"
+    info: dict[str, Any] = node.get("path_detail") or {"kind": node.get("path") or "relay"}
+    counters = ("streams_direct", "streams_relay", "punch_attempts", "punch_successes")
+    return PeerPath(
+        kind=str(info.get("kind", "relay")),
+        code=str(info.get("code") or ""),
+        reason=str(info.get("reason") or ""),
+        endpoint=str(info.get("endpoint") or ""),
+        counters={k: int(info[k]) for k in counters if isinstance(info.get(k), int)},
+    )
+
+
+def agent_peer(net: Net, me: str, peer: str) -> dict[str, Any]:
+    """The agent's own per-peer path record (the local API query behind ``status``)."""
+    got = query(net.hp.state(me), "status", timeout=5.0)
+    assert got is not None, f"no agent runs for {me}"
+    return next((dict(p) for p in got.get("peers", []) if p.get("name") == peer), {})
+
+
+def _path_settled(net: Net, row: MatrixRow) -> PeerPath:
+    """Poll until labpc's path on the laptop side is the row's expected outcome (or time out)."""
+    seen: list[PeerPath] = []
+
+    def done() -> bool:
+        p = peer_path(net, row.b, row.a)
+        seen.append(p)
+        if row.path == "relay":
+            return p.kind == "relay" and p.code in RELAY_CODES[row.name]
+        return p.kind == row.path
+
     try:
-        sshd.start()
-        hp.start_server()
-        lab = hp.up("labpc", "--expose", f"ssh=127.0.0.1:{sshd.port}")
-        hp.wait_online("labpc", lab)
-        laptop = hp.up("laptop")
-        hp.wait_online("laptop", laptop)
-        yield Net(hp, sshd, hp.state("laptop"))
-    finally:
-        hp.close()
-        sshd.stop()
+        wait_for(done, PATH_SETTLE, f"{row.name}: path {row.path}", interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen: {seen[-1] if seen else None}") from None
+    return seen[-1]
 
 
-def test_ssh_goes_direct_after_the_first_relayed_stream(net: Net) -> None:
-    detail = net.wait_direct()
-    assert detail["code"] == "direct-up"
-    assert re.fullmatch(r"[0-9.]+:\d+", detail["endpoint"]), detail
-    res = net.ssh("echo", "ok")
-    assert res.returncode == 0, res.stderr
+# -- the matrix ------------------------------------------------------------------------------
+
+
+#: Rows the product does not get right yet, and why (the test still runs; xfail non-strict).
+KNOWN_GAPS: dict[str, str] = {
+    "fwd-sym": (
+        "the coordinator refuses edm-edm punches up front (punch_outlook: both-edm); it cannot "
+        "know that the fwd side's WAN:direct-port is a static forward (needs e.g. a server-side "
+        "reachability check of that candidate, or an advertised-forward flag)"
+    ),
+}
+PATH_ROWS = [
+    pytest.param(r, marks=pytest.mark.xfail(reason=KNOWN_GAPS[r.name], strict=False))
+    if r.name in KNOWN_GAPS
+    else r
+    for r in MATRIX
+]
+
+
+@pytest.mark.parametrize("row", PATH_ROWS, ids=[r.name for r in MATRIX])
+def test_path_kind(net: Net, row: MatrixRow) -> None:
+    """The path the laptop side reports for labpc is the row's, and new streams take it."""
+    t0 = time.monotonic()
+    first = ssh(net, row, "echo", "ok")  # starts on the relay at once; asks for a path
+    assert first.returncode == 0, first.stderr
+    got = _path_settled(net, row)
+    settled = time.monotonic() - t0
+    before = got.counters.get("streams_direct", 0)
+    res = ssh(net, row, "echo", "ok")
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+    after = peer_path(net, row.b, row.a)
+    print(
+        f"\nE2E-MATRIX {row.name:<11} path={got.kind:<6} code={got.code:<14} "
+        f"endpoint={got.endpoint or '-':<22} settled={settled:.2f}s reason={got.reason!r}"
+    )
+    if row.path == "relay":
+        # The explained outcome came, and the next stream stayed on the relay (a row that
+        # re-probes by itself, like tcp-only after a punch timeout, may say "probing" now).
+        assert got.reason, got
+        assert after.kind == "relay" and after.counters["streams_direct"] == before, after
+        assert after.counters["streams_relay"] > got.counters["streams_relay"], after
+    else:
+        assert after.kind == row.path, after
+        assert after.counters["streams_direct"] > before, after
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=[r.name for r in MATRIX])
+def test_ssh_and_scp(net: Net, row: MatrixRow, tmp_path: Path) -> None:
+    """Every row, whatever its path: ``ssh labpc echo ok`` and a byte-identical scp.
+
+    Runs after the row's path test, so on a row with a direct path these streams
+    (three: ssh, scp, the far end's sha256sum) must have gone over it.
+    """
+    before = peer_path(net, row.b, row.a)
+    res = ssh(net, row, "echo", "ok")
+    assert res.returncode == 0, f"{res.stderr}\n{net.hp.log('agent-' + row.b)[-3000:]}"
     assert res.stdout.strip() == "ok"
-    data = net.status()
-    counters = data["counters"]
-    assert counters["streams_direct"] >= 1
-    assert counters["punch_successes"] >= 1
-    assert counters["streams_opened"] > counters["streams_direct"]  # the first went relayed
-    assert data["direct"]["direct_port"] > 0
-    # the host key ssh checked over the direct path is the pinned one
-    pinned = (net.laptop / "known_hosts" / "labpc").read_text()
-    ed25519 = next(p for p in net.sshd.host_key_pubs if "ed25519" in p.name).read_text().split()[1]
-    assert ed25519 in pinned
-    assert "over the direct path" in net.hp.log("agent-laptop")
-    assert re.search(r"stream direct-\d+ from laptop .* accepted", net.hp.log("agent-labpc"))
+    scp_roundtrip(net, row, tmp_path)
+    after = peer_path(net, row.b, row.a)
+    if before.kind != "relay":
+        moved = after.counters["streams_direct"] - before.counters["streams_direct"]
+        assert after.kind == before.kind and moved >= 3, (before, after)
 
 
-def test_scp_over_the_direct_path_is_byte_identical(net: Net, tmp_path: Path) -> None:
-    net.wait_direct()
-    before = net.status()["counters"]["streams_direct"]
-    src = tmp_path / "big.bin"
-    src.write_bytes(os.urandom(20 * 1024 * 1024))
-    dst = tmp_path / "copy.bin"
-    scp = [
-        *net.hp.scp_args(net.laptop, net.sshd.client_key),
-        str(src),
-        f"{net.sshd.user}@labpc:{dst}",
-    ]
-    res = subprocess.run(scp, capture_output=True, text=True, timeout=120, env=net.hp.env)
-    assert res.returncode == 0, res.stderr
-    assert hashlib.sha256(dst.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
-    assert net.status()["counters"]["streams_direct"] == before + 1
+# -- faults (cone-cone) ----------------------------------------------------------------------
+
+#: New streams must leave a dead direct path within this (the mux declares it dead at 3.5 s).
+FALLBACK_WITHIN = 5.0
+#: What one poll of the agent's local API adds to the observed detection time.
+STATUS_SLACK = 0.2
+CONE = next(r for r in MATRIX if r.name == "cone-cone")
 
 
-def test_ping_says_which_path(net: Net) -> None:
-    net.wait_direct()
-    res = net.hp.run([*HOMEPORT, "ping", "--state", str(net.laptop), "labpc", "--count", "3"])
-    lines = res.stdout.splitlines()
-    assert len(lines) == 1, lines  # stops once direct
-    assert re.fullmatch(r"pong from labpc via (local|direct) [0-9.]+:\d+ in [0-9.]+ ms", lines[0])
-    res = net.hp.run([*HOMEPORT, "ping", "--json", "--state", str(net.laptop), "labpc"])
-    probe = json.loads(res.stdout.splitlines()[0])
-    assert probe["ok"] is True and probe["via"] in DIRECT_KINDS and probe["ms"] > 0
+def _direct_up(net: Net, timeout: float, row: MatrixRow = CONE) -> float:
+    """Seconds until the row's path is direct (a stream asks for it first)."""
+    t0 = time.monotonic()
+    assert ssh(net, row, "true").returncode == 0
+    wait_for(
+        lambda: peer_path(net, row.b, row.a).kind == "direct",
+        timeout,
+        f"{row.name} direct path",
+        interval=0.1,
+    )
+    return time.monotonic() - t0
 
 
-def test_netcheck_reports_the_mapping(net: Net) -> None:
-    res = net.hp.run([*HOMEPORT, "netcheck", "--json", "--state", str(net.laptop)])
-    report = json.loads(res.stdout)
-    assert report["server_reachable"] is True
-    assert report["latency_ms"] > 0
-    host, port = report["seen_main"].rsplit(":", 1)
-    assert host == "127.0.0.1" and int(port) == report["direct_port"]
-    assert report["seen_probe"] == report["seen_main"]
-    assert report["varies_by_destination"] is False
-    assert report["nat"] == "eim" and "endpoint-independent" in report["nat_reason"]
-    assert report["portmap"] == ""  # the server is on loopback: no router asked
-    text = net.hp.run([*HOMEPORT, "netcheck", "--state", str(net.laptop)]).stdout
-    assert "mapping varies by destination: no" in text
+def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
+    """Blackhole the direct path 10 s during traffic: new streams on the relay within 5 s; heals."""
+    _direct_up(net, PATH_SETTLE)
+    peer_wan = net.lab.routers["rt_" + CONE.b].wan_ip
+    # Traffic on the direct path while it dies: a long-running remote loop.
+    bulk = subprocess.Popen(
+        net.lab.cmd(
+            CONE.b,
+            [
+                "ssh",
+                "-F",
+                str(_ssh_config(net, CONE)),
+                "labpc",
+                "cat /dev/zero | head -c 200000000",
+            ],
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=net.hp.env,
+    )
+    try:
+        with net.lab.blackhole("rt_" + CONE.a, peer_wan):
+            t0 = time.monotonic()
+            clock = Deadline(10.0)
+            # The agent's own answer (what status prints), polled cheaply: no CLI start per poll.
+            wait_for(
+                lambda: agent_peer(net, CONE.b, CONE.a).get("kind") == "relay",
+                FALLBACK_WITHIN + 1.0,
+                "the laptop to give up the blackholed direct path",
+                interval=0.05,
+            )
+            detected = time.monotonic() - t0
+            res = ssh(net, CONE, "echo", "ok", timeout=10)
+            fell_back = time.monotonic() - t0
+            assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+            assert detected <= FALLBACK_WITHIN + STATUS_SLACK, (detected, fell_back)
+            assert peer_path(net, CONE.b, CONE.a).kind == "relay"
+            # Streams keep working over the relay for the rest of the 10 s.
+            wait_for(clock.expired, 11.0, "the 10 s blackhole", interval=0.2)
+            assert ssh(net, CONE, "echo", "ok").returncode == 0
+        healed = _direct_up(net, 40.0)
+        print(
+            f"\nE2E-FAULT blackhole: relay chosen after {detected:.2f}s, a new stream done on"
+            f" the relay after {fell_back:.2f}s, direct again {healed:.2f}s after healing"
+        )
+    finally:
+        if bulk.poll() is None:
+            bulk.kill()
+        bulk.wait(timeout=10)
 
 
-def test_lost_direct_path_falls_back_to_relay_then_returns(net: Net) -> None:
-    net.wait_direct()
-    before = net.status()["counters"]["punch_successes"]
-    ans = query(net.laptop, "drop-direct", "labpc")  # test hook: close the mux link
-    assert ans is not None and ans["dropped"] is True
+#: (row, router to flush): an EIM NAT keeps the port, so Linux re-creates the same mapping
+#: and the connection may survive; the symmetric NAT picks a new random port, so the
+#: direct connection breaks for real (the public peer answers the new port with a RST).
+FLUSHES = [
+    pytest.param("cone-cone", "rt_cone1", id="cone-cone"),
+    pytest.param(
+        "public-sym",
+        "rt_sym1",
+        id="public-sym",
+        marks=pytest.mark.xfail(
+            strict=False,
+            reason="after the symmetric NAT loses the mapping, the re-punch's TCP connects but "
+            "TLS times out on the requester ('secure handshake with pub timed out'): the public "
+            "side still holds its old link (dead only 3.5 s later) and apparently does not "
+            "handshake the new connection; later attempts fail with UNEXPECTED_EOF",
+        ),
+    ),
+]
 
-    # The choice flips to the relay at once (re-probing starts 2 s later, so polling
-    # ``status`` from a loaded machine could miss the relayed window: read the log).
-    def relayed() -> bool:
-        return "path to labpc: relay (dropped" in net.hp.log("agent-laptop")
 
-    wait_for(relayed, 5, "the path to fall back to the relay")
-    res = net.ssh("echo", "relayed")  # a new stream works at once (relay, or direct again)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "relayed"
-    detail = net.wait_direct(20)  # re-probing brings it back
-    assert detail["code"] == "direct-up"
-    assert net.status()["counters"]["punch_successes"] > before  # a new punch, not the old link
+@pytest.mark.skipif(not conntrack_available()[0], reason=conntrack_available()[1])
+@pytest.mark.parametrize(("row_name", "router"), FLUSHES)
+def test_conntrack_flush_back_to_direct(net: Net, row_name: str, router: str) -> None:
+    """A NAT that loses its mappings: the direct path is back within 10 s."""
+    row = next(r for r in MATRIX if r.name == row_name)
+    _direct_up(net, PATH_SETTLE, row)
+    punches = agent_peer(net, row.b, row.a).get("punch_successes", 0)
+    net.lab.flush_conntrack(router)
+    t0 = time.monotonic()
 
+    seen: list[str] = []
 
-def test_relay_only_agent_keeps_the_relay_and_says_why(net: Net) -> None:
-    desk = net.hp.up("desk", "--relay-only")
-    net.hp.wait_online("desk", desk)
-    state = net.hp.state("desk")
-    for _ in range(2):
-        res = net.ssh("true", state=state)
-        assert res.returncode == 0, res.stderr
-    detail = net.path_of("labpc", state)
-    assert detail["kind"] == "relay"
-    assert detail["code"] == "relay-only-local"
-    assert "relay-only" in detail["reason"]
-    table = net.hp.run([*HOMEPORT, "status", "--state", str(state)]).stdout
-    assert "relay (relay-only mode" in table
-    assert net.status(state)["counters"]["punch_attempts"] == 0
+    def direct_again() -> bool:
+        res = ssh(net, row, "true", timeout=20)
+        got = peer_path(net, row.b, row.a)
+        seen.append(f"{time.monotonic() - t0:.1f}s ssh={res.returncode} {got.kind}/{got.code}")
+        return res.returncode == 0 and got.kind == "direct"
+
+    try:
+        wait_for(direct_again, 10.0, f"{row.name} direct again after conntrack -F", interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}") from None
+    again = agent_peer(net, row.b, row.a).get("punch_successes", 0) - punches
+    print(
+        f"\nE2E-FAULT conntrack flush {router}: direct after {time.monotonic() - t0:.2f}s"
+        f" ({again} new punch(es): {'re-punched' if again else 'the connection survived'})"
+    )

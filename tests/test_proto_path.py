@@ -262,6 +262,20 @@ def test_sticky_failures_wait_long() -> None:
     assert pm.retry_at == pytest.approx(0.1 + p.STICKY_RETRY)
 
 
+@pytest.mark.parametrize("code", ["peer-edm", "self-edm", "both-edm"])
+def test_nat_refusals_wait_for_new_endpoints(code: str) -> None:
+    """A punch the server refused for the NATs' sake is not asked again until they change."""
+    pm = new()
+    pm.stream_wanted(0.0)
+    pm.path_failed(1, code, "", 0.1)
+    drain(pm)
+    pm.stream_wanted(5.0)
+    pm.handle_timer(40.0)
+    assert requests(drain(pm)) == [] and pm.choose(40.0).code == code
+    pm.endpoints_changed(41.0)
+    assert requests(drain(pm)) == [2]
+
+
 def test_stale_answers_are_ignored() -> None:
     pm = new()
     pm.stream_wanted(0.0)

@@ -779,6 +779,7 @@ class DirectPaths:
                 {
                     "node_id": peer.node_id,
                     "name": peer.name,
+                    "online": peer.online,
                     "kind": choice.kind.value,
                     "code": choice.code,
                     "reason": choice.reason,

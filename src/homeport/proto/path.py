@@ -116,7 +116,12 @@ REASONS: dict[str, str] = {
 }
 
 #: Failure codes that will not change by retrying soon: retried after STICKY_RETRY.
-STICKY_CODES = frozenset({PEER_NO_DIRECT, RELAY_ONLY_SERVER, PEER_RELAY_ONLY, POLICY})
+#: The NAT verdicts are among them: the coordinator refuses those punches up front, and
+#: a NAT changes only with new ENDPOINTS, which re-probe at once (``endpoints_changed``);
+#: short retries would only run into the server's rate limit and hide the real reason.
+STICKY_CODES = frozenset(
+    {PEER_NO_DIRECT, RELAY_ONLY_SERVER, PEER_RELAY_ONLY, POLICY, PEER_EDM, SELF_EDM, BOTH_EDM}
+)
 
 
 @dataclass(frozen=True, slots=True)

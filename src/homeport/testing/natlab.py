@@ -305,6 +305,17 @@ class Lab:
         self._ipt(router, "-t", "nat", "-A", "PREROUTING", "-d", r.wan_ip, "-p", "tcp",
                   "--dport", str(port), *dnat)  # fmt: skip
 
+    def can_connect(self, name: str, ip: str, port: int, timeout: float = 1.0) -> bool:
+        """Whether a TCP connect from namespace ``name`` to ``ip:port`` completes in ``timeout``."""
+        code = (
+            "import socket,sys\n"
+            "try:\n socket.create_connection((sys.argv[1], int(sys.argv[2])),"
+            " timeout=float(sys.argv[3])).close()\n"
+            "except OSError: sys.exit(1)\n"
+        )
+        argv = [sys.executable, "-c", code, ip, str(port), str(timeout)]
+        return self.run(name, argv, check=False, timeout=timeout + 10).returncode == 0
+
     # -- faults ---------------------------------------------------------------------------
 
     def flush_conntrack(self, router: str) -> None:
@@ -562,8 +573,13 @@ MATRIX_ROUTERS = ("rt_cone1", "rt_cone2", "rt_lan", "rt_sym1", "rt_sym2", "rt_fw
                   "cgn", "rt_cgh", "rt_tcp")  # fmt: skip
 
 
-def build_matrix_lab(lab: Lab) -> None:
-    """Every host of :data:`MATRIX` in one lab (rows share hosts; ~25 namespaces)."""
+def build_matrix_lab(lab: Lab, *, whoami: bool = True) -> None:
+    """Every host of :data:`MATRIX` in one lab (rows share hosts; ~25 namespaces).
+
+    ``whoami=False`` leaves the server's main and probe ports free for a real
+    ``homeport server`` (``--listen SERVER_IP:SERVER_MAIN_PORT --probe-port
+    SERVER_PROBE_PORT``); the ``tcp`` host's router lets only the main port out.
+    """
     lab.internet()
     lab.public_host("pub", "203.0.113.30")
     homes = [
@@ -596,4 +612,5 @@ def build_matrix_lab(lab: Lab) -> None:
     lab.router("rt_tcp", wan_ip="203.0.113.29", lan="10.20.9.1/24", nat="eim",
                allow_out=[(SERVER_IP, SERVER_MAIN_PORT)])  # fmt: skip
     lab.host("tcp", "rt_tcp", "10.20.9.2")
-    lab.start_whoami()
+    if whoami:
+        lab.start_whoami()
