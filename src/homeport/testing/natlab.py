@@ -47,12 +47,11 @@ from homeport.testing.deadline import wait_for
 from homeport.testing.netns import (
     MAX_PREFIX_LEN,
     CommandError,
-    NatLab,
     NatLabError,
-    _list_netns,
     _run_checked,
     _stop_process,
     netns_available,
+    teardown,
 )
 
 __all__ = [
@@ -381,18 +380,9 @@ class Lab:
 
     def close(self) -> None:
         """Stop processes by PID, then delete namespaces by name; idempotent."""
-        errors: list[str] = []
         procs, self._procs = self._procs, []
-        for proc in procs:
-            _stop_process(proc)
         created, self._created = self._created, []
-        for real in reversed(created):
-            errors.extend(NatLab._kill_stragglers(real))
-            res = subprocess.run(
-                ["ip", "netns", "del", real], capture_output=True, text=True, check=False
-            )
-            if res.returncode != 0 and real in _list_netns():
-                errors.append(f"ip netns del {real}: {res.stderr.strip()}")
+        errors = teardown(procs, created)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

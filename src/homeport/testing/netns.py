@@ -377,18 +377,9 @@ class NatLab:
         namespaces, which takes their veths, bridge and iptables rules along.
         Every step is attempted; failures are reported together at the end.
         """
-        errors: list[str] = []
         procs, self._procs = self._procs, []
-        for proc in procs:
-            _stop_process(proc)
         created, self._created = self._created, []
-        for real in reversed(created):
-            errors.extend(self._kill_stragglers(real))
-            deleted = subprocess.run(
-                ["ip", "netns", "del", real], capture_output=True, text=True, check=False
-            )
-            if deleted.returncode != 0 and real in _list_netns():
-                errors.append(f"ip netns del {real}: {deleted.stderr.strip()}")
+        errors = teardown(procs, created)
         if self._atexit_registered:
             atexit.unregister(self.close)
             self._atexit_registered = False
@@ -414,6 +405,25 @@ class NatLab:
         return [
             f"pid {pid} in {real} survived SIGKILL" for pid in pids if not _await_exit(pid, 5.0)
         ]
+
+
+def teardown(procs: Sequence[subprocess.Popen[Any]], created: Sequence[str]) -> list[str]:
+    """Stop ``procs`` by PID, then delete the namespaces ``created`` (newest first) by name.
+
+    Processes go first: a namespace with live processes outlives ``ip netns del``
+    along with its interfaces. Every step is attempted; the failures are returned.
+    """
+    errors: list[str] = []
+    for proc in procs:
+        _stop_process(proc)
+    for real in reversed(created):
+        errors.extend(NatLab._kill_stragglers(real))
+        deleted = subprocess.run(
+            ["ip", "netns", "del", real], capture_output=True, text=True, check=False
+        )
+        if deleted.returncode != 0 and real in _list_netns():
+            errors.append(f"ip netns del {real}: {deleted.stderr.strip()}")
+    return errors
 
 
 def _await_exit(pid: int, timeout: float) -> bool:
