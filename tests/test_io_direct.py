@@ -80,6 +80,14 @@ def test_punch_times_out_with_a_reason() -> None:
     assert "punch timed out" in res.reason and "ECONNREFUSED" in res.reason
 
 
+def test_punch_skips_a_candidate_of_another_address_family() -> None:
+    """An IPv6 candidate for an IPv4 direct port is recorded and skipped, never raised."""
+    with DirectPort(host="127.0.0.1") as me:
+        res = punch(me, [Candidate("local", "fd00::2", 9)], 0.3, accept=False)
+    assert isinstance(res, PunchFailure) and res.code == "punch-timeout"
+    assert "[fd00::2]:9" in res.reason
+
+
 @pytest.fixture
 def fake_gateway() -> Iterator[tuple[int, list[bytes]]]:
     """A loopback NAT-PMP-only gateway that grants every TCP mapping."""

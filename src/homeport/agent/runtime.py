@@ -191,7 +191,10 @@ class Agent:
         self._link: ControlLink | None = None
         self._recent: collections.deque[ControlLink] = collections.deque(maxlen=MAX_RECENT_LINKS)
         self._action: asyncio.Future[_Action] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # uvloop's call_at returns a plain Handle (no .when()) for a time already past,
+        # so the deadline the timer was armed for is kept beside it
+        self._timer: asyncio.Handle | None = None
+        self._timer_when: float | None = None
         self._targets: dict[str, socket.socket] = {}  # connected targets awaiting StartStream
         self._stream_ctx: ssl.SSLContext | None = None
         self._client_ctx: ssl.SSLContext | None = None  # e2e client side of local opens
@@ -544,12 +547,13 @@ class Agent:
     def _arm_timer(self) -> None:
         when = self.core.get_timer()
         if self._timer is not None:
-            if when is not None and self._timer.when() == when:
+            if when is not None and self._timer_when == when:
                 return
             self._timer.cancel()
             self._timer = None
         if when is not None:
             self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+            self._timer_when = when
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -184,7 +184,12 @@ def punch(
                         errors[cand.addr] = errno.errorcode.get(exc.errno or 0, str(exc))
                         continue
                     sock.setblocking(False)
-                    rc = sock.connect_ex((cand.host, cand.port))
+                    try:
+                        rc = sock.connect_ex((cand.host, cand.port))
+                    except OSError as exc:  # e.g. an IPv6 candidate for our IPv4 port
+                        errors[cand.addr] = str(exc)
+                        sock.close()
+                        continue
                     if rc not in (0, errno.EINPROGRESS):
                         errors[cand.addr] = errno.errorcode.get(rc, str(rc))
                         sock.close()
