@@ -261,3 +261,17 @@ def test_agent_unit_does_not_restart_a_removed_node(tmp_path: Path) -> None:
         server=False, directory=tmp_path, system=True, command=["/usr/local/bin/homeport"]
     ).text
     assert f"RestartPreventExitStatus={int(ExitCode.NODE_REMOVED)}" in text.splitlines()
+
+
+def test_status_map_gets_this_nodes_row_when_the_policy_hides_it() -> None:
+    """Under a policy a node's map may lack its own row; status adds it from local state."""
+    from types import SimpleNamespace
+
+    from homeport.client.cli import _with_self
+    from homeport.wire.control import NetMap, NodeInfo
+
+    peer = NodeInfo(node_id="n2", name="labpc", online=True, last_seen=1.0, fingerprint="x")
+    st = SimpleNamespace(name="laptop", services=())
+    nm = _with_self(NetMap(self_id="n1", nodes=(peer,)), st)
+    assert [n.name for n in nm.nodes] == ["laptop", "labpc"] and nm.nodes[0].node_id == "n1"
+    assert _with_self(nm, st) is nm  # already there: unchanged

@@ -46,9 +46,32 @@ def _netmap(st: Any, welcome: list[Any] | None = None) -> Any:
     from homeport.io.dial import DialError, request_netmap
 
     try:
-        return request_netmap(st, welcome=welcome)
+        nm = request_netmap(st, welcome=welcome)
     except DialError as exc:
         _fail(f"cannot get the network map from {st.server}: {exc.message}")
+    return _with_self(nm, st)
+
+
+def _with_self(nm: Any, st: Any) -> Any:
+    """The map with this node's own row: under an ACL policy a node's peer map holds only
+    the peers it may reach, which need not include itself (the rows are shared by every
+    node the same rules select), so the row comes from the local state instead."""
+    import dataclasses
+    import time
+
+    from homeport.wire.control import NodeInfo, ServiceInfo
+
+    if not nm.self_id or any(n.node_id == nm.self_id for n in nm.nodes):
+        return nm
+    me = NodeInfo(
+        node_id=nm.self_id,
+        name=st.name,
+        online=True,
+        last_seen=time.time(),
+        fingerprint="",
+        services=tuple(ServiceInfo(s.name, s.port) for s in st.services),
+    )
+    return dataclasses.replace(nm, nodes=(me, *nm.nodes))
 
 
 @click.command()
