@@ -101,7 +101,7 @@ def test_an_allowed_user_logs_in_with_a_certificate_only_as_an_allowed_account(n
     # an account the policy does not grant: no certificate, and the one-line reason
     denied = net.ssh("laptop", "daemon", "true")
     assert denied.returncode == 255
-    assert "no SSH certificate for daemon@labpc: denied by policy" in denied.stderr
+    assert "no SSH certificate for daemon@labpc (denied by policy" in denied.stderr
 
 
 def test_a_check_rule_blocks_until_a_login_is_approved(net: Net) -> None:

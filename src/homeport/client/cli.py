@@ -224,10 +224,16 @@ def _cert_options(st: Any, host: str, account: str) -> list[tuple[str, str]]:
         files = fetch_certificate(st, host, account)
     except CertRefused as exc:
         if exc.code not in {"no-ssh-ca", "no-policy"}:
-            click.echo(f"homeport: no SSH certificate for {account}@{host}: {exc}", err=True)
+            click.echo(
+                f"homeport: no SSH certificate for {account}@{host} ({exc}); "
+                "trying your own ssh keys",
+                err=True,
+            )
         return []
     except DialError as exc:
-        click.echo(f"homeport: no SSH certificate: {exc.message}", err=True)
+        click.echo(
+            f"homeport: no SSH certificate ({exc.message}); trying your own ssh keys", err=True
+        )
         return []
     return ssh_cert_options(files)
 
