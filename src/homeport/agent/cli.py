@@ -214,7 +214,11 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 
 
 @click.command()
-@click.option("--server", metavar="HOST:PORT", help="server address (first run only)")
+@click.option(
+    "--server",
+    metavar="HOST:PORT",
+    help="server address (first run; later, a new address the node follows, pin kept)",
+)
 @click.option(
     "--authkey",
     metavar="KEY",
@@ -249,7 +253,12 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
     "--no-portmap", is_flag=True, help="do not ask the router for a port mapping (NAT-PMP/PCP)"
 )
 @click.option(
-    "--ping-interval", type=float, default=AGENT_PING_INTERVAL, show_default=True, metavar="S"
+    "--ping-interval",
+    type=float,
+    default=AGENT_PING_INTERVAL,
+    show_default=True,
+    metavar="S",
+    help="keepalive to the server; the link is dead after 3 missed pings",
 )
 @click.option(
     "--hostkey-refresh",

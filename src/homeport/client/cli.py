@@ -121,8 +121,17 @@ def _agent_query(state_dir: Path, op: str, dst: str = "", timeout: float = 5.0) 
 
 @click.command()
 @click.argument("name")
-@click.option("--count", "-c", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--timeout", type=float, default=3.0, show_default=True, metavar="S")
+@click.option(
+    "--count",
+    "-c",
+    type=click.IntRange(1, 1000),
+    default=10,
+    show_default=True,
+    help="most probes (stops early once direct)",
+)
+@click.option(
+    "--timeout", type=float, default=3.0, show_default=True, metavar="S", help="per probe"
+)
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per probe")
 def ping(name: str, count: int, timeout: float, state: str | None, as_json: bool) -> None:

@@ -127,11 +127,24 @@ def register(cli: click.Group) -> None:
     @cli.command("server")
     @_data_option
     @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="ADDR:PORT.")
-    @click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None)
-    @click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None)
+    @click.option(
+        "--tls-cert",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="TLS certificate chain (PEM) instead of the self-made one (e.g. a public CA's).",
+    )
+    @click.option(
+        "--tls-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Private key (PEM) of --tls-cert.",
+    )
     @click.option("--db", "db_url", default=None, help="SQLAlchemy URL [default: SQLite in DIR].")
     @click.option(
-        "--idle-timeout", type=float, default=None, help="Seconds of silence before offline."
+        "--idle-timeout",
+        type=float,
+        default=None,
+        help="Seconds of silence before a node counts as offline [default: 15].",
     )
     @click.option(
         "--probe-port",
