@@ -81,6 +81,12 @@ def test_set_get_explain_offline(tmp_path: Path) -> None:
     code, _out, err = run("policy", "set", str(bad), "--data", str(data))
     assert code == 1 and "tests[0].deny[0]: 'tag:x:1': 'tag:x' is not defined in tagOwners" in err
     assert (data / POLICY_FILE).read_text() == EXAMPLE.read_text()
+    # and back to no policy
+    code, out, err = run("policy", "unset", "--data", str(data))
+    assert code == 0 and "policy removed" in out, (out, err)
+    assert not (data / POLICY_FILE).exists()
+    code, out, err = run("policy", "unset", "--data", str(data))
+    assert code == 0 and "no policy was set" in err
 
 
 def test_a_bad_stored_policy_is_a_startup_error(tmp_path: Path) -> None:

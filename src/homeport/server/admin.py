@@ -58,6 +58,7 @@ from homeport.server.datadir import (
     load_policy,
     open_offline_registry,
     read_policy_text,
+    remove_policy,
     save_policy,
 )
 from homeport.store.registry import Registry
@@ -153,6 +154,7 @@ class AdminOps:
             "login.approve": self._login_approve,
             "policy.set": self._policy_set,
             "policy.get": self._policy_get,
+            "policy.unset": self._policy_unset,
             "policy.explain": self._policy_explain,
         }.get(op)
         if handler is None:
@@ -363,6 +365,16 @@ class AdminOps:
             "ssh": len(compiled.ssh),
             "live": self.live,
         }
+
+    def _policy_unset(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """Back to no policy (every node may reach every exposed service)."""
+        removed = remove_policy(self._policy_dir())
+        if self._set_policy is not None:
+            self._set_policy(None)
+        elif removed:
+            self._emit_audit(POLICY_SET, (("digest", "none"), ("acls", "0"), ("ssh", "0")))
+        log.info("policy unset (was %s)", "stored" if removed else "not set")
+        return {"removed": removed, "live": self.live}
 
     def _policy_get(self, _req: dict[str, Any]) -> dict[str, Any]:
         text = read_policy_text(self._policy_dir())

@@ -607,6 +607,19 @@ def _register_policy(cli: click.Group) -> None:
             f"policy {answer['digest']} {where}: {answer['acls']} acls, {answer['ssh']} ssh rules"
         )
 
+    @policy.command("unset")
+    @_json_option
+    @_data_option
+    def policy_unset(as_json: bool, data_dir: Path | None) -> None:
+        """Remove the policy: back to the default (every node reaches every exposed service)."""
+        answer = _admin(data_dir, {"op": "policy.unset"})
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+        elif answer["removed"]:
+            click.echo("policy removed: every node may reach every service another node exposes")
+        else:
+            click.echo("no policy was set", err=True)
+
     @policy.command("get")
     @_json_option
     @_data_option

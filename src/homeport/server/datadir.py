@@ -64,6 +64,15 @@ def save_policy(data_dir: Path, text: str) -> None:
     atomic_write(data_dir / POLICY_FILE, text.encode("utf-8"))
 
 
+def remove_policy(data_dir: Path) -> bool:
+    """Stop storing a policy (back to the default); whether one was stored."""
+    try:
+        (data_dir / POLICY_FILE).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def read_policy_text(data_dir: Path) -> str | None:
     """The stored policy text, or None when no policy is set."""
     try:
