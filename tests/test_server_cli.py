@@ -184,7 +184,7 @@ def test_keys_with_tags_need_the_policys_tag_owners(tmp_path: Path) -> None:
         "tag 'tag:labb' is not declared in the policy's tagOwners; "
         "declare it there first (homeport policy set)"
     )
-    assert len(ops.handle({"op": "keys.list"})["keys"]) == 3  # type: ignore[arg-type]
+    assert len(ops.handle({"op": "keys.list"})["keys"]) == 3
     (tmp_path / "policy.hujson").write_text("{", encoding="utf-8")  # broken: refuse, one line
     broken = create("tag:lab")
     assert broken["ok"] is False and "\n" not in str(broken["error"])
