@@ -638,20 +638,23 @@ class DirectPaths:
                 decision.reason,
                 decision.rule or RULE_NOT_EXPOSED,
             ),
+            decision.service.name if decision.service is not None else "",
         )
         if not decision.allowed or decision.service is None:
             return Refusal(decision.code, decision.reason)
         self.counters.streams_incoming_direct += 1
         return decision.service, core_.host_keys
 
-    def _record(self, peer: m.PeerInfo, rec: StreamRecord) -> None:
+    def _record(self, peer: m.PeerInfo, rec: StreamRecord, resolved: str = "") -> None:
         """Event loop: log a direct-stream decision, and report it to the server's audit log
-        (STREAM_LOG; rate-limited by the core): such a stream never passes the server."""
+        (STREAM_LOG; rate-limited by the core): such a stream never passes the server.
+        ``resolved``: the service's name when the OPEN named it by port (as a relayed
+        stream's audit record names it)."""
         self.agent._log_decision(rec)
         core_ = self.agent.core
         now = asyncio.get_running_loop().time()
         core_.direct_decided(
-            peer.node_id, rec.service, rec.accepted, rec.code, rec.rule, rec.reason,
+            peer.node_id, resolved or rec.service, rec.accepted, rec.code, rec.rule, rec.reason,
             rec.stream_id, now,
         )  # fmt: skip
         self.agent._drain()
