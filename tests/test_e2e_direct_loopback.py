@@ -112,6 +112,20 @@ def test_ssh_goes_direct_after_the_first_relayed_stream(net: Net) -> None:
     assert ed25519 in pinned
     assert "over the direct path" in net.hp.log("agent-laptop")
     assert re.search(r"stream direct-\d+ from laptop .* accepted", net.hp.log("agent-labpc"))
+    # the server never saw that stream, yet its audit log has it (STREAM_LOG from labpc)
+    audit = [*HOMEPORT, "audit", "--json", "--data", str(net.hp.data_dir)]
+
+    def direct_in_audit() -> list[dict[str, Any]]:
+        lines = net.hp.run(audit).stdout.splitlines()
+        evs = [json.loads(line) for line in lines]
+        return [e for e in evs if e["kind"] == "stream" and e["by"] == "destination-direct"]
+
+    wait_for(lambda: bool(direct_in_audit()), 10, "a destination-direct stream audit record")
+    ev = direct_in_audit()[0]
+    assert (ev["src"], ev["dst"], ev["service"], ev["verdict"], ev["code"]) == (
+        "laptop", "labpc", "ssh", "allowed", "ok",
+    )  # fmt: skip
+    assert ev["stream"].startswith("direct-")
 
 
 def test_scp_over_the_direct_path_is_byte_identical(net: Net, tmp_path: Path) -> None:

@@ -451,3 +451,45 @@ def test_map_pushes_coalesce_longer_as_the_fleet_grows(
     assert sim.core.push_delay() == c.NETMAP_COALESCE_MAX  # capped
     monkeypatch.setattr(c, "NETMAP_PUSH_RATE", 1000.0)
     assert sim.core.push_delay() == c.NETMAP_COALESCE  # small networks: unchanged
+
+
+def test_direct_stream_logs_are_checked_and_name_the_reporting_node(sim: Sim) -> None:
+    lab, laptop, desk = sim.new_node("labpc"), sim.new_node("laptop"), sim.new_node("desk")
+    agent = sim.agent(lab, (SSH,))
+
+    def log(sid: int, src: str, **kw: object) -> None:
+        fields: dict[str, object] = {
+            "src": src, "service": "ssh", "allowed": True, "code": "ok", "rule": "acls[0]",
+        }  # fmt: skip
+        fields.update(kw)
+        sim.send(sid, m.StreamLog(**fields))  # type: ignore[arg-type]
+
+    log(agent, laptop.node_id, stream="direct-1", reason="x" * 2000)
+    (rec,) = _audits(sim, au.STREAM)
+    assert (rec["src"], rec["dst"], rec["dst_id"], rec["by"]) == (
+        "laptop", "labpc", lab.node_id, "destination-direct",
+    )  # fmt: skip
+    assert rec["stream"] == "direct-1" and len(rec["reason"]) == c.MAX_REASON
+    # an unknown source, itself as the source, a verdict its code contradicts: dropped
+    log(agent, "n-nobody")
+    log(agent, lab.node_id)
+    log(agent, laptop.node_id, code="policy")
+    log(agent, laptop.node_id, allowed=False)
+    assert len(_audits(sim, au.STREAM)) == 1
+    # an old agent (no capability policy) is ignored; a client may not send it at all
+    old = sim.agent(desk, capver=1)
+    log(old, laptop.node_id)
+    assert len(_audits(sim, au.STREAM)) == 1
+    client = sim.hello(laptop, "client")
+    log(client, desk.node_id)
+    assert len(_audits(sim, au.STREAM)) == 1
+    closed = sim.out[client].closed
+    assert closed is not None and closed[0] == "bad-request"
+    # bounded per session and window (the dropped reports above counted too)
+    sim.advance(c.STREAM_LOG_WINDOW)
+    for _ in range(c.MAX_STREAM_LOGS_PER_SESSION + 10):
+        log(agent, laptop.node_id)
+    assert len(_audits(sim, au.STREAM)) == 1 + c.MAX_STREAM_LOGS_PER_SESSION
+    sim.advance(c.STREAM_LOG_WINDOW)
+    log(agent, laptop.node_id)
+    assert len(_audits(sim, au.STREAM)) == 2 + c.MAX_STREAM_LOGS_PER_SESSION

@@ -427,3 +427,53 @@ def test_path_tables_are_bounded(net: DirectNet, monkeypatch: pytest.MonkeyPatch
     assert isinstance(raw_req(net, b, x_id, 3), m.Punch)  # a third pair: the oldest goes
     assert net.sim.core.pair_stats(a_id, b_id).punches == 0
     assert net.sim.core.pair_stats(b_id, x_id).punches == 1
+
+
+# -- direct streams in the server's audit log (STREAM_LOG) ---------------------------------
+
+
+def _stream_audits(net: DirectNet) -> list[dict[str, str]]:
+    return [x.as_dict() for x in net.sim.audits if x.kind == "stream"]
+
+
+def test_a_direct_stream_decision_reaches_the_servers_audit_log(net: DirectNet) -> None:
+    a, b = net.pair()
+    a_id, b_id = a.record.node_id, b.record.node_id
+    # the destination's decision on a mux OPEN: reported, recorded as the session's node
+    assert b.core.direct_decided(a_id, "ssh", True, "ok", "acls[0]", "", "direct-1", net.sim.now)
+    net.settle()
+    assert _stream_audits(net) == [
+        {"stream": "direct-1", "src": "laptop", "src_id": a_id, "dst": "labpc", "dst_id": b_id,
+         "service": "ssh", "verdict": "allowed", "code": "ok", "rule": "acls[0]",
+         "by": "destination-direct", "reason": ""},
+    ]  # fmt: skip
+    b.core.direct_decided(a_id, "web", False, "not-exposed", "not-exposed", "no", "d-2", 0.0)
+    net.settle()
+    denied = _stream_audits(net)[-1]
+    assert (denied["verdict"], denied["code"], denied["reason"]) == ("denied", "not-exposed", "no")
+
+
+def test_direct_stream_reports_are_bounded_at_the_agent(net: DirectNet) -> None:
+    a, b = net.pair()
+    a_id, now = a.record.node_id, net.sim.now
+    sent = [
+        b.core.direct_decided(a_id, "ssh", True, "ok", "r", "", f"direct-{i}", now)
+        for i in range(n.MAX_STREAM_LOGS + 5)
+    ]
+    assert sent.count(True) == n.MAX_STREAM_LOGS and b.core.stream_logs_dropped == 5
+    net.settle()
+    assert len(_stream_audits(net)) == n.MAX_STREAM_LOGS
+    # a new window sends again
+    assert b.core.direct_decided(a_id, "ssh", True, "ok", "r", "", "x", now + n.STREAM_LOG_WINDOW)
+
+
+def test_no_stream_log_to_a_server_without_capability_policy() -> None:
+    core = n.NodeCore(n.NodeConfig(name="labpc", server="hp.example:8443"))
+    core.session_started(0.0)
+    welcome = m.Welcome(1, "n1", "labpc", 5.0, capver=3, caps=(m.CAP_PEERS,))
+    core.message_received(welcome, 0.0)
+    assert core.ready
+    while core.next_command() is not None:
+        pass
+    assert not core.direct_decided("n2", "ssh", True, "ok", "r", "", "direct-1", 0.0)
+    assert core.next_command() is None and core.stream_logs_dropped == 1

@@ -163,3 +163,28 @@ def test_server_process_banner_and_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(DEADLINE)
+
+
+def test_keys_with_tags_need_the_policys_tag_owners(tmp_path: Path) -> None:
+    ops = AdminOps(
+        Registry(open_store("sqlite://"), server_pin="sha256:" + "ab" * 32), data_dir=tmp_path
+    )
+
+    def create(*tags: str) -> dict[str, object]:
+        return ops.handle({"op": "keys.create", "tags": list(tags)})
+
+    assert create("tag:anything")["ok"] is True  # no policy in force: any tag
+    policy = '{"tagOwners": {"tag:lab": ["admin@example.com"]}, "acls": []}'
+    assert ops.handle({"op": "policy.set", "text": policy})["ok"] is True
+    assert create("tag:lab")["ok"] is True
+    assert create()["ok"] is True
+    refused = create("tag:lab", "tag:labb")
+    assert refused["ok"] is False
+    assert refused["error"] == (
+        "tag 'tag:labb' is not declared in the policy's tagOwners; "
+        "declare it there first (homeport policy set)"
+    )
+    assert len(ops.handle({"op": "keys.list"})["keys"]) == 3
+    (tmp_path / "policy.hujson").write_text("{", encoding="utf-8")  # broken: refuse, one line
+    broken = create("tag:lab")
+    assert broken["ok"] is False and "\n" not in str(broken["error"])

@@ -611,24 +611,24 @@ class DirectPaths:
         if core_.config.shields_up:
             core_.shields_refused += 1
             reason = f"{core_.name} has shields up: it accepts no incoming streams"
-            self.agent._log_decision(
+            self._record(
+                peer,
                 StreamRecord(
                     sid_text, who, service, False, core.SHIELDS_UP, reason, core.SHIELDS_UP
-                )
+                ),
             )
             return Refusal(core.SHIELDS_UP, reason)
         if core_.policy_problem:
             reason = f"this node cannot read the server's policy ({core_.policy_problem})"
             rule = core.RULE_POLICY_UNREADABLE
-            self.agent._log_decision(
-                StreamRecord(sid_text, who, service, False, "policy", reason, rule)
-            )
+            self._record(peer, StreamRecord(sid_text, who, service, False, "policy", reason, rule))
             return Refusal("policy", reason)
         src = Subject(peer.node_id, peer.name, peer.user, peer.tags)
         me = Subject(core_.node_id, core_.name, core_.user, core_.tags)
         decision = decide(src, me, core_.config.services, service, core_.policy)
         # the same record (log line, audit callback) as a relayed INCOMING's
-        self.agent._log_decision(
+        self._record(
+            peer,
             StreamRecord(
                 sid_text,
                 who,
@@ -637,12 +637,27 @@ class DirectPaths:
                 "ok" if decision.allowed else decision.code,
                 decision.reason,
                 decision.rule or RULE_NOT_EXPOSED,
-            )
+            ),
+            decision.service.name if decision.service is not None else "",
         )
         if not decision.allowed or decision.service is None:
             return Refusal(decision.code, decision.reason)
         self.counters.streams_incoming_direct += 1
         return decision.service, core_.host_keys
+
+    def _record(self, peer: m.PeerInfo, rec: StreamRecord, resolved: str = "") -> None:
+        """Event loop: log a direct-stream decision, and report it to the server's audit log
+        (STREAM_LOG; rate-limited by the core): such a stream never passes the server.
+        ``resolved``: the service's name when the OPEN named it by port (as a relayed
+        stream's audit record names it)."""
+        self.agent._log_decision(rec)
+        core_ = self.agent.core
+        now = asyncio.get_running_loop().time()
+        core_.direct_decided(
+            peer.node_id, resolved or rec.service, rec.accepted, rec.code, rec.rule, rec.reason,
+            rec.stream_id, now,
+        )  # fmt: skip
+        self.agent._drain()
 
     # -- local opens (called from a local API thread) ---------------------------------------
     def _ask_loop(self, fn: Callable[[], T]) -> T:

@@ -118,6 +118,11 @@ PING_INTERVAL = 5.0
 #: PATH_REQs one pair of nodes may make (either direction) per PATH_REQ_WINDOW seconds.
 MAX_PATH_REQS_PER_PAIR = 6
 PATH_REQ_WINDOW = 60.0
+#: Most STREAM_LOG reports (direct-stream decisions) one session may send per
+#: :data:`STREAM_LOG_WINDOW`; the rest are dropped (the agent limits itself lower).
+MAX_STREAM_LOGS_PER_SESSION = 120
+#: The window of :data:`MAX_STREAM_LOGS_PER_SESSION` (seconds).
+STREAM_LOG_WINDOW = 10.0
 #: A PUNCH counts as in flight this long (or until a PATH_REPORT of the pair).
 PUNCH_IN_FLIGHT = 10.0
 #: PEER_PING/PEER_PONG one node may have forwarded per PEER_PING_WINDOW seconds.
@@ -503,6 +508,7 @@ class _Session:
     map_version: int = 0  # the peer map version this session has (PEERS)
     wants_map: bool = False  # an agent with cap "peers": pushed on change
     opens: int = 0  # streams it opened that are still WAITING
+    stream_logs: collections.deque[float] = field(default_factory=collections.deque)
 
 
 @dataclass(slots=True)
@@ -746,6 +752,8 @@ class Coordinator:
             self._direct(s, msg, now)
         elif isinstance(msg, m.Renew) and agent:
             self._renew(s, msg, now)
+        elif isinstance(msg, m.StreamLog) and agent:
+            self._stream_log(s, msg, now)
         elif isinstance(msg, m.SshCertReq):
             self._ssh_cert(s, msg, now)
         elif isinstance(msg, m.Login):
@@ -2078,6 +2086,41 @@ class Coordinator:
                 self._note(logging.INFO, f"stream {st.stream_id}: not spliced in time; dropped")
                 self._drop_stream(st)
                 self._emit(RelayCancel(st.stream_id))
+
+    # -- direct-stream reports (STREAM_LOG, cap "policy") ---------------------------------------
+    def _stream_log(self, s: _Session, msg: m.StreamLog, now: float) -> None:
+        """A destination agent's decision on a direct stream: one STREAM audit record.
+
+        The destination is the reporting session's node (never a claim in the
+        message); the source must be a node of this network. Bounded per session
+        (:data:`MAX_STREAM_LOGS_PER_SESSION` per :data:`STREAM_LOG_WINDOW`): beyond
+        it reports are dropped (one note per window), as the agent also limits them.
+        """
+        if m.CAP_POLICY not in s.caps:
+            self._note(logging.INFO, f"{s.node_id}: STREAM_LOG without capability policy")
+            return
+        window = s.stream_logs
+        while window and window[0] <= now - STREAM_LOG_WINDOW:
+            window.popleft()
+        if len(window) >= MAX_STREAM_LOGS_PER_SESSION:
+            if len(window) == MAX_STREAM_LOGS_PER_SESSION:
+                window.append(now)  # marks the window as noted (one note per burst)
+                self._note(logging.INFO, f"{s.node_id}: STREAM_LOG over the limit, dropped")
+            return
+        window.append(now)
+        dst = self._nodes.get(s.node_id)
+        src = self._nodes.get(msg.src)
+        if dst is None or src is None or src.node_id == dst.node_id:
+            self._note(logging.INFO, f"{s.node_id}: STREAM_LOG from unknown {msg.src[:64]!r}")
+            return
+        if msg.allowed != (msg.code == "ok"):
+            self._note(logging.INFO, f"{s.node_id}: STREAM_LOG verdict and code disagree")
+            return
+        self._audit_stream(
+            now, src, dst.name, dst, msg.service[:64], msg.allowed, msg.code[:MAX_CODE],
+            msg.rule[:MAX_CODE], msg.reason[:MAX_REASON],
+            stream_id=msg.stream[:32], by="destination-direct",
+        )  # fmt: skip
 
     # -- helpers ----------------------------------------------------------------------------------
     def _audit(self, kind: str, now: float, **fields: str) -> None:

@@ -120,6 +120,12 @@ DEFAULT_OPEN_TIMEOUT = 10.0
 #: within ~5 s of the server (or the network) returning, however long it was gone. Retrying
 #: a down server every ~2 s is cheap for it (a refused SYN); see docs/reliability.md.
 RECONNECT_CAP = 2.5
+#: Most STREAM_LOG reports (direct-stream decisions, for the server's audit log) sent per
+#: :data:`STREAM_LOG_WINDOW` seconds; beyond it they are dropped and counted, so a peer that
+#: hammers our direct link with OPENs cannot make us flood the server.
+MAX_STREAM_LOGS = 60
+#: The window of :data:`MAX_STREAM_LOGS` (seconds, the driver's clock).
+STREAM_LOG_WINDOW = 10.0
 #: The role this core announces in HELLO (it stays connected and receives streams).
 ROLE_AGENT = "agent"
 #: Rules named in a record when the core refused before any policy rule ran.
@@ -445,6 +451,9 @@ class NodeCore:
         self._renew_due: float | None = None  # on the driver's clock
         self._renew_key: bytes | None = None
         self._now = 0.0  # the driver's clock at the last input
+        #: Direct-stream decisions not reported to the server (over the limit, or no session).
+        self.stream_logs_dropped = 0
+        self._stream_logs: collections.deque[float] = collections.deque()
 
     # -- read-outs ------------------------------------------------------------
     @property
@@ -762,6 +771,45 @@ class NodeCore:
         src = f"{msg.src.name} ({msg.src.node_id})"
         rec = StreamRecord(msg.stream_id, src, msg.service, accepted, code, reason, rule)
         self._commands.append(Decided(rec))
+
+    def direct_decided(  # noqa: PLR0917 - one decision's fields
+        self,
+        src_id: str,
+        service: str,
+        accepted: bool,
+        code: str,
+        rule: str,
+        reason: str,
+        stream: str,
+        now: float,
+    ) -> bool:
+        """Report a decision on a direct (mux) stream to the server's audit log (STREAM_LOG).
+
+        Only to a server with cap ``policy``, at most :data:`MAX_STREAM_LOGS` per
+        :data:`STREAM_LOG_WINDOW`; False (and counted in ``stream_logs_dropped``) when not sent.
+        """
+        if not self.ready or not m.may_send(m.MsgType.STREAM_LOG, self.server_caps):
+            self.stream_logs_dropped += 1
+            return False
+        sent = self._stream_logs
+        while sent and sent[0] <= now - STREAM_LOG_WINDOW:
+            sent.popleft()
+        if len(sent) >= MAX_STREAM_LOGS:
+            self.stream_logs_dropped += 1
+            return False
+        sent.append(now)
+        self._send(
+            m.StreamLog(
+                src=src_id,
+                service=service,
+                allowed=accepted,
+                code=code,
+                rule=rule,
+                reason=reason,
+                stream=stream,
+            )
+        )
+        return True
 
     # -- local opens ----------------------------------------------------------------------
     def open_local(

@@ -198,6 +198,7 @@ class AdminOps:
             raise TypeError("user must be a string and tags a list of strings")
         if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
             raise TypeError("expiry_seconds must be a number or null")
+        self._check_tags_declared(tags)
         now = self._clock()
         key = self.registry.create_auth_key(
             now=now,
@@ -233,6 +234,24 @@ class AdminOps:
             "ephemeral": ephemeral,
             "approval": approval,
         }
+
+    def _check_tags_declared(self, tags: list[str]) -> None:
+        """With a policy in force, a key may only carry tags its ``tagOwners`` declares (as in
+        Tailscale): an undeclared tag is usually a typo, and no rule could ever name it."""
+        if not tags or self.data_dir is None:
+            return
+        try:
+            policy = load_policy(self.data_dir)
+        except PolicyFileError as exc:
+            raise AdminError(str(exc).splitlines()[0]) from None
+        if policy is None:
+            return
+        for tag in tags:
+            if tag not in policy.tag_owners:
+                raise AdminError(
+                    f"tag {tag!r} is not declared in the policy's tagOwners; "
+                    f"declare it there first (homeport policy set)"
+                )
 
     def _keys_list(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {

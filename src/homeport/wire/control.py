@@ -40,6 +40,7 @@ Message table (c = node or CLI, s = server)::
     0x8e  LOGIN        c→s   start/poll/approve a login check (``homeport login``)        3
     0x8f  LOGIN_STATE  s→c   its state: pending with a code, approved, refused            3
     0x90  POLICY       s→c   the ACL rules that can grant streams to this node (cap policy) 3
+    0x91  STREAM_LOG   c→s   destination agent: its decision on a direct stream (policy)  3
 
 Evolution rules (why: old and new nodes must interoperate during an upgrade,
 the way Tailscale's capability version lets old clients talk to new servers):
@@ -67,8 +68,9 @@ peer-to-peer paths, docs/nat-traversal.md): ENDPOINTS, PATH_REQ, PUNCH,
 PATH_FAILED, PATH_REPORT, PEER_PING, PEER_PONG (0x81-0x87); WELCOME carries
 ``direct`` (false: the server is in relay-only mode) and ``probe_port`` (the
 whoami probe listener, 0 = none); POLICY
-(0x90, cap ``policy``). Capability ``sshcert``: SSH_CERT_REQ, SSH_CERT, LOGIN,
-LOGIN_STATE (0x8c-0x8f); WELCOME carries ``ssh_ca`` (the SSH CA public key).
+(0x90, cap ``policy``); STREAM_LOG (0x91, cap ``policy``: the server's audit log
+also sees direct streams, which never pass it). Capability ``sshcert``: SSH_CERT_REQ,
+SSH_CERT, LOGIN, LOGIN_STATE (0x8c-0x8f); WELCOME carries ``ssh_ca`` (the SSH CA public key).
 """
 
 from __future__ import annotations
@@ -153,6 +155,7 @@ class MsgType(enum.IntEnum):
     LOGIN = 0x8E
     LOGIN_STATE = 0x8F
     POLICY = 0x90
+    STREAM_LOG = 0x91
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +367,26 @@ class Policy(Message):
     user: str = ""
     tags: tuple[str, ...] = ()
     digest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLog(Message):
+    """The destination agent's decision on a direct (mux) stream (capver 3, cap ``policy``).
+
+    Direct streams never pass the server, so without this its audit log would
+    miss them. The server records it as a ``stream`` audit event with
+    ``by=destination-direct``; the destination is the reporting session's node,
+    never a field of this message (an agent cannot speak for another node).
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.STREAM_LOG
+    src: str  # the opener's node id (as its certificate says, on the direct link)
+    service: str
+    allowed: bool
+    code: str  # "ok", or the refusal code
+    rule: str
+    reason: str = ""
+    stream: str = ""  # the agent's local stream name ("direct-7")
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,6 +734,7 @@ MESSAGES: dict[int, type[Message]] = {
         Login,
         LoginState,
         Policy,
+        StreamLog,
     )
 }
 
@@ -728,6 +752,7 @@ REQUIRES: dict[MsgType, str] = {
     MsgType.RENEWED: CAP_RENEW,
     MsgType.NOTICE: CAP_RENEW,
     MsgType.POLICY: CAP_POLICY,
+    MsgType.STREAM_LOG: CAP_POLICY,
     MsgType.SSH_CERT_REQ: CAP_SSHCERT,
     MsgType.SSH_CERT: CAP_SSHCERT,
     MsgType.LOGIN: CAP_SSHCERT,
