@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import signal
@@ -847,7 +848,12 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         )
         fig["streams_wall"] = loop.time() - s_t0
         lat = [r for r in results if isinstance(r, float)]
-        errs = collections.Counter(str(r)[:80] for r in results if not isinstance(r, float))
+        # grouped by reason: the node's name is cut out ("offline: fleet-01194 is offline ...")
+        errs = collections.Counter(
+            re.sub(r"fleet-\d+", "fleet-N", str(r))[:80]
+            for r in results
+            if not isinstance(r, float)
+        )
         fig["streams"] = k
         fig["streams_ok"] = len(lat)
         fig["streams_errors"] = dict(errs)
@@ -1021,7 +1027,8 @@ def render(table_rows: list[tuple[str, str, str]], opts: Options, seconds: float
         lines.append("| " + " | ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) + " |")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     facts = (
-        f"`python -m bench.fleet --agents {opts.agents} --streams {opts.streams}` on {stamp}: "
+        f"`python -m bench.fleet --agents {opts.agents} --streams {opts.streams} "
+        f"--idle-seconds {opts.idle_seconds:g} --churn-seconds {opts.churn_seconds:g}` on {stamp}: "
         f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs "
         f"(shared VM: the server and the load process share 2 cores); one run, "
         f"{seconds:.0f} s."

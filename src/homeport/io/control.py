@@ -61,9 +61,12 @@ SSL_SHUTDOWN_TIMEOUT = 5.0
 #: Why: TLS copies what it is given into per-connection buffers, and after a restart every
 #: agent is sent a full map at once (5,000 nodes: 1.7 MB each; measured 3.6 GB of server RSS
 #: with ~3,000 agents joining), so a slow reader must not pull the whole map into its session.
-ENCODED_HIGH_WATER = 256 * 1024
-#: Slice of held shared bytes handed to the transport at a time.
-ENCODED_CHUNK = 64 * 1024
+#: Small because what waits is encrypted into the session's outgoing memory BIO, and an OpenSSL
+#: memory BIO never shrinks: at 256 KiB (64 KiB slices) every agent kept ~64 KiB of it for good
+#: after its full map (server RSS per idle agent 104 KiB at 600 agents; docs/reliability.md).
+ENCODED_HIGH_WATER = 16 * 1024
+#: Slice of held shared bytes handed to the transport at a time: one TLS record's plaintext.
+ENCODED_CHUNK = 16 * 1024
 
 
 class ControlHandler(Protocol):
