@@ -379,18 +379,7 @@ def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
 #: direct connection breaks for real (the public peer answers the new port with a RST).
 FLUSHES = [
     pytest.param("cone-cone", "rt_cone1", id="cone-cone"),
-    pytest.param(
-        "public-sym",
-        "rt_sym1",
-        id="public-sym",
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="after the symmetric NAT loses the mapping, the re-punch's TCP connects but "
-            "TLS times out on the requester ('secure handshake with pub timed out'): the public "
-            "side still holds its old link (dead only 3.5 s later) and apparently does not "
-            "handshake the new connection; later attempts fail with UNEXPECTED_EOF",
-        ),
-    ),
+    pytest.param("public-sym", "rt_sym1", id="public-sym"),
 ]
 
 

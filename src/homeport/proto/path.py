@@ -360,9 +360,16 @@ class PathManager:
         self._maybe_request(now)
 
     def punch_started(self, punch_id: int, now: float) -> bool:
-        """The server sent PUNCH; False when we are UP already (the driver ignores it)."""
+        """The server sent PUNCH: the driver runs it. Always True.
+
+        Also when we are UP: the server only sends PUNCH because the peer asked for a path
+        (PATH_REQ), i.e. the peer has lost the one we still hold (e.g. its NAT dropped the
+        mapping; our side notices only after the mux's silence timeout). Ignoring it would
+        leave the peer's new connection unaccepted until then. New streams take the relay
+        while the punch runs; the driver replaces the old link when the new one is up.
+        """
         if self.state is PathState.UP:
-            return False
+            self.up_kind, self.up_endpoint = None, ""
         self.state = PathState.PUNCHING
         self.punch_id = punch_id
         self.deadline = now + PUNCH_TIMEOUT + PUNCH_GRACE
