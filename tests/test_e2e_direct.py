@@ -241,13 +241,7 @@ def _path_settled(net: Net, row: MatrixRow) -> PeerPath:
 
 
 #: Rows the product does not get right yet, and why (the test still runs; xfail non-strict).
-KNOWN_GAPS: dict[str, str] = {
-    "fwd-sym": (
-        "the coordinator refuses edm-edm punches up front (punch_outlook: both-edm); it cannot "
-        "know that the fwd side's WAN:direct-port is a static forward (needs e.g. a server-side "
-        "reachability check of that candidate, or an advertised-forward flag)"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}
 PATH_ROWS = [
     pytest.param(r, marks=pytest.mark.xfail(reason=KNOWN_GAPS[r.name], strict=False))
     if r.name in KNOWN_GAPS

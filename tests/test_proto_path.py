@@ -286,7 +286,7 @@ def test_stale_answers_are_ignored() -> None:
     pm.punch_failed(1, "punch-timeout", "", 0.4)  # not the punch in flight
     assert pm.state is p.PathState.PUNCHING
     pm.path_up(PathKind.DIRECT, "203.0.113.5:1", 0.5)
-    assert pm.state is p.PathState.UP
+    assert pm.state.value == "up"
 
 
 def test_punch_while_up_is_run_the_peer_lost_the_path() -> None:
@@ -304,7 +304,7 @@ def test_punch_while_up_is_run_the_peer_lost_the_path() -> None:
     assert pm.punch_successes == 2
     pm.punch_started(8, 6.0)
     pm.punch_failed(8, "punch-timeout", "", 9.0)  # the re-punch fails: relay, retry later
-    assert pm.state is p.PathState.IDLE and not pm.choose(9.0).direct
+    assert pm.state.value == "idle" and not pm.choose(9.0).direct
 
 
 def test_no_answer_to_a_request_is_a_failure() -> None:
