@@ -1424,6 +1424,10 @@ class Coordinator:
         eps = self._endpoints.get(node_id)
         if sess is None or eps is None or f"{_source(sess.address)}:{eps.direct_port}" != target:
             return
+        if not any(
+            c.kind == "public" and c.addr.rpartition(":")[0] == host for c in eps.candidates
+        ):
+            return  # the node stopped naming that address since the probe started
         if ok:
             _evict_oldest(self._forwarded, node_id)
             self._forwarded[node_id] = target
