@@ -364,7 +364,9 @@ def test_a_punch_while_the_path_is_up_is_run(net: DirectNet) -> None:
     a.core.message_received(punch, net.sim.now)
     net.settle()
     assert a.core.ignored == ignored and [p.punch_id for p in punches(a)] == [9]
-    assert a.core.path_choice(b_id, net.sim.now).code == "probing"
+    assert (
+        a.core.path_choice(b_id, net.sim.now).code == "direct-up"
+    )  # the old link serves meanwhile
 
 
 # -- the server's reachability probe of a forwarded direct port ------------------------------

@@ -301,6 +301,7 @@ class PathManager:
         self.failure_code = ""
         self.failure_reason = ""
         self.tried = False
+        self.repunch = False  # a PUNCH from the peer runs while our path is UP
         # facts fed by the table / node core
         self.relay_only_local = False
         self.relay_only_server = False
@@ -365,11 +366,15 @@ class PathManager:
         Also when we are UP: the server only sends PUNCH because the peer asked for a path
         (PATH_REQ), i.e. the peer has lost the one we still hold (e.g. its NAT dropped the
         mapping; our side notices only after the mux's silence timeout). Ignoring it would
-        leave the peer's new connection unaccepted until then. New streams take the relay
-        while the punch runs; the driver replaces the old link when the new one is up.
+        leave the peer's new connection unaccepted until then. We stay UP meanwhile (the
+        old link serves while it lives; its death is ``path_lost`` as ever); the driver
+        replaces the old link when the new one is up, and a failed re-punch changes nothing.
         """
         if self.state is PathState.UP:
-            self.up_kind, self.up_endpoint = None, ""
+            self.punch_id = punch_id
+            self.repunch = True
+            self.punch_attempts += 1
+            return True
         self.state = PathState.PUNCHING
         self.punch_id = punch_id
         self.deadline = now + PUNCH_TIMEOUT + PUNCH_GRACE
@@ -382,8 +387,9 @@ class PathManager:
         """An authenticated direct connection to the peer is up (punch won, or accepted)."""
         if kind is PathKind.RELAY:
             raise ValueError("path_up needs a direct kind")
-        if self.state is PathState.PUNCHING:
+        if self.state is PathState.PUNCHING or self.repunch:
             self.punch_successes += 1
+        self.repunch = False
         self.state = PathState.UP
         self.up_kind, self.up_endpoint = kind, endpoint
         self.rtt_ms = rtt_ms or self.rtt_ms
@@ -394,6 +400,9 @@ class PathManager:
 
     def punch_failed(self, punch_id: int, code: str, reason: str, now: float) -> None:
         """The driver's punch ``punch_id`` ended without a path (timeout, TLS, …)."""
+        if self.repunch and punch_id == self.punch_id:
+            self.repunch = False  # the old link (if still up) goes on; its death is path_lost
+            return
         if self.state is PathState.PUNCHING and punch_id == self.punch_id:
             self._fail(code, reason, now)
 
