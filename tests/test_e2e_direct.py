@@ -241,13 +241,7 @@ def _path_settled(net: Net, row: MatrixRow) -> PeerPath:
 
 
 #: Rows the product does not get right yet, and why (the test still runs; xfail non-strict).
-KNOWN_GAPS: dict[str, str] = {
-    "fwd-sym": (
-        "the coordinator refuses edm-edm punches up front (punch_outlook: both-edm); it cannot "
-        "know that the fwd side's WAN:direct-port is a static forward (needs e.g. a server-side "
-        "reachability check of that candidate, or an advertised-forward flag)"
-    ),
-}
+KNOWN_GAPS: dict[str, str] = {}
 PATH_ROWS = [
     pytest.param(r, marks=pytest.mark.xfail(reason=KNOWN_GAPS[r.name], strict=False))
     if r.name in KNOWN_GAPS
@@ -379,18 +373,7 @@ def test_blackhole_falls_back_to_relay_and_heals(net: Net) -> None:
 #: direct connection breaks for real (the public peer answers the new port with a RST).
 FLUSHES = [
     pytest.param("cone-cone", "rt_cone1", id="cone-cone"),
-    pytest.param(
-        "public-sym",
-        "rt_sym1",
-        id="public-sym",
-        marks=pytest.mark.xfail(
-            strict=False,
-            reason="after the symmetric NAT loses the mapping, the re-punch's TCP connects but "
-            "TLS times out on the requester ('secure handshake with pub timed out'): the public "
-            "side still holds its old link (dead only 3.5 s later) and apparently does not "
-            "handshake the new connection; later attempts fail with UNEXPECTED_EOF",
-        ),
-    ),
+    pytest.param("public-sym", "rt_sym1", id="public-sym"),
 ]
 
 

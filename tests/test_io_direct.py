@@ -72,6 +72,23 @@ def test_punch_simultaneous_open_on_loopback() -> None:
             rb.sock.close()
 
 
+def test_a_connection_that_only_ended_does_not_win_a_punch() -> None:
+    """The server's reach probe (connect, close, nothing sent) waits in the backlog."""
+    with DirectPort(host="127.0.0.1") as me:
+        probe = socket.create_connection(("127.0.0.1", me.port), timeout=5)
+        probe.close()
+        peer = socket.create_connection(("127.0.0.1", me.port), timeout=5)
+        try:
+            peer.sendall(b"hi")
+            res = punch(me, [], 3.0)
+            assert isinstance(res, PunchSuccess) and res.via == "accept"
+            with res.sock:
+                assert res.sock.getpeername() == peer.getsockname()
+                assert res.sock.recv(2) == b"hi"
+        finally:
+            peer.close()
+
+
 def test_punch_times_out_with_a_reason() -> None:
     with DirectPort(host="127.0.0.1") as me:
         # Nothing listens on loopback port 9: every dial is refused and redialled until the end.

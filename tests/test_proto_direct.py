@@ -347,7 +347,8 @@ def test_a_lost_direct_path_falls_back_and_reprobes(net: DirectNet) -> None:
     assert len(punches(a)) == 2
 
 
-def test_a_punch_for_a_relay_only_node_or_an_up_path_is_not_run(net: DirectNet) -> None:
+def test_a_punch_while_the_path_is_up_is_run(net: DirectNet) -> None:
+    """The server only punches on the peer's request: the peer lost the path we still hold."""
     a, b = net.pair()
     b_id = b.record.node_id
     a.core.punch_succeeded(b_id, PathKind.DIRECT, "203.0.113.20:41641", net.sim.now)
@@ -361,6 +362,80 @@ def test_a_punch_for_a_relay_only_node_or_an_up_path_is_not_run(net: DirectNet) 
         tls_role="server",
     )
     a.core.message_received(punch, net.sim.now)
+    net.settle()
+    assert a.core.ignored == ignored and [p.punch_id for p in punches(a)] == [9]
+    assert (
+        a.core.path_choice(b_id, net.sim.now).code == "direct-up"
+    )  # the old link serves meanwhile
+
+
+# -- the server's reachability probe of a forwarded direct port ------------------------------
+
+#: The address every simulated session comes from (tests.coordsim.Sim.connect).
+OBSERVED = "192.0.2.10"
+FWD_EPS = eps(f"{OBSERVED}:5555", nat="edm")  # symmetric NAT, a forward of :41641 maybe
+EDM_EPS = eps("198.51.100.10:1", nat="edm")
+
+
+def reach_probes(net: DirectNet) -> list[c.ProbeReach]:
+    return [cmd for cmd in net.sim.relay if isinstance(cmd, c.ProbeReach)]
+
+
+@pytest.mark.parametrize(("reachable", "code"), [(True, "probing"), (False, "both-edm")])
+def test_a_forwarded_direct_port_the_server_reached_lets_edm_nodes_punch(
+    net: DirectNet, reachable: bool, code: str
+) -> None:
+    a, b = net.pair(a_eps=EDM_EPS, b_eps=FWD_EPS)
+    b_id = b.record.node_id
+    # Only b names the address its own connection comes from; only its direct port is tried.
+    assert reach_probes(net) == [c.ProbeReach(b_id, OBSERVED, 41641)]
+    net.sim.core.reach_probed(b_id, OBSERVED, 41641, reachable, net.sim.now)
+    a.core.stream_wanted(b_id, net.sim.now)
+    net.settle()
+    assert a.core.path_choice(b_id, net.sim.now).code == code
+    if reachable:
+        (punch,) = punches(a)
+        assert punch.candidates[0] == m.Candidate("public", f"{OBSERVED}:41641")
+        assert [p.candidates for p in punches(b)] == [EDM_EPS.candidates]
+    else:
+        assert punches(a) == punches(b) == []
+
+
+def test_the_reach_probe_is_rate_limited_and_only_for_the_observed_address(
+    net: DirectNet,
+) -> None:
+    a, b = net.pair(a_eps=EDM_EPS, b_eps=FWD_EPS)
+    b_id = b.record.node_id
+    for _ in range(5):  # re-reports within the interval: no new connect
+        net.sim.send(b.sid, FWD_EPS)
+    assert len(reach_probes(net)) == 1
+    net.sim.advance(c.REACH_PROBE_INTERVAL)
+    net.sim.send(b.sid, FWD_EPS)
+    assert len(reach_probes(net)) == 2
+    # A public candidate naming any other address is never connected to.
+    net.sim.advance(c.REACH_PROBE_INTERVAL)
+    net.sim.send(b.sid, eps("203.0.113.99:5555", nat="edm"))
+    assert len(reach_probes(net)) == 2
+    # A late success for an address the node no longer reports counts for nothing.
+    net.sim.core.reach_probed(b_id, OBSERVED, 41641, True, net.sim.now)
+    a.core.stream_wanted(b_id, net.sim.now)
+    net.settle()
+    assert a.core.path_choice(b_id, net.sim.now).code == "both-edm"
+
+
+def test_a_punch_for_a_relay_only_node_is_not_run(net: DirectNet) -> None:
+    a, b = net.pair()
+    ignored = a.core.ignored
+    a.core.config = n.NodeConfig(name="laptop", server="hp.example:8443", relay_only=True)
+    punch = m.Punch(
+        punch_id=9,
+        peer=b.record.peer_info(),
+        candidates=B_EPS.candidates,
+        nat="eim",
+        tls_role="server",
+    )
+    a.core.message_received(punch, net.sim.now)
+    net.settle()
     assert a.core.ignored == ignored + 1 and punches(a) == []
 
 

@@ -286,7 +286,26 @@ def test_stale_answers_are_ignored() -> None:
     pm.punch_failed(1, "punch-timeout", "", 0.4)  # not the punch in flight
     assert pm.state is p.PathState.PUNCHING
     pm.path_up(PathKind.DIRECT, "203.0.113.5:1", 0.5)
-    assert not pm.punch_started(6, 0.6)  # up already: a later PUNCH is not run
+    assert pm.state.value == "up"
+
+
+def test_punch_while_up_is_run_the_peer_lost_the_path() -> None:
+    """The peer asks again (its NAT lost the mapping) while we still hold the old link."""
+    pm = new()
+    pm.stream_wanted(0.0)
+    assert pm.punch_started(1, 0.1)
+    pm.path_up(PathKind.DIRECT, "203.0.113.5:1", 0.2)
+    assert pm.choose(0.3).direct
+    assert pm.punch_started(7, 5.0)  # run, not ignored: the peer's new connection is accepted
+    assert pm.choose(5.0).direct  # the old link serves meanwhile
+    pm.path_up(PathKind.DIRECT, "203.0.113.5:2", 5.5)
+    assert pm.choose(5.6).direct and pm.up_endpoint == "203.0.113.5:2"
+    assert pm.punch_successes == 2 and pm.punch_attempts == 2
+    assert pm.punch_started(8, 6.0)
+    pm.punch_failed(8, "punch-timeout", "", 9.0)  # a failed re-punch changes nothing
+    assert pm.choose(9.0).direct
+    pm.path_lost("mux silent", 9.5)  # the old link's own death still counts
+    assert not pm.choose(9.5).direct
 
 
 def test_no_answer_to_a_request_is_a_failure() -> None:

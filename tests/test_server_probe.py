@@ -8,12 +8,14 @@ connections and holds a bounded number at once.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from homeport.proto import coord
 from homeport.server import service as svc
 from homeport.server.app import ServerHandle, start_server_thread
 from homeport.server.service import ServiceConfig
@@ -231,3 +233,58 @@ def test_discovery_from_a_direct_port_reads_the_same_mapping_from_both_ports(
         port.close()
     assert obs.main == obs.probe == ("127.0.0.1", port.port), obs
     assert classify_nat(obs).kind.value in ("none", "eim")
+
+
+class _Core:
+    """Records :meth:`homeport.proto.coord.Coordinator.reach_probed` calls."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, str, int, bool]] = []
+
+    def reach_probed(self, node_id: str, host: str, port: int, ok: bool, now: float) -> None:
+        self.answers.append((node_id, host, port, ok))
+
+
+class _Shell:
+    """Just the parts of :class:`homeport.server.service.Service` its reach probe uses."""
+
+    _probe_reach = svc.Service._probe_reach
+
+    def __init__(self) -> None:
+        self.core = _Core()
+        self._reach_probes: set[asyncio.Task[None]] = set()
+
+    def _run(self) -> None:
+        pass
+
+
+def test_the_reach_probe_connects_once_sends_nothing_and_reports() -> None:
+    """A listening direct port reads as reachable (and sees only an EOF); a closed one not."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    open_port = listener.getsockname()[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: the connect is refused
+    closed_port = closed.getsockname()[1]
+    shell = _Shell()
+
+    async def main() -> None:
+        for node, port in (("n1", open_port), ("n2", closed_port)):
+            shell._probe_reach(coord.ProbeReach(node, "127.0.0.1", port))  # type: ignore[misc]
+        while shell._reach_probes:
+            await asyncio.gather(*shell._reach_probes)
+
+    try:
+        asyncio.run(main())
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(DEADLINE)
+            assert conn.recv(1) == b""  # no bytes, just the close: the agent drops it
+        assert sorted(shell.core.answers) == [
+            ("n1", "127.0.0.1", open_port, True),
+            ("n2", "127.0.0.1", closed_port, False),
+        ]
+    finally:
+        listener.close()
+        closed.close()

@@ -69,7 +69,7 @@ from homeport.io.dial import DialError
 from homeport.io.muxlink import MuxLink, MuxLinkError, Refusal
 from homeport.io.netcheck import netcheck
 from homeport.io.portmap import PortMapFailure, request_mapping
-from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, punch
+from homeport.io.punch import DirectPort, PunchFailure, PunchSuccess, ended_quietly, punch
 from homeport.node.state import NodeState
 from homeport.policy.decide import RULE_NOT_EXPOSED, Decision, Subject, decide, match_service
 from homeport.policy.services import Service
@@ -443,6 +443,8 @@ class DirectPaths:
                 if self.port.listener in ready:
                     with contextlib.suppress(BlockingIOError, InterruptedError):
                         conn, _ = self.port.listener.accept()
+                        if ended_quietly(conn):
+                            continue
                         if len(extra) >= MAX_SETTLE:
                             conn.close()
                             continue

@@ -126,6 +126,25 @@ class PunchFailure:
     errors: tuple[str, ...]  # last error per candidate, for logs
 
 
+def ended_quietly(conn: socket.socket) -> bool:
+    """Whether an accepted ``conn`` already ended without a byte; then it is closed.
+
+    Why: the server's reachability probe of a forwarded direct port (one connect, nothing
+    sent, closed) waits in the listener's backlog until the next punch accepts it; it must
+    not win that punch. A real peer's connection is never at EOF before its ClientHello.
+    """
+    try:
+        data = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        data = b""  # reset: as dead as an EOF
+    if data:
+        return False
+    conn.close()
+    return True
+
+
 def _kind_of(cand: Candidate) -> str:
     return "direct" if cand.kind == "public" else cand.kind
 
@@ -211,6 +230,8 @@ def punch(
                     try:
                         conn, peer = port.listener.accept()
                     except (BlockingIOError, InterruptedError):
+                        continue
+                    if ended_quietly(conn):
                         continue
                     conn.setblocking(True)
                     return PunchSuccess(

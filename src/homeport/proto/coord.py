@@ -125,6 +125,12 @@ MAX_STREAM_LOGS_PER_SESSION = 120
 STREAM_LOG_WINDOW = 10.0
 #: A PUNCH counts as in flight this long (or until a PATH_REPORT of the pair).
 PUNCH_IN_FLIGHT = 10.0
+#: Seconds the server's reachability probe of a node's ``ip:direct_port`` may take
+#: (one TCP connect, nothing sent); see :class:`ProbeReach`.
+REACH_PROBE_TIMEOUT = 2.0
+#: At most one reachability probe per node in this many seconds (a node re-reporting
+#: ENDPOINTS cannot turn the server into a connect loop against its own address).
+REACH_PROBE_INTERVAL = 60.0
 #: PEER_PING/PEER_PONG one node may have forwarded per PEER_PING_WINDOW seconds.
 MAX_PEER_PINGS = 20
 PEER_PING_WINDOW = 10.0
@@ -378,6 +384,22 @@ class EnrollRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeReach:
+    """Try one TCP connect to ``host:port`` (``REACH_PROBE_TIMEOUT``), then close it and
+    report with :meth:`Coordinator.reach_probed`.
+
+    Why: a node behind a static port forward of its direct port is reachable although
+    its NAT maps endpoint-dependently; only a connect from outside shows it. ``host`` is
+    always the address the server observed for that node's own control connection,
+    never an address a node names, so the server cannot be pointed at third parties.
+    """
+
+    node_id: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class Note:
     """A log line (level from :mod:`logging`)."""
 
@@ -400,6 +422,7 @@ Command = (
     | EnrollRequest
     | Note
     | Audit
+    | ProbeReach
 )
 
 
@@ -449,9 +472,9 @@ def _nat(eps: m.Endpoints) -> NatKind:
         return NatKind.UNKNOWN
 
 
-def _reach(eps: m.Endpoints) -> hpath.Reach:
+def _reach(eps: m.Endpoints, forwarded: str = "") -> hpath.Reach:
     public = frozenset(c.addr.rpartition(":")[0] for c in eps.candidates if c.kind == "public")
-    mapped = any(c.kind == "mapped" for c in eps.candidates)
+    mapped = bool(forwarded) or any(c.kind == "mapped" for c in eps.candidates)
     return hpath.Reach(_nat(eps), public, mapped)
 
 
@@ -615,6 +638,8 @@ class Coordinator:
         #: The whoami probe port announced in WELCOME (0: none); set once it is bound.
         self.probe_port = probe_port
         self._endpoints: dict[str, m.Endpoints] = {}  # online agents' ENDPOINTS, memory only
+        self._forwarded: dict[str, str] = {}  # node id -> "ip:port" the server reached
+        self._reach_probed: dict[str, tuple[str, float]] = {}  # node id -> (target, when)
         self._path_reqs: dict[frozenset[str], collections.deque[float]] = {}
         self._punching: dict[frozenset[str], float] = {}  # pair -> in flight until
         self._paths: dict[tuple[str, str], PathRecord] = {}  # (reporter, peer) -> last report
@@ -1363,12 +1388,67 @@ class Coordinator:
             return
         if isinstance(msg, m.Endpoints):
             self._endpoints[s.node_id] = msg
+            self._maybe_probe_reach(s, msg, now)
         elif isinstance(msg, m.PathReq):
             self._path_req(s, msg, now)
         elif isinstance(msg, m.PathReport):
             self._path_report(s, msg, now)
         elif isinstance(msg, m.PeerPing | m.PeerPong):
             self._peer_ping(s, msg, now)
+
+    def _maybe_probe_reach(self, s: _Session, eps: m.Endpoints, now: float) -> None:
+        """Ask the shell to connect to the node's observed ip:direct_port (see ProbeReach).
+
+        Only when a ``public`` candidate names the very address this session comes from,
+        at most once per node per ``REACH_PROBE_INTERVAL`` (unless the target changed).
+        """
+        host = _source(s.address)
+        target = f"{host}:{eps.direct_port}"
+        fresh = any(
+            c.kind == "public" and c.addr.rpartition(":")[0] == host for c in eps.candidates
+        )
+        if eps.relay_only or not 0 < eps.direct_port < 65536 or not fresh:
+            self._forwarded.pop(s.node_id, None)
+            return
+        if self._forwarded.get(s.node_id, target) != target:
+            del self._forwarded[s.node_id]  # the node moved: its old forward means nothing
+        last = self._reach_probed.get(s.node_id)
+        if last is not None and last[0] == target and now - last[1] < REACH_PROBE_INTERVAL:
+            return
+        _evict_oldest(self._reach_probed, s.node_id)
+        self._reach_probed.pop(s.node_id, None)
+        self._reach_probed[s.node_id] = (target, now)
+        self._emit(ProbeReach(s.node_id, host, eps.direct_port))
+
+    def reach_probed(self, node_id: str, host: str, port: int, ok: bool, now: float) -> None:
+        """The shell's answer to :class:`ProbeReach`: whether the TCP connect succeeded.
+
+        A success counts only while the node is online with the same observed address
+        and direct port; the node is then treated like one with a mapped port (a peer's
+        PUNCH lists ``host:port`` as a candidate)."""
+        target = f"{host}:{port}"
+        sid = self._agents.get(node_id)
+        sess = self._sessions.get(sid) if sid is not None else None
+        eps = self._endpoints.get(node_id)
+        if sess is None or eps is None or f"{_source(sess.address)}:{eps.direct_port}" != target:
+            return
+        if not any(
+            c.kind == "public" and c.addr.rpartition(":")[0] == host for c in eps.candidates
+        ):
+            return  # the node stopped naming that address since the probe started
+        if ok:
+            _evict_oldest(self._forwarded, node_id)
+            self._forwarded[node_id] = target
+            self._note(logging.INFO, f"{node_id}: direct port reachable at {target} (forwarded)")
+        else:
+            self._forwarded.pop(node_id, None)
+
+    def _punch_candidates(self, node_id: str, eps: m.Endpoints) -> tuple[m.Candidate, ...]:
+        """``eps``'s candidates, plus the forwarded address the server reached, first."""
+        fwd = self._forwarded.get(node_id)
+        if not fwd or any(c.addr == fwd for c in eps.candidates):
+            return eps.candidates
+        return (m.Candidate("public", fwd), *eps.candidates)[: m.MAX_CANDIDATES]
 
     def _path_req(self, s: _Session, msg: m.PathReq, now: float) -> None:
         src = self._nodes[s.node_id]
@@ -1405,7 +1485,7 @@ class Coordinator:
             punch = m.Punch(
                 punch_id=msg.punch_id,
                 peer=peer.peer_info(),
-                candidates=eps.candidates,
+                candidates=self._punch_candidates(peer.node_id, eps),
                 nat=_nat(eps).value,
                 tls_role=role,
             )
@@ -1452,7 +1532,10 @@ class Coordinator:
             return hpath.NO_CANDIDATES, hpath.REASONS[hpath.NO_CANDIDATES]
         if theirs is None or not theirs.candidates:
             return hpath.PEER_NO_CANDIDATES, f"{dst.name} has reported no direct-path candidates"
-        outlook = hpath.punch_outlook(_reach(mine), _reach(theirs))
+        outlook = hpath.punch_outlook(
+            _reach(mine, self._forwarded.get(src.node_id, "")),
+            _reach(theirs, self._forwarded.get(dst.node_id, "")),
+        )
         if outlook is not None:
             return outlook, hpath.REASONS[outlook]
         return None
@@ -1507,6 +1590,8 @@ class Coordinator:
 
     def _direct_offline(self, node_id: str) -> None:
         self._endpoints.pop(node_id, None)
+        self._forwarded.pop(node_id, None)
+        self._reach_probed.pop(node_id, None)
         self._peer_pings.pop(node_id, None)
         for pair in [p for p in self._punching if node_id in p]:
             del self._punching[pair]

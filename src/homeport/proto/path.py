@@ -301,6 +301,7 @@ class PathManager:
         self.failure_code = ""
         self.failure_reason = ""
         self.tried = False
+        self.repunch = False  # a PUNCH from the peer runs while our path is UP
         # facts fed by the table / node core
         self.relay_only_local = False
         self.relay_only_server = False
@@ -360,9 +361,20 @@ class PathManager:
         self._maybe_request(now)
 
     def punch_started(self, punch_id: int, now: float) -> bool:
-        """The server sent PUNCH; False when we are UP already (the driver ignores it)."""
+        """The server sent PUNCH: the driver runs it. Always True.
+
+        Also when we are UP: the server only sends PUNCH because the peer asked for a path
+        (PATH_REQ), i.e. the peer has lost the one we still hold (e.g. its NAT dropped the
+        mapping; our side notices only after the mux's silence timeout). Ignoring it would
+        leave the peer's new connection unaccepted until then. We stay UP meanwhile (the
+        old link serves while it lives; its death is ``path_lost`` as ever); the driver
+        replaces the old link when the new one is up, and a failed re-punch changes nothing.
+        """
         if self.state is PathState.UP:
-            return False
+            self.punch_id = punch_id
+            self.repunch = True
+            self.punch_attempts += 1
+            return True
         self.state = PathState.PUNCHING
         self.punch_id = punch_id
         self.deadline = now + PUNCH_TIMEOUT + PUNCH_GRACE
@@ -375,8 +387,9 @@ class PathManager:
         """An authenticated direct connection to the peer is up (punch won, or accepted)."""
         if kind is PathKind.RELAY:
             raise ValueError("path_up needs a direct kind")
-        if self.state is PathState.PUNCHING:
+        if self.state is PathState.PUNCHING or self.repunch:
             self.punch_successes += 1
+        self.repunch = False
         self.state = PathState.UP
         self.up_kind, self.up_endpoint = kind, endpoint
         self.rtt_ms = rtt_ms or self.rtt_ms
@@ -387,6 +400,9 @@ class PathManager:
 
     def punch_failed(self, punch_id: int, code: str, reason: str, now: float) -> None:
         """The driver's punch ``punch_id`` ended without a path (timeout, TLS, …)."""
+        if self.repunch and punch_id == self.punch_id:
+            self.repunch = False  # the old link (if still up) goes on; its death is path_lost
+            return
         if self.state is PathState.PUNCHING and punch_id == self.punch_id:
             self._fail(code, reason, now)
 

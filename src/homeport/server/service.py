@@ -99,6 +99,8 @@ TRIM_INTERVAL = 2.0
 PROBE_TIMEOUT = 5.0
 #: Connections the probe port serves at once (more are closed at accept).
 MAX_PROBE_CONNECTIONS = 128
+#: Reachability probes (one TCP connect each, to a node's own address) in flight at once.
+MAX_REACH_PROBES = 32
 #: SIGTERM: how long open streams may go on after the server stopped taking connections.
 DRAIN_GRACE = 10.0
 #: How often a draining server looks whether its streams have ended.
@@ -245,6 +247,7 @@ class Service:
         self._next_busy_log = 0.0
         self._probe_listener: socket.socket | None = None
         self._probe_conns = 0
+        self._reach_probes: set[asyncio.Task[None]] = set()
         #: The bound whoami probe port (0: none).
         self.probe_port = 0
 
@@ -680,6 +683,32 @@ class Service:
             log.log(cmd.level, "%s", cmd.text)
         elif isinstance(cmd, Audit) and self.audit is not None:
             self.audit(cmd)  # queued: never waits for the disk
+        elif isinstance(cmd, c.ProbeReach):
+            self._probe_reach(cmd)
+
+    def _probe_reach(self, cmd: c.ProbeReach) -> None:
+        """One bounded TCP connect to a node's own observed address (the core rate-limits)."""
+        if len(self._reach_probes) >= MAX_REACH_PROBES:
+            self.core.reach_probed(cmd.node_id, cmd.host, cmd.port, False, time.time())
+            return
+
+        async def probe() -> None:
+            ok = False
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(cmd.host, cmd.port), c.REACH_PROBE_TIMEOUT
+                )
+            except (OSError, TimeoutError):
+                pass
+            else:
+                ok = True
+                writer.close()  # nothing sent: the agent drops a connection that only ends
+            self.core.reach_probed(cmd.node_id, cmd.host, cmd.port, ok, time.time())
+            self._run()
+
+        task = asyncio.get_running_loop().create_task(probe())
+        self._reach_probes.add(task)
+        task.add_done_callback(self._reach_probes.discard)
 
     def _enroll(self, req: c.EnrollRequest) -> None:
         loop = asyncio.get_running_loop()
