@@ -51,6 +51,7 @@ from homeport.testing.netns import (
     _run_checked,
     _stop_process,
     netns_available,
+    run_command,
     teardown,
 )
 
@@ -146,15 +147,7 @@ class Lab:
 
     def run(self, name: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in namespace ``name``: checked, text, captured (overridable)."""
-        check = kw.pop("check", True)
-        kw.setdefault("capture_output", True)
-        kw.setdefault("text", True)
-        proc: subprocess.CompletedProcess[str] = subprocess.run(
-            self.cmd(name, argv), check=False, **kw
-        )
-        if check and proc.returncode != 0:
-            raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
-        return proc
+        return run_command(self.cmd(name, argv), **kw)
 
     def popen(self, name: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[str]:
         """Start ``argv`` in ``name``; :meth:`close` stops it by PID."""

@@ -204,15 +204,7 @@ class NatLab:
 
         Failures raise :class:`CommandError`, whose message includes stderr.
         """
-        check = kw.pop("check", True)
-        kw.setdefault("capture_output", True)
-        kw.setdefault("text", True)
-        proc: subprocess.CompletedProcess[str] = subprocess.run(
-            self.cmd(logical, argv), check=False, **kw
-        )
-        if check and proc.returncode != 0:
-            raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
-        return proc
+        return run_command(self.cmd(logical, argv), **kw)
 
     def popen(self, logical: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` in the namespace; :meth:`close` terminates it by PID.
@@ -405,6 +397,20 @@ class NatLab:
         return [
             f"pid {pid} in {real} survived SIGKILL" for pid in pids if not _await_exit(pid, 5.0)
         ]
+
+
+def run_command(argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``argv``: checked (``check=True`` unless given), text, captured (overridable).
+
+    Failures raise :class:`CommandError`, whose message includes stderr.
+    """
+    check = kw.pop("check", True)
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    proc: subprocess.CompletedProcess[str] = subprocess.run(argv, check=False, **kw)
+    if check and proc.returncode != 0:
+        raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    return proc
 
 
 def teardown(procs: Sequence[subprocess.Popen[Any]], created: Sequence[str]) -> list[str]:
