@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+from prometheus_client.exposition import generate_latest, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from homeport.agent.runtime import Agent, StreamPumped
@@ -39,6 +39,8 @@ log = logging.getLogger("homeport.agent.metrics")
 
 #: Seconds a scrape waits for the event loop to read the agent's state (it only reads).
 SCRAPE_TIMEOUT = 2.0
+#: The classic text format's content type (every Prometheus version parses it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds ``close`` waits for the HTTP thread.
 CLOSE_TIMEOUT = 5.0
 #: Where ``--metrics-listen PORT`` (no host) listens: loopback, never all interfaces.
@@ -139,7 +141,7 @@ class AgentMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format: (body, content type); any thread."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE
 
     def observe(self, event: object) -> None:
         """A core command (event loop) or a StreamPumped (a stream thread)."""
@@ -248,7 +250,7 @@ def _snapshot(agent: Agent) -> _Snapshot:
     now = asyncio.get_running_loop().time()
     paths: dict[str, int] = {}
     for peer in core_.peers.peers.values():
-        if peer.online:
+        if peer.online and peer.node_id != core_.node_id:  # the map lists this node too
             kind = core_.path_choice(peer.node_id, now).kind.value
             paths[kind] = paths.get(kind, 0) + 1
     direct = agent._direct

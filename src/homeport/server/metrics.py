@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from homeport import relay as hprelay
@@ -59,6 +59,9 @@ MAX_TIMED_SETUPS = 65_536
 SETUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 OTHER = "other"
+#: The classic text format's content type: every Prometheus version parses it (the body
+#: generate_latest writes is that format: our names are plain ASCII identifiers).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Path(enum.Enum):
@@ -195,7 +198,7 @@ class ServerMetrics:
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format: (body, content type). Call on the server's loop."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE
 
     # -- events --------------------------------------------------------------------------
     def observe(self, event: object) -> None:
