@@ -108,6 +108,9 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
 def test_server_counters_move_as_ssh_traffic_flows_through_the_relay(net: Net) -> None:
     before = net.server()
     assert value(before, "homeport_nodes_online") == 2
+    metrics = net.srv.metrics
+    assert metrics is not None  # from this thread: exposition() reads the core on its loop
+    assert value(parse(metrics.exposition()[0]), "homeport_nodes_online") == 2
     assert value(before, "homeport_control_connections") >= 2
     assert value(before, "homeport_enrollments_total", result="ok") == 2
     res = net.ssh(f"head -c {OUTPUT} /dev/zero")
@@ -163,6 +166,14 @@ def test_the_agent_serves_its_own_metrics(net: Net) -> None:
         value(before, served[0], direction=served[1]) + 1
     )
     assert value(after, "homeport_agent_peer_paths", path="relay") == 1  # laptop is relay-only
+
+
+def test_a_metrics_port_in_use_stops_the_agent_with_one_line(net: Net) -> None:
+    proc = net.hp.up("third", "--metrics-listen", f"127.0.0.1:{net.lab_metrics}")
+    assert proc.wait(timeout=60) == 2
+    log = net.hp.log("agent-third")
+    assert f"cannot start: --metrics-listen 127.0.0.1:{net.lab_metrics}: " in log
+    assert "Traceback" not in log
 
 
 def test_up_refuses_a_non_loopback_metrics_address(tmp_path: Path) -> None:

@@ -302,14 +302,15 @@ def up(  # noqa: PLR0917 - click passes options positionally
     from homeport.node import state as node_state
 
     _setup_logging(verbose)
-    metrics_at = None
-    if metrics_listen is not None:
-        from homeport.agent.metrics import ListenError, parse_metrics_listen
+    attach = None
+    if metrics_listen is not None:  # prometheus is imported only when asked
+        from homeport.agent.metrics import ListenError, attach_metrics, parse_metrics_listen
 
         try:
-            metrics_at = parse_metrics_listen(metrics_listen, allow_remote=metrics_allow_remote)
+            at = parse_metrics_listen(metrics_listen, allow_remote=metrics_allow_remote)
         except ListenError as exc:
             _fail(str(exc), 2)
+        attach = attach_metrics(*at)
     log = logging.getLogger("homeport.up")
     authkey = resolve_authkey(authkey, authkey_file)
     services = _services(expose_ssh, expose)
@@ -355,7 +356,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
         direct_port=direct_port,
         relay_only=relay_only,
         portmap=not no_portmap,
-        metrics_listen=metrics_at,
+        attach=attach,
     )
     os.close(lock)
     sys.exit(code)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,7 +279,20 @@ class AgentMetricsServer:
 def serve_agent_metrics(agent: Agent, host: str, port: int) -> AgentMetricsServer:
     """Observe ``agent`` and serve its metrics on ``host:port``. Raises OSError (bind)."""
     metrics = AgentMetrics(agent)
-    server = AgentMetricsServer(metrics, host, port)
+    try:
+        server = AgentMetricsServer(metrics, host, port)
+    except OSError as exc:
+        raise OSError(f"--metrics-listen {host}:{port}: {exc.strerror or exc}") from exc
     agent.observe = metrics.observe
     log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server
+
+
+def attach_metrics(host: str, port: int) -> Callable[[Agent], Callable[[], None]]:
+    """For :func:`homeport.agent.runtime.run_agent`'s ``attach``: serve the metrics of the
+    agent it runs on ``host:port`` while it runs."""
+
+    def attach(agent: Agent) -> Callable[[], None]:
+        return serve_agent_metrics(agent, host, port).close
+
+    return attach

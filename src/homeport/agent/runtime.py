@@ -1127,11 +1127,12 @@ def run_agent(
     direct_port: int = 0,
     relay_only: bool = False,
     portmap: bool = True,
-    metrics_listen: tuple[str, int] | None = None,
+    attach: Callable[[Agent], Callable[[], None]] | None = None,
 ) -> int:
     """Run the agent in the foreground until SIGINT/SIGTERM or a fatal error.
 
-    ``metrics_listen``: serve the agent's Prometheus metrics on this address.
+    ``attach``: called with the agent before it runs (the metrics listener); returns
+    what to call once it stopped. An OSError from it (a port in use) ends the start.
     Returns the process exit code (:class:`ExitCode`).
     """
     finish_renewal(state)
@@ -1147,19 +1148,17 @@ def run_agent(
         relay_only=relay_only,
         portmap=portmap,
     )
-    if metrics_listen is None:
+    if attach is None:
         return run_in_loop(agent)
-    from homeport.agent.metrics import serve_agent_metrics  # prometheus only when asked
-
     try:
-        server = serve_agent_metrics(agent, *metrics_listen)
+        detach = attach(agent)
     except OSError as exc:
-        log.error("cannot serve metrics on %s:%d: %s", *metrics_listen, exc)
+        log.error("cannot start: %s", exc)
         return int(ExitCode.FATAL)
     try:
         return run_in_loop(agent)
     finally:
-        server.close()
+        detach()
 
 
 def run_in_loop(agent: Agent) -> int:

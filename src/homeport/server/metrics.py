@@ -21,20 +21,24 @@ could otherwise mint them at will.
 
 Threads. :meth:`ServerMetrics.observe` runs on the server's event loop;
 :meth:`ServerMetrics.relay_event` on relay worker threads; :meth:`exposition`
-reads the coordinator and must run on the event loop (the admin listener's
-handler does). prometheus_client's metric objects are thread-safe; the few
-tables of our own are guarded by a lock.
+may be called on any thread: it reads the coordinator on the event loop (the
+admin listener runs there; from elsewhere it hops onto it). prometheus_client's
+metric objects are thread-safe; the few tables of our own are guarded by a lock.
 
 Every metric, its labels and meaning: docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import enum
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -57,6 +61,9 @@ MAX_TIMED_SETUPS = 65_536
 #: OPEN, the destination's ACCEPT (after it connected its local target) and two data
 #: connections: a few ms on a LAN, hundreds over the internet, seconds when a node lags.
 SETUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Seconds a scrape from another thread waits for the event loop to read the core.
+SCRAPE_TIMEOUT = 2.0
 
 OTHER = "other"
 #: The classic text format's content type: every Prometheus version parses it (the body
@@ -131,6 +138,19 @@ def bounded(value: str, allowed: frozenset[str]) -> str:
     return value if value in allowed else OTHER
 
 
+@dataclass(frozen=True, slots=True)
+class _State:
+    """What a scrape reads from the coordinator and the shell (on their loop)."""
+
+    nodes_online: int
+    nodes: int
+    streams: dict[str, int]
+    punches: int
+    punch_successes: int
+    control: int
+    unauthenticated: int
+
+
 class _Scrape:
     """The collector of values read at scrape time (gauges, relay bytes, punches)."""
 
@@ -190,14 +210,18 @@ class ServerMetrics:
         self._core: c.Coordinator | None = None
         self._service: Service | None = None
         self._relay: hprelay.Relay | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         reg.register(_Scrape(self))
 
     def bind(self, core: c.Coordinator, service: Service, relay: hprelay.Relay) -> None:
-        """Where the scrape-time values come from (the server wires this once)."""
+        """Where the scrape-time values come from (the server wires this once, on its
+        event loop: scrapes from other threads read the coordinator there)."""
         self._core, self._service, self._relay = core, service, relay
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
 
     def exposition(self) -> tuple[bytes, str]:
-        """The text exposition format: (body, content type). Call on the server's loop."""
+        """The text exposition format: (body, content type). Any thread (module docstring)."""
         return generate_latest(self.registry), CONTENT_TYPE
 
     # -- events --------------------------------------------------------------------------
@@ -287,17 +311,55 @@ class ServerMetrics:
             direct, total = self._established[Path.DIRECT], sum(self._established.values())
         return direct / total if total else 0.0
 
-    def _collect(self) -> Iterator[Metric]:
-        core, service = self._core, self._service
-        if core is not None:
+    def _read(self) -> _State | None:
+        """The coordinator's and shell's numbers, read on the server's event loop.
+
+        The admin listener runs on that loop, so a scrape is normally already there;
+        called from another thread (a sync handler in a thread pool, a test), it hops
+        onto the loop, bounded by :data:`SCRAPE_TIMEOUT`.
+        """
+        core, service, loop = self._core, self._service, self._loop
+        if core is None or service is None:
+            return None
+
+        def read() -> _State:
             nodes = core.node_list()
+            states = list(core.stream_states().values())
+            return _State(
+                nodes_online=sum(1 for n in nodes if n.online),
+                nodes=len(nodes),
+                streams={st.value: states.count(st) for st in c.StreamState},
+                punches=core.punches_total,
+                punch_successes=core.punch_successes_total,
+                control=service.control_connections,
+                unauthenticated=service.unauthenticated,
+            )
+
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            return read()
+        if loop.is_closed():
+            return None
+
+        async def hop() -> _State:
+            return read()
+
+        try:
+            return asyncio.run_coroutine_threadsafe(hop(), loop).result(SCRAPE_TIMEOUT)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            return None
+
+    def _collect(self) -> Iterator[Metric]:
+        st = self._read()
+        if st is not None:
             yield GaugeMetricFamily(
-                "homeport_nodes_online",
-                "Nodes with an agent session now",
-                value=sum(1 for n in nodes if n.online),
+                "homeport_nodes_online", "Nodes with an agent session now", value=st.nodes_online
             )
             yield GaugeMetricFamily(
-                "homeport_nodes", "Enrolled nodes (not removed)", value=len(nodes)
+                "homeport_nodes", "Enrolled nodes (not removed)", value=st.nodes
             )
             opened = GaugeMetricFamily(
                 "homeport_streams_open",
@@ -305,31 +367,29 @@ class ServerMetrics:
                 "accepted and waiting for the data connections, live = relayed)",
                 labels=["state"],
             )
-            states = list(core.stream_states().values())
-            for state in c.StreamState:
-                opened.add_metric([state.value], states.count(state))
+            for state, n in st.streams.items():
+                opened.add_metric([state], n)
             yield opened
             punches = CounterMetricFamily(
                 "homeport_punch_attempts", "Hole punches the server coordinated (PUNCH pairs)"
             )
-            punches.add_metric([], core.punches_total)
+            punches.add_metric([], st.punches)
             yield punches
             ups = CounterMetricFamily(
                 "homeport_punch_successes",
                 "Coordinated punches after which the pair reported a direct path up",
             )
-            ups.add_metric([], core.punch_successes_total)
+            ups.add_metric([], st.punch_successes)
             yield ups
-        if service is not None:
             yield GaugeMetricFamily(
                 "homeport_control_connections",
                 "Control connections open (TLS; handshaking or in a session)",
-                value=service.control_connections,
+                value=st.control,
             )
             yield GaugeMetricFamily(
                 "homeport_unauthenticated_connections",
                 "Connections not yet authenticated (handshakes, preambles being read)",
-                value=service.unauthenticated,
+                value=st.unauthenticated,
             )
         relayed = CounterMetricFamily(
             "homeport_relay_bytes",
