@@ -176,6 +176,37 @@ def test_a_metrics_port_in_use_stops_the_agent_with_one_line(net: Net) -> None:
     assert "Traceback" not in log
 
 
+def test_direct_streams_punches_and_the_ratio(net: Net) -> None:
+    """A node that may go direct: its streams move from the relay to a punched path."""
+    desk = net.hp.up("desk")
+    net.hp.wait_online("desk", desk)
+    before, agent_before = net.server(), net.agent()
+    direct_ok = {"path": "direct", "result": "ok"}
+
+    def went_direct() -> bool:
+        argv = [
+            *net.hp.ssh_args(net.hp.state("desk"), net.sshd.client_key, net.sshd.user),
+            "labpc",
+            "true",
+        ]
+        res = subprocess.run(argv, capture_output=True, timeout=60, env=net.hp.env)
+        assert res.returncode == 0, res.stderr
+        return value(net.server(), "homeport_streams_total", **direct_ok) > value(
+            before, "homeport_streams_total", **direct_ok
+        )  # the destination's STREAM_LOG reached the server
+
+    wait_for(went_direct, 30, f"a direct stream\n{net.hp.log('agent-desk')}", interval=0.2)
+    after, agent_after = net.server(), net.agent()
+    assert value(after, "homeport_punch_attempts_total") >= 1
+    assert value(after, "homeport_punch_successes_total") >= 1
+    assert 0 < value(after, "homeport_direct_path_ratio") < 1  # the earlier ones were relayed
+    name = "homeport_agent_direct_streams_total"
+    assert value(agent_after, name, direction="incoming") > value(
+        agent_before, name, direction="incoming"
+    )
+    assert value(agent_after, "homeport_agent_punch_attempts_total") >= 1
+
+
 def test_up_refuses_a_non_loopback_metrics_address(tmp_path: Path) -> None:
     res = subprocess.run(
         [*HOMEPORT, "up", "--state", str(tmp_path), "--metrics-listen", "192.0.2.1:9101"],
