@@ -59,6 +59,7 @@ def test_the_observer_counts_sessions_reconnects_streams_and_bytes() -> None:
     metrics.observe(core.SessionReady("n1", "labpc", 1, 1, True))
     metrics.observe(core.StartStream("s1", b"t", cast(Any, None), cast(Any, None)))
     metrics.observe(StreamPumped(True, 100, 7))
+    metrics.observe(core.LocalOpenSucceeded(b"t", cast(Any, None)))
     metrics.observe(StreamPumped(False, 5, 3000))
     metrics.observe(core.SessionLost("gone"))  # not counted by itself: Reconnect is
     s = parse(metrics.exposition()[0])

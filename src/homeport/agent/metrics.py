@@ -150,11 +150,11 @@ class AgentMetrics:
                 self.sessions.inc()
             elif isinstance(event, core.Reconnect):
                 self.reconnects.inc()
-            elif isinstance(event, core.StartStream):
+            elif isinstance(event, core.StartStream):  # we ACCEPTed a peer's stream
                 self.relayed.labels("incoming").inc()
+            elif isinstance(event, core.LocalOpenSucceeded):  # OPENED for a local client
+                self.relayed.labels("outgoing").inc()
             elif isinstance(event, StreamPumped):
-                if not event.incoming:
-                    self.relayed.labels("outgoing").inc()
                 self.relay_bytes.labels("out").inc(event.sent)
                 self.relay_bytes.labels("in").inc(event.received)
         except Exception:  # a metrics bug must not break the agent

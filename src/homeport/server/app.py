@@ -156,7 +156,7 @@ async def serve(
                     data_dir,
                     service,
                     service.probe_port,
-                    metrics,
+                    metrics=metrics,
                 )
             )
         await stop.wait()
