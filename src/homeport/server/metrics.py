@@ -208,6 +208,7 @@ class ServerMetrics:
         self.enrollments.labels("ok")
         for reason in Refusal:
             self.refused.labels(Stage.CONNECTION.value, reason.value)
+        self._children: dict[tuple[object, ...], Counter] = {}  # any thread (GIL-atomic)
         self._lock = threading.Lock()
         self._setups: OrderedDict[str, float] = OrderedDict()  # stream id -> OPEN seen at
         self._ended = {"up": 0, "down": 0}  # bytes of relayed streams that ended
@@ -245,15 +246,15 @@ class ServerMetrics:
         elif isinstance(event, (c.RelayCancel, c.RelayCutStream)):
             # never spliced (a refusal already took its entry): the setup failed
             if self._forget(event.stream_id) is not None:
-                self.streams.labels(Path.RELAY.value, Result.FAILED.value).inc()
+                self._inc(self.streams, Path.RELAY.value, Result.FAILED.value)
         elif isinstance(event, c.Close):
             core = self._core
             if core is not None and not core.session_node(event.session):
                 # no node behind the session yet: a HELLO or ENROLL turned away
                 reason = bounded(event.code, SESSION_REASONS)
-                self.refused.labels(Stage.SESSION.value, reason).inc()
+                self._inc(self.refused, Stage.SESSION.value, reason)
         elif isinstance(event, ConnectionRefused):
-            self.refused.labels(Stage.CONNECTION.value, event.reason.value).inc()
+            self._inc(self.refused, Stage.CONNECTION.value, event.reason.value)
 
     def relay_event(self, ev: hprelay.RelayEvent) -> None:
         """From the relay, on any thread (it must not block)."""
@@ -266,6 +267,15 @@ class ServerMetrics:
             with self._lock:
                 self._ended["up"] += ev.bytes_up
                 self._ended["down"] += ev.bytes_down
+
+    def _inc(self, counter: Counter, *labels: str) -> None:
+        """``counter.labels(*labels).inc()``, the child cached: ``labels()`` costs several
+        microseconds, and every value here is from a bounded vocabulary."""
+        key = (counter, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        child.inc()
 
     def _forget(self, stream_id: str) -> float | None:
         with self._lock:
@@ -280,15 +290,15 @@ class ServerMetrics:
                 if direct:  # a relayed one counts when spliced (or failed), not here
                     self._ok(path)
                 return
-            self.streams.labels(path.value, Result.REFUSED.value).inc()
+            self._inc(self.streams, path.value, Result.REFUSED.value)
             reason = bounded(f.get("code", ""), STREAM_REASONS)
-            self.refused.labels(Stage.STREAM.value, reason).inc()
+            self._inc(self.refused, Stage.STREAM.value, reason)
             if not direct and f.get("stream"):
                 self._forget(f["stream"])  # the destination rejected it: not a failure
         elif ev.kind == au.ENROLL:
-            self.enrollments.labels("ok").inc()
+            self._inc(self.enrollments, "ok")
         elif ev.kind == au.ENROLL_REFUSED:
-            self.enrollments.labels(bounded(f.get("code", ""), ENROLL_RESULTS)).inc()
+            self._inc(self.enrollments, bounded(f.get("code", ""), ENROLL_RESULTS))
 
     # -- scrape time -----------------------------------------------------------------------
     def _relay_bytes(self) -> dict[str, int]:
@@ -310,7 +320,7 @@ class ServerMetrics:
             return dict(self._bytes_hwm)
 
     def _ok(self, path: Path) -> None:
-        self.streams.labels(path.value, Result.OK.value).inc()
+        self._inc(self.streams, path.value, Result.OK.value)
         with self._lock:
             self._established[path] += 1
 
