@@ -268,6 +268,17 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
     metavar="S",
     help="re-read the exposed sshd's host keys this often (and after a failed connection)",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="[HOST:]PORT",
+    help="serve this agent's Prometheus metrics at http://HOST:PORT/metrics (off by default; "
+    "HOST defaults to 127.0.0.1; docs/metrics.md)",
+)
+@click.option(
+    "--metrics-allow-remote",
+    is_flag=True,
+    help="allow --metrics-listen on a non-loopback address (the metrics have no access control)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
     server: str | None,
@@ -283,12 +294,23 @@ def up(  # noqa: PLR0917 - click passes options positionally
     no_portmap: bool,
     ping_interval: float,
     hostkey_refresh: float,
+    metrics_listen: str | None,
+    metrics_allow_remote: bool,
     verbose: bool,
 ) -> None:
     """Enroll this machine (first run) and run the agent in the foreground."""
     from homeport.node import state as node_state
 
     _setup_logging(verbose)
+    attach = None
+    if metrics_listen is not None:  # prometheus is imported only when asked
+        from homeport.agent.metrics import ListenError, attach_metrics, parse_metrics_listen
+
+        try:
+            at = parse_metrics_listen(metrics_listen, allow_remote=metrics_allow_remote)
+        except ListenError as exc:
+            _fail(str(exc), 2)
+        attach = attach_metrics(*at)
     log = logging.getLogger("homeport.up")
     authkey = resolve_authkey(authkey, authkey_file)
     services = _services(expose_ssh, expose)
@@ -334,6 +356,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
         direct_port=direct_port,
         relay_only=relay_only,
         portmap=not no_portmap,
+        attach=attach,
     )
     os.close(lock)
     sys.exit(code)

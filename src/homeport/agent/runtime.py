@@ -103,6 +103,19 @@ LOCAL_ADMIT_TIMEOUT = 2.0
 MAX_RECENT_LINKS = 16
 
 
+@dataclass(frozen=True, slots=True)
+class StreamPumped:
+    """Observer event (:attr:`Agent.observe`): a relayed stream's pump ended.
+
+    ``incoming``: served for a peer (else a local open of ours); ``sent`` went to
+    the peer, ``received`` came from it.
+    """
+
+    incoming: bool
+    sent: int
+    received: int
+
+
 class _LocalRefused(CodedError):
     """A local open the agent cannot serve now; the client should dial by itself."""
 
@@ -202,6 +215,9 @@ class Agent:
         self._api: LocalApiServer | None = None
         self._local: dict[bytes, _LocalWait] = {}  # by token (event loop only)
         self.drain_grace = 0.0  # set by stop(drain=True)
+        #: Sees every core command before it runs, and :class:`StreamPumped` events from
+        #: stream threads (the metrics adapter, :mod:`homeport.agent.metrics`); must not block.
+        self.observe: Callable[[object], None] | None = None
 
     @property
     def backoff(self) -> Backoff:
@@ -447,6 +463,8 @@ class Agent:
     def _drain(self) -> None:
         """Carry out every command the core made (event loop only)."""
         while (cmd := self.core.next_command()) is not None:
+            if self.observe is not None:
+                self.observe(cmd)
             if isinstance(cmd, core.Send):
                 if self._link is not None:
                     self._link.send(cmd.msg)
@@ -624,6 +642,8 @@ class Agent:
             )
             target.setblocking(True)
             res = pump(tls, target.fileno(), target.fileno(), cancel_fd=self._cancel_r)
+            if self.observe is not None:
+                self.observe(StreamPumped(True, res.sent, res.received))
             level = logging.INFO if res.ok or res.end is PumpEnd.CANCELLED else logging.WARNING
             log.log(
                 level,
@@ -895,6 +915,8 @@ class Agent:
             res = pump(
                 tls, mine.fileno(), mine.fileno(), cancel_fd=self._cancel_r, local_tuned=True
             )
+            if self.observe is not None:
+                self.observe(StreamPumped(False, res.sent, res.received))
             # LOCAL_ERROR here is our own user's process going away (ssh exited).
             quiet = res.ok or res.end in (PumpEnd.CANCELLED, PumpEnd.LOCAL_ERROR)
             level = logging.INFO if quiet else logging.WARNING
@@ -1105,9 +1127,12 @@ def run_agent(
     direct_port: int = 0,
     relay_only: bool = False,
     portmap: bool = True,
+    attach: Callable[[Agent], Callable[[], None]] | None = None,
 ) -> int:
     """Run the agent in the foreground until SIGINT/SIGTERM or a fatal error.
 
+    ``attach``: called with the agent before it runs (the metrics listener); returns
+    what to call once it stopped. An OSError from it (a port in use) ends the start.
     Returns the process exit code (:class:`ExitCode`).
     """
     finish_renewal(state)
@@ -1123,7 +1148,17 @@ def run_agent(
         relay_only=relay_only,
         portmap=portmap,
     )
-    return run_in_loop(agent)
+    if attach is None:
+        return run_in_loop(agent)
+    try:
+        detach = attach(agent)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return int(ExitCode.FATAL)
+    try:
+        return run_in_loop(agent)
+    finally:
+        detach()
 
 
 def run_in_loop(agent: Agent) -> int:

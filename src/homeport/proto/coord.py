@@ -644,6 +644,10 @@ class Coordinator:
         self._punching: dict[frozenset[str], float] = {}  # pair -> in flight until
         self._paths: dict[tuple[str, str], PathRecord] = {}  # (reporter, peer) -> last report
         self._pair_stats: dict[frozenset[str], PairStats] = {}
+        #: Cumulative, for metrics (the per-pair table above evicts): punches coordinated,
+        #: and those whose pair then reported a direct path up.
+        self.punches_total = 0
+        self.punch_successes_total = 0
         self._peer_pings: dict[str, collections.deque[float]] = {}
         self.key_expiry = key_expiry
         self.expire_tagged = expire_tagged
@@ -1478,6 +1482,7 @@ class Coordinator:
         _evict_oldest(self._pair_stats, pair)
         stats = self._pair_stats.setdefault(pair, PairStats())
         self._pair_stats[pair] = replace(stats, punches=stats.punches + 1)
+        self.punches_total += 1
         for sid, peer, eps, role in (
             (s.sid, dst, theirs, "client"),
             (self._agents[dst.node_id], src, mine, "server"),
@@ -1568,6 +1573,7 @@ class Coordinator:
         if self._punching.pop(pair, None) is not None and rec.kind != "relay":
             stats = self._pair_stats.setdefault(pair, PairStats())
             self._pair_stats[pair] = replace(stats, direct_ups=stats.direct_ups + 1)
+            self.punch_successes_total += 1
         if rec.kind != (old.kind if old is not None else "relay"):
             self._note(
                 logging.INFO,

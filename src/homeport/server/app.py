@@ -25,6 +25,7 @@ from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.audit import AuditSink, audit_path
 from homeport.server.datadir import PolicyFileError, load_policy, prepare_data_dir
+from homeport.server.metrics import ServerMetrics
 from homeport.server.service import DRAIN_GRACE, Service, ServiceConfig
 from homeport.server.sshca import load_or_create_ssh_ca
 from homeport.store.registry import WriteBehind, database_url, open_registry
@@ -75,6 +76,7 @@ class Running:
     data_dir: Path
     service: Service
     probe_port: int = 0
+    metrics: ServerMetrics | None = None
 
 
 async def serve(
@@ -111,8 +113,10 @@ async def serve(
     )
     writer = WriteBehind(registry)
     services: list[Service] = []  # the relay reports to the service built right after it
+    metrics = ServerMetrics()  # served as GET /metrics by the admin listener
 
     def relay_event(ev: RelayEvent) -> None:
+        metrics.relay_event(ev)
         for svc in services:
             svc.relay_event(ev)
 
@@ -121,6 +125,8 @@ async def serve(
     audit = AuditSink(audit_path(data_dir))
     service = Service(core, registry, writer, relay, ctx, config=cfg, audit=audit.submit)
     services.append(service)
+    service.observe = metrics.observe
+    metrics.bind(core, service, relay)
     admin = None
     try:
         admin = await start_admin_server(
@@ -143,7 +149,15 @@ async def serve(
         bound_host, bound_port = await service.start(host, port)
         if started is not None:
             started(
-                Running(bound_host, bound_port, files.pin, data_dir, service, service.probe_port)
+                Running(
+                    bound_host,
+                    bound_port,
+                    files.pin,
+                    data_dir,
+                    service,
+                    service.probe_port,
+                    metrics=metrics,
+                )
             )
         await stop.wait()
     finally:
@@ -271,6 +285,7 @@ class ServerHandle:
         self.pin = ""
         self.data_dir = Path()
         self.service: Service | None = None
+        self.metrics: ServerMetrics | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -328,6 +343,7 @@ def start_server_thread(
         handle.host, handle.port, handle.pin = running.host, running.port, running.pin
         handle.data_dir = running.data_dir
         handle.service = running.service
+        handle.metrics = running.metrics
         handle._ready.set()
 
     async def main() -> None:

@@ -38,6 +38,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
+import enum
 import functools
 import logging
 import socket
@@ -107,6 +108,25 @@ DRAIN_GRACE = 10.0
 DRAIN_POLL = 0.1
 #: ServiceConfig.probe_port: -1 = main port + 1 (ephemeral if the main port is), 0 = none.
 PROBE_PORT_AUTO = -1
+
+
+class Refusal(enum.Enum):
+    """Why the shell dropped a connection before any session began (a fixed vocabulary:
+    :mod:`homeport.server.metrics` counts them by this value, so it stays bounded)."""
+
+    EVICTED = "evicted"  # the unauthenticated budget (global or per source) was full
+    HANDSHAKE_TIMEOUT = "handshake-timeout"  # nothing, or no whole preamble, in time
+    BAD_PREAMBLE = "bad-preamble"  # 'H' but not a valid data preamble / whoami
+    UNKNOWN_PROTOCOL = "unknown-protocol"  # the first byte is neither TLS nor 'H'
+    TLS_FAILED = "tls-failed"  # the control connection's TLS handshake failed
+    PROBE_BUSY = "probe-busy"  # MAX_PROBE_CONNECTIONS reached on the probe port
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRefused:
+    """Observer event (:attr:`Service.observe`): one connection dropped for ``reason``."""
+
+    reason: Refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +270,9 @@ class Service:
         self._reach_probes: set[asyncio.Task[None]] = set()
         #: The bound whoami probe port (0: none).
         self.probe_port = 0
+        #: Sees every core command before it runs, and :class:`ConnectionRefused` events
+        #: (the metrics adapter, :mod:`homeport.server.metrics`); must not block or raise.
+        self.observe: Callable[[object], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -407,6 +430,7 @@ class Service:
         if victim is not None:
             victim.evict()
             self._evicted += 1
+            self._notify(ConnectionRefused(Refusal.EVICTED))
             if now >= self._next_busy_log:  # one line per interval, not one per attacker SYN
                 self._next_busy_log = now + BUSY_LOG_INTERVAL
                 log.warning(
@@ -466,6 +490,7 @@ class Service:
                 first = await asyncio.wait_for(self._peek_first(sock), timeout)
             except TimeoutError:
                 log.info("closing %s: sent nothing within %gs", address, timeout)
+                self._notify(ConnectionRefused(Refusal.HANDSHAKE_TIMEOUT))
                 return
             if not first:
                 log.debug("%s closed before sending anything", address)
@@ -481,9 +506,11 @@ class Service:
                     token = parse_preamble_untrusted(data)
                 except TimeoutError:
                     log.info("closing data connection %s: no preamble within %gs", address, timeout)
+                    self._notify(ConnectionRefused(Refusal.HANDSHAKE_TIMEOUT))
                     return
                 except (WireError, ConnectionError) as exc:
                     log.info("closing data connection %s: %s", address, esc(exc))
+                    self._notify(ConnectionRefused(Refusal.BAD_PREAMBLE))
                     return
                 slot.release()
                 sock.setblocking(True)
@@ -498,6 +525,7 @@ class Service:
                     address,
                     first[0],
                 )
+                self._notify(ConnectionRefused(Refusal.UNKNOWN_PROTOCOL))
         except OSError as exc:
             log.info("closing %s: %s", address, exc)
         finally:
@@ -525,6 +553,7 @@ class Service:
                 continue
             if self._probe_conns >= MAX_PROBE_CONNECTIONS:
                 sock.close()
+                self._notify(ConnectionRefused(Refusal.PROBE_BUSY))
                 continue
             self._probe_conns += 1
             self._spawn(self._probe_one(sock))
@@ -581,6 +610,7 @@ class Service:
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake with %s failed: %s", address, exc)
             slot.release()
+            self._notify(ConnectionRefused(Refusal.TLS_FAILED))
         except Exception:
             log.exception("control connection from %s failed to start", address)
             slot.release()
@@ -627,11 +657,20 @@ class Service:
         """Execute every command the core produced (executing may produce more)."""
         while cmds := self.core.commands():
             for cmd in cmds:
+                if self.observe is not None:
+                    self._notify(cmd)  # before it runs: a Close still sees its session
                 try:
                     self._execute(cmd)
                 except Exception:  # one failed command must not lose the others
                     log.exception("executing %r failed", cmd)
         self._rearm()
+
+    def _notify(self, event: object) -> None:
+        if self.observe is not None:
+            try:
+                self.observe(event)
+            except Exception:  # an observer's bug must not break the server
+                log.exception("observer failed on %r", event)
 
     def _execute(self, cmd: c.Command) -> None:
         if isinstance(cmd, c.Send):
@@ -815,3 +854,8 @@ class Service:
     @property
     def unauthenticated(self) -> int:
         return self._unauthenticated
+
+    @property
+    def control_connections(self) -> int:
+        """Control connections open now (handshaking or in a session)."""
+        return len(self._links)
