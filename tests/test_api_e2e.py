@@ -107,7 +107,12 @@ def test_real_server_api_with_agents_streams_and_removal(
         def online() -> set[str]:
             return {n["name"] for n in call(f"{api}/status/nodes", read)[1]["nodes"]}
 
+        def announced() -> bool:  # online, and its ANNOUNCE (services) arrived
+            nodes = {n["name"]: n for n in call(f"{api}/nodes", read)[1]["nodes"]}
+            return "labpc" in nodes and bool(nodes["labpc"]["services"])
+
         wait_for(lambda: online() == {"labpc", "laptop"}, 30, "both agents online")
+        wait_for(announced, 30, "labpc's services")
         nodes = {n["name"]: n for n in call(f"{api}/nodes", read)[1]["nodes"]}
         assert nodes["labpc"]["online"] and nodes["labpc"]["services"] == [
             {"name": "echo", "port": echo_port}
