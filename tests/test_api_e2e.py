@@ -91,8 +91,9 @@ def test_real_server_api_with_agents_streams_and_removal(
     status, info = call(f"{api}/status", read)
     assert status == 200 and info["live"] is True and info["server_pin"] == server.pin
     assert info["listen"] == server.address and info["admin_listen"] == server.admin_url
-    # /metrics on a loopback listener needs no token; this server keeps none yet
-    assert call(server.admin_url + "/metrics", None)[0] == 404
+    # /metrics on a loopback listener needs no token and serves the server's ServerMetrics
+    status, text = call(server.admin_url + "/metrics", None)
+    assert status == 200 and "homeport_nodes_online" in text, text[:200]
 
     echo_sock, echo_port = _echo()
     hp = Homeport(tmp_path)
@@ -193,7 +194,7 @@ def test_a_listener_beyond_loopback_is_tls_and_metrics_need_a_token(tmp_path: Pa
         ]
         base = f"https://127.0.0.1:{port}"
         assert call(f"{base}/metrics", None, context=ctx)[0] == 401
-        assert call(f"{base}/metrics", read, context=ctx)[0] == 404  # authorized; no metrics
+        assert call(f"{base}/metrics", read, context=ctx)[0] == 200  # a read token may scrape
         assert call(f"{base}/api/v1/status", read, context=ctx)[0] == 200
         with pytest.raises(OSError):  # plain HTTP is not spoken there (URLError or a reset)
             call(f"http://127.0.0.1:{port}/api/v1/status", read)
