@@ -61,6 +61,7 @@ from homeport.server.datadir import (
     remove_policy,
     save_policy,
 )
+from homeport.server.webui.session import LoginLinks
 from homeport.store.registry import Registry
 
 log = logging.getLogger("homeport.server.admin")
@@ -131,6 +132,11 @@ class AdminOps:
         self._policy_refused = policy_refused
         self._node_by_name = node_by_name
         self._approve_login = approve_login
+        #: One-time web UI login links (``homeport admin-link``), in server memory only.
+        self.ui_links = LoginLinks()
+        #: Base URL of the admin listener's web UI (``http://127.0.0.1:PORT``), set by whoever
+        #: starts the listener; None: no web UI here, so ``ui.link`` refuses.
+        self.ui_url: str | None = None
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Answer one request; never raises for bad input."""
@@ -156,6 +162,7 @@ class AdminOps:
             "policy.get": self._policy_get,
             "policy.unset": self._policy_unset,
             "policy.explain": self._policy_explain,
+            "ui.link": self._ui_link,
         }.get(op)
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
@@ -467,6 +474,17 @@ class AdminOps:
                 "check_period": sd.check_period,
             }
         return answer
+
+    def _ui_link(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """A one-time login link for the web UI; the secret rides in the URL fragment
+        (browsers never send it, so no server or proxy log records it)."""
+        if not self.live or self.ui_url is None:
+            raise AdminError(
+                "the web UI lives in the running server's admin listener: start "
+                "'homeport server' (with --admin-listen) first"
+            )
+        token, expires_at = self.ui_links.create(self._clock())
+        return {"url": f"{self.ui_url}/ui/login#link={token}", "expires_at": expires_at}
 
     def _nodes_action(self, req: dict[str, Any]) -> dict[str, Any]:
         action = str(req["op"]).removeprefix("nodes.")

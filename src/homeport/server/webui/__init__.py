@@ -1,0 +1,22 @@
+"""The web admin UI (``/ui`` on the admin listener): see :mod:`.routes`.
+
+Imported lazily: :mod:`homeport.server.admin` uses :mod:`.session` (one-time login
+links), and must not pull Starlette or Jinja2 into every CLI command.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+
+def routes(ctx: Any, **kwargs: Any) -> list[BaseRoute]:
+    """The UI's routes for the admin app (``AdminContext.extra_routes``), all under ``/ui``.
+
+    ``kwargs`` go to :class:`~homeport.server.webui.routes.WebUI` (tests pass clocks).
+    """
+    from homeport.server.webui.routes import WebUI, build_routes
+
+    return build_routes(WebUI(ctx, **kwargs))
