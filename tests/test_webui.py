@@ -8,22 +8,22 @@ browser journey is tests/test_webui_browser.py.
 from __future__ import annotations
 
 import re
-from html.parser import HTMLParser
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from homeport.wire import control as m
 from homeport.proto.coord import NodeStatus
 from homeport.server.admin import AdminOps
 from homeport.server.webui import routes
 from homeport.server.webui.session import LINK_TTL, SESSION_IDLE, SESSION_MAX, SessionStore
 from homeport.store.db import open_store
 from homeport.store.registry import Registry
+from homeport.wire import control as m
 
 HOSTILE = '<img src=x onerror="alert(1)">&amp;'
 POLICY_OK = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}'
@@ -251,9 +251,7 @@ def test_key_create_has_the_cli_options(ui: UI) -> None:
     assert ui.ctx.ops.handle({"op": "keys.list"})["keys"][-1]["user"] == "alice@example.com"
     bad = ui.client.post("/ui/keys/create", data={"csrf": ui.csrf(), "expiry": "soon"})
     assert bad.status_code == 400 and "bad duration" in bad.text
-    revoke = ui.client.post(
-        "/ui/keys/revoke", data={"csrf": ui.csrf(), "key_id": key["key_id"]}
-    )
+    revoke = ui.client.post("/ui/keys/revoke", data={"csrf": ui.csrf(), "key_id": key["key_id"]})
     assert revoke.status_code == 200 and f"auth key {key['key_id']} revoked" in revoke.text
     statuses = {k["key_id"]: k["status"] for k in ui.ctx.ops.handle({"op": "keys.list"})["keys"]}
     assert statuses[key["key_id"]] == "revoked"
