@@ -26,6 +26,7 @@ POLICY_REFUSED = "policy-refused"
 CERT_ISSUE = "cert-issue"  # node certificate renewed, or an ssh certificate issued
 STREAM = "stream"  # a stream open: src, dst, service, allowed or denied, rule
 PATH = "path"  # a direct path came up or was lost
+API_KEY = "api-key"  # an admin API key created or revoked
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ answers, it opens the store itself through the same
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -29,7 +30,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from homeport.io import unixsock
 from homeport.policy.acl import (
@@ -42,6 +43,7 @@ from homeport.policy.acl import (
 )
 from homeport.policy.decide import decide
 from homeport.proto.audit import (
+    API_KEY,
     KEY_CREATE,
     KEY_REVOKE,
     NODE_REMOVE,
@@ -51,7 +53,8 @@ from homeport.proto.audit import (
     Audit,
 )
 from homeport.proto.coord import EXPIRY_WARNINGS, NodeRecord, NodeStatus
-from homeport.server.audit import append_now, audit_path
+from homeport.server import apikeys
+from homeport.server.audit import ReadStats, append_now, audit_path, read_events
 from homeport.server.datadir import (
     PolicyFileError,
     has_server_data,
@@ -62,7 +65,7 @@ from homeport.server.datadir import (
     save_policy,
 )
 from homeport.server.webui.session import LoginLinks
-from homeport.store.registry import Registry
+from homeport.store.registry import ApiKeyRow, Registry
 
 log = logging.getLogger("homeport.server.admin")
 
@@ -75,12 +78,36 @@ ADMIN_TIMEOUT = 10.0
 #: listen(2) backlog of admin.sock (admin commands are rare and short).
 ADMIN_BACKLOG = 16
 
+#: Audit events one ``audit.list`` answers by default, and at most.
+AUDIT_DEFAULT_LIMIT = 100
+AUDIT_MAX = 1000
+#: Event fields that name a node (``audit.list`` with ``node``).
+AUDIT_NODE_FIELDS = ("node", "src", "dst")
+
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 class AdminError(Exception):
-    """An admin request failed; the message is for the user."""
+    """An admin request failed; the message is for the user.
+
+    ``code`` classifies the failure for the REST API (HTTP status), which the
+    admin socket also passes on in its answer; subclasses set it.
+    """
+
+    code = "refused"
+
+
+class NotFound(AdminError):
+    """The node, key or user named does not exist."""
+
+    code = "not-found"
+
+
+class Conflict(AdminError):
+    """The request clashes with the current state (a name taken, a user still owning nodes)."""
+
+    code = "conflict"
 
 
 class NoServerData(AdminError):
@@ -101,6 +128,17 @@ def parse_duration(text: str) -> float | None:
     return seconds
 
 
+class LiveView(Protocol):
+    """The running server's live state (status, online nodes, relayed streams); see
+    :mod:`homeport.server.liveview`. Offline there is none."""
+
+    def server_info(self) -> dict[str, Any]: ...
+
+    def online_nodes(self) -> list[dict[str, Any]]: ...
+
+    def streams(self) -> list[dict[str, Any]]: ...
+
+
 class AdminOps:
     """Executes admin requests: keys in the registry; nodes from the live server or the registry."""
 
@@ -119,6 +157,7 @@ class AdminOps:
         policy_refused: Callable[[str], None] | None = None,
         node_by_name: Callable[[str], NodeRecord | None] | None = None,
         approve_login: Callable[[str], tuple[bool, str]] | None = None,
+        live_view: LiveView | None = None,
     ) -> None:
         self.registry = registry
         self._nodes = nodes or registry.node_list
@@ -137,6 +176,7 @@ class AdminOps:
         #: Base URL of the admin listener's web UI (``http://127.0.0.1:PORT``), set by whoever
         #: starts the listener; None: no web UI here, so ``ui.link`` refuses.
         self.ui_url: str | None = None
+        self._live_view = live_view
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Answer one request; never raises for bad input."""
@@ -163,6 +203,14 @@ class AdminOps:
             "policy.unset": self._policy_unset,
             "policy.explain": self._policy_explain,
             "ui.link": self._ui_link,
+            "policy.check": self._policy_check,
+            "apikeys.create": self._apikeys_create,
+            "apikeys.list": self._apikeys_list,
+            "apikeys.revoke": self._apikeys_revoke,
+            "status": self._status,
+            "status.nodes": self._status_nodes,
+            "streams.list": self._streams_list,
+            "audit.list": self._audit_list,
         }.get(op)
         if handler is None:
             return {"ok": False, "error": f"unknown op {op!r}"}
@@ -171,14 +219,15 @@ class AdminOps:
         except PolicyError as exc:
             return {
                 "ok": False,
+                "code": "policy-refused",
                 "error": "policy refused; the policy in force is unchanged",
                 "problems": [p.as_dict() for p in exc.problems],
                 "more": exc.more,
             }
         except AdminError as exc:
-            return {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": str(exc), "code": exc.code}
         except (TypeError, ValueError) as exc:
-            return {"ok": False, "error": f"bad request: {exc}"}
+            return {"ok": False, "error": f"bad request: {exc}", "code": "bad-request"}
 
     def _ping(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {"live": self.live}
@@ -286,7 +335,7 @@ class AdminOps:
         if not isinstance(key_id, str):
             raise TypeError("key_id must be a string")
         if not self.registry.revoke_auth_key(key_id):
-            raise AdminError(f"no auth key {key_id!r}")
+            raise NotFound(f"no auth key {key_id!r}")
         self._emit_audit(KEY_REVOKE, (("key_id", key_id),))
         return {"key_id": key_id}
 
@@ -332,7 +381,7 @@ class AdminOps:
                     NODE_REMOVE, (("node", node.name), ("node_id", node.node_id), ("by", "offline"))
                 )
         except KeyError:
-            raise AdminError(f"no node named {name!r}") from None
+            raise NotFound(f"no node named {name!r}") from None
         return {"name": node.name, "node_id": node.node_id}
 
     # -- policy ---------------------------------------------------------------------------
@@ -426,7 +475,7 @@ class AdminOps:
         if "@" in text or text.startswith("user:"):
             user = text.removeprefix("user:").rstrip("@")
             return Subject("", f"(a node of {user})", user, ()), None
-        raise AdminError(f"no node named {text!r} (name a node, tag:x or a user)")
+        raise NotFound(f"no node named {text!r} (name a node, tag:x or a user)")
 
     def _policy_explain(self, req: dict[str, Any]) -> dict[str, Any]:
         src_text, dst_text, service = req.get("src"), req.get("dst"), req.get("service")
@@ -497,7 +546,7 @@ class AdminOps:
             else:
                 node = self.registry.node_action(name, action, self._clock())
         except KeyError:
-            raise AdminError(f"no node named {name!r}") from None
+            raise NotFound(f"no node named {name!r}") from None
         return {
             "name": node.name,
             "node_id": node.node_id,
@@ -511,7 +560,7 @@ class AdminOps:
         if not isinstance(name, str):
             raise TypeError("name must be a string")
         if not self.registry.create_user(name, self._clock()):
-            raise AdminError(f"user {name!r} already exists")
+            raise Conflict(f"user {name!r} already exists")
         self._emit_audit(USER, (("user", name), ("event", "create")))
         return {"name": name}
 
@@ -534,10 +583,10 @@ class AdminOps:
         if not isinstance(name, str) or not isinstance(force, bool):
             raise TypeError("name must be a string and force a boolean")
         if name not in {u.name for u in self.registry.list_users()}:
-            raise AdminError(f"no user {name!r}")
+            raise NotFound(f"no user {name!r}")
         owned = sorted(n.name for n in self._nodes() if n.user == name)
         if owned and not force:
-            raise AdminError(
+            raise Conflict(
                 f"user {name!r} still has {len(owned)} node(s): {', '.join(owned)}; "
                 "remove them first, or use --force to remove them too"
             )
@@ -548,8 +597,197 @@ class AdminOps:
                 else:
                     self.registry.remove_node(node_name, self._clock())
         self.registry.remove_user(name)
+        for k in self.registry.list_api_keys():  # its API keys end with it
+            if k.user == name and not k.revoked:
+                self.registry.revoke_api_key(k.key_id)
         self._emit_audit(USER, (("user", name), ("event", "remove"), ("nodes", ",".join(owned))))
         return {"name": name, "removed_nodes": owned}
+
+    # -- API keys, status, streams, audit (the REST API's extra operations) -------------------
+    def _apikeys_create(self, req: dict[str, Any]) -> dict[str, Any]:
+        name, scope_text = req.get("name"), req.get("scope", "read")
+        user, expiry = req.get("user"), req.get("expiry_seconds")
+        if not isinstance(name, str) or not isinstance(scope_text, str):
+            raise TypeError("name and scope must be strings")
+        if user is not None and not isinstance(user, str):
+            raise TypeError("user must be a string or null")
+        if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
+            raise TypeError("expiry_seconds must be a number or null")
+        if expiry is not None and expiry <= 0:
+            raise ValueError("expiry_seconds must be positive")
+        problem = apikeys.name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        try:
+            scope = apikeys.Scope(scope_text)
+        except ValueError:
+            raise ValueError(f"scope must be read or admin, not {scope_text!r}") from None
+        if user is not None and not self.registry.user_exists(user):
+            raise NotFound(f"no user {user!r} (homeport users create {user})")
+        now = self._clock()
+        new = apikeys.new_token()
+        expires_at = None if expiry is None else now + float(expiry)
+        self.registry.create_api_key(
+            ApiKeyRow(
+                key_id=new.key_id,
+                token_hash=new.token_hash,
+                name=name,
+                scope=scope.value,
+                created_at=now,
+                user=user,
+                expires_at=expires_at,
+            )
+        )
+        log.info("API key %s (%s, %s) created", new.key_id, name, scope.value)
+        self._emit_audit(
+            API_KEY,
+            (
+                ("event", "create"),
+                ("key_id", new.key_id),
+                ("name", name),
+                ("scope", scope.value),
+                ("user", user or ""),
+                ("expiry", str(expiry)),
+            ),
+        )
+        return {
+            "token": new.token,
+            "key_id": new.key_id,
+            "name": name,
+            "scope": scope.value,
+            "user": user,
+            "created_at": now,
+            "expires_at": expires_at,
+        }
+
+    def _apikeys_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        now = self._clock()
+        users = {u.name for u in self.registry.list_users()}
+        out = []
+        for k in self.registry.list_api_keys():
+            if k.revoked:
+                status = "revoked"
+            elif k.expires_at is not None and now >= k.expires_at:
+                status = "expired"
+            elif k.user is not None and k.user not in users:
+                status = "user removed"
+            else:
+                status = "valid"
+            out.append(
+                {
+                    "key_id": k.key_id,
+                    "name": k.name,
+                    "scope": k.scope,
+                    "user": k.user,
+                    "created_at": k.created_at,
+                    "expires_at": k.expires_at,
+                    "status": status,
+                }
+            )
+        return {"keys": out}
+
+    def _apikeys_revoke(self, req: dict[str, Any]) -> dict[str, Any]:
+        key_id = req.get("key_id")
+        if not isinstance(key_id, str):
+            raise TypeError("key_id must be a string")
+        if not self.registry.revoke_api_key(key_id):
+            raise NotFound(f"no API key {key_id!r}")
+        log.info("API key %s revoked", key_id)
+        self._emit_audit(API_KEY, (("event", "revoke"), ("key_id", key_id)))
+        return {"key_id": key_id}
+
+    def verify_api_token(self, token: str) -> apikeys.ApiPrincipal | None:
+        """The principal ``token`` authenticates now, or None (unknown, revoked, expired,
+        or its user removed). Reads the store; call it where admin ops run."""
+        if apikeys.token_key_id(token) is None:
+            return None
+        row = self.registry.find_api_key_by_hash(apikeys.hash_token(token))
+        if row is None:
+            return None
+        verdict = apikeys.judge_key(
+            token=token,
+            stored_hash=row.token_hash,
+            key_id=row.key_id,
+            name=row.name,
+            scope=row.scope,
+            user=row.user,
+            user_exists=row.user is None or self.registry.user_exists(row.user),
+            revoked=row.revoked,
+            expires_at=row.expires_at,
+            now=self._clock(),
+        )
+        if verdict.principal is None:
+            log.info("API token refused: %s", verdict.reason)
+        return verdict.principal
+
+    def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
+        if self._live_view is None:
+            nodes = self._nodes()
+            return {"live": False, "nodes_total": len(nodes), "nodes_online": 0}
+        return {"live": True, **self._live_view.server_info()}
+
+    def _status_nodes(self, _req: dict[str, Any]) -> dict[str, Any]:
+        view = self._live_view
+        return {"live": view is not None, "nodes": [] if view is None else view.online_nodes()}
+
+    def _streams_list(self, _req: dict[str, Any]) -> dict[str, Any]:
+        view = self._live_view
+        return {"live": view is not None, "streams": [] if view is None else view.streams()}
+
+    def _audit_list(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The newest ``limit`` events matching the filters, oldest first (reads the file:
+        safe to run off the event loop)."""
+        kind, node, since = req.get("kind"), req.get("node"), req.get("since")
+        limit = req.get("limit", AUDIT_DEFAULT_LIMIT)
+        if kind is not None and not isinstance(kind, str):
+            raise TypeError("kind must be a string")
+        if node is not None and not isinstance(node, str):
+            raise TypeError("node must be a string")
+        if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)):
+            raise TypeError("since must be a unix time (number)")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= AUDIT_MAX:
+            raise ValueError(f"limit must be an integer from 1 to {AUDIT_MAX}")
+        if self.data_dir is None:
+            raise AdminError("this server keeps no audit log")
+        path = audit_path(self.data_dir)
+        stats = ReadStats()
+        picked: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit)
+        matched = 0
+        try:
+            for ev in read_events(path, stats):
+                if kind is not None and ev["kind"] != kind:
+                    continue
+                if since is not None and float(ev["ts"]) < since:
+                    continue
+                if node is not None and not any(ev.get(f) == node for f in AUDIT_NODE_FIELDS):
+                    continue
+                matched += 1
+                picked.append(ev)
+        except FileNotFoundError:
+            pass
+        except PermissionError as exc:
+            raise AdminError(f"cannot read {path}: {exc.strerror}") from None
+        return {"events": list(picked), "matched": matched, "skipped": stats.skipped}
+
+    def _policy_check(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Compile ``text`` (with its tests) without storing it: a dry run of ``policy set``."""
+        text = req.get("text")
+        if not isinstance(text, str):
+            raise TypeError("text must be a string")
+        try:
+            compiled = compile_policy(text)
+        except PolicyError as exc:
+            return {
+                "valid": False,
+                "problems": [p.as_dict() for p in exc.problems],
+                "more": exc.more,
+            }
+        return {
+            "valid": True,
+            "digest": compiled.digest,
+            "acls": len(compiled.acls),
+            "ssh": len(compiled.ssh),
+        }
 
 
 def expiry_warning(expires_at: float | None, now: float) -> str:

@@ -59,7 +59,7 @@ from homeport.node.files import create_private
 from homeport.wire.control import ServiceInfo
 
 #: The schema this code writes. Bump it and append to MIGRATIONS together.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: How long a SQLite writer waits for another writer before failing (ms).
 SQLITE_BUSY_TIMEOUT_MS = 5000
 
@@ -194,11 +194,33 @@ def _migrate_to_3(conn: Connection) -> None:
         conn.exec_driver_sql(ddl)
 
 
+# schema 4: tokens for the admin listener's REST API (server/apikeys.py). Only the
+# SHA-256 of a token is stored; ``user`` (NULL: none) ties the key to a user, so
+# removing the user ends the key.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("name", String(128), nullable=False),
+    Column("scope", String(16), nullable=False),
+    Column("user", String(128), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+
+def _migrate_to_4(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[api_keys])
+
+
 #: MIGRATIONS[i] brings a database from version i to version i + 1.
 MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
     _migrate_to_1,
     _migrate_to_2,
     _migrate_to_3,
+    _migrate_to_4,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -654,6 +676,67 @@ class Store:
                 .values(removed_at=now)
             )
             return res.rowcount > 0
+
+    # -- API keys (schema 4) ---------------------------------------------------
+    def create_api_key(self, key: ApiKeyRow) -> None:
+        with self._write() as conn:
+            conn.execute(
+                insert(api_keys).values(
+                    key_id=key.key_id,
+                    token_hash=key.token_hash,
+                    name=key.name,
+                    scope=key.scope,
+                    user=key.user,
+                    created_at=key.created_at,
+                    expires_at=key.expires_at,
+                    revoked=key.revoked,
+                )
+            )
+
+    def list_api_keys(self) -> list[ApiKeyRow]:
+        with self._read() as conn:
+            rows = conn.execute(select(api_keys).order_by(api_keys.c.created_at)).all()
+        return [_api_key(r) for r in rows]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Mark the key revoked; False if there is no such key."""
+        with self._write() as conn:
+            res = conn.execute(
+                update(api_keys).where(api_keys.c.key_id == key_id).values(revoked=True)
+            )
+            return res.rowcount > 0
+
+    def find_api_key_by_hash(self, token_hash: str) -> ApiKeyRow | None:
+        with self._read() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.token_hash == token_hash)).first()
+        return None if row is None else _api_key(row)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    """One row of ``api_keys`` (schema 4); ``scope`` is ``read`` or ``admin``."""
+
+    key_id: str
+    token_hash: str = field(repr=False)
+    name: str
+    scope: str
+    created_at: float
+    user: str | None = None
+    expires_at: float | None = None
+    revoked: bool = False
+
+
+def _api_key(row: Any) -> ApiKeyRow:
+    return ApiKeyRow(
+        key_id=row.key_id,
+        token_hash=row.token_hash,
+        name=row.name,
+        scope=row.scope,
+        created_at=row.created_at,
+        user=row.user,
+        expires_at=row.expires_at,
+        revoked=bool(row.revoked),
+    )
 
 
 # -- opening -----------------------------------------------------------------

@@ -38,6 +38,7 @@ from homeport.proto.coord import (
     SetSeen,
     StoreOp,
 )
+from homeport.store.db import ApiKeyRow as ApiKeyRow  # noqa: PLC0414 (re-exported)
 from homeport.store.db import (
     AuthKeyRow,
     KeyOutcome,
@@ -384,6 +385,22 @@ class Registry:
     def remove_user(self, name: str) -> bool:
         """Delete the user and revoke its auth keys (its nodes are the caller's business)."""
         return self.store.remove_user(name)
+
+    # -- API keys (the admin listener's tokens; server/apikeys.py) ------------------------
+    def user_exists(self, name: str) -> bool:
+        return self.store.get_user(name) is not None
+
+    def create_api_key(self, key: ApiKeyRow) -> None:
+        self.store.create_api_key(key)
+
+    def list_api_keys(self) -> list[ApiKeyRow]:
+        return self.store.list_api_keys()
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        return self.store.revoke_api_key(key_id)
+
+    def find_api_key_by_hash(self, token_hash: str) -> ApiKeyRow | None:
+        return self.store.find_api_key_by_hash(token_hash)
 
 
 class WriteBehind:
