@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from homeport.proto.coord import NodeStatus
 from homeport.server.admin import AdminOps
+from homeport.server.web.app import AdminContext, build_app
 from homeport.server.webui import routes
 from homeport.server.webui.session import LINK_TTL, SESSION_IDLE, SESSION_MAX, SessionStore
 from homeport.store.db import open_store
@@ -34,25 +34,6 @@ POLICY_FAILING_TEST = (
 )
 
 
-@dataclass(frozen=True)
-class Principal:
-    key_id: str
-    name: str
-    scope: str
-    user: str | None = None
-
-
-@dataclass
-class Ctx:
-    """Stands for ``AdminContext``: the ops and a token check."""
-
-    ops: AdminOps
-    tokens: dict[str, Principal] = field(default_factory=dict)
-
-    def verify_token(self, token: str) -> Principal | None:
-        return self.tokens.get(token)
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -64,11 +45,14 @@ class Clock:
 @dataclass
 class UI:
     client: TestClient
-    ctx: Ctx
+    ctx: AdminContext
     clock: Clock
     wall: Clock
+    admin_token: str
+    read_token: str
 
-    def login(self, token: str = "hpk_admin") -> None:
+    def login(self, token: str | None = None) -> None:
+        token = token or self.admin_token
         page = self.client.get("/ui/login")
         nonce = _field(page.text, "login_csrf")
         resp = self.client.post(
@@ -126,17 +110,13 @@ def ui(tmp_path: Path) -> Iterator[UI]:
     registry = Registry(open_store("sqlite://"), server_pin="sha256:" + "ab" * 32)
     ops = AdminOps(registry, data_dir=tmp_path, clock=wall, live=True, nodes=_hostile_nodes)
     ops.ui_url = "http://testserver"
-    ctx = Ctx(
-        ops,
-        {
-            "hpk_admin": Principal("k1", "ops-admin", "admin"),
-            "hpk_read": Principal("k2", "viewer", "read"),
-        },
-    )
+    admin = ops.handle({"op": "apikeys.create", "name": "ops-admin", "scope": "admin"})
+    read = ops.handle({"op": "apikeys.create", "name": "viewer", "scope": "read"})
+    ctx = AdminContext(ops, ops.verify_api_token)
     clock = Clock()
-    app = Starlette(routes=routes(ctx, clock=clock, wall=wall))
+    app = build_app(replace(ctx, extra_routes=tuple(routes(ctx, clock=clock, wall=wall))))
     with TestClient(app) as client:
-        yield UI(client, ctx, clock, wall)
+        yield UI(client, ctx, clock, wall, admin["token"], read["token"])
     registry.close()
 
 
@@ -175,24 +155,24 @@ def test_session_cookie_attributes(ui: UI) -> None:
     page = ui.client.get("/ui/login")
     nonce = _field(page.text, "login_csrf")
     resp = ui.client.post(
-        "/ui/login", data={"login_csrf": nonce, "token": "hpk_admin"}, follow_redirects=False
+        "/ui/login", data={"login_csrf": nonce, "token": ui.admin_token}, follow_redirects=False
     )
     cookie = next(v for k, v in resp.headers.multi_items() if v.startswith("hp_session="))
     attrs = {a.strip().lower() for a in cookie.split(";")[1:]}
     assert "httponly" in attrs and "samesite=strict" in attrs and "path=/ui" in attrs
     assert "secure" not in attrs  # plain http on loopback
-    assert "hpk_admin" not in cookie  # a random id, not the token
+    assert ui.admin_token not in cookie and "hpk_" not in cookie  # a random id, not the token
     secure = TestClient(ui.client.app, base_url="https://testserver")
     nonce = _field(secure.get("/ui/login").text, "login_csrf")
     resp = secure.post(
-        "/ui/login", data={"login_csrf": nonce, "token": "hpk_admin"}, follow_redirects=False
+        "/ui/login", data={"login_csrf": nonce, "token": ui.admin_token}, follow_redirects=False
     )
     cookie = next(v for k, v in resp.headers.multi_items() if v.startswith("hp_session="))
     assert "secure" in {a.strip().lower() for a in cookie.split(";")[1:]}
 
 
 def test_login_refusals(ui: UI) -> None:
-    resp = ui.client.post("/ui/login", data={"token": "hpk_admin"}, follow_redirects=False)
+    resp = ui.client.post("/ui/login", data={"token": ui.admin_token}, follow_redirects=False)
     assert resp.status_code == 403 and "expired" in resp.text  # no login nonce: login CSRF
     nonce = _field(ui.client.get("/ui/login").text, "login_csrf")
     resp = ui.client.post("/ui/login", data={"login_csrf": nonce, "token": "hpk_nope"})
@@ -274,12 +254,13 @@ def test_session_expires_when_idle_and_at_its_maximum_age(ui: UI) -> None:
 def test_revoked_token_ends_its_session(ui: UI) -> None:
     ui.login()
     assert ui.client.get("/ui/keys", follow_redirects=False).status_code == 200
-    del ui.ctx.tokens["hpk_admin"]
+    key_id = ui.admin_token.split("_")[1]
+    assert ui.ctx.ops.handle({"op": "apikeys.revoke", "key_id": key_id})["ok"]
     assert ui.client.get("/ui/keys", follow_redirects=False).status_code == 303
 
 
 def test_read_only_token_sees_pages_but_no_actions(ui: UI) -> None:
-    ui.login("hpk_read")
+    ui.login(ui.read_token)
     nodes = ui.client.get("/ui/nodes")
     assert nodes.status_code == 200 and "viewer · read" in nodes.text
     assert "/ui/nodes/action" not in nodes.text

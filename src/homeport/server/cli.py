@@ -525,6 +525,7 @@ def register(cli: click.Group) -> None:
             click.echo(f"({stats.skipped} damaged line(s) skipped)", err=True)
 
     _register_policy(cli)
+    _register_admin_link(cli)
 
 
 def _print_problems(source: str, problems: list[dict[str, Any]], more: int) -> None:
@@ -662,3 +663,23 @@ def _register_policy(cli: click.Group) -> None:
             click.echo(
                 f"ssh as {ssh['user']}: {ssh['verdict']}  (rule {ssh['rule']})  {ssh['reason']}"
             )
+
+
+def _register_admin_link(cli: click.Group) -> None:
+    @cli.command("admin-link")
+    @_json_option
+    @_data_option
+    def admin_link(as_json: bool, data_dir: Path | None) -> None:
+        """Print a one-time login link for the web admin UI (run on the server host).
+
+        The running server makes it and keeps it in memory: it works once, for 10
+        minutes. The secret is in the part after '#', which browsers never send to a
+        server; the login page exchanges it for a session cookie and removes it from the
+        address bar.
+        """
+        answer = _admin(data_dir, {"op": "ui.link"})
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        click.echo(answer["url"])
+        click.echo("(one-time login link for the web UI; valid 10 minutes)", err=True)

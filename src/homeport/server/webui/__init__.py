@@ -11,9 +11,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from homeport.server.web.app import AdminContext
 
-def routes(ctx: Any, **kwargs: Any) -> list[BaseRoute]:
-    """The UI's routes for the admin app (``AdminContext.extra_routes``), all under ``/ui``.
+
+def routes(ctx: AdminContext, **kwargs: Any) -> list[BaseRoute]:
+    """The UI's routes for the admin app (``AdminContext.extra_routes``): ``/ui/...``, and
+    ``/`` redirecting there.
 
     ``kwargs`` go to :class:`~homeport.server.webui.routes.WebUI` (tests pass clocks).
     """

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -36,10 +36,13 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Send
+from starlette.types import Scope as AsgiScope
 
 from homeport.policy.acl import PolicyError, compile_policy
 from homeport.server.admin import parse_duration
+from homeport.server.apikeys import ApiPrincipal, Scope
+from homeport.server.web.app import AdminContext
 from homeport.server.webui.session import Access, Session, SessionStore, csrf_ok
 
 HERE = Path(__file__).resolve().parent
@@ -73,33 +76,13 @@ STATIC_FILES = {
 }
 
 
-class _Principal(Protocol):
-    """What the UI needs of ``homeport.server.apikeys.ApiPrincipal``."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def scope(self) -> Any: ...
-
-
-class _Ctx(Protocol):
-    """What the UI needs of ``homeport.server.web.app.AdminContext``."""
-
-    @property
-    def ops(self) -> Any: ...
-
-    @property
-    def verify_token(self) -> Callable[[str], Any]: ...
-
-
 class SecurityHeaders:
     """ASGI middleware: the security headers on every ``/ui`` response (pages, errors, static)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -165,7 +148,7 @@ class WebUI:
 
     def __init__(
         self,
-        ctx: _Ctx,
+        ctx: AdminContext,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -616,10 +599,9 @@ class WebUI:
         return RedirectResponse("/ui/nodes", status_code=303)
 
 
-def _access(principal: Any) -> Access:
+def _access(principal: ApiPrincipal) -> Access:
     """``ApiPrincipal.scope`` → what a web session may do."""
-    scope = getattr(principal.scope, "value", principal.scope)
-    return Access.ADMIN if scope == "admin" else Access.READ
+    return Access.ADMIN if principal.scope is Scope.ADMIN else Access.READ
 
 
 def _same_origin(request: Request) -> bool:
@@ -683,4 +665,7 @@ def build_routes(ui: WebUI) -> list[BaseRoute]:
         Route("/static/{name}", ui.static, methods=["GET"]),
         Route("/{rest:path}", ui.not_found),  # our 404, with our headers
     ]
-    return [Mount("/ui", routes=inner, middleware=[Middleware(SecurityHeaders)])]
+    return [
+        Route("/", ui.home, methods=["GET"]),
+        Mount("/ui", routes=inner, middleware=[Middleware(SecurityHeaders)]),
+    ]
