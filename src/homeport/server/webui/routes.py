@@ -333,6 +333,9 @@ class WebUI:
         answer = self.op({"op": "nodes.list"})
         nodes = answer.get("nodes", []) if answer.get("ok") else []
         nodes = sorted(nodes, key=lambda n: (not n.get("online"), str(n.get("name"))))
+        live = self.op({"op": "status.nodes"})  # paths each online node reported, and why
+        paths = {str(n.get("name")): n for n in live.get("nodes", [])} if live.get("ok") else {}
+        nodes = [{**n, "live": paths.get(str(n.get("name")))} for n in nodes]
         return self.render(
             "nodes.html",
             request,
