@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from homeport.io.loop import new_event_loop
 from homeport.io.tlsctx import control_server_context
@@ -24,10 +24,14 @@ from homeport.proto.coord import DEFAULT_KEY_EXPIRY, Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.audit import AuditSink, audit_path
-from homeport.server.datadir import PolicyFileError, load_policy, prepare_data_dir
+from homeport.server.datadir import PolicyFileError, ServerFiles, load_policy, prepare_data_dir
+from homeport.server.liveview import ServiceView
 from homeport.server.service import DRAIN_GRACE, Service, ServiceConfig
 from homeport.server.sshca import load_or_create_ssh_ca
 from homeport.store.registry import WriteBehind, database_url, open_registry
+
+if TYPE_CHECKING:
+    from homeport.server.web.listener import AdminListener
 
 log = logging.getLogger("homeport.server")
 
@@ -75,6 +79,7 @@ class Running:
     data_dir: Path
     service: Service
     probe_port: int = 0
+    admin_url: str = ""  # the admin API's base URL ("" when --admin-listen off)
 
 
 async def serve(
@@ -89,9 +94,15 @@ async def serve(
     started: Callable[[Running], None] | None = None,
     key_expiry: float | None = DEFAULT_KEY_EXPIRY,
     drain_grace: Callable[[], float] | None = None,
+    admin_listen: str | None = None,
+    admin_optional: bool = False,
 ) -> None:
     """Run the server until ``stop`` is set; then, if ``drain_grace`` says a number of
-    seconds (SIGTERM), open streams get that long to finish (:meth:`Service.drain`)."""
+    seconds (SIGTERM), open streams get that long to finish (:meth:`Service.drain`).
+
+    ``admin_listen`` (``HOST:PORT``) serves the REST API there (:mod:`homeport.server.web`);
+    with ``admin_optional`` (the default address, not one the operator chose) a failure
+    to bind it is a warning, not a failed start."""
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
     policy = load_policy(data_dir)  # a bad policy file stops the start (PolicyFileError)
     ssh_ca = load_or_create_ssh_ca(data_dir)
@@ -122,32 +133,47 @@ async def serve(
     service = Service(core, registry, writer, relay, ctx, config=cfg, audit=audit.submit)
     services.append(service)
     admin = None
+    admin_http = None
+    view = ServiceView(service, listen=listen, pin=files.pin)
+    ops = AdminOps(
+        registry,
+        nodes=service.node_list,
+        remove_node=service.remove_node,
+        live=True,
+        node_action=service.node_action,
+        audit=service.admin_audit,
+        data_dir=data_dir,
+        set_policy=service.set_policy,
+        policy_refused=service.policy_refused,
+        node_by_name=core.node_by_name,
+        approve_login=service.approve_login,
+        live_view=view,
+    )
     try:
-        admin = await start_admin_server(
-            data_dir / ADMIN_SOCKET,
-            AdminOps(
-                registry,
-                nodes=service.node_list,
-                remove_node=service.remove_node,
-                live=True,
-                node_action=service.node_action,
-                audit=service.admin_audit,
-                data_dir=data_dir,
-                set_policy=service.set_policy,
-                policy_refused=service.policy_refused,
-                node_by_name=core.node_by_name,
-                approve_login=service.approve_login,
-            ),
-        )
+        admin = await start_admin_server(data_dir / ADMIN_SOCKET, ops)
         host, port = parse_listen(listen)
         bound_host, bound_port = await service.start(host, port)
+        view.listen = f"{bound_host}:{bound_port}"
+        if admin_listen:
+            admin_http = await _start_admin_http(admin_listen, admin_optional, ops, files)
+            view.admin_listen = "" if admin_http is None else admin_http.url
         if started is not None:
             started(
-                Running(bound_host, bound_port, files.pin, data_dir, service, service.probe_port)
+                Running(
+                    bound_host,
+                    bound_port,
+                    files.pin,
+                    data_dir,
+                    service,
+                    service.probe_port,
+                    "" if admin_http is None else admin_http.url,
+                )
             )
         await stop.wait()
     finally:
         log.info("shutting down")
+        if admin_http is not None:
+            await admin_http.close()
         grace = drain_grace() if drain_grace is not None else 0.0
         if grace > 0:
             await service.drain(grace)
@@ -157,6 +183,24 @@ async def serve(
         writer.close()
         registry.close()
         await asyncio.to_thread(audit.close)
+
+
+async def _start_admin_http(
+    listen: str, optional: bool, ops: AdminOps, files: ServerFiles
+) -> AdminListener | None:
+    """The admin listener (REST API, /metrics); None if ``optional`` and it cannot bind."""
+    from homeport.server.admin import AdminError
+    from homeport.server.web.listener import start_admin_listener
+
+    try:
+        return await start_admin_listener(
+            listen, ops, tls_cert=files.tls_cert, tls_key=files.tls_key
+        )
+    except AdminError as exc:
+        if not optional:
+            raise
+        log.warning("%s; running without the admin API (--admin-listen ADDR:PORT or off)", exc)
+        return None
 
 
 def _banner(running: Running, listen_host: str) -> str:
@@ -172,6 +216,8 @@ def _banner(running: Running, listen_host: str) -> str:
             f"    1. here:          homeport keys create --data {data}",
             f"    2. on the node:   homeport up --server {addr} --authkey KEY --name NAME",
             f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
+            f"  admin API:  {running.admin_url + '/api/v1' if running.admin_url else 'off'}"
+            + (" (token: homeport apikeys create --name NAME)" if running.admin_url else ""),
         ]
     )
 
@@ -196,6 +242,8 @@ def run_server(
     probe_port: int | None = None,
     relay_only: bool = False,
     key_expiry: float | None = DEFAULT_KEY_EXPIRY,
+    admin_listen: str | None = None,
+    admin_optional: bool = False,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
     setup_logging()
@@ -236,6 +284,8 @@ def run_server(
             started=started,
             key_expiry=key_expiry,
             drain_grace=lambda: grace[0],
+            admin_listen=admin_listen,
+            admin_optional=admin_optional,
         )
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -271,6 +321,7 @@ class ServerHandle:
         self.pin = ""
         self.data_dir = Path()
         self.service: Service | None = None
+        self.admin_url = ""  # base URL of the admin API ("" when not started with admin_listen)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -320,14 +371,17 @@ def start_server_thread(
     db_url: str | None = None,
     config: ServiceConfig | None = None,
     key_expiry: float | None = DEFAULT_KEY_EXPIRY,
+    admin_listen: str | None = None,
 ) -> ServerHandle:
-    """Start a server on a thread; returns once it accepts connections."""
+    """Start a server on a thread; returns once it accepts connections (and, with
+    ``admin_listen`` such as ``127.0.0.1:0``, serves the admin API at ``handle.admin_url``)."""
     handle = ServerHandle()
 
     def started(running: Running) -> None:
         handle.host, handle.port, handle.pin = running.host, running.port, running.pin
         handle.data_dir = running.data_dir
         handle.service = running.service
+        handle.admin_url = running.admin_url
         handle._ready.set()
 
     async def main() -> None:
@@ -343,6 +397,7 @@ def start_server_thread(
             config=config,
             started=started,
             key_expiry=key_expiry,
+            admin_listen=admin_listen,
         )
 
     def thread_main() -> None:

@@ -21,6 +21,8 @@ import click
 DEFAULT_EXPIRY = "24h"
 #: Node-key lifetime unless ``homeport server --key-expiry`` says otherwise.
 DEFAULT_KEY_EXPIRY = "180d"
+#: ``server --admin-listen`` default (web.listener.DEFAULT_ADMIN_LISTEN; not imported: uvicorn).
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8445"
 
 
 def default_data_dir() -> Path:
@@ -165,8 +167,19 @@ def register(cli: click.Group) -> None:
         help="Node-key lifetime (e.g. 90d, never); online nodes renew themselves, "
         "tagged nodes are exempt.",
     )
+    @click.option(
+        "--admin-listen",
+        default=DEFAULT_ADMIN_LISTEN,
+        show_default=True,
+        metavar="ADDR:PORT|off",
+        help="REST API and /metrics (docs/api.md). Loopback: plain HTTP; any other address: "
+        "HTTPS with the server certificate, and /metrics needs a token too.",
+    )
+    @click.pass_context
     def server_cmd(
+        click_ctx: click.Context,
         *,
+        admin_listen: str,
         key_expiry: str,
         data_dir: Path | None,
         listen: str,
@@ -192,6 +205,13 @@ def register(cli: click.Group) -> None:
                 "node keys must live at least 1d (nodes renew with a third left)",
                 param_hint="--key-expiry",
             )
+        from homeport.server.web.listener import parse_admin_listen
+
+        try:
+            admin = parse_admin_listen(admin_listen)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--admin-listen") from None
+        source = click_ctx.get_parameter_source("admin_listen")
         code = run_server(
             _resolve_data(data_dir),
             listen,
@@ -202,6 +222,8 @@ def register(cli: click.Group) -> None:
             probe_port=probe_port,
             relay_only=relay_only,
             key_expiry=key_seconds,
+            admin_listen=None if admin is None else admin_listen,
+            admin_optional=source is click.core.ParameterSource.DEFAULT,
         )
         sys.exit(code)
 
@@ -526,6 +548,7 @@ def register(cli: click.Group) -> None:
 
     _register_policy(cli)
     _register_admin_link(cli)
+    _register_apikeys(cli)
 
 
 def _print_problems(source: str, problems: list[dict[str, Any]], more: int) -> None:
@@ -663,6 +686,97 @@ def _register_policy(cli: click.Group) -> None:
             click.echo(
                 f"ssh as {ssh['user']}: {ssh['verdict']}  (rule {ssh['rule']})  {ssh['reason']}"
             )
+
+
+def _register_apikeys(cli: click.Group) -> None:
+    @cli.group("apikeys")
+    def apikeys() -> None:
+        """Tokens for the REST API on the admin listener (run on the server host; docs/api.md)."""
+
+    @apikeys.command("create")
+    @click.option("--name", required=True, help="What the token is for (shown in lists and logs).")
+    @click.option(
+        "--scope",
+        type=click.Choice(["read", "admin"]),
+        default="read",
+        show_default=True,
+        help="read: look only (GET); admin: everything the admin commands can do.",
+    )
+    @click.option(
+        "--user", default=None, metavar="USER", help="Tie the token to USER: it ends with the user."
+    )
+    @click.option(
+        "--expiry", default="never", show_default=True, help="Lifetime: 30d, 12h, ... or never."
+    )
+    @_json_option
+    @_data_option
+    def apikeys_create(  # noqa: PLR0917 - one option each
+        name: str,
+        scope: str,
+        user: str | None,
+        expiry: str,
+        as_json: bool,
+        data_dir: Path | None,
+    ) -> None:
+        """Create an API token; prints only the token on stdout (it is shown this once)."""
+        seconds = _duration(expiry, "--expiry")
+        answer = _admin(
+            data_dir,
+            {
+                "op": "apikeys.create",
+                "name": name,
+                "scope": scope,
+                "user": user,
+                "expiry_seconds": seconds,
+            },
+        )
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        click.echo(answer["token"])
+        life = "never expires" if seconds is None else f"expires in {expiry}"
+        click.echo(
+            f"(API key {answer['key_id']}, scope {scope}, {life}) use it as "
+            "'Authorization: Bearer TOKEN'; it cannot be shown again",
+            err=True,
+        )
+
+    @apikeys.command("list")
+    @_json_option
+    @_data_option
+    def apikeys_list(as_json: bool, data_dir: Path | None) -> None:
+        """List API keys (never their tokens)."""
+        answer = _admin(data_dir, {"op": "apikeys.list"})
+        if as_json:
+            click.echo(json.dumps(answer["keys"]))
+            return
+        now = time.time()
+        rows = [["KEY ID", "NAME", "SCOPE", "USER", "STATUS", "CREATED", "EXPIRES"]]
+        for k in answer["keys"]:
+            rows.append(
+                [
+                    k["key_id"],
+                    k["name"],
+                    k["scope"],
+                    k["user"] or "-",
+                    k["status"],
+                    _when(k["created_at"], now),
+                    "never" if k["expires_at"] is None else _when(k["expires_at"], now),
+                ]
+            )
+        click.echo(_table(rows) if len(rows) > 1 else "no API keys")
+
+    @apikeys.command("revoke")
+    @click.argument("key_id")
+    @_json_option
+    @_data_option
+    def apikeys_revoke(key_id: str, as_json: bool, data_dir: Path | None) -> None:
+        """Revoke an API key: requests with its token are refused from now on."""
+        answer = _admin(data_dir, {"op": "apikeys.revoke", "key_id": key_id})
+        if as_json:
+            click.echo(json.dumps({"key_id": answer["key_id"], "revoked": True}))
+        else:
+            click.echo(f"revoked API key {answer['key_id']}")
 
 
 def _register_admin_link(cli: click.Group) -> None:
