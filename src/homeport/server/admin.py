@@ -533,7 +533,9 @@ class AdminOps:
                 "'homeport server' (with --admin-listen) first"
             )
         token, expires_at = self.ui_links.create(self._clock())
-        return {"url": f"{self.ui_url}/ui/login#link={token}", "expires_at": expires_at}
+        # admin-link runs on the server host: a wildcard listener is reached on loopback
+        base = self.ui_url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+        return {"url": f"{base}/ui/login#link={token}", "expires_at": expires_at}
 
     def _nodes_action(self, req: dict[str, Any]) -> dict[str, Any]:
         action = str(req["op"]).removeprefix("nodes.")

@@ -191,11 +191,14 @@ async def _start_admin_http(
     """The admin listener (REST API, /metrics); None if ``optional`` and it cannot bind."""
     from homeport.server.admin import AdminError
     from homeport.server.web.listener import start_admin_listener
+    from homeport.server.webui import routes as webui_routes
 
     try:
-        return await start_admin_listener(
-            listen, ops, tls_cert=files.tls_cert, tls_key=files.tls_key
+        listener = await start_admin_listener(
+            listen, ops, tls_cert=files.tls_cert, tls_key=files.tls_key, ui=webui_routes
         )
+        ops.ui_url = None if listener is None else listener.url  # for homeport admin-link
+        return listener
     except AdminError as exc:
         if not optional:
             raise
