@@ -7,7 +7,7 @@ Security, in the order a request meets it:
 
 * every response carries a strict Content-Security-Policy (``script-src 'self'``, no
   inline script or style, ``frame-ancestors 'none'``), ``X-Frame-Options: DENY``,
-  ``nosniff``, ``no-referrer`` and ``Cache-Control: no-store`` (:class:`SecurityHeaders`);
+  ``nosniff``, ``Referrer-Policy: same-origin`` and ``Cache-Control: no-store`` (:class:`SecurityHeaders`);
 * a page needs a session (:mod:`.session`): a random id in an ``HttpOnly``,
   ``SameSite=Strict`` cookie (``Secure`` over TLS), created by logging in with an API token
   or a one-time link from ``homeport admin-link`` (the link's secret travels in the URL
@@ -65,7 +65,7 @@ SECURITY_HEADERS = (
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer would make Origin "null"
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
 )
