@@ -7,7 +7,8 @@ Security, in the order a request meets it:
 
 * every response carries a strict Content-Security-Policy (``script-src 'self'``, no
   inline script or style, ``frame-ancestors 'none'``), ``X-Frame-Options: DENY``,
-  ``nosniff``, ``Referrer-Policy: same-origin`` and ``Cache-Control: no-store`` (:class:`SecurityHeaders`);
+  ``nosniff``, ``Referrer-Policy: same-origin`` and ``Cache-Control: no-store``
+  (:class:`SecurityHeaders`);
 * a page needs a session (:mod:`.session`): a random id in an ``HttpOnly``,
   ``SameSite=Strict`` cookie (``Secure`` over TLS), created by logging in with an API token
   or a one-time link from ``homeport admin-link`` (the link's secret travels in the URL
