@@ -93,5 +93,6 @@ def save_screenshot(driver: WebDriver, path: Path) -> None:
     height = int(driver.execute_script("return document.documentElement.scrollHeight"))
     width = int(driver.execute_script("return window.innerWidth"))
     driver.set_window_size(width, max(400, min(height + 100, 4000)))
+    driver.execute_script("window.scrollTo(0, 0)")
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))

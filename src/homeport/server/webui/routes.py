@@ -575,17 +575,11 @@ class WebUI:
     async def streams(self, request: Request, sess: Session) -> Response:
         answer = self.op({"op": "streams.list"})
         streams = answer.get("streams", []) if answer.get("ok") else []
-        columns: list[str] = []
-        for row in streams:
-            for key in row:
-                if key not in columns:
-                    columns.append(str(key))
         return self.render(
             "streams.html",
             request,
             sess,
             streams=streams,
-            columns=columns,
             error="" if answer.get("ok") else str(answer.get("error", "")),
         )
 
