@@ -52,7 +52,7 @@ HOT_PATH = [
     "crypto/tls.py",
     "node/state.py",
 ]
-HEAVY = {"cryptography", "click", "asyncio", "uvloop", "sqlalchemy"}
+HEAVY = {"cryptography", "click", "asyncio", "uvloop", "sqlalchemy", "starlette", "uvicorn"}
 
 
 def _package(path: Path) -> str:
