@@ -394,3 +394,39 @@ def test_session_store_is_bounded() -> None:
     for i in range(3):
         store.create(f"b{i}", Access.READ, 0.0)
     assert len(store) == 3 and store.get(first.sid, 0.0) is None
+
+
+def test_real_server_serves_the_ui_and_makes_admin_links(tmp_path: Path) -> None:
+    """Wiring without a browser: the admin listener serves /ui, and ``homeport admin-link``'s
+    op answers with a link to it that logs in once."""
+    import http.cookiejar
+    import urllib.error
+    import urllib.request
+
+    from homeport.server.admin import admin_request
+    from homeport.server.app import start_server_thread
+
+    with start_server_thread(tmp_path / "srv", admin_listen="127.0.0.1:0") as srv:
+        base = srv.admin_url
+        assert base.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(base + "/", timeout=10) as resp:  # / -> /ui/nodes -> login
+            assert resp.url == base + "/ui/login"
+            assert "script-src 'self'" in resp.headers["content-security-policy"]
+            page = resp.read().decode()
+        link = admin_request(srv.data_dir, {"op": "ui.link"})
+        assert link["ok"] and link["url"].startswith(base + "/ui/login#link=")
+        secret = link["url"].split("#link=", 1)[1]
+        assert "login-form" in page
+
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(base + "/ui/login", timeout=10) as resp:
+            nonce = _field(resp.read().decode(), "login_csrf")
+        body = f"login_csrf={nonce}&link={secret}".encode()
+        with opener.open(base + "/ui/login", data=body, timeout=10) as resp:
+            assert resp.url == base + "/ui/nodes" and "Nodes" in resp.read().decode()
+        with opener.open(base + "/ui/login", timeout=10) as resp:
+            nonce = _field(resp.read().decode(), "login_csrf")
+        with pytest.raises(urllib.error.HTTPError) as again:  # the link works once
+            opener.open(base + "/ui/login", data=f"login_csrf={nonce}&link={secret}".encode())
+        assert again.value.code == 401 and b"already used" in again.value.read()
