@@ -444,3 +444,53 @@ def test_audit_without_a_log_is_empty(tmp_path: Path) -> None:
     answer = ops.handle({"op": "audit.list"})
     assert answer == {"ok": True, "events": [], "matched": 0, "skipped": 0}
     registry.close()
+
+
+def test_service_view_lists_paths_between_online_nodes_and_relayed_streams() -> None:
+    """The live view over stand-ins for the coordinator and the relay (their real data types)."""
+    from types import SimpleNamespace
+
+    from homeport.proto.coord import NodeStatus, PathRecord
+    from homeport.proto.coord import StreamState as CoordState
+    from homeport.relay.link import RelayStats, StreamStats
+    from homeport.relay.pairing import StreamState
+    from homeport.server.liveview import ServiceView
+
+    def status(node_id: str, name: str, online: bool) -> NodeStatus:
+        return NodeStatus(node_id, name, online, None, "", (), "fp", T0)
+
+    rec = PathRecord("direct", "198.51.100.7:41641", 3.5, "ok", "direct", T0)
+    every = [status("a", "laptop", True), status("b", "labpc", True), status("c", "nas", False)]
+    core = SimpleNamespace(
+        node_list=lambda: every,
+        path_record=lambda r, p: rec if (r, p) == ("a", "b") else None,
+        endpoints_of=lambda n: object() if n == "a" else None,
+        stream_states=lambda: {"s1": CoordState.LIVE},
+        policy=None,
+        relay_only=False,
+    )
+    stats = RelayStats(
+        (StreamStats("s1", "a", "b", StreamState.SPLICING, 10, 20, T0),), 0, 1, 30, True
+    )
+    service = SimpleNamespace(
+        core=core,
+        relay=SimpleNamespace(statistics=lambda: stats),
+        unauthenticated=0,
+        probe_port=0,
+    )
+    view = ServiceView(service, listen="127.0.0.1:1", pin="pin", clock=lambda: T0)  # type: ignore[arg-type]
+    nodes = {n["name"]: n for n in view.online_nodes()}
+    assert set(nodes) == {"laptop", "labpc"}
+    assert nodes["laptop"]["direct"] is True and nodes["labpc"]["paths"] == []
+    [path] = nodes["laptop"]["paths"]
+    assert (path["peer"], path["kind"], path["endpoint"]) == ("labpc", "direct", rec.endpoint)
+    [stream] = view.streams()
+    assert (stream["src"], stream["dst"], stream["state"]) == ("laptop", "labpc", "splicing")
+    assert (stream["bytes_up"], stream["bytes_down"], stream["coordinator_state"]) == (
+        10,
+        20,
+        "live",
+    )
+    info = view.server_info()
+    assert (info["nodes_total"], info["nodes_online"], info["streams_relayed"]) == (3, 2, 1)
+    assert info["bytes_relayed_total"] == 30 and info["policy"] is None

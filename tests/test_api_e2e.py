@@ -7,11 +7,11 @@ API is called over real HTTP with ``urllib`` (nothing in-process).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -107,7 +107,12 @@ def test_real_server_api_with_agents_streams_and_removal(
         def online() -> set[str]:
             return {n["name"] for n in call(f"{api}/status/nodes", read)[1]["nodes"]}
 
+        def announced() -> bool:  # online, and its ANNOUNCE (services) arrived
+            nodes = {n["name"]: n for n in call(f"{api}/nodes", read)[1]["nodes"]}
+            return "labpc" in nodes and bool(nodes["labpc"]["services"])
+
         wait_for(lambda: online() == {"labpc", "laptop"}, 30, "both agents online")
+        wait_for(announced, 30, "labpc's services")
         nodes = {n["name"]: n for n in call(f"{api}/nodes", read)[1]["nodes"]}
         assert nodes["labpc"]["online"] and nodes["labpc"]["services"] == [
             {"name": "echo", "port": echo_port}
@@ -159,13 +164,14 @@ def test_real_server_api_with_agents_streams_and_removal(
 
 
 def test_the_listener_stops_with_the_server_and_runs_no_thread(tmp_path: Path) -> None:
-    before = {t.name for t in threading.enumerate()}
     srv = start_server_thread(tmp_path / "srv", admin_listen="127.0.0.1:0")
     host, port = srv.admin_url.removeprefix("http://").rsplit(":", 1)
     try:
-        threads = {t.name for t in threading.enumerate()} - before
-        # uvicorn is a task on the server's loop: the only new threads are the server's own
-        assert not any("uvicorn" in t.lower() for t in threads), threads
+        # uvicorn's Server.serve is a task on the server's own loop (not a thread of its own)
+        tasks = srv.call(
+            lambda: [getattr(t.get_coro(), "__qualname__", "") for t in asyncio.all_tasks()]
+        )
+        assert "Server.serve" in tasks, tasks
         with socket.create_connection((host, int(port)), timeout=5):
             pass
     finally:

@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,9 @@ from homeport.server.sshca import load_or_create_ssh_ca
 from homeport.store.registry import WriteBehind, database_url, open_registry
 
 if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from homeport.server.web.app import AdminContext
     from homeport.server.web.listener import AdminListener
 
 log = logging.getLogger("homeport.server")
@@ -155,7 +158,11 @@ async def serve(
         bound_host, bound_port = await service.start(host, port)
         view.listen = f"{bound_host}:{bound_port}"
         if admin_listen:
-            admin_http = await _start_admin_http(admin_listen, admin_optional, ops, files)
+            from homeport.server.webui import routes as webui_routes
+
+            admin_http = await _start_admin_http(
+                admin_listen, admin_optional, ops, files, ui=webui_routes
+            )
             view.admin_listen = "" if admin_http is None else admin_http.url
         if started is not None:
             started(
@@ -186,16 +193,22 @@ async def serve(
 
 
 async def _start_admin_http(
-    listen: str, optional: bool, ops: AdminOps, files: ServerFiles
+    listen: str,
+    optional: bool,
+    ops: AdminOps,
+    files: ServerFiles,
+    *,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    ui: Callable[[AdminContext], Sequence[BaseRoute]] | None = None,
 ) -> AdminListener | None:
-    """The admin listener (REST API, /metrics); None if ``optional`` and it cannot bind."""
+    """The admin listener (REST API, ``/metrics`` from ``metrics``, the web UI's routes from
+    ``ui``); None if ``optional`` and it cannot bind."""
     from homeport.server.admin import AdminError
     from homeport.server.web.listener import start_admin_listener
-    from homeport.server.webui import routes as webui_routes
 
     try:
         listener = await start_admin_listener(
-            listen, ops, tls_cert=files.tls_cert, tls_key=files.tls_key, ui=webui_routes
+            listen, ops, tls_cert=files.tls_cert, tls_key=files.tls_key, metrics=metrics, ui=ui
         )
         ops.ui_url = None if listener is None else listener.url  # for homeport admin-link
         return listener

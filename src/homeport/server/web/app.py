@@ -129,6 +129,18 @@ def answer_response(route: ApiRoute, answer: dict[str, Any]) -> JSONResponse:
     return error(status, str(answer.get("error", "request failed")), **extra)
 
 
+#: Admin ops that only read a file or compute: run on a worker thread, off the event loop.
+OFFLOAD_OPS = frozenset(r.op for r in ROUTES if r.offload)
+
+
+async def call_op(ops: AdminOps, request: dict[str, Any]) -> dict[str, Any]:
+    """Run one admin request from a route (the API's, or the web UI's): on the event loop
+    (ops act on the live coordinator), except :data:`OFFLOAD_OPS` on a worker thread."""
+    if request.get("op") in OFFLOAD_OPS:
+        return await asyncio.to_thread(ops.handle, request)
+    return ops.handle(request)
+
+
 def _endpoint(ctx: AdminContext, route: ApiRoute) -> Callable[[Request], Any]:
     async def endpoint(request: Request) -> Response:
         auth = authenticate(ctx, request, route.scope)
@@ -141,10 +153,7 @@ def _endpoint(ctx: AdminContext, route: ApiRoute) -> Callable[[Request], Any]:
             return error(exc.status, str(exc))
         if route.op == "openapi":
             return JSONResponse(openapi_document(), headers=API_HEADERS)
-        if route.offload:  # reads a file / only computes: off the event loop
-            answer = await asyncio.to_thread(ctx.ops.handle, req)
-        else:
-            answer = ctx.ops.handle(req)
+        answer = await call_op(ctx.ops, req)
         if route.scope is Scope.ADMIN:
             log.info(
                 "api %s %s by key %s (%s): %s",
@@ -206,4 +215,4 @@ def build_app(ctx: AdminContext) -> Starlette:
     )
 
 
-__all__ = ["API_PREFIX", "AdminContext", "api_routes", "build_app"]
+__all__ = ["API_PREFIX", "AdminContext", "api_routes", "build_app", "call_op"]
