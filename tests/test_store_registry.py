@@ -17,7 +17,7 @@ from cryptography import x509
 from homeport.crypto import identity
 from homeport.crypto.tls import fingerprint
 from homeport.proto.coord import EnrollRefused, EnrollRequest, NodeRecord, SetSeen
-from homeport.store.db import default_url, open_store
+from homeport.store.db import SCHEMA_VERSION, default_url, open_store
 from homeport.store.registry import KeyStatus, Registry, WriteBehind
 from homeport.wire import control as m
 from tests.coordsim import PIN, T0, Sim
@@ -209,7 +209,7 @@ def test_a_schema_1_database_is_migrated(tmp_path: Path) -> None:
     db.commit()
     db.close()
     store = open_store(default_url(str(tmp_path)))
-    assert store.schema_version() == 3
+    assert store.schema_version() == SCHEMA_VERSION
     [node] = Registry(store, server_pin=PIN).load_nodes()
     assert node.fingerprints == ("sha256:old",)
     assert node.services == (m.ServiceInfo("ssh", 22),)
