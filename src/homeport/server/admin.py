@@ -64,6 +64,7 @@ from homeport.server.datadir import (
     remove_policy,
     save_policy,
 )
+from homeport.server.webui.session import LoginLinks
 from homeport.store.registry import ApiKeyRow, Registry
 
 log = logging.getLogger("homeport.server.admin")
@@ -170,6 +171,11 @@ class AdminOps:
         self._policy_refused = policy_refused
         self._node_by_name = node_by_name
         self._approve_login = approve_login
+        #: One-time web UI login links (``homeport admin-link``), in server memory only.
+        self.ui_links = LoginLinks()
+        #: Base URL of the admin listener's web UI (``http://127.0.0.1:PORT``), set by whoever
+        #: starts the listener; None: no web UI here, so ``ui.link`` refuses.
+        self.ui_url: str | None = None
         self._live_view = live_view
 
     def handle(self, request: Any) -> dict[str, Any]:
@@ -196,6 +202,7 @@ class AdminOps:
             "policy.get": self._policy_get,
             "policy.unset": self._policy_unset,
             "policy.explain": self._policy_explain,
+            "ui.link": self._ui_link,
             "policy.check": self._policy_check,
             "apikeys.create": self._apikeys_create,
             "apikeys.list": self._apikeys_list,
@@ -516,6 +523,19 @@ class AdminOps:
                 "check_period": sd.check_period,
             }
         return answer
+
+    def _ui_link(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """A one-time login link for the web UI; the secret rides in the URL fragment
+        (browsers never send it, so no server or proxy log records it)."""
+        if not self.live or self.ui_url is None:
+            raise AdminError(
+                "the web UI lives in the running server's admin listener: start "
+                "'homeport server' (with --admin-listen) first"
+            )
+        token, expires_at = self.ui_links.create(self._clock())
+        # admin-link runs on the server host: a wildcard listener is reached on loopback
+        base = self.ui_url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+        return {"url": f"{base}/ui/login#link={token}", "expires_at": expires_at}
 
     def _nodes_action(self, req: dict[str, Any]) -> dict[str, Any]:
         action = str(req["op"]).removeprefix("nodes.")

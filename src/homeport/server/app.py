@@ -164,8 +164,15 @@ async def serve(
         bound_host, bound_port = await service.start(host, port)
         view.listen = f"{bound_host}:{bound_port}"
         if admin_listen:
+            from homeport.server.webui import routes as webui_routes
+
             admin_http = await _start_admin_http(
-                admin_listen, admin_optional, ops, files, metrics=metrics.exposition
+                admin_listen,
+                admin_optional,
+                ops,
+                files,
+                metrics=metrics.exposition,
+                ui=webui_routes,
             )
             view.admin_listen = "" if admin_http is None else admin_http.url
         if started is not None:
@@ -212,9 +219,11 @@ async def _start_admin_http(
     from homeport.server.web.listener import start_admin_listener
 
     try:
-        return await start_admin_listener(
+        listener = await start_admin_listener(
             listen, ops, tls_cert=files.tls_cert, tls_key=files.tls_key, metrics=metrics, ui=ui
         )
+        ops.ui_url = None if listener is None else listener.url  # for homeport admin-link
+        return listener
     except AdminError as exc:
         if not optional:
             raise

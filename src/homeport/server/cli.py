@@ -547,6 +547,7 @@ def register(cli: click.Group) -> None:
             click.echo(f"({stats.skipped} damaged line(s) skipped)", err=True)
 
     _register_policy(cli)
+    _register_admin_link(cli)
     _register_apikeys(cli)
 
 
@@ -776,3 +777,23 @@ def _register_apikeys(cli: click.Group) -> None:
             click.echo(json.dumps({"key_id": answer["key_id"], "revoked": True}))
         else:
             click.echo(f"revoked API key {answer['key_id']}")
+
+
+def _register_admin_link(cli: click.Group) -> None:
+    @cli.command("admin-link")
+    @_json_option
+    @_data_option
+    def admin_link(as_json: bool, data_dir: Path | None) -> None:
+        """Print a one-time login link for the web admin UI (run on the server host).
+
+        The running server makes it and keeps it in memory: it works once, for 10
+        minutes. The secret is in the part after '#', which browsers never send to a
+        server; the login page exchanges it for a session cookie and removes it from the
+        address bar.
+        """
+        answer = _admin(data_dir, {"op": "ui.link"})
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        click.echo(answer["url"])
+        click.echo("(one-time login link for the web UI; valid 10 minutes)", err=True)
