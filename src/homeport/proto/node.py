@@ -868,8 +868,12 @@ class NodeCore:
         service: str,
         now: float,
         timeout: float = DEFAULT_OPEN_TIMEOUT,
+        *,
+        exit: str = "",
     ) -> None:
         """A local client asks for a stream to ``dst:service``; ``token`` names its data conn.
+
+        ``exit``: an exit stream leaving ``dst`` to this ``host:port`` (``service`` ignored).
 
         Answers with :class:`LocalOpenAdmitted` (then later
         :class:`LocalOpenSucceeded` or :class:`LocalOpenFailed`) or at once
@@ -892,7 +896,8 @@ class NodeCore:
             self._commands.append(LocalOpenFailed(token, "local", "token in use", True, False))
             return
         self._local[token] = _LocalOpen(token, dst, service, now + timeout)
-        self._send(m.Open(dst=dst, service=service, token=token.hex()))
+        service = m.EXIT_SERVICE if exit else service
+        self._send(m.Open(dst=dst, service=service, token=token.hex(), exit=exit))
         self._commands.append(LocalOpenAdmitted(token))
 
     def local_open_ended(self, token: bytes) -> None:
