@@ -1,4 +1,4 @@
-"""Exit nodes, the pure parts: networks, address checks, ACL ``:exit`` grants, the decision table."""
+"""Exit nodes, the pure parts: networks, address checks, ACL ``:exit`` grants, decisions."""
 
 from __future__ import annotations
 
@@ -84,7 +84,9 @@ def test_address_checks(addr: str, nets: tuple[str, ...], allowed: bool) -> None
 
 @settings(max_examples=300, deadline=None)
 @given(st.ip_addresses(v=4), st.integers(8, 32))
-def test_an_address_is_allowed_only_inside_a_network(addr: ipaddress.IPv4Address, plen: int) -> None:
+def test_an_address_is_allowed_only_inside_a_network(
+    addr: ipaddress.IPv4Address, plen: int
+) -> None:
     net = ipaddress.ip_network(f"192.0.2.0/{max(plen, 24)}", strict=False)
     got = exitnet.check_address(addr, (net,))
     assert got.allowed == (addr in net)

@@ -180,7 +180,9 @@ def test_the_exit_node_decides_again_with_its_own_policy_copy(net: Net) -> None:
     assert lab.core.policy is not None  # type: ignore[attr-defined]
     src = m.PeerInfo(node_id="n-x", name="intruder", fingerprint="sha256:00")
     lab.core.message_received(  # type: ignore[attr-defined]
-        m.Incoming(stream_id="s1", token=TOKEN.hex(), src=src, service="(exit)", exit="192.168.1.5:80"),
+        m.Incoming(
+            stream_id="s1", token=TOKEN.hex(), src=src, service="(exit)", exit="192.168.1.5:80"
+        ),
         net.sim.now,
     )
     net.settle()
@@ -193,7 +195,9 @@ def test_an_incoming_exit_outside_our_networks_is_refused_at_the_exit(net: Net) 
     lab = _exit_node(net)
     src = m.PeerInfo(node_id="n-x", name="laptop", fingerprint="sha256:00")
     lab.core.message_received(  # type: ignore[attr-defined]
-        m.Incoming(stream_id="s2", token=TOKEN.hex(), src=src, service="(exit)", exit="127.0.0.1:22"),
+        m.Incoming(
+            stream_id="s2", token=TOKEN.hex(), src=src, service="(exit)", exit="127.0.0.1:22"
+        ),
         net.sim.now,
     )
     net.settle()

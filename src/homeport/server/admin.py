@@ -440,8 +440,8 @@ class AdminOps:
         if service == "exit":  # may src use dst as an exit node (docs/exit-nodes.md)
             from homeport.policy.decide import exit_grant
 
-            d = exit_grant(src, dst, policy)
-            answer.update(verdict=d.verdict.value, code=d.code, rule=d.rule, reason=d.reason)
+            g = exit_grant(src, dst, policy)
+            answer.update(verdict=g.verdict.value, code=g.code, rule=g.rule, reason=g.reason)
         elif dst_node is not None:
             d = decide(src, dst, dst_node.services, service, policy)
             answer.update(verdict=d.verdict.value, code=d.code, rule=d.rule, reason=d.reason)
