@@ -1029,6 +1029,8 @@ class Coordinator:
             node = self._nodes[node.node_id] = replace(node, exit_nets=exit_nets)
             shown_exit = ", ".join(exit_nets) or "nothing"
             self._note(logging.INFO, f"agent {node.name} is an exit node for {shown_exit}")
+            if exit_nets and self.policy is None:  # the default lends an exit to its owner's
+                self._send_policy(s)  # nodes only: the exit node must know its user and tags
         if node.services == services and node.host_keys == host_keys:
             return
         self._nodes[node.node_id] = replace(node, services=services, host_keys=host_keys)
