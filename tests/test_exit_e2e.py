@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -51,6 +51,7 @@ FORWARD_PORT = 8888
 class ExitLab:
     nat: NatLab
     hp: Homeport
+    proxies: set[int] = field(default_factory=set)  # SOCKS ports started (once each)
 
     def curl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -159,6 +160,9 @@ def _ready(nat: NatLab) -> bool:
 
 
 def _socks(lab: ExitLab, node: str, port: int) -> None:
+    if port in lab.proxies:
+        return
+    lab.proxies.add(port)
     lab.laptop_spawn(
         [*HOMEPORT, "socks", "--listen", f"127.0.0.1:{port}", "--via", "labpc",
          "--state", str(lab.hp.state(node))],
@@ -208,6 +212,40 @@ def test_another_users_node_may_not_use_the_exit_by_default(lab: ExitLab) -> Non
     assert res.returncode != 0 and MARKER not in res.stdout
     log = lab.hp.log("socks-bobpc")
     assert "only nodes of labpc's own owner may use it as an exit node" in log, log
+
+
+def _policy(lab: ExitLab, *args: str) -> str:
+    return lab.hp.run([*HOMEPORT, "policy", *args, "--data", str(lab.hp.data_dir)]).stdout
+
+
+def test_policy_explain_shows_exit_verdicts(lab: ExitLab) -> None:
+    assert _policy(lab, "explain", "laptop", "labpc:exit").startswith(
+        "allow  (rule exit-same-owner)"
+    )
+    assert _policy(lab, "explain", "bobpc", "labpc:exit").startswith("deny  (rule exit-owner-only)")
+
+
+def test_a_policy_grants_the_exit_to_another_user_and_only_to_them(
+    lab: ExitLab, tmp_path: Path
+) -> None:
+    grant = tmp_path / "exit.hujson"
+    grant.write_text('{"acls": [{"action": "accept", "src": ["user:bob"], "dst": ["labpc:exit"]}]}')
+    _socks(lab, "laptop", SOCKS_PORT)
+    _socks(lab, "bobpc", BOB_SOCKS_PORT)
+    _policy(lab, "set", str(grant))
+    try:
+        assert _policy(lab, "explain", "bobpc", "labpc:exit").startswith("allow  (rule acls[0])")
+
+        def bob_gets_through() -> bool:  # the exit node applies the pushed rules
+            res = lab.curl("--socks5-hostname", f"127.0.0.1:{BOB_SOCKS_PORT}", f"http://{WEB}/")
+            return res.returncode == 0 and MARKER in res.stdout
+
+        wait_for(bob_gets_through, 20, f"bob through the exit\n{lab.hp.log('socks-bobpc')}")
+        res = lab.curl("--socks5-hostname", f"127.0.0.1:{SOCKS_PORT}", f"http://{WEB}/")
+        assert res.returncode != 0  # alice's laptop has no rule now
+        assert "no rule lets alice use labpc as an exit node" in lab.hp.log("socks-laptop")
+    finally:
+        _policy(lab, "unset")
 
 
 def test_forward_to_a_host_behind_the_exit(lab: ExitLab) -> None:

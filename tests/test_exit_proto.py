@@ -45,6 +45,12 @@ def test_the_exit_node_announces_its_networks_and_the_server_keeps_them(net: Net
     assert node is not None and node.exit_nets == ()
 
 
+def test_bad_announced_networks_are_dropped(net: Net) -> None:
+    lab = _exit_node(net, ("192.168.1.0/24", "not-a-net", "10.0.0.1/8", "x" * 20000))
+    node = net.sim.core.node(lab.record.node_id)  # type: ignore[attr-defined]
+    assert node is not None and node.exit_nets == LAN
+
+
 def test_an_exit_stream_carries_its_destination_to_the_exit_node(net: Net) -> None:
     lab = _exit_node(net)
     laptop = net.join("laptop")

@@ -62,7 +62,7 @@ from homeport.crypto.sshca import SshCa
 from homeport.crypto.tls import fingerprint
 from homeport.policy.acl import CompiledPolicy, SelSet, reach_set
 from homeport.policy.decide import EXIT_SERVICE, Decision, Subject, decide, decide_exit
-from homeport.policy.exitnet import MAX_DESTINATION, MAX_EXIT_NETS
+from homeport.policy.exitnet import MAX_DESTINATION, nets_untrusted
 from homeport.proto import audit as au
 from homeport.proto import path as hpath
 from homeport.proto.audit import (
@@ -1024,7 +1024,9 @@ class Coordinator:
         node = self._nodes[s.node_id]
         services = sanitize_services(msg.services)
         host_keys = sanitize_host_keys(msg.host_keys)
-        exit_nets = tuple(x[:64] for x in msg.exit[:MAX_EXIT_NETS]) if m.CAP_EXIT in s.caps else ()
+        exit_nets = (  # only well-formed networks count (bad ones dropped, never guessed)
+            tuple(str(net) for net in nets_untrusted(msg.exit)) if m.CAP_EXIT in s.caps else ()
+        )
         if node.exit_nets != exit_nets:
             node = self._nodes[node.node_id] = replace(node, exit_nets=exit_nets)
             shown_exit = ", ".join(exit_nets) or "nothing"
