@@ -214,6 +214,25 @@ def test_another_users_node_may_not_use_the_exit_by_default(lab: ExitLab) -> Non
     assert "only nodes of labpc's own owner may use it as an exit node" in log, log
 
 
+def test_set_changes_the_exit_networks_of_the_running_agent(lab: ExitLab) -> None:
+    _socks(lab, "laptop", SOCKS_PORT)
+    state = ["--state", str(lab.hp.state("labpc"))]
+    both = lab.hp.run([*HOMEPORT, "set", "--advertise-exit", "192.168.1.0/24,192.168.2.0/24",
+                       *state])  # fmt: skip
+    assert "labpc: exit node for 192.168.1.0/24, 192.168.2.0/24" in both.stdout, both
+    assert "applied to the running agent" in both.stdout + both.stderr, both
+    try:
+
+        def outside_reachable() -> bool:
+            res = lab.curl("--socks5-hostname", f"127.0.0.1:{SOCKS_PORT}", f"http://{OUTSIDE}/")
+            return res.returncode == 0 and MARKER in res.stdout
+
+        wait_for(outside_reachable, 20, f"{OUTSIDE} via labpc\n{lab.hp.log('socks-laptop')}")
+    finally:
+        back = lab.hp.run([*HOMEPORT, "set", "--advertise-exit", "192.168.1.0/24", *state])
+        assert "exit node for 192.168.1.0/24" in back.stdout, back
+
+
 def _policy(lab: ExitLab, *args: str) -> str:
     return lab.hp.run([*HOMEPORT, "policy", *args, "--data", str(lab.hp.data_dir)]).stdout
 

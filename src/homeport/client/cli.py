@@ -426,8 +426,10 @@ def socks(listen: str, via: str, allow_remote: bool, state: str | None, as_json:
     """A local SOCKS5 proxy (CONNECT, no auth) whose connections leave from NODE.
 
     NODE must be an exit node (homeport up --advertise-exit NETS there) that the
-    policy lets this node use; names are resolved by NODE. Try:
-    curl --socks5-hostname 127.0.0.1:1080 http://192.168.1.50/
+    policy lets this node use; names are resolved by NODE.
+
+    \b
+    Try:  curl --socks5-hostname 127.0.0.1:1080 http://192.168.1.50/
     """
     from homeport.client.forward import ForwardSpec, printer, target_problem
     from homeport.client.socks import SocksProxy, parse_listen
