@@ -14,7 +14,7 @@ code               meaning
 ``no-such-host``   the name does not resolve (at the exit node)
 ``refused``        connection refused by the destination
 ``unreachable``    no route to the host or network
-``timeout``        no answer within :data:`EXIT_CONNECT_TIMEOUT`
+``timeout``        no answer within :data:`EXIT_CONNECT_TIMEOUT` (:data:`EXIT_DIAL_BUDGET` in all)
 =================  ==============================================
 """
 
@@ -28,7 +28,10 @@ import socket
 from homeport.policy import exitnet
 
 #: Seconds to connect to one resolved address of an exit destination.
-EXIT_CONNECT_TIMEOUT = 10.0
+EXIT_CONNECT_TIMEOUT = 5.0
+#: Seconds for all addresses together: below the server's wait for ACCEPT
+#: (``proto.coord.OPEN_TIMEOUT``, 10 s), so the opener hears our reason, not a timeout.
+EXIT_DIAL_BUDGET = 8.0
 #: Most resolved addresses tried for one destination (a name with many records).
 MAX_EXIT_ADDRESSES = 8
 
@@ -86,12 +89,16 @@ async def connect_exit(host: str, port: int, nets: tuple[str, ...]) -> socket.so
         ExitFailed: one line and a code (see the module docstring).
     """
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + EXIT_DIAL_BUDGET
     last = ExitFailed("unreachable", f"cannot connect to {_where(host, port)}")
     for family, addr in await resolve_allowed(host, port, nets):
+        left = deadline - loop.time()
+        if left <= 0:
+            break
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, addr), EXIT_CONNECT_TIMEOUT)
+            await asyncio.wait_for(loop.sock_connect(sock, addr), min(EXIT_CONNECT_TIMEOUT, left))
         except TimeoutError:
             sock.close()
             last = ExitFailed("timeout", f"timed out connecting to {_where(addr[0], port)}")
