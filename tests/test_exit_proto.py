@@ -250,3 +250,17 @@ def test_the_coordinator_timer_still_fails_a_silent_exit(net: Net) -> None:
     net.advance(c.OPEN_TIMEOUT + 1)
     [failed] = laptop.of(n.LocalOpenFailed)
     assert isinstance(failed, n.LocalOpenFailed) and failed.code in ("timeout", "eof")
+
+
+def test_without_a_policy_an_exit_node_is_told_its_owner() -> None:
+    """The default lends an exit to its owner's nodes: the exit node must know its user."""
+    from tests.coordsim import Sim
+
+    sim = Sim()
+    lab = sim.new_node("labpc")
+    sid = sim.hello(lab, capver=m.CAPVER)
+    sim.send(sid, m.Announce(services=(), host_keys=()))
+    assert not sim.out[sid].of(m.Policy)  # not an exit: nothing pushed (as before)
+    sim.send(sid, m.Announce(services=(), host_keys=(), exit=LAN))
+    [pol] = sim.out[sid].of(m.Policy)
+    assert isinstance(pol, m.Policy) and not pol.active and pol.user == lab.user
