@@ -279,6 +279,12 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
     is_flag=True,
     help="allow --metrics-listen on a non-loopback address (the metrics have no access control)",
 )
+@click.option(
+    "--advertise-exit",
+    metavar="NETS",
+    help="let permitted nodes leave through this one to these networks "
+    "(192.168.1.0/24,… or all; saved; see 'homeport socks')",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
     server: str | None,
@@ -296,6 +302,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
     hostkey_refresh: float,
     metrics_listen: str | None,
     metrics_allow_remote: bool,
+    advertise_exit: str | None,
     verbose: bool,
 ) -> None:
     """Enroll this machine (first run) and run the agent in the foreground."""
@@ -342,6 +349,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
             "exposing nothing (this node can still reach others): add services with "
             "homeport set --ssh or --expose NAME=HOST:PORT"
         )
+    _exit_setting(st.dir, advertise_exit, log)
     lock = _lock_state(st.dir)
     _mark_shields(st.dir, shields_up)
     from homeport.agent.runtime import run_agent
@@ -360,6 +368,23 @@ def up(  # noqa: PLR0917 - click passes options positionally
     )
     os.close(lock)
     sys.exit(code)
+
+
+def _exit_setting(state_dir: Path, spec: str | None, log: logging.Logger) -> None:
+    """Save ``--advertise-exit`` (if given) and check the saved one; one-line errors."""
+    from homeport.node import settings
+    from homeport.policy import exitnet
+
+    try:
+        if spec is not None:
+            settings.save_exit(state_dir, exitnet.parse_exit_spec(spec))
+        nets = settings.load_exit(state_dir)
+    except (ValueError, settings.ExitSettingsError) as exc:
+        _fail(str(exc), 2)
+    if nets:
+        log.info(
+            "exit node for %s (saved; stop with: homeport set --no-exit)", exitnet.describe(nets)
+        )
 
 
 #: The lock file that keeps a second agent off a state directory.
@@ -532,6 +557,10 @@ def _tell_agent(state_dir: Path) -> tuple[bool, str]:
 @click.option("--expose", multiple=True, metavar="NAME=HOST:PORT", help="add (or replace) one")
 @click.option("--unexpose", multiple=True, metavar="NAME", help="stop exposing a service")
 @click.option("--force", is_flag=True, help="allow removing ssh, the way back into this node")
+@click.option(
+    "--advertise-exit", metavar="NETS", help="be an exit node for NETS (192.168.1.0/24,… or all)"
+)
+@click.option("--no-exit", is_flag=True, help="stop being an exit node")
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def set_cmd(  # noqa: PLR0917 - click passes options positionally
@@ -539,10 +568,12 @@ def set_cmd(  # noqa: PLR0917 - click passes options positionally
     expose: tuple[str, ...],
     unexpose: tuple[str, ...],
     force: bool,
+    advertise_exit: str | None,
+    no_exit: bool,
     state: str | None,
     as_json: bool,
 ) -> None:
-    """Change what this node exposes; saved, and applied to the running agent at once.
+    """Change what this node exposes (and whether it is an exit node); saved, applied at once.
 
     Adds and removes by name (unlike a restart with other flags, nothing else
     changes); without options it shows the current settings.
@@ -561,9 +592,15 @@ def set_cmd(  # noqa: PLR0917 - click passes options positionally
     applied, how = False, "nothing to apply"
     if change.verdict is ChangeVerdict.REFUSED:
         _fail(change.reason, 2)
+    exit_old, exit_new = _exit_change(st.dir, advertise_exit, no_exit)
     if change.verdict is ChangeVerdict.CHANGED:
         st = st.with_services(change.services)
         node_state.save(st)
+    if exit_new != exit_old:
+        from homeport.node.settings import save_exit
+
+        save_exit(st.dir, exit_new)
+    if change.verdict is ChangeVerdict.CHANGED or exit_new != exit_old:
         applied, how = _tell_agent(st.dir)
     if as_json:
         click.echo(
@@ -578,6 +615,7 @@ def set_cmd(  # noqa: PLR0917 - click passes options positionally
                         }
                         for s in change.services
                     ],
+                    "exit": list(exit_new),
                     "applied": applied,
                     "reason": how,
                 }
@@ -585,8 +623,32 @@ def set_cmd(  # noqa: PLR0917 - click passes options positionally
         )
         return
     click.echo(f"{st.name}: exposing {describe(change.services)}")
-    if change.verdict is ChangeVerdict.CHANGED:
+    if exit_new:
+        from homeport.policy.exitnet import describe as describe_nets
+
+        click.echo(f"{st.name}: exit node for {describe_nets(exit_new)}")
+    elif exit_old:
+        click.echo(f"{st.name}: no longer an exit node")
+    if change.verdict is ChangeVerdict.CHANGED or exit_new != exit_old:
         click.echo(how, err=not applied)
+
+
+def _exit_change(
+    state_dir: Path, spec: str | None, no_exit: bool
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The saved exit networks and what ``set`` makes of them (one-line errors)."""
+    from homeport.node import settings
+    from homeport.policy import exitnet
+
+    if spec is not None and no_exit:
+        _fail("--advertise-exit and --no-exit contradict each other", 2)
+    try:
+        old = settings.load_exit(state_dir)
+        if no_exit:
+            return old, ()
+        return old, exitnet.parse_exit_spec(spec) if spec is not None else old
+    except (ValueError, settings.ExitSettingsError) as exc:
+        _fail(str(exc), 2)
 
 
 def register(cli: click.Group) -> None:

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from homeport.agent import exit as agent_exit
 from homeport.agent.direct import DirectPaths, relay_only_status
 from homeport.crypto import tls as hptls
 from homeport.errors import CodedError
@@ -64,6 +65,7 @@ from homeport.io.loop import new_event_loop
 from homeport.io.muxlink import MuxLinkError
 from homeport.io.pump import PumpEnd, pump, tune_socket
 from homeport.node import files, hostkeys
+from homeport.node import settings as exit_settings
 from homeport.node.state import NodeState
 from homeport.policy.services import SSH_NAME, Service
 from homeport.proto import node as core
@@ -188,6 +190,7 @@ class Agent:
                 software=SOFTWARE,
                 shields_up=shields_up,
                 relay_only=relay_only,
+                exit_nets=exit_settings.load_exit(state.dir),
             ),
             backoff=backoff,
         )
@@ -474,6 +477,10 @@ class Agent:
                 task = asyncio.get_running_loop().create_task(self._connect_target(cmd))
                 self._tasks.add(task)  # the loop keeps only weak references to tasks
                 task.add_done_callback(self._tasks.discard)
+            elif isinstance(cmd, core.ConnectExit):
+                task = asyncio.get_running_loop().create_task(self._connect_exit(cmd))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             elif isinstance(cmd, core.StartStream):
                 self._start_stream(cmd)
             elif isinstance(cmd, core.DropTarget):
@@ -606,6 +613,17 @@ class Agent:
             self.core.target_connected(cmd.stream_id)
         self._drain()
 
+    async def _connect_exit(self, cmd: core.ConnectExit) -> None:
+        """Dial an exit stream's destination (checked after resolving: agent.exit)."""
+        try:
+            target = await agent_exit.connect_exit(cmd.host, cmd.port, cmd.nets)
+        except agent_exit.ExitFailed as exc:
+            self.core.target_failed(cmd.stream_id, exc.reason, code=exc.code)
+        else:
+            self._targets[cmd.stream_id] = target
+            self.core.target_connected(cmd.stream_id)
+        self._drain()
+
     def _start_stream(self, cmd: core.StartStream) -> None:
         target = self._targets.pop(cmd.stream_id, None)
         if target is None:  # cannot happen: the core starts only what we connected
@@ -704,19 +722,24 @@ class Agent:
 
         try:
             services = load(self.state.dir).services
-        except StateError as exc:
+            exit_nets = exit_settings.load_exit(self.state.dir)
+        except (StateError, exit_settings.ExitSettingsError) as exc:
             return error_reply("bad-state", str(exc))
         loop = self._loop
         if loop is None or loop.is_closed():
             return error_reply("not-running", "the agent is stopping")
-        future = asyncio.run_coroutine_threadsafe(self._apply_services(services), loop)
+        future = asyncio.run_coroutine_threadsafe(self._apply_services(services, exit_nets), loop)
         try:
             future.result(timeout=RELOAD_TIMEOUT)
         except (concurrent.futures.TimeoutError, RuntimeError) as exc:
             return error_reply("timeout", f"the agent did not apply the change: {exc!r}")
         return {"ok": True, "services": [s.name for s in services]}
 
-    async def _apply_services(self, services: tuple[Service, ...]) -> None:
+    async def _apply_services(
+        self, services: tuple[Service, ...], exit_nets: tuple[str, ...] | None = None
+    ) -> None:
+        if exit_nets is not None:
+            self.core.set_exit(exit_nets)
         old = self.services
         self.services = services
         self.state = self.state.with_services(services)

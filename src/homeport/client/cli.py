@@ -1,4 +1,4 @@
-"""Client commands: status, nc, ssh, ssh-config, forward, service (``up`` is in agent.cli).
+"""Client commands: status, nc, ssh, ssh-config, forward, socks, service (``up``: agent.cli).
 
 Heavy modules (asyncio, the agent, ``cryptography`` via enrollment) are
 imported inside the command functions so ``homeport --help`` stays quick;
@@ -369,9 +369,13 @@ def _install_ssh_config(block: str, as_json: bool) -> None:
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
 @click.argument("local_port", type=click.IntRange(0, 65535), metavar="LOCALPORT")
-@click.argument("target", metavar="NODE:PORT|NODE:SERVICE")
+@click.argument("target", metavar="NODE:PORT|NODE:SERVICE|NODE:HOST:PORT")
 def forward(bind: str, state: str | None, as_json: bool, local_port: int, target: str) -> None:
-    """Listen on LOCALPORT; tunnel each connection to NODE's PORT or SERVICE."""
+    """Listen on LOCALPORT; tunnel each connection to NODE's PORT or SERVICE.
+
+    NODE:HOST:PORT reaches HOST:PORT behind NODE, an exit node (homeport up
+    --advertise-exit there), e.g. homeport forward 8888 labpc:192.168.1.50:80.
+    """
     from homeport.client.forward import Forwarder, parse_target, printer, target_problem
     from homeport.client.term import printable
 
@@ -399,6 +403,66 @@ def forward(bind: str, state: str | None, as_json: bool, local_port: int, target
         pass
     finally:
         fwd.stop()
+
+
+# -- socks ----------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:1080",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="local address of the proxy (loopback unless --allow-remote)",
+)
+@click.option("--via", required=True, metavar="NODE", help="the exit node connections leave from")
+@click.option(
+    "--allow-remote", is_flag=True, help="allow a non-loopback --listen (others use NODE as you)"
+)
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+def socks(listen: str, via: str, allow_remote: bool, state: str | None, as_json: bool) -> None:
+    """A local SOCKS5 proxy (CONNECT, no auth) whose connections leave from NODE.
+
+    NODE must be an exit node (homeport up --advertise-exit NETS there) that the
+    policy lets this node use; names are resolved by NODE.
+
+    \b
+    Try:  curl --socks5-hostname 127.0.0.1:1080 http://192.168.1.50/
+    """
+    from homeport.client.forward import ForwardSpec, printer, target_problem
+    from homeport.client.socks import SocksProxy, parse_listen
+    from homeport.client.term import printable
+    from homeport.wire import names
+
+    problem = names.host_name_problem(via)
+    if problem is not None:
+        _fail(problem, 2)
+    try:
+        host, port = parse_listen(listen, allow_remote=allow_remote)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    st = _load(state)
+    found = target_problem(_netmap(st), ForwardSpec(via, "", exit="*"))
+    if found is not None:
+        fatal, why = found
+        if fatal:
+            _fail(printable(why))
+        click.echo(f"homeport: warning: {printable(why)}", err=True)
+    report = printer(as_json)
+    try:
+        proxy = SocksProxy(st, via, host, port, report=report)
+    except OSError as exc:
+        _fail(f"cannot listen on {listen}: {exc.strerror or exc}")
+    bound_host, bound_port = proxy.address
+    report({"event": "listening", "listen": f"{bound_host}:{bound_port}", "to": f"{via} (SOCKS5)"})
+    try:
+        proxy.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proxy.stop()
 
 
 # -- trust ----------------------------------------------------------------------
@@ -592,6 +656,7 @@ def register(cli: click.Group) -> None:
         ssh_cert,
         ssh_config,
         forward,
+        socks,
         trust,
         service,
         login,

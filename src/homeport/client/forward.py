@@ -1,4 +1,7 @@
-"""``homeport forward [--bind ADDR] LOCALPORT NODE:PORT|NODE:SERVICE``: a local port, tunneled.
+"""``homeport forward [--bind ADDR] LOCALPORT NODE:PORT|NODE:SERVICE|NODE:HOST:PORT``.
+
+A local port, tunneled: to a service NODE exposes, or (``NODE:HOST:PORT``)
+through NODE as an exit node to a host behind it (docs/exit-nodes.md).
 
 Each accepted local connection opens its own end-to-end stream (so one slow
 connection never stalls another) and is pumped in its own thread, at most
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from homeport.io.dial import DialError, open_stream
 from homeport.io.pump import pump
 from homeport.node.state import NodeState
+from homeport.policy import exitnet
 from homeport.wire import names
 from homeport.wire.control import NetMap
 
@@ -35,18 +39,32 @@ STOP_GRACE = 2.0
 @dataclass(frozen=True, slots=True)
 class ForwardSpec:
     node: str
-    service: str  # a port number as text, or a service name
+    service: str  # a port number as text, or a service name ("" for an exit target)
+    exit: str = ""  # "HOST:PORT" behind NODE, an exit node ("" for a service)
+
+    @property
+    def shown(self) -> str:
+        return f"{self.node}:{self.exit or self.service}"
 
 
 def parse_target(text: str) -> ForwardSpec:
-    """Parse ``NODE:PORT`` or ``NODE:SERVICE``.
+    """Parse ``NODE:PORT``, ``NODE:SERVICE`` or ``NODE:HOST:PORT`` (``NODE:[V6]:PORT``).
 
     Raises:
         ValueError: with a user-facing message.
     """
+    first, sep0, rest = text.partition(":")
+    if sep0 and (":" in rest or rest.startswith("[")):  # NODE:HOST:PORT: through an exit node
+        problem = names.host_name_problem(first)
+        if problem is not None:
+            raise ValueError(problem)
+        exitnet.split_destination(rest)  # raises ValueError with the reason
+        return ForwardSpec(first, "", exit=rest)
     node, sep, service = text.rpartition(":")
     if not sep or not node or not service:
-        raise ValueError(f"{text[:80]!r}: expected NODE:PORT or NODE:SERVICE, e.g. labpc:8888")
+        raise ValueError(
+            f"{text[:80]!r}: expected NODE:PORT, NODE:SERVICE or NODE:HOST:PORT, e.g. labpc:8888"
+        )
     problem = names.host_name_problem(node) or names.service_ref_problem(service)
     if problem is not None:
         raise ValueError(problem)
@@ -63,6 +81,10 @@ def target_problem(netmap: NetMap, spec: ForwardSpec) -> tuple[bool, str] | None
     node = next((n for n in netmap.nodes if n.name == spec.node), None)
     if node is None:
         return True, f"no node named {spec.node!r} in this network (see: homeport status)"
+    if spec.exit:  # whether it is an exit (and lets us use it) is known only per connection
+        if not node.online:
+            return False, f"{spec.node} is offline now; connections will work once it is back"
+        return None
     if not any(spec.service in (s.name, str(s.port)) for s in node.services):
         exposed = ", ".join(f"{s.name}/{s.port}" for s in node.services) or "nothing"
         port = spec.service if spec.service.isdigit() else "PORT"
@@ -128,11 +150,15 @@ class Forwarder:
 
     def _handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         src = _addr(peer)
-        dst = f"{self.spec.node}:{self.spec.service}"
+        dst = self.spec.shown
         try:
             try:
                 stream = open_stream(
-                    self.state, self.spec.node, self.spec.service, timeout=self.timeout
+                    self.state,
+                    self.spec.node,
+                    self.spec.service,
+                    timeout=self.timeout,
+                    exit=self.spec.exit,
                 )
             except DialError as exc:
                 self.report({"event": "failed", "from": src, "to": dst, "reason": exc.message})
@@ -152,8 +178,12 @@ class Forwarder:
             )
         finally:
             conn.close()
-            with self._lock:
-                self._threads.discard(threading.current_thread())
+            self._forget()
+
+    def _forget(self) -> None:
+        """The calling connection thread is done (frees its slot)."""
+        with self._lock:
+            self._threads.discard(threading.current_thread())
 
     def stop(self) -> None:
         """Stop accepting, cancel running pumps, wait briefly for them."""

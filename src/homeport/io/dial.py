@@ -405,7 +405,12 @@ def _finish_connect(sock: socket.socket, addr: tuple[str, int], deadline: float)
 
 
 def open_stream(
-    state: NodeState, dst: str, service: str, *, timeout: float = DEFAULT_TIMEOUT
+    state: NodeState,
+    dst: str,
+    service: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    exit: str = "",
 ) -> OpenStream:
     """Open an end-to-end TLS stream to ``dst``'s ``service`` (a name or a port).
 
@@ -418,6 +423,9 @@ def open_stream(
         DialError: ``code`` is the server's OPEN_FAILED code (unknown node,
         offline, not-exposed, service-down …), or a local one (unreachable,
         timeout, pin-mismatch, e2e-tls …).
+
+    ``exit``: leave ``dst`` (an exit node) to this ``host:port`` instead of
+    reaching a service of ``dst`` (``service`` is then ignored; docs/exit-nodes.md).
     """
     deadline = time.monotonic() + timeout
     family, addr = resolve(*state.server_address())
@@ -437,7 +445,9 @@ def open_stream(
         )
         control.send(
             m.Hello(proto=m.PROTOCOL_VERSION, role="client", software=SOFTWARE),
-            m.Open(dst=dst, service=service, token=token.hex()),
+            m.Open(
+                dst=dst, service=m.EXIT_SERVICE if exit else service, token=token.hex(), exit=exit
+            ),
         )
         _finish_connect(data, addr, deadline)
         data.setblocking(True)
@@ -455,6 +465,8 @@ def open_stream(
                 opened = msg
             elif isinstance(msg, m.OpenFailed) and msg.token == token.hex():
                 raise DialError(msg.code, msg.message or msg.code)
+            elif isinstance(msg, m.Welcome) and exit and m.CAP_EXIT not in msg.caps:
+                raise DialError("upgrade", f"server {state.server} predates exit nodes; upgrade it")
             # WELCOME, NETMAP and anything else: not what we wait for.
         stream_tls = e2e_handshake(
             data,

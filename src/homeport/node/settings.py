@@ -5,13 +5,20 @@ saved services, so a user adding Jupyter to a remote lab PC silently stopped
 exposing ssh and locked themselves out. Changes now add and remove by name, and
 a change that would leave no ssh on a node that had it (the way back in) is
 refused unless the user asked for exactly that with ``--force``.
+
+The exit-node setting (``--advertise-exit``) is kept here too, in its own file
+(:data:`EXIT_FILE`); see docs/exit-nodes.md.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from homeport.node.files import write_private
+from homeport.policy import exitnet
 from homeport.policy.services import SSH_NAME, Service
 
 
@@ -71,3 +78,54 @@ def apply_changes(
     if new == current:
         return ServiceChange(ChangeVerdict.UNCHANGED, current, f"exposing {describe(current)}")
     return ServiceChange(ChangeVerdict.CHANGED, new, f"exposing {describe(new)}")
+
+
+# -- exit node settings (``--advertise-exit``) ----------------------------------------------
+
+#: The file (in the state directory) that keeps ``--advertise-exit``; absent = not an exit.
+EXIT_FILE = "exit.json"
+#: exit.json is tiny; anything bigger is not ours.
+MAX_EXIT_FILE = 64 * 1024
+
+
+class ExitSettingsError(Exception):
+    """exit.json is unreadable or malformed (the message is user-facing)."""
+
+
+def load_exit(state_dir: Path) -> tuple[str, ...]:
+    """The exit networks saved for this node (``()``: not an exit node).
+
+    Why a file of its own rather than node.json: ``homeport nc`` reads node.json
+    on every ssh connection, and the exit setting is the agent's business only.
+
+    Raises:
+        ExitSettingsError: the file exists but is not a list of networks.
+    """
+    path = state_dir / EXIT_FILE
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_EXIT_FILE + 1)
+    except FileNotFoundError:
+        return ()
+    except OSError as exc:
+        raise ExitSettingsError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        if len(raw) > MAX_EXIT_FILE:
+            raise ValueError("file too large")
+        obj = json.loads(raw)
+        nets = obj.get("exit") if isinstance(obj, dict) else None
+        if not isinstance(nets, list) or not all(isinstance(n, str) for n in nets):
+            raise ValueError("'exit' is not a list of networks")
+        if not nets:
+            return ()
+        return exitnet.parse_exit_spec(",".join(nets))
+    except ValueError as exc:
+        raise ExitSettingsError(
+            f"{path}: {exc}; fix it with homeport set --advertise-exit"
+        ) from None
+
+
+def save_exit(state_dir: Path, nets: tuple[str, ...]) -> None:
+    """Keep ``nets`` as this node's exit networks (``()``: stop being an exit node)."""
+    data = json.dumps({"exit": list(nets)}, indent=2).encode() + b"\n"
+    write_private(state_dir / EXIT_FILE, data)

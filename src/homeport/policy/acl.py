@@ -255,15 +255,28 @@ def ports_text(ports: Sequence[PortRange]) -> str:
     return ",".join(str(p) for p in ports)
 
 
+#: The "ports" word of an ``acls`` destination that grants exit use: ``labpc:exit``.
+EXIT_PORTS = "exit"
+
+
 @dataclass(frozen=True, slots=True)
 class DstEntry:
-    """``selector:ports`` of an ``acls`` rule."""
+    """``selector:ports`` of an ``acls`` rule, or ``selector:exit`` (``exit``, no ports).
+
+    An exit entry grants using the selected nodes as exit nodes (``homeport
+    socks --via``), never a port of theirs; a port entry never grants exit use.
+    """
 
     sel: Sel
     ports: tuple[PortRange, ...]
+    exit: bool = False
 
     def allows(self, port: int) -> bool:
         return any(p.lo <= port <= p.hi for p in self.ports)
+
+    @property
+    def ports_shown(self) -> str:
+        return EXIT_PORTS if self.exit else ports_text(self.ports)
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +298,12 @@ class AclRule:
         if not self.src_set.matches(src) or not self.dst_set.matches(dst, src):
             return False
         return any(d.allows(port) and d.sel.matches(dst, src) for d in self.dst)
+
+    def grants_exit(self, src: Subject, dst: Subject) -> bool:
+        """Whether this rule lets ``src`` use ``dst`` as an exit node (a ``:exit`` entry)."""
+        if not self.src_set.matches(src):
+            return False
+        return any(d.exit and d.sel.matches(dst, src) for d in self.dst)
 
 
 class SshAction(enum.Enum):
@@ -434,6 +453,25 @@ def acl_check(policy: CompiledPolicy, src: Subject, dst: Subject, port: int) -> 
         "default-deny",
         f"denied by policy: no rule lets {policy.describe_src(src)} reach "
         f"{policy.describe_dst(dst)}:{port}",
+    )
+
+
+def exit_check(policy: CompiledPolicy, src: Subject, dst: Subject) -> AclVerdict:
+    """May ``src`` use ``dst`` as an exit node under ``policy``? Pure; first granting rule."""
+    for rule in reachable(policy, src):
+        if rule.grants_exit(src, dst):
+            return AclVerdict(
+                True,
+                rule.name,
+                f"allowed by {rule.name}: {policy.describe_src(src)} may use "
+                f"{policy.describe_dst(dst)} as an exit node",
+            )
+    return AclVerdict(
+        False,
+        "default-deny",
+        f"denied by policy: no rule lets {policy.describe_src(src)} use "
+        f"{policy.describe_dst(dst)} as an exit node (add {policy.describe_dst(dst)}:exit "
+        "to a rule's dst)",
     )
 
 
@@ -842,6 +880,10 @@ class _Compiler:
                     if not colon or not host:
                         self.err(it, jp, f"{text!r}: expected selector:ports, e.g. tag:db:5432")
                         continue
+                    if port_text == EXIT_PORTS:  # use these nodes as exit nodes
+                        sels = self.selector(host, it, jp, dst=True)
+                        dst += [DstEntry(s, (), exit=True) for s in sels]
+                        continue
                     ports = self.ports(port_text, it, jp)
                     sels = self.selector(host, it, jp, dst=True)
                     if ports is not None:
@@ -993,13 +1035,17 @@ class _Compiler:
                     host, _, port_text = target.rpartition(":")
                     dst = self.subject(host) if host else "expected host:port, e.g. tag:db:5432"
                     if not isinstance(dst, str) and not (
-                        port_text.isdigit() and len(port_text) < 6
+                        (port_text.isdigit() and len(port_text) < 6) or port_text == EXIT_PORTS
                     ):
-                        dst = "expected host:port with one port number"
+                        dst = "expected host:port with one port number (or host:exit)"
                     if isinstance(dst, str):
                         self.err(t.pos, f"{t.name}.{key}[{j}]", f"{target!r}: {dst}")
                         continue
-                    got = acl_check(policy, src, dst, int(port_text))
+                    got = (
+                        exit_check(policy, src, dst)
+                        if port_text == EXIT_PORTS
+                        else acl_check(policy, src, dst, int(port_text))
+                    )
                     if got.allowed != want:
                         self.err(
                             t.pos,

@@ -24,6 +24,27 @@ rule                    effect
 Default deny: a request that names no exposed service is refused, and nothing
 but an exposed service can ever be reached; with a policy, only what a rule
 grants (see :mod:`homeport.policy.acl`).
+
+Exit streams (``homeport socks --via NODE``, docs/exit-nodes.md) are decided by
+:func:`decide_exit`, in this order:
+
+======================  ==========================================================
+``not-exit``            deny: the node advertises no exit networks
+``exit-destination``    deny: the destination is malformed, or an address outside
+                        the advertised networks (names are checked by the exit
+                        node after it resolves them)
+``acls[N]``             allow (a policy is set): the first rule with a
+                        ``NODE:exit`` destination that selects the exit node
+``default-deny``        deny (a policy is set): no rule grants exit use
+``exit-same-owner``     allow (no policy): the source and the exit node belong to
+                        the same owner (same user, both untagged; in a network
+                        without users, every untagged node)
+``exit-owner-only``     deny (no policy): any other source — a tagged node or
+                        another user's node needs an explicit rule
+======================  ==========================================================
+
+Why owner-only without a policy: an exit reaches a whole LAN, far more than
+one exposed port, so the default never lends it to another user's machines.
 """
 
 from __future__ import annotations
@@ -33,19 +54,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from homeport.policy.acl import CompiledPolicy, Subject, acl_check
+from homeport.policy import exitnet
+from homeport.policy.acl import CompiledPolicy, Subject, acl_check, exit_check
+from homeport.wire.control import EXIT_SERVICE
 
 __all__ = [
+    "CODE_NOT_EXIT",
     "CODE_POLICY",
+    "EXIT_SERVICE",
     "RULE_DEFAULT_DENY",
+    "RULE_EXIT_DESTINATION",
+    "RULE_EXIT_OWNER_ONLY",
+    "RULE_EXIT_SAME_OWNER",
+    "RULE_NOT_EXIT",
     "RULE_NOT_EXPOSED",
     "RULE_SERVICE_EXPOSED",
     "CompiledPolicy",
     "Decision",
+    "ExitTarget",
     "Exposed",
     "Subject",
     "Verdict",
     "decide",
+    "decide_exit",
+    "exit_grant",
     "match_service",
 ]
 
@@ -89,6 +121,25 @@ RULE_NOT_EXPOSED = "not-exposed"
 RULE_DEFAULT_DENY = "default-deny"
 #: The deny code of a policy refusal (OPEN_FAILED / REJECT code).
 CODE_POLICY = "policy"
+#: Exit-stream rules and codes (see the module docstring).
+RULE_NOT_EXIT = "not-exit"
+RULE_EXIT_DESTINATION = "exit-destination"
+RULE_EXIT_SAME_OWNER = "exit-same-owner"
+RULE_EXIT_OWNER_ONLY = "exit-owner-only"
+CODE_NOT_EXIT = "not-exit"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitTarget:
+    """An allowed exit stream's destination (``name`` is :data:`EXIT_SERVICE`)."""
+
+    host: str
+    port: int
+    name: str = EXIT_SERVICE
+
+    @property
+    def destination(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def match_service(services: Sequence[E], requested: str) -> E | None:
@@ -134,3 +185,68 @@ def decide(
         RULE_SERVICE_EXPOSED,
         svc,
     )
+
+
+def _same_owner(src: Subject, dst: Subject) -> bool:
+    return not src.tags and not dst.tags and src.user == dst.user
+
+
+def exit_grant(src: Subject, dst: Subject, policy: CompiledPolicy | None) -> Decision[ExitTarget]:
+    """May ``src`` use ``dst`` as an exit node at all (policy only; ``policy explain``)?"""
+    if policy is not None:
+        acl = exit_check(policy, src, dst)
+        if not acl.allowed:
+            return Decision(Verdict.DENY, CODE_POLICY, acl.reason, acl.rule)
+        return Decision(Verdict.ALLOW, "ok", acl.reason, acl.rule)
+    if _same_owner(src, dst):
+        who = f"{dst.user}'s" if dst.user else "this network's"
+        return Decision(
+            Verdict.ALLOW,
+            "ok",
+            f"no policy: {src.name} and {dst.name} are both {who} nodes, so {src.name} may "
+            f"use {dst.name} as an exit node",
+            RULE_EXIT_SAME_OWNER,
+        )
+    return Decision(
+        Verdict.DENY,
+        CODE_POLICY,
+        f"no policy: only nodes of {dst.name}'s own owner may use it as an exit node; "
+        f"grant others with a rule whose dst is {dst.name}:exit",
+        RULE_EXIT_OWNER_ONLY,
+    )
+
+
+def decide_exit(
+    src: Subject,
+    dst: Subject,
+    nets: Sequence[str],
+    destination: str,
+    policy: CompiledPolicy | None = None,
+) -> Decision[ExitTarget]:
+    """May ``src`` open a stream leaving ``dst`` (an exit node) to ``destination``? Pure.
+
+    ``nets``: the networks ``dst`` advertises (its own settings at the exit
+    node, its ANNOUNCE at the server). A name is allowed here and checked by
+    the exit node once resolved (:func:`homeport.policy.exitnet.check_address`).
+    """
+    if not nets:
+        return Decision(
+            Verdict.DENY,
+            CODE_NOT_EXIT,
+            f"{dst.name} is not an exit node (on {dst.name} run: "
+            "homeport set --advertise-exit NETWORK,… or all)",
+            RULE_NOT_EXIT,
+        )
+    try:
+        host, port = exitnet.split_destination(destination)
+    except ValueError as exc:
+        return Decision(Verdict.DENY, "bad-request", str(exc), RULE_EXIT_DESTINATION)
+    addr = exitnet.literal_address(host)
+    if addr is not None:
+        check = exitnet.check_address(addr, exitnet.nets_untrusted(tuple(nets)))
+        if not check.allowed:
+            return Decision(Verdict.DENY, check.code, check.reason, RULE_EXIT_DESTINATION)
+    grant = exit_grant(src, dst, policy)
+    if not grant.allowed:
+        return grant
+    return Decision(Verdict.ALLOW, "ok", grant.reason, grant.rule, ExitTarget(host, port))

@@ -61,7 +61,8 @@ from homeport.crypto.identity import IdentityError, KeyPair, cert_der_from_pem, 
 from homeport.crypto.sshca import SshCa
 from homeport.crypto.tls import fingerprint
 from homeport.policy.acl import CompiledPolicy, SelSet, reach_set
-from homeport.policy.decide import Subject, decide
+from homeport.policy.decide import EXIT_SERVICE, Decision, Subject, decide, decide_exit
+from homeport.policy.exitnet import MAX_DESTINATION, nets_untrusted
 from homeport.proto import audit as au
 from homeport.proto import path as hpath
 from homeport.proto.audit import (
@@ -185,6 +186,9 @@ class NodeRecord:
     ephemeral: bool = False
     #: An admin ran ``nodes disable-expiry``: ``expires_at`` is ignored.
     expiry_disabled: bool = False
+    #: The exit networks its last ANNOUNCE advertised (cap ``exit``; memory only: a node
+    #: announces again on every connection, and an offline node carries no streams).
+    exit_nets: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -547,6 +551,7 @@ class _Stream:
     state: StreamState = StreamState.WAITING
     deadline: float | None = None
     rule: str = ""  # the rule that let the server pass it on (for the audit log)
+    exit: str = ""  # an exit stream's destination "host:port" ("" for a service stream)
 
 
 @dataclass(order=True, slots=True)
@@ -1023,6 +1028,15 @@ class Coordinator:
         node = self._nodes[s.node_id]
         services = sanitize_services(msg.services)
         host_keys = sanitize_host_keys(msg.host_keys)
+        exit_nets = (  # only well-formed networks count (bad ones dropped, never guessed)
+            tuple(str(net) for net in nets_untrusted(msg.exit)) if m.CAP_EXIT in s.caps else ()
+        )
+        if node.exit_nets != exit_nets:
+            node = self._nodes[node.node_id] = replace(node, exit_nets=exit_nets)
+            shown_exit = ", ".join(exit_nets) or "nothing"
+            self._note(logging.INFO, f"agent {node.name} is an exit node for {shown_exit}")
+            if exit_nets and self.policy is None:  # the default lends an exit to its owner's
+                self._send_policy(s)  # nodes only: the exit node must know its user and tags
         if node.services == services and node.host_keys == host_keys:
             return
         self._nodes[node.node_id] = replace(node, services=services, host_keys=host_keys)
@@ -1129,8 +1143,9 @@ class Coordinator:
 
         def refuse(code: str, message: str, rule: str = "") -> None:
             self._audit_stream(
-                now, src, msg.dst, None, msg.service, False, code, rule or code, message
-            )
+                now, src, msg.dst, None, msg.service, False, code, rule or code, message,
+                exit=msg.exit[:MAX_DESTINATION],
+            )  # fmt: skip
             self._note(
                 logging.INFO,
                 f"{src.name}: OPEN {msg.dst[:64]!r}:{msg.service[:64]!r} refused: {code}",
@@ -1168,7 +1183,27 @@ class Coordinator:
             )
             refuse("offline", f"{dst.name} is offline ({seen}); is 'homeport up' running there?")
             return
-        decision = decide(src.subject(), dst.subject(), dst.services, msg.service, self.policy)
+        if msg.exit:  # an exit stream: leave dst to msg.exit (docs/exit-nodes.md)
+            dst_s = self._sessions.get(self._agents[dst.node_id])
+            if dst_s is None or m.CAP_EXIT not in dst_s.caps:
+                refuse(
+                    "upgrade",
+                    f"{dst.name} runs a homeport without exit nodes; upgrade it there",
+                    "not-exit",
+                )
+                return
+            ex = decide_exit(src.subject(), dst.subject(), dst.exit_nets, msg.exit, self.policy)
+            if not ex.allowed or ex.service is None:
+                refuse(ex.code, ex.reason, ex.rule)
+                return
+            pseudo = m.ServiceInfo(EXIT_SERVICE, ex.service.port)  # the destination's port
+            decision: Decision[m.ServiceInfo] = Decision(
+                ex.verdict, ex.code, ex.reason, ex.rule, pseudo
+            )
+            exit_dest = ex.service.destination
+        else:
+            decision = decide(src.subject(), dst.subject(), dst.services, msg.service, self.policy)
+            exit_dest = ""
         if not decision.allowed or decision.service is None:
             refuse(decision.code, decision.reason, decision.rule)
             return
@@ -1189,6 +1224,7 @@ class Coordinator:
             created_at=now,
             deadline=now + self.open_timeout,
             rule=decision.rule,
+            exit=exit_dest,
         )
         self._streams[st.stream_id] = st
         self._tokens.add(token)
@@ -1211,13 +1247,15 @@ class Coordinator:
                     token=st.dest_token.hex(),
                     src=src.peer_info(),
                     service=st.service.name,
+                    exit=st.exit,
                 ),
             )
         )
         self._add_timer(now + self.open_timeout, "stream", st.stream_id)
+        via = f" exit to {st.exit}" if st.exit else ""
         self._note(
             logging.INFO,
-            f"stream {st.stream_id}: {src.name} -> {dst.name}:{st.service.name} requested "
+            f"stream {st.stream_id}: {src.name} -> {dst.name}:{st.service.name}{via} requested "
             f"({decision.rule})",
         )
 
@@ -1253,6 +1291,7 @@ class Coordinator:
                 msg.message[:MAX_REASON],
                 stream_id=st.stream_id,
                 by="destination",
+                exit=st.exit,
             )
             self._drop_stream(st)
             self._emit(RelayCancel(st.stream_id))
@@ -1269,7 +1308,7 @@ class Coordinator:
             return
         self._audit_stream(
             now, st.src, st.dst.name, st.dst, st.service.name, True, "ok", st.rule, "",
-            stream_id=st.stream_id, by="destination",
+            stream_id=st.stream_id, by="destination", exit=st.exit,
         )  # fmt: skip
         st.state = StreamState.ACCEPTED
         st.deadline = now + self.unpaired_timeout
@@ -1866,7 +1905,15 @@ class Coordinator:
         node = self._nodes.get(s.node_id)
         if node is not None:
             self._emit(
-                Send(s.sid, policy_message(self.policy, node.subject(), self._policy_version))
+                Send(
+                    s.sid,
+                    policy_message(
+                        self.policy,
+                        node.subject(),
+                        self._policy_version,
+                        exit_entries=m.CAP_EXIT in s.caps,
+                    ),
+                )
             )
 
     def policy_changed(self, compiled: CompiledPolicy | None, now: float) -> int:
@@ -1900,7 +1947,11 @@ class Coordinator:
         for st in list(self._streams.values()):
             src = self._nodes.get(st.src.node_id, st.src)
             dst = self._nodes.get(st.dst.node_id, st.dst)
-            d = decide(src.subject(), dst.subject(), dst.services, st.service.name, compiled)
+            d = (
+                decide_exit(src.subject(), dst.subject(), dst.exit_nets, st.exit, compiled)
+                if st.exit
+                else decide(src.subject(), dst.subject(), dst.services, st.service.name, compiled)
+            )
             if d.allowed:
                 continue
             ended += 1
@@ -1916,6 +1967,7 @@ class Coordinator:
                 d.reason,
                 stream_id=st.stream_id,
                 by="policy-change",
+                exit=st.exit,
             )
             if st.state is StreamState.WAITING:
                 self._fail(st, d.code, d.reason)  # RelayCancel: the relay never splices it
@@ -2231,12 +2283,16 @@ class Coordinator:
         *,
         stream_id: str = "",
         by: str = "server",
+        exit: str = "",
     ) -> None:
         """One STREAM record: who asked whom for what, the verdict, its code and rule.
 
         ``by`` says who decided (the server's early check, or the destination's
-        ACCEPT/REJECT, which is authoritative).
+        ACCEPT/REJECT, which is authoritative). ``exit``: an exit stream's
+        destination ``host:port`` (recorded as ``exit``), so the log says where
+        traffic left the network to.
         """
+        extra = {"exit": exit} if exit else {}
         self._audit(
             au.STREAM,
             now,
@@ -2251,6 +2307,7 @@ class Coordinator:
             rule=rule,
             by=by,
             reason=reason,
+            **extra,
         )
 
     def _emit(self, cmd: Command) -> None:

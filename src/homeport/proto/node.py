@@ -89,7 +89,7 @@ from dataclasses import replace as with_fields
 
 from homeport.crypto import identity
 from homeport.policy.acl import CompiledPolicy
-from homeport.policy.decide import RULE_NOT_EXPOSED, Subject, decide
+from homeport.policy.decide import EXIT_SERVICE, RULE_NOT_EXPOSED, Subject, decide, decide_exit
 from homeport.policy.services import Service
 from homeport.proto import path as hpath
 from homeport.proto.backoff import Backoff
@@ -169,6 +169,8 @@ class NodeConfig:
     relay_only: bool = False  # --relay-only: never probe, never punch (ENDPOINTS says so)
     #: ``up --shields-up``: refuse every INCOMING (REJECT ``shields-up``); opens still work.
     shields_up: bool = False
+    #: ``--advertise-exit``: the networks exit streams may leave to (() = not an exit node).
+    exit_nets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +272,21 @@ class ConnectTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectExit:
+    """Resolve ``host`` and dial ``host:port`` for an allowed exit stream, only inside ``nets``.
+
+    The driver checks every resolved address against ``nets``
+    (:func:`homeport.policy.exitnet.check_address`) before it connects, and
+    reports with ``target_connected`` or ``target_failed(..., code=...)``.
+    """
+
+    stream_id: str
+    host: str
+    port: int
+    nets: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StartStream:
     """ACCEPT was sent: dial the data connection, run the e2e TLS server and the pump.
 
@@ -362,6 +379,7 @@ Command = (
     | Fatal
     | Decided
     | ConnectTarget
+    | ConnectExit
     | StartStream
     | DropTarget
     | LocalOpenAdmitted
@@ -534,6 +552,15 @@ class NodeCore:
         if self.state is SessionState.READY:
             self._send(self._announce())
 
+    def set_exit(self, nets: Sequence[str]) -> None:
+        """The advertised exit networks changed (``homeport set``); announced at once."""
+        new = tuple(nets)
+        if new == self.config.exit_nets:
+            return
+        self.config = with_fields(self.config, exit_nets=new)
+        if self.state is SessionState.READY:
+            self._send(self._announce())
+
     def _end_session(self, reason: str, now: float, *, reconnect: bool) -> None:
         for pm in self.paths.managers():
             pm.session_lost(now)
@@ -550,6 +577,7 @@ class NodeCore:
         return m.Announce(
             services=tuple(m.ServiceInfo(s.name, s.port) for s in self.config.services),
             host_keys=self.host_keys,
+            exit=self.config.exit_nets,
         )
 
     def _send(self, msg: m.Message) -> None:
@@ -723,6 +751,9 @@ class NodeCore:
             return
         src = Subject(msg.src.node_id, msg.src.name, msg.src.user, msg.src.tags)
         me = Subject(self.node_id, self.name, self.user, self.tags)
+        if msg.exit:
+            self._on_exit_incoming(msg, token, src, me)
+            return
         decision = decide(src, me, self.config.services, msg.service, self.policy)
         if not decision.allowed or decision.service is None:
             self._refuse(msg, decision.code, decision.reason, decision.rule or RULE_NOT_EXPOSED)
@@ -731,6 +762,19 @@ class NodeCore:
             msg, token, decision.service, decision.reason, decision.rule, self._epoch
         )
         self._commands.append(ConnectTarget(msg.stream_id, decision.service))
+
+    def _on_exit_incoming(self, msg: m.Incoming, token: bytes, src: Subject, me: Subject) -> None:
+        """An exit stream: decided on our own networks and policy copy (authoritative here)."""
+        ex = decide_exit(src, me, self.config.exit_nets, msg.exit, self.policy)
+        if not ex.allowed or ex.service is None:
+            self._refuse(msg, ex.code, ex.reason, ex.rule)
+            return
+        dest = ex.service
+        svc = Service(EXIT_SERVICE, dest.port, dest.host, dest.port)
+        self._pending[msg.stream_id] = _Pending(msg, token, svc, ex.reason, ex.rule, self._epoch)
+        self._commands.append(
+            ConnectExit(msg.stream_id, dest.host, dest.port, self.config.exit_nets)
+        )
 
     def target_connected(self, stream_id: str) -> None:
         """The local target of ``stream_id`` is connected: ACCEPT and start the stream."""
@@ -748,13 +792,17 @@ class NodeCore:
         self._record(p.msg, True, "ok", p.reason, p.rule)
         self._commands.append(StartStream(stream_id, p.token, p.msg.src, p.service))
 
-    def target_failed(self, stream_id: str, reason: str) -> None:
-        """The local target of ``stream_id`` could not be connected: REJECT(service-down)."""
+    def target_failed(self, stream_id: str, reason: str, *, code: str = "service-down") -> None:
+        """The local target of ``stream_id`` could not be connected: REJECT(``code``).
+
+        ``code``: ``service-down`` for an exposed service; an exit stream's
+        dialer says ``not-allowed``, ``refused``, ``unreachable`` … (one line).
+        """
         p = self._pending.pop(stream_id, None)
         if p is None:
             return
         live = p.epoch == self._epoch and self.state is SessionState.READY
-        self._refuse(p.msg, "service-down", reason, p.rule, send=live)
+        self._refuse(p.msg, code, reason, p.rule, send=live)
 
     def stream_ended(self, stream_id: str) -> None:
         """An accepted stream is over (its worker finished); frees its slot."""
@@ -769,7 +817,8 @@ class NodeCore:
 
     def _record(self, msg: m.Incoming, accepted: bool, code: str, reason: str, rule: str) -> None:
         src = f"{msg.src.name} ({msg.src.node_id})"
-        rec = StreamRecord(msg.stream_id, src, msg.service, accepted, code, reason, rule)
+        service = f"{msg.service} to {msg.exit}" if msg.exit else msg.service
+        rec = StreamRecord(msg.stream_id, src, service, accepted, code, reason, rule)
         self._commands.append(Decided(rec))
 
     def direct_decided(  # noqa: PLR0917 - one decision's fields
@@ -819,8 +868,12 @@ class NodeCore:
         service: str,
         now: float,
         timeout: float = DEFAULT_OPEN_TIMEOUT,
+        *,
+        exit: str = "",
     ) -> None:
         """A local client asks for a stream to ``dst:service``; ``token`` names its data conn.
+
+        ``exit``: an exit stream leaving ``dst`` to this ``host:port`` (``service`` ignored).
 
         Answers with :class:`LocalOpenAdmitted` (then later
         :class:`LocalOpenSucceeded` or :class:`LocalOpenFailed`) or at once
@@ -843,7 +896,8 @@ class NodeCore:
             self._commands.append(LocalOpenFailed(token, "local", "token in use", True, False))
             return
         self._local[token] = _LocalOpen(token, dst, service, now + timeout)
-        self._send(m.Open(dst=dst, service=service, token=token.hex()))
+        service = m.EXIT_SERVICE if exit else service
+        self._send(m.Open(dst=dst, service=service, token=token.hex(), exit=exit))
         self._commands.append(LocalOpenAdmitted(token))
 
     def local_open_ended(self, token: bytes) -> None:

@@ -11,6 +11,7 @@ destination); the server checks the same rules first (early refusal).
 from __future__ import annotations
 
 from homeport.policy.acl import (
+    EXIT_PORTS,
     AclRule,
     CompiledPolicy,
     DstEntry,
@@ -18,27 +19,37 @@ from homeport.policy.acl import (
     Sel,
     SelKind,
     Subject,
-    ports_text,
     rules_for_destination,
 )
 from homeport.wire import control as m
 from homeport.wire.errors import WireError
 
 
-def policy_message(policy: CompiledPolicy | None, node: Subject, version: int) -> m.Policy:
-    """The POLICY for ``node`` (``active`` false when no policy is set)."""
+def policy_message(
+    policy: CompiledPolicy | None, node: Subject, version: int, *, exit_entries: bool = True
+) -> m.Policy:
+    """The POLICY for ``node`` (``active`` false when no policy is set).
+
+    ``exit_entries`` false (a node without cap ``exit``): ``:exit`` destinations
+    are left out, because such a node cannot read them (it would refuse every
+    stream over an unreadable policy) and is never sent an exit stream anyway.
+    """
     if policy is None:
         return m.Policy(version=version, active=False, user=node.user, tags=node.tags)
     rules = tuple(
         m.PolicyRule(
             name=r.name,
             src=tuple(m.PolicySel(s.kind.value, s.value, s.text) for s in r.src),
-            dst=tuple(
-                m.PolicySel(d.sel.kind.value, d.sel.value, d.sel.text, ports_text(d.ports))
-                for d in r.dst
-            ),
+            dst=dst,
         )
         for r in rules_for_destination(policy, node)
+        if (
+            dst := tuple(
+                m.PolicySel(d.sel.kind.value, d.sel.value, d.sel.text, d.ports_shown)
+                for d in r.dst
+                if exit_entries or not d.exit
+            )
+        )
     )
     return m.Policy(
         version=version,
@@ -86,7 +97,12 @@ def policy_from_message(msg: m.Policy) -> CompiledPolicy | None:
         AclRule(
             r.name[:64],
             tuple(_sel(s) for s in r.src),
-            tuple(DstEntry(_sel(d), _ports(d.ports)) for d in r.dst),
+            tuple(
+                DstEntry(_sel(d), (), exit=True)
+                if d.ports == EXIT_PORTS
+                else DstEntry(_sel(d), _ports(d.ports))
+                for d in r.dst
+            ),
         )
         for r in msg.rules
     )

@@ -493,7 +493,12 @@ class AdminOps:
         src, _ = self._subject(src_text)
         dst, dst_node = self._subject(dst_text)
         answer: dict[str, Any] = {"policy": policy.digest if policy else None}
-        if dst_node is not None:
+        if service == "exit":  # may src use dst as an exit node (docs/exit-nodes.md)
+            from homeport.policy.decide import exit_grant
+
+            g = exit_grant(src, dst, policy)
+            answer.update(verdict=g.verdict.value, code=g.code, rule=g.rule, reason=g.reason)
+        elif dst_node is not None:
             d = decide(src, dst, dst_node.services, service, policy)
             answer.update(verdict=d.verdict.value, code=d.code, rule=d.rule, reason=d.reason)
         elif not service.isdigit():

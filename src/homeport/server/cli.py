@@ -668,7 +668,7 @@ def _register_policy(cli: click.Group) -> None:
     def policy_explain(
         src: str, dst_port: str, local_user: str | None, as_json: bool, data_dir: Path | None
     ) -> None:
-        """Dry run: may SRC reach DST:PORT (a port or service name)? Verdict and deciding rule."""
+        """Dry run: may SRC reach DST:PORT (a port, a service name, or exit)? Verdict and rule."""
         dst, sep, service = dst_port.rpartition(":")
         if not sep or not dst or not service:
             raise click.BadParameter("expected DST:PORT, e.g. labpc:22", param_hint="DST:PORT")

@@ -71,6 +71,11 @@ whoami probe listener, 0 = none); POLICY
 (0x90, cap ``policy``); STREAM_LOG (0x91, cap ``policy``: the server's audit log
 also sees direct streams, which never pass it). Capability ``sshcert``: SSH_CERT_REQ,
 SSH_CERT, LOGIN, LOGIN_STATE (0x8c-0x8f); WELCOME carries ``ssh_ca`` (the SSH CA public key).
+capver 4 (2027-01): capability ``exit`` (exit nodes, docs/exit-nodes.md): ANNOUNCE carries
+``exit`` (the networks the node lets streams leave to; kept by the server, not put in peer
+maps), OPEN and INCOMING carry ``exit`` (the destination ``host:port``; OPEN's ``service`` is then
+``(exit)``, a name no service can have, so an older server refuses it as not exposed). The
+server sends an exit INCOMING only to a node that announced cap ``exit``.
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ from homeport.wire.frame import encode_frame
 #: for an incompatible protocol; peers of another wire version get ERROR(upgrade).
 PROTOCOL_VERSION = 1
 #: Our capability version (grows with every protocol feature; see the module doc).
-CAPVER = 3
+CAPVER = 4
 #: The oldest capability version this code still serves.
 MIN_CAPVER = 1
 #: The first type number that a receiver may skip when it does not know it.
@@ -106,8 +111,14 @@ CAP_RENEW = "renew"
 CAP_POLICY = "policy"
 #: ``sshcert``: understands SSH_CERT_REQ/SSH_CERT/LOGIN/LOGIN_STATE (keyless SSH).
 CAP_SSHCERT = "sshcert"
+#: ``exit``: understands exit streams (OPEN/INCOMING ``exit``, ANNOUNCE ``exit``, capver 4).
+CAP_EXIT = "exit"
+#: OPEN's ``service`` for an exit stream (never a real service: the parentheses make it an
+#: invalid service name, so a server without cap ``exit`` refuses it as not exposed).
+EXIT_SERVICE = "(exit)"
 #: Every capability this code implements, announced in HELLO and WELCOME.
 OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT, CAP_POLICY, CAP_SSHCERT)
+OUR_CAPS += (CAP_EXIT,)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -294,6 +305,7 @@ class Announce(Message):
     TYPE: ClassVar[MsgType] = MsgType.ANNOUNCE
     services: tuple[ServiceInfo, ...]
     host_keys: tuple[str, ...]
+    exit: tuple[str, ...] = ()  # networks streams may leave to (cap exit); () = not an exit
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +407,7 @@ class Open(Message):
     dst: str
     service: str  # a service name ("ssh") or a port number as text ("22")
     token: str  # hex of the 16-byte token our data connection will present
+    exit: str = ""  # cap exit: leave dst to this "host:port" (service is then "(exit)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +417,7 @@ class Incoming(Message):
     token: str  # the destination's data connection presents this token
     src: PeerInfo
     service: str  # the resolved service name
+    exit: str = ""  # cap exit: dial this "host:port" from the exit node (service "(exit)")
 
 
 @dataclass(frozen=True, slots=True)
