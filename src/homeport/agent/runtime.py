@@ -331,6 +331,7 @@ class Agent:
             idle_timeout=self.idle_timeout,
             answer_timeout=WELCOME_TIMEOUT,
             connect_timeout=CONNECT_TIMEOUT,
+            sock=await _proxy_tunnel(self.state),
         )
         self._recent.append(link)
         if link.ended:  # refused by the driver itself (ALPN)
@@ -1018,6 +1019,23 @@ class Agent:
         loop = self._loop
         assert loop is not None
         return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
+
+
+async def _proxy_tunnel(state: NodeState) -> socket.socket | None:
+    """A CONNECT tunnel to the server when this node uses a proxy (docs/proxy.md), else None."""
+    from homeport.io.dial import route_of, server_tcp
+
+    def dial() -> socket.socket | None:
+        route = route_of(state)
+        if route.proxy is None:
+            return None
+        host, port = state.server_address()
+        return server_tcp(host, port, route, time.monotonic() + CONNECT_TIMEOUT, "server")
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, dial)
+    except DialError as exc:
+        raise OSError(exc.message) from exc
 
 
 async def _connect_target(host: str, port: int) -> socket.socket:
