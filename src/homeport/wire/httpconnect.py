@@ -121,7 +121,8 @@ def no_proxy_matches(no_proxy: str, host: str) -> bool:
     literally (no CIDR ranges).
     """
     name = host.lower().strip("[]").rstrip(".")
-    for entry in no_proxy.replace(",", " ").split():
+    entries = [word for part in no_proxy.split(",") for word in part.split()]
+    for entry in entries:
         e = entry.lower().strip()
         if e == "*":
             return True
@@ -262,7 +263,7 @@ def verdict(reply: ConnectReply, target: str, proxy: ProxyURL) -> Verdict:
     if 200 <= reply.status < 300:
         return Verdict(None, f"proxy {proxy} opened a tunnel to {target}")
     said = f"{reply.status} {reply.reason}".strip()
-    if reply.status == 407:
+    if reply.status in (401, 407):  # 407 per RFC 9110; tinyproxy answers a CONNECT with 401
         if proxy.user is None:
             why = "proxy needs authentication: give --proxy http://USER:PASSWORD@HOST:PORT"
         else:
