@@ -196,6 +196,7 @@ def run_server(
     probe_port: int | None = None,
     relay_only: bool = False,
     key_expiry: float | None = DEFAULT_KEY_EXPIRY,
+    tls_data: bool = True,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
     setup_logging()
@@ -207,6 +208,7 @@ def run_server(
         cfg,
         probe_port=cfg.probe_port if probe_port is None else probe_port,
         relay_only=relay_only,
+        tls_data=tls_data,
     )
 
     async def main() -> None:

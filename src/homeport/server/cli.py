@@ -159,6 +159,13 @@ def register(cli: click.Group) -> None:
         help="Never coordinate direct paths: every stream goes through this relay.",
     )
     @click.option(
+        "--no-tls-data",
+        is_flag=True,
+        default=False,
+        help="Refuse TLS-wrapped data connections (nodes behind TLS-only middleboxes, "
+        "docs/proxy.md); they cost this server CPU.",
+    )
+    @click.option(
         "--key-expiry",
         default=DEFAULT_KEY_EXPIRY,
         show_default=True,
@@ -176,6 +183,7 @@ def register(cli: click.Group) -> None:
         idle_timeout: float | None,
         probe_port: int | None,
         relay_only: bool,
+        no_tls_data: bool,
     ) -> None:
         """Run the homeport server (coordinator and relay) in the foreground."""
         from homeport.server.app import parse_listen, run_server
@@ -202,6 +210,7 @@ def register(cli: click.Group) -> None:
             probe_port=probe_port,
             relay_only=relay_only,
             key_expiry=key_seconds,
+            tls_data=not no_tls_data,
         )
         sys.exit(code)
 

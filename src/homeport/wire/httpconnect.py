@@ -277,6 +277,6 @@ def verdict(reply: ConnectReply, target: str, proxy: ProxyURL) -> Verdict:
         )
     if reply.status in (502, 503, 504):
         return Verdict(
-            Refusal.UPSTREAM, f"proxy {proxy} could not reach the server {target} ({said})"
+            Refusal.UPSTREAM, f"proxy {proxy} could not reach {target} ({said})"
         )
     return Verdict(Refusal.OTHER, f"proxy {proxy} refused the tunnel to {target} ({said})")
