@@ -319,7 +319,7 @@ def test_choose_route(
 
 
 def test_bad_route_settings_name_their_source() -> None:
-    with pytest.raises(ValueError, match="HTTPS_PROXY: proxy .*only http://"):
+    with pytest.raises(ValueError, match=r"HTTPS_PROXY: proxy .*only http://"):
         choose_route(NetworkSettings(), {"HTTPS_PROXY": "socks5://x:1"}, "h")
     with pytest.raises(ValueError, match="HOMEPORT_TLS_DATA"):
         choose_route(NetworkSettings(), {"HOMEPORT_TLS_DATA": "maybe"}, "h")
@@ -406,7 +406,12 @@ def test_connect_timeout(
     stub_proxy: Callable[[Callable[[socket.socket], None]], hc.ProxyURL],
 ) -> None:
     silent = threading.Event()
-    proxy = stub_proxy(lambda conn: (silent.wait(10), conn.close()) and None)
+
+    def mute(conn: socket.socket) -> None:
+        silent.wait(10)
+        conn.close()
+
+    proxy = stub_proxy(mute)
     started = time.monotonic()
     with pytest.raises(DialError) as exc:
         _tunnel(proxy, timeout=0.5)

@@ -549,13 +549,8 @@ class Service:
             names = await asyncio.wait_for(self._offered_alpn(sock), timeout)
         except TimeoutError:
             names = ()  # the control path times the handshake out with its own log line
-        if not is_wrapped_data(names):
-            return False
-        if self.tls_data is None:
-            log.info("closing %s: TLS-wrapped data connections are turned off", address)
-            sock.close()
-            slot.release()
-            return True
+        if not is_wrapped_data(names) or self.tls_data is None:
+            return False  # --no-tls-data: the control handshake refuses it (no common ALPN)
         loop = asyncio.get_running_loop()
 
         def released() -> None:

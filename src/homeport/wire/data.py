@@ -38,9 +38,10 @@ terminates the outer TLS, reads the preamble inside it and hands the plaintext
    then insists on ``homeport-control/1``);
 3. anything else: closed.
 
-A server that refuses wrapped data (``--no-tls-data``) closes such a connection
-after the peek. Old servers never see ``homeport-data/1`` offered by a node that
-was not told to use it.
+A server that refuses wrapped data (``--no-tls-data``) skips rule 2's test, so
+the connection takes the control path, whose handshake finds no common ALPN
+name and closes it; the node then reports "does not accept TLS-wrapped data
+connections" — exactly what it sees from a server older than this rule.
 """
 
 from __future__ import annotations
