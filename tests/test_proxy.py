@@ -452,3 +452,20 @@ def test_a_tunnel_carries_bytes_both_ways(
         assert sock.recv(3) == b"cba"
     assert seen[0].startswith(b"CONNECT 203.0.113.10:8443 HTTP/1.1\r\n")
     assert b"Proxy-Authorization: Basic dTpw\r\n" in seen[0]
+
+
+def test_up_refuses_a_bad_proxy_url_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.harness import HOMEPORT
+
+    res = subprocess.run(
+        [*HOMEPORT, "up", "--state", str(tmp_path / "s"), "--proxy", "socks5://p:1080"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "only http:// proxies" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "s" / ns.NETWORK_FILE).exists()
