@@ -276,7 +276,5 @@ def verdict(reply: ConnectReply, target: str, proxy: ProxyURL) -> Verdict:
             "CONNECT to that port (443 is allowed almost everywhere)",
         )
     if reply.status in (502, 503, 504):
-        return Verdict(
-            Refusal.UPSTREAM, f"proxy {proxy} could not reach {target} ({said})"
-        )
+        return Verdict(Refusal.UPSTREAM, f"proxy {proxy} could not reach {target} ({said})")
     return Verdict(Refusal.OTHER, f"proxy {proxy} refused the tunnel to {target} ({said})")
