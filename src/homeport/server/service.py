@@ -547,8 +547,11 @@ class Service:
         timeout = self.config.handshake_timeout
         try:
             names = await asyncio.wait_for(self._offered_alpn(sock), timeout)
-        except TimeoutError:
-            names = ()  # the control path times the handshake out with its own log line
+        except TimeoutError:  # the handshake's time is spent: no second allowance for control
+            log.info("closing %s: no complete TLS ClientHello within %gs", address, timeout)
+            sock.close()
+            slot.release()
+            return True
         if not is_wrapped_data(names) or self.tls_data is None:
             return False  # --no-tls-data: the control handshake refuses it (no common ALPN)
         loop = asyncio.get_running_loop()
