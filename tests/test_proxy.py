@@ -299,6 +299,7 @@ SAVED = NetworkSettings(proxy="http://saved:3128")
         (NetworkSettings(), {"HTTPS_PROXY": "http://e:1", "NO_PROXY": "example.org"}, None, False),
         (NetworkSettings(), {"HTTPS_PROXY": "http://e:1", "no_proxy": "*"}, None, False),
         (SAVED, {"HTTPS_PROXY": "http://envp:8080"}, "saved", True),
+        (NetworkSettings(), {"HTTPS_PROXY": "http://e:1"}, "e", True),
         (SAVED, {"NO_PROXY": "*"}, "saved", True),  # explicit beats NO_PROXY
         (SAVED, {"HOMEPORT_PROXY": "http://hp:1"}, "hp", True),
         (SAVED, {"HOMEPORT_PROXY": "off"}, None, False),
@@ -316,6 +317,13 @@ def test_choose_route(
     assert (route.proxy.host if route.proxy else None) == proxy_host
     assert route.tls_data is wrapped
     assert route.reason
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "[::1]"])
+def test_the_environments_proxy_never_carries_a_loopback_server(host: str) -> None:
+    env = {"HTTPS_PROXY": "http://e:1"}
+    assert choose_route(NetworkSettings(), env, host).proxy is None
+    assert choose_route(SAVED, env, host).proxy is not None  # explicit: the user said so
 
 
 def test_bad_route_settings_name_their_source() -> None:

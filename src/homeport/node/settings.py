@@ -135,8 +135,9 @@ def choose_route(saved: NetworkSettings, env: Mapping[str, str], server_host: st
 
     Proxy precedence: ``HOMEPORT_PROXY``, then the node's saved ``--proxy``, then
     ``HTTPS_PROXY``/``https_proxy`` unless ``NO_PROXY``/``no_proxy`` excludes the
-    server (the saved and HOMEPORT_PROXY settings are explicit, so NO_PROXY does
-    not apply to them). ``off`` at any of the explicit levels means direct.
+    server or the server is on loopback (the saved and HOMEPORT_PROXY settings are
+    explicit, so neither exception applies to them). ``off`` at any of the explicit
+    levels means direct.
 
     Raises:
         ValueError: a malformed proxy URL (one line, naming where it came from).
@@ -161,6 +162,8 @@ def choose_route(saved: NetworkSettings, env: Mapping[str, str], server_host: st
             why = "direct (no proxy configured)"
         elif no_proxy_matches(no_proxy, server_host):
             why = f"direct (NO_PROXY excludes {server_host})"
+        elif _is_loopback(server_host):  # a proxy elsewhere cannot reach our loopback
+            why = f"direct ({server_host} is this machine)"
         else:
             proxy = _parse(from_env, name)
             why = f"through proxy {proxy} ({name})"
@@ -173,6 +176,11 @@ def choose_route(saved: NetworkSettings, env: Mapping[str, str], server_host: st
             raise ValueError(f"{ENV_TLS_DATA}={env_tls[:20]!r}: use on, off or auto") from None
     wrapped = tls is TlsData.ON or (tls is TlsData.AUTO and proxy is not None)
     return Route(proxy, wrapped, f"{why}; data connections {'TLS-wrapped' if wrapped else 'plain'}")
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip("[]").lower()
+    return name in ("localhost", "::1") or name.startswith("127.") or name.endswith(".localhost")
 
 
 def _parse(url: str, source: str) -> ProxyURL:
