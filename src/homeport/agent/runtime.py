@@ -1025,15 +1025,15 @@ async def _proxy_tunnel(state: NodeState) -> socket.socket | None:
     """A CONNECT tunnel to the server when this node uses a proxy (docs/proxy.md), else None."""
     from homeport.io.dial import route_of, server_tcp
 
-    def dial() -> socket.socket | None:
-        route = route_of(state)
+    try:
+        route = route_of(state)  # a small file read: no thread for the usual direct case
         if route.proxy is None:
             return None
         host, port = state.server_address()
-        return server_tcp(host, port, route, time.monotonic() + CONNECT_TIMEOUT, "server")
-
-    try:
-        return await asyncio.get_running_loop().run_in_executor(None, dial)
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        return await asyncio.get_running_loop().run_in_executor(
+            None, server_tcp, host, port, route, deadline, "server"
+        )
     except DialError as exc:
         raise OSError(exc.message) from exc
 
