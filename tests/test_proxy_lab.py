@@ -176,9 +176,9 @@ def _reachable(nat: NatLab, where: str) -> bool:
 
 
 def _nc(
-    lab: Lab, *args: str, env: dict[str, str] | None = None
+    lab: Lab, *args: str, env: dict[str, str] | None = None, timeout: float = 15
 ) -> subprocess.CompletedProcess[str]:
-    argv = [*HOMEPORT, "nc", "--timeout", "4", "--state", str(lab.client_state), *args]
+    argv = [*HOMEPORT, "nc", "--timeout", str(timeout), "--state", str(lab.client_state), *args]
     return subprocess.run(
         lab.nat.cmd("laptop", argv),
         capture_output=True,
@@ -245,7 +245,7 @@ def test_status_through_the_proxy(lab: Lab) -> None:
 
 
 def test_without_the_proxy_it_fails_with_one_line(lab: Lab) -> None:
-    res = _nc(lab, "labpc", "22", env={"HOMEPORT_PROXY": "off"})
+    res = _nc(lab, "labpc", "22", env={"HOMEPORT_PROXY": "off"}, timeout=4)
     assert res.returncode == 1
     line = res.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
@@ -292,7 +292,7 @@ def test_forbidden_port_is_a_403(lab: Lab) -> None:
     (moved / "node.json").write_text(text)
     res = subprocess.run(
         lab.nat.cmd(
-            "laptop", [*HOMEPORT, "nc", "--timeout", "4", "--state", str(moved), "labpc", "22"]
+            "laptop", [*HOMEPORT, "nc", "--timeout", "15", "--state", str(moved), "labpc", "22"]
         ),
         capture_output=True,
         text=True,
