@@ -285,6 +285,19 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
     help="let permitted nodes leave through this one to these networks "
     "(192.168.1.0/24,… or all; saved; see 'homeport socks')",
 )
+@click.option(
+    "--proxy",
+    metavar="URL",
+    help="reach the server through this HTTP CONNECT proxy, http://[USER:PASS@]HOST:PORT "
+    "(saved; 'off': never, 'auto': back to $HTTPS_PROXY/$NO_PROXY, the default)",
+)
+@click.option(
+    "--tls-data",
+    type=click.Choice(["auto", "on", "off"]),
+    default=None,
+    help="wrap data connections in TLS to the server, for middleboxes that pass only TLS "
+    "(saved; auto, the default: when a proxy is used)",
+)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def up(  # noqa: PLR0917 - click passes options positionally
     server: str | None,
@@ -303,6 +316,8 @@ def up(  # noqa: PLR0917 - click passes options positionally
     metrics_listen: str | None,
     metrics_allow_remote: bool,
     advertise_exit: str | None,
+    proxy: str | None,
+    tls_data: str | None,
     verbose: bool,
 ) -> None:
     """Enroll this machine (first run) and run the agent in the foreground."""
@@ -322,6 +337,8 @@ def up(  # noqa: PLR0917 - click passes options positionally
     authkey = resolve_authkey(authkey, authkey_file)
     services = _services(expose_ssh, expose)
     state_dir = node_state.resolve_dir(state)
+    if proxy is not None or tls_data is not None:
+        _save_network(state_dir, proxy, tls_data)
     try:
         st = node_state.load(state_dir)
         st = _moved(st, server, name, authkey)
@@ -350,6 +367,12 @@ def up(  # noqa: PLR0917 - click passes options positionally
             "homeport set --ssh or --expose NAME=HOST:PORT"
         )
     _exit_setting(st.dir, advertise_exit, log)
+    from homeport.io.dial import DialError, route_of
+
+    try:
+        log.info("server %s: %s", st.server, route_of(st).reason)
+    except DialError as exc:
+        _fail(exc.message, 2)
     lock = _lock_state(st.dir)
     _mark_shields(st.dir, shields_up)
     from homeport.agent.runtime import run_agent
@@ -385,6 +408,38 @@ def _exit_setting(state_dir: Path, spec: str | None, log: logging.Logger) -> Non
         log.info(
             "exit node for %s (saved; stop with: homeport set --no-exit)", exitnet.describe(nets)
         )
+
+
+def _save_network(state_dir: Path, proxy: str | None, tls_data: str | None) -> None:
+    """Save ``--proxy``/``--tls-data`` in the state directory (before enrollment uses them)."""
+    from dataclasses import replace
+
+    from homeport.node import settings
+    from homeport.node.files import UnsafeDirectory, safe_dir
+    from homeport.wire.httpconnect import parse_proxy_url
+
+    try:
+        safe_dir(state_dir)
+        saved = settings.load_network(state_dir)
+    except (ValueError, UnsafeDirectory, OSError) as exc:
+        _fail(str(exc))
+    if proxy is not None:
+        value = proxy.strip()
+        if value.lower() == "auto" or not value:
+            saved = replace(saved, proxy=None)
+        elif value.lower() in settings.NO_PROXY_WORDS:
+            saved = replace(saved, proxy="off")
+        else:
+            try:
+                saved = replace(saved, proxy=parse_proxy_url(value).url())
+            except ValueError as exc:
+                _fail(f"--proxy: {exc}", 2)
+    if tls_data is not None:
+        saved = replace(saved, tls_data=settings.TlsData(tls_data))
+    try:
+        settings.save_network(state_dir, saved)
+    except OSError as exc:
+        _fail(f"cannot save the network settings in {state_dir}: {exc}")
 
 
 #: The lock file that keeps a second agent off a state directory.

@@ -350,6 +350,7 @@ class Agent:
             idle_timeout=self.idle_timeout,
             answer_timeout=WELCOME_TIMEOUT,
             connect_timeout=CONNECT_TIMEOUT,
+            sock=await _proxy_tunnel(self.state),
         )
         self._recent.append(link)
         if link.ended:  # refused by the driver itself (ALPN)
@@ -1063,6 +1064,23 @@ class Agent:
         loop = self._loop
         assert loop is not None
         return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
+
+
+async def _proxy_tunnel(state: NodeState) -> socket.socket | None:
+    """A CONNECT tunnel to the server when this node uses a proxy (docs/proxy.md), else None."""
+    from homeport.io.dial import route_of, server_tcp
+
+    try:
+        route = route_of(state)  # a small file read: no thread for the usual direct case
+        if route.proxy is None:
+            return None
+        host, port = state.server_address()
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        return await asyncio.get_running_loop().run_in_executor(
+            None, server_tcp, host, port, route, deadline, "server"
+        )
+    except DialError as exc:
+        raise OSError(exc.message) from exc
 
 
 async def _connect_target(host: str, port: int) -> socket.socket:

@@ -506,6 +506,15 @@ def _direct(args: NcArgs, handoff: "_Socket | None") -> int:
         state = node_state.load(node_state.resolve_dir(args.state))
     except node_state.StateError as exc:
         return _fail(args.host, str(exc))
+    if handoff is not None:
+        from homeport.io.dial import route_of
+
+        try:
+            wrapped = route_of(state).tls_data
+        except DialError as exc:
+            return _fail(args.host, exc.message)
+        if wrapped:
+            return _fork_then_dial(args, state, handoff)
     try:
         stream = open_stream(state, args.host, args.service, timeout=args.timeout)
     except DialError as exc:
@@ -528,6 +537,87 @@ def _direct(args: NcArgs, handoff: "_Socket | None") -> int:
         return _fork_and_hand_off(args.host, stream.tls, handoff)
     sys.stdout.flush()
     return _pump(args.host, stream.tls, sys.stdin.fileno(), sys.stdout.fileno())
+
+
+def _fork_then_dial(args: NcArgs, state: "NodeState", handoff: "_Socket") -> int:
+    """ProxyUseFdpass with a TLS-wrapped data connection: the child dials, the parent hands off.
+
+    Why fork first: a wrapped data connection needs a thread pumping its outer
+    TLS (:func:`homeport.io.dial.wrap_data`), and threads do not survive the
+    fork of :func:`_fork_and_hand_off`. So the child opens the stream, admits the
+    host keys, reports one byte on a pipe (0: ready; 1: failed, the child
+    printed why), then pumps between the stream and its end of the socketpair;
+    the parent passes the other end to ssh only after a 0.
+    """
+    import socket
+
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready_r, ready_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_FAIL
+        try:
+            os.close(ready_r)
+            handoff.close()
+            theirs.close()
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.close(null)
+            stream = _open_admitted(args, state)
+            os.write(ready_w, b"\1" if stream is None else b"\0")
+            os.close(ready_w)
+            if stream is not None:
+                code = _pump(args.host, stream.tls, mine.fileno(), mine.fileno(), local_tuned=True)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(ready_w)
+    mine.close()
+    try:
+        status = os.read(ready_r, 1)
+    finally:
+        os.close(ready_r)
+    try:
+        if status != b"\0":
+            return EXIT_FAIL  # the child said why (or died, and Python printed why)
+        send_fd(handoff, theirs.fileno())
+    except OSError as exc:
+        return _fail(args.host, f"cannot pass the connection to ssh: {exc}")
+    finally:
+        theirs.close()
+        handoff.close()
+    return EXIT_OK
+
+
+def _open_admitted(args: NcArgs, state: "NodeState") -> "OpenStream | None":
+    """open_stream + admit, as in :func:`_direct`; None after printing the one-line error."""
+    from homeport.io.dial import DialError, open_stream
+    from homeport.node.hostkeys import TrustError, admit
+
+    try:
+        stream = open_stream(state, args.host, args.service, timeout=args.timeout)
+    except DialError as exc:
+        _fail(args.host, exc.message)
+        return None
+    except OSError as exc:
+        _fail(args.host, f"connection failed: {exc}")
+        return None
+    peer = stream.opened.peer
+    port = stream.opened.port or (int(args.service) if args.service.isdigit() else 22)
+    try:
+        admit(state.dir, args.host, port, peer.node_id, peer.host_keys)
+    except TrustError as exc:
+        stream.tls.close()
+        _fail(args.host, str(exc))
+        return None
+    except (ValueError, OSError) as exc:
+        stream.tls.close()
+        _fail(args.host, f"cannot write known_hosts for {peer.name!r}: {exc}")
+        return None
+    return stream
 
 
 def _pump(
@@ -617,4 +707,6 @@ TYPE_CHECKING = False  # mypy reads this name as True; importing typing costs st
 if TYPE_CHECKING:
     from _socket import socket as _Socket
 
+    from homeport.io.dial import OpenStream
     from homeport.io.tlsstream import TlsStream
+    from homeport.node.state import NodeState

@@ -32,8 +32,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 import ssl
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from homeport.crypto.tls import ALPN_CONTROL
 from homeport.proto.control import (
@@ -363,9 +364,16 @@ async def connect_control(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     answer_timeout: float = 10.0,
     connect_timeout: float = 10.0,
+    sock: socket.socket | None = None,
 ) -> ControlLink:
-    """Open a client control connection (TCP + TLS); the caller checks the pin, sends HELLO."""
+    """Open a client control connection (TCP + TLS); the caller checks the pin, sends HELLO.
+
+    ``sock``: an already connected TCP socket to run the TLS over (a proxy's
+    CONNECT tunnel, :func:`homeport.io.dial.server_tcp`); ``host``/``port`` then
+    only name the server in logs.
+    """
     loop = asyncio.get_running_loop()
+    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
     _, link = await asyncio.wait_for(
         loop.create_connection(
             lambda: ControlLink(
@@ -376,10 +384,9 @@ async def connect_control(
                 idle_timeout=idle_timeout,
                 answer_timeout=answer_timeout,
             ),
-            host,
-            port,
             ssl=ctx,
             server_hostname="",
+            **where,
             ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
         ),
         connect_timeout,

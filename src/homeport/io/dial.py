@@ -12,6 +12,14 @@ with the auth key secret).
 
 Every failure is a :class:`DialError` with a stable ``code`` (for tests and
 scripts) and a ``message`` fit for a one-line error.
+
+Every TCP connection to the server goes through :func:`server_tcp`, which
+follows the node's :class:`~homeport.node.settings.Route`: direct, or through
+an HTTP CONNECT proxy (``--proxy``, ``HOMEPORT_PROXY``, ``HTTPS_PROXY``;
+:mod:`homeport.wire.httpconnect`). With TLS-wrapped data
+(:func:`wrap_data`) a data connection carries an outer TLS session to the
+server, pinned like the control link, and the stream's own bytes ride inside
+it through a local socketpair (docs/proxy.md).
 """
 
 from __future__ import annotations
@@ -33,12 +41,16 @@ from homeport.errors import CodedError
 from homeport.io import recstream, tlsctx, tlsstream
 from homeport.io.pump import tune_socket
 from homeport.io.tlsstream import TlsStream
+from homeport.node import settings as node_settings
 from homeport.node import state as node_state
 from homeport.node.files import write_private
+from homeport.node.settings import Route
 from homeport.node.state import NodeState
 from homeport.proto.control import ConnectionClosed, ControlConnection, MessageReceived, Role
 from homeport.wire import control as m
-from homeport.wire.data import encode_preamble, new_token
+from homeport.wire import httpconnect
+from homeport.wire.data import ALPN_DATA, encode_preamble, new_token
+from homeport.wire.errors import WireError
 
 #: Default seconds for one dial (TCP connect + TLS + answer).
 DEFAULT_TIMEOUT = 10.0
@@ -49,7 +61,14 @@ log = logging.getLogger("homeport.dial")
 
 #: Codes meaning "try again later" (network, server restarting), as opposed to
 #: answers that will not change by retrying (bad auth key, unknown node).
-RETRIABLE_CODES = frozenset({"unreachable", "timeout", "eof", "tls", "server-busy"})
+RETRIABLE_CODES = frozenset(
+    {"unreachable", "timeout", "eof", "tls", "server-busy", "proxy-unreachable", "proxy-timeout"}
+    | {"proxy-upstream"}
+)
+#: Bytes read per recv while waiting for the proxy's CONNECT answer.
+PROXY_READ_SIZE = 4 * 1024
+#: The route of a dial that must not use a proxy (tests, and the default of helpers).
+DIRECT = Route(None, False, "direct")
 
 
 class DialError(CodedError):
@@ -89,6 +108,181 @@ def _connect(
             "unreachable", f"cannot reach {what} {addr[0]}:{addr[1]}: {exc.strerror or exc}"
         ) from exc
     tune_socket(sock)
+    return sock
+
+
+def route_of(state: NodeState) -> Route:
+    """How ``state``'s node reaches its server (its saved settings and the environment)."""
+    return route_to(state.dir, state.server_address()[0])
+
+
+def route_to(state_dir: Path | None, host: str) -> Route:
+    """:func:`homeport.node.settings.route_for` with a bad setting as a :class:`DialError`."""
+    try:
+        return node_settings.route_for(state_dir, host)
+    except ValueError as exc:
+        raise DialError("bad-proxy", str(exc)) from exc
+
+
+def server_tcp(host: str, port: int, route: Route, deadline: float, what: str) -> socket.socket:
+    """A TCP connection to the server ``host:port``, direct or through ``route``'s proxy."""
+    if route.proxy is None:
+        family, addr = resolve(host, port)
+        return _connect(family, addr, deadline, what)
+    return proxy_tunnel(route.proxy, host, port, deadline, what)
+
+
+def proxy_tunnel(
+    proxy: httpconnect.ProxyURL, host: str, port: int, deadline: float, what: str
+) -> socket.socket:
+    """Connect to ``proxy``, CONNECT to ``host:port``, return the tunnel (blocking, no timeout).
+
+    Raises:
+        DialError: ``proxy-unreachable``, ``proxy-timeout``, ``proxy-auth`` (407),
+        ``proxy-forbidden`` (403), ``proxy-upstream`` (502/503/504),
+        ``proxy-refused`` (other), ``proxy-protocol`` (not an HTTP answer).
+    """
+    try:
+        infos = socket.getaddrinfo(proxy.host, proxy.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DialError(
+            "proxy-unreachable", f"cannot resolve proxy {proxy}: {exc.strerror}"
+        ) from exc
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        sock.connect(addr)
+    except TimeoutError as exc:
+        sock.close()
+        raise DialError("proxy-unreachable", f"proxy {proxy} did not accept a connection") from exc
+    except OSError as exc:
+        sock.close()
+        raise DialError(
+            "proxy-unreachable", f"cannot reach proxy {proxy}: {exc.strerror or exc}"
+        ) from exc
+    target = f"{what} {host}:{port}"
+    try:
+        sock.sendall(httpconnect.encode_connect(host, port, proxy))
+        parser = httpconnect.ReplyParser()
+        reply = None
+        while reply is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            chunk = sock.recv(PROXY_READ_SIZE)
+            if not chunk:
+                raise DialError("proxy-refused", f"proxy {proxy} closed the connection")
+            reply = parser.feed(chunk)
+    except TimeoutError as exc:
+        sock.close()
+        raise DialError(
+            "proxy-timeout", f"proxy {proxy} did not answer the CONNECT to {target} in time"
+        ) from exc
+    except WireError as exc:
+        sock.close()
+        raise DialError("proxy-protocol", f"proxy {proxy}: {exc}") from exc
+    except ValueError as exc:  # encode_connect: a host name we cannot put in a request
+        sock.close()
+        raise DialError("bad-server", str(exc)) from exc
+    except OSError as exc:
+        sock.close()
+        raise DialError("proxy-unreachable", f"proxy {proxy} failed: {exc}") from exc
+    except DialError:
+        sock.close()
+        raise
+    verdict = httpconnect.verdict(reply, target, proxy)
+    if verdict.refusal is not None:
+        sock.close()
+        raise DialError(verdict.refusal.value, verdict.reason)
+    if reply.rest:  # a homeport server never speaks first: the proxy made it up
+        sock.close()
+        raise DialError("proxy-protocol", f"proxy {proxy} sent bytes the server cannot have sent")
+    log.debug("%s", verdict.reason)
+    sock.settimeout(None)
+    tune_socket(sock)
+    return sock
+
+
+def wrap_data(
+    sock: socket.socket, pin: str, preamble: bytes, deadline: float, what: str
+) -> socket.socket:
+    """Wrap a data connection in TLS to the server; return the local end carrying its inside.
+
+    The outer TLS offers only ``homeport-data/1`` and pins the server exactly like
+    the control link; the preamble goes inside it. A thread pumps between the
+    outer session and one end of a socketpair (:func:`homeport.io.pump.pump`,
+    half-close included); the caller gets the other end and runs the end-to-end
+    TLS over it as over a plain data connection. Closes ``sock`` on failure.
+    """
+    from homeport.io.pump import pump
+
+    ctx = tlsctx.data_client_context()
+    try:
+        outer = tlsstream.handshake(
+            sock, ctx, server_side=False, timeout=max(0.01, deadline - time.monotonic())
+        )
+    except TimeoutError as exc:
+        sock.close()
+        raise DialError("timeout", f"TLS handshake with {what} (data) timed out") from exc
+    except ssl.SSLError as exc:
+        sock.close()
+        raise DialError("tls", f"TLS handshake with {what} (data) failed: {exc.reason}") from exc
+    except OSError as exc:
+        sock.close()
+        raise DialError("eof", f"TLS handshake with {what} (data) failed: {exc}") from exc
+    try:
+        hptls.check_pin(outer.peer_cert_der(), pin)
+    except hptls.PinMismatch as exc:
+        sock.close()
+        raise DialError("pin-mismatch", f"{what} is not the expected one ({exc})") from exc
+    if outer.obj.selected_alpn_protocol() != ALPN_DATA:
+        sock.close()
+        raise DialError(
+            "tls-data-refused",
+            f"{what} does not accept TLS-wrapped data connections (an older server, or one "
+            "run with --no-tls-data): upgrade it, or use --tls-data off",
+        )
+    try:
+        outer.send_blocking(preamble, timeout=max(0.01, deadline - time.monotonic()))
+    except OSError as exc:
+        sock.close()
+        raise DialError("eof", f"data connection to {what} closed: {exc}") from exc
+    inner, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tune_socket(inner)
+    tune_socket(mine)
+
+    def run() -> None:
+        try:
+            res = pump(outer, mine.fileno(), mine.fileno(), local_tuned=True)
+            log.debug("TLS-wrapped data connection ended: %s", res.reason)
+        finally:
+            mine.close()
+
+    import threading
+
+    threading.Thread(target=run, name="homeport-tlsdata", daemon=True).start()
+    return inner
+
+
+def data_connection(state: NodeState, route: Route, token: bytes, deadline: float) -> socket.socket:
+    """A data connection presenting ``token``: plain, or TLS-wrapped when ``route`` says so.
+
+    The preamble is sent; the caller's next bytes are the end-to-end TLS.
+    """
+    host, port = state.server_address()
+    what = _server_what(state)
+    sock = server_tcp(host, port, route, deadline, what)
+    if route.tls_data:
+        return wrap_data(sock, state.server_pin, encode_preamble(token), deadline, what)
+    try:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        sock.sendall(encode_preamble(token))
+        sock.settimeout(None)
+    except OSError as exc:
+        sock.close()
+        raise DialError("eof", f"data connection closed: {exc}") from exc
     return sock
 
 
@@ -236,18 +430,17 @@ def _server_what(state: NodeState) -> str:
     return f"server {state.server}"
 
 
-def _control_tls(
-    state: NodeState, family: socket.AddressFamily, addr: tuple[str, int], deadline: float
-) -> ssl.SSLSocket:
+def _control_tls(state: NodeState, route: Route, deadline: float) -> ssl.SSLSocket:
     ctx = tlsctx.control_client_context(state.cert_path, state.key_path)
-    sock = _connect(family, addr, deadline, "server")
+    host, port = state.server_address()
+    sock = server_tcp(host, port, route, deadline, "server")
     try:
         return _tls_client(sock, ctx, deadline, state.server_pin, _server_what(state))
     except DialError as exc:
         renewed = renewed_pin(state) if exc.code == "pin-mismatch" else None
         if renewed is None:
             raise
-    sock = _connect(family, addr, deadline, "server")
+    sock = server_tcp(host, port, route, deadline, "server")
     return _tls_client(sock, ctx, deadline, renewed.server_pin, _server_what(renewed))
 
 
@@ -262,11 +455,17 @@ MAX_WEBPKI_NAME = 256
 WEBPKI_TIMEOUT = 5.0
 
 
-def webpki_fingerprint(host: str, port: int, timeout: float = WEBPKI_TIMEOUT) -> str | None:
+def webpki_fingerprint(
+    host: str, port: int, timeout: float = WEBPKI_TIMEOUT, route: Route = DIRECT
+) -> str | None:
     """The pin of the certificate ``host:port`` serves if it is publicly valid for ``host``."""
     try:
         ctx = tlsctx.webpki_client_context()
-        with socket.create_connection((host, port), timeout=timeout) as raw:
+        raw_sock = server_tcp(host, port, route, time.monotonic() + timeout, "server")
+    except (DialError, OSError, ValueError):
+        return None
+    try:
+        with raw_sock as raw:
             raw.settimeout(timeout)
             with ctx.wrap_socket(raw, server_hostname=host) as tls:
                 der = tls.getpeercert(binary_form=True)
@@ -285,7 +484,11 @@ def record_webpki(state: NodeState) -> bool:
     name); a self-signed server's nodes never accept another certificate.
     """
     host, port = state.server_address()
-    if webpki_fingerprint(host, port) != state.server_pin:
+    try:
+        route = route_of(state)
+    except DialError:
+        return False
+    if webpki_fingerprint(host, port, route=route) != state.server_pin:
         return False
     write_private(state.dir / WEBPKI_FILE, host.encode() + b"\n")
     return True
@@ -306,7 +509,11 @@ def renewed_pin(state: NodeState) -> NodeState | None:
     host, port = state.server_address()
     if not name or name != host:
         return None
-    pin = webpki_fingerprint(host, port)
+    try:
+        route = route_of(state)
+    except DialError:
+        return None
+    pin = webpki_fingerprint(host, port, route=route)
     if pin is None or pin == state.server_pin:
         return None
     renewed = replace(state, server_pin=pin)
@@ -324,8 +531,7 @@ def connect_control(
 ) -> ControlClient:
     """TLS + pin + HELLO/WELCOME; the returned client is READY."""
     deadline = time.monotonic() + timeout
-    family, addr = resolve(*state.server_address())
-    tls = _control_tls(state, family, addr, deadline)
+    tls = _control_tls(state, route_of(state), deadline)
     client = ControlClient(
         tls, ControlConnection(Role.CLIENT, time.monotonic()), _server_what(state)
     )
@@ -428,6 +634,9 @@ def open_stream(
     reaching a service of ``dst`` (``service`` is then ignored; docs/exit-nodes.md).
     """
     deadline = time.monotonic() + timeout
+    route = route_of(state)
+    if route.proxy is not None or route.tls_data:
+        return _open_stream_routed(state, route, dst, service, deadline, exit=exit)
     family, addr = resolve(*state.server_address())
     token = new_token()
     data = socket.socket(family, socket.SOCK_STREAM)
@@ -439,7 +648,7 @@ def open_stream(
             raise DialError(
                 "unreachable", f"cannot reach server {addr[0]}:{addr[1]}: {os.strerror(rc)}"
             )
-        tls = _control_tls(state, family, addr, deadline)
+        tls = _control_tls(state, route, deadline)
         control = ControlClient(
             tls, ControlConnection(Role.CLIENT, time.monotonic()), _server_what(state)
         )
@@ -458,24 +667,8 @@ def open_stream(
         )
         started, client_hello = tlsstream.begin_client(data, ctx)
         data.sendall(encode_preamble(token) + client_hello)
-        opened: m.Opened | None = None
-        while opened is None:
-            msg = control.recv(deadline)
-            if isinstance(msg, m.Opened) and msg.token == token.hex():
-                opened = msg
-            elif isinstance(msg, m.OpenFailed) and msg.token == token.hex():
-                raise DialError(msg.code, msg.message or msg.code)
-            elif isinstance(msg, m.Welcome) and exit and m.CAP_EXIT not in msg.caps:
-                raise DialError("upgrade", f"server {state.server} predates exit nodes; upgrade it")
-            # WELCOME, NETMAP and anything else: not what we wait for.
-        stream_tls = e2e_handshake(
-            data,
-            ctx,
-            server_side=False,
-            expected_pin=opened.peer.fingerprint,
-            peer_name=opened.peer.name or dst,
-            timeout=max(0.01, deadline - time.monotonic()),
-            started=started,
+        stream_tls, opened = _finish_open(
+            control, data, ctx, started, token=token, dst=dst, deadline=deadline, exit=exit
         )
     except BaseException:
         data.close()
@@ -486,17 +679,83 @@ def open_stream(
     return OpenStream(stream_tls, opened)
 
 
+def _finish_open(
+    control: ControlClient,
+    data: socket.socket,
+    ctx: ssl.SSLContext,
+    started: TlsStream,
+    *,
+    token: bytes,
+    dst: str,
+    deadline: float,
+    exit: str = "",
+) -> tuple[TlsStream, m.Opened]:
+    """Wait for OPENED (or OPEN_FAILED), then finish the end-to-end handshake over ``data``."""
+    opened: m.Opened | None = None
+    while opened is None:
+        msg = control.recv(deadline)
+        if isinstance(msg, m.Opened) and msg.token == token.hex():
+            opened = msg
+        elif isinstance(msg, m.OpenFailed) and msg.token == token.hex():
+            raise DialError(msg.code, msg.message or msg.code)
+        elif isinstance(msg, m.Welcome) and exit and m.CAP_EXIT not in msg.caps:
+            raise DialError("upgrade", f"{control.what} predates exit nodes; upgrade it")
+        # WELCOME, NETMAP and anything else: not what we wait for.
+    stream_tls = e2e_handshake(
+        data,
+        ctx,
+        server_side=False,
+        expected_pin=opened.peer.fingerprint,
+        peer_name=opened.peer.name or dst,
+        timeout=max(0.01, deadline - time.monotonic()),
+        started=started,
+    )
+    return stream_tls, opened
+
+
+def _open_stream_routed(
+    state: NodeState, route: Route, dst: str, service: str, deadline: float, *, exit: str = ""
+) -> OpenStream:
+    """:func:`open_stream` through a proxy and/or with a TLS-wrapped data connection.
+
+    Less pipelined than the direct path (the proxy's CONNECT answers come one
+    after the other): control TLS, HELLO+OPEN, then the data connection while
+    the server works on the OPEN.
+    """
+    token = new_token()
+    control = ControlClient(
+        _control_tls(state, route, deadline),
+        ControlConnection(Role.CLIENT, time.monotonic()),
+        _server_what(state),
+    )
+    try:
+        control.send(
+            m.Hello(proto=m.PROTOCOL_VERSION, role="client", software=SOFTWARE),
+            m.Open(
+                dst=dst, service=m.EXIT_SERVICE if exit else service, token=token.hex(), exit=exit
+            ),
+        )
+        data = data_connection(state, route, token, deadline)
+        try:
+            ctx = tlsctx.stream_context(
+                server_side=False, cert=state.cert_path, key=state.key_path, ca_cert=state.ca_path
+            )
+            started, client_hello = tlsstream.begin_client(data, ctx)
+            data.sendall(client_hello)
+            stream_tls, opened = _finish_open(
+                control, data, ctx, started, token=token, dst=dst, deadline=deadline, exit=exit
+            )
+        except BaseException:
+            data.close()
+            raise
+    finally:
+        control.close()
+    return OpenStream(stream_tls, opened)
+
+
 def dial_data(state: NodeState, token: bytes, *, timeout: float = DEFAULT_TIMEOUT) -> socket.socket:
     """A data connection presenting ``token`` (the agent's side of a stream)."""
-    deadline = time.monotonic() + timeout
-    family, addr = resolve(*state.server_address())
-    sock = _connect(family, addr, deadline, "server")
-    try:
-        sock.sendall(encode_preamble(token))
-    except OSError as exc:
-        sock.close()
-        raise DialError("eof", f"data connection closed: {exc}") from exc
-    return sock
+    return data_connection(state, route_of(state), token, time.monotonic() + timeout)
 
 
 # -- enrollment --------------------------------------------------------------------
@@ -540,6 +799,7 @@ def enroll(
     state_dir: Path,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    route: Route | None = None,
 ) -> NodeState:
     """Join the network: pin the server from the auth key, send ENROLL, store the identity.
 
@@ -569,9 +829,10 @@ def enroll(
     except ValueError as exc:
         raise DialError("bad-server", str(exc)) from exc
     deadline = time.monotonic() + timeout
-    family, addr = resolve(host, port)
     what = f"server {server}"
-    sock = _connect(family, addr, deadline, "server")
+    if route is None:
+        route = route_to(state_dir, host)
+    sock = server_tcp(host, port, route, deadline, "server")
     try:
         tls = _tls_client(
             sock, tlsctx.control_client_context(), deadline, auth_key.server_pin, what

@@ -29,6 +29,21 @@ def control_client_context(cert: Path | None = None, key: Path | None = None) ->
     return ctx
 
 
+def data_client_context() -> ssl.SSLContext:
+    """Context for the outer TLS of a TLS-wrapped data connection (:mod:`homeport.wire.data`).
+
+    The control client's policy (the server is pinned after the handshake) with
+    exactly one ALPN name, ``homeport-data/1``, which is how the server tells it
+    from a control connection. No client certificate: the preamble's token is
+    what the relay checks, and the stream inside is end-to-end authenticated.
+    """
+    from homeport.wire.data import ALPN_DATA
+
+    ctx = control_client_policy()
+    ctx.set_alpn_protocols([ALPN_DATA])
+    return ctx
+
+
 def webpki_client_context() -> ssl.SSLContext:
     """Context that checks the server's certificate the way a browser does (system CAs).
 

@@ -272,6 +272,7 @@ def run_server(
     key_expiry: float | None = DEFAULT_KEY_EXPIRY,
     admin_listen: str | None = None,
     admin_optional: bool = False,
+    tls_data: bool = True,
 ) -> int:
     """``homeport server``: run in the foreground until SIGINT/SIGTERM. Returns an exit code."""
     setup_logging()
@@ -283,6 +284,7 @@ def run_server(
         cfg,
         probe_port=cfg.probe_port if probe_port is None else probe_port,
         relay_only=relay_only,
+        tls_data=tls_data,
     )
 
     async def main() -> None:

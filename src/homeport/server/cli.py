@@ -161,6 +161,13 @@ def register(cli: click.Group) -> None:
         help="Never coordinate direct paths: every stream goes through this relay.",
     )
     @click.option(
+        "--no-tls-data",
+        is_flag=True,
+        default=False,
+        help="Refuse TLS-wrapped data connections (nodes behind TLS-only middleboxes, "
+        "docs/proxy.md); they cost this server CPU.",
+    )
+    @click.option(
         "--key-expiry",
         default=DEFAULT_KEY_EXPIRY,
         show_default=True,
@@ -189,6 +196,7 @@ def register(cli: click.Group) -> None:
         idle_timeout: float | None,
         probe_port: int | None,
         relay_only: bool,
+        no_tls_data: bool,
     ) -> None:
         """Run the homeport server (coordinator and relay) in the foreground."""
         from homeport.server.app import parse_listen, run_server
@@ -224,6 +232,7 @@ def register(cli: click.Group) -> None:
             key_expiry=key_seconds,
             admin_listen=None if admin is None else admin_listen,
             admin_optional=source is click.core.ParameterSource.DEFAULT,
+            tls_data=not no_tls_data,
         )
         sys.exit(code)
 

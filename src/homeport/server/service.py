@@ -13,6 +13,9 @@ classified by its first byte (peeked, never consumed) within
   the relay (:mod:`homeport.relay`) -- unless it is a whoami request
   (``HPW\x01``, :mod:`homeport.wire.probe`): then the answer is the address
   and port this connection comes from, and the connection is closed.
+* ``0x16`` offering ALPN ``homeport-data/1``: a TLS-wrapped data connection
+  (detection rule: :mod:`homeport.wire.data`); :mod:`homeport.server.tlsdata`
+  terminates the outer TLS and gives the relay the inside.
 * anything else: closed with a logged reason.
 
 A second, optional listener (the **probe port**, default main port + 1) speaks
@@ -49,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from homeport import relay as hprelay
-from homeport.crypto.tls import fingerprint
+from homeport.crypto.tls import ALPN_CONTROL, fingerprint
 from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
 from homeport.io.pump import set_keepalive
 from homeport.policy.acl import CompiledPolicy
@@ -62,12 +65,15 @@ from homeport.proto.control import (
     Role,
 )
 from homeport.relay import UNPAIRED_TIMEOUT, Relay, RelayFull, TokenInUse
+from homeport.server.tlsdata import TlsDataTerminator
 from homeport.store.registry import Registry, WriteBehind
 from homeport.wire import control as m
-from homeport.wire import probe
+from homeport.wire import probe, tlshello
 from homeport.wire.data import (
+    ALPN_DATA,
     PREAMBLE_LEN,
     TLS_HANDSHAKE_BYTE,
+    is_wrapped_data,
     parse_preamble_untrusted,
 )
 from homeport.wire.errors import WireError
@@ -108,6 +114,9 @@ DRAIN_GRACE = 10.0
 DRAIN_POLL = 0.1
 #: ServiceConfig.probe_port: -1 = main port + 1 (ephemeral if the main port is), 0 = none.
 PROBE_PORT_AUTO = -1
+#: While a ClientHello's first record is still arriving, peek again after this many seconds
+#: (a peeked socket stays readable, so waiting for readability would spin).
+HELLO_PEEK_INTERVAL = 0.005
 
 
 class Refusal(enum.Enum):
@@ -142,6 +151,7 @@ class ServiceConfig:
     max_unauthenticated_per_source: int = MAX_UNAUTHENTICATED_PER_SOURCE
     probe_port: int = PROBE_PORT_AUTO  # the whoami listener (-1 auto, 0 none, or a port)
     relay_only: bool = False  # never coordinate direct paths (WELCOME direct: false)
+    tls_data: bool = True  # accept TLS-wrapped data connections (ALPN homeport-data/1)
 
 
 def observed_address(sock: socket.socket) -> tuple[str, int]:
@@ -273,6 +283,13 @@ class Service:
         #: Sees every core command before it runs, and :class:`ConnectionRefused` events
         #: (the metrics adapter, :mod:`homeport.server.metrics`); must not block or raise.
         self.observe: Callable[[object], None] | None = None
+        self.tls_data: TlsDataTerminator | None = None
+        if self.config.tls_data:
+            # One context for both: a control handshake still insists on homeport-control/1.
+            ssl_context.set_alpn_protocols([ALPN_CONTROL, ALPN_DATA])
+            self.tls_data = TlsDataTerminator(
+                ssl_context, relay.attach, handshake_timeout=self.config.handshake_timeout
+            )
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -496,6 +513,9 @@ class Service:
                 log.debug("%s closed before sending anything", address)
                 return
             if first[0] == TLS_HANDSHAKE_BYTE:
+                if await self._wrapped_data(sock, address, slot):
+                    handed_off = True
+                    return
                 handed_off = await self._start_control(sock, address, slot)
             elif first == b"H":
                 try:
@@ -532,6 +552,47 @@ class Service:
             if not handed_off:
                 slot.release()
                 sock.close()
+
+    async def _offered_alpn(self, sock: socket.socket) -> tuple[str, ...]:
+        """The ALPN names of the ClientHello waiting in ``sock`` (peeked, not consumed)."""
+        while True:
+            try:
+                head = sock.recv(tlshello.MAX_PEEK, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                head = b"\x16"  # nothing new yet (the first byte was there)
+            if not head:
+                return ()  # closed: the control path logs it
+            try:
+                names = tlshello.offered_alpn_untrusted(head)
+            except WireError:
+                return ()  # the control path's TLS handshake will refuse it with a reason
+            if names is not None:
+                return names
+            await asyncio.sleep(HELLO_PEEK_INTERVAL)
+
+    async def _wrapped_data(self, sock: socket.socket, address: str, slot: _Slot) -> bool:
+        """A TLS-wrapped data connection goes to the terminator (True: it owns ``sock``)."""
+        timeout = self.config.handshake_timeout
+        try:
+            names = await asyncio.wait_for(self._offered_alpn(sock), timeout)
+        except TimeoutError:  # the handshake's time is spent: no second allowance for control
+            log.info("closing %s: no complete TLS ClientHello within %gs", address, timeout)
+            sock.close()
+            slot.release()
+            return True
+        if not is_wrapped_data(names) or self.tls_data is None:
+            return False  # --no-tls-data: the control handshake refuses it (no common ALPN)
+        loop = asyncio.get_running_loop()
+
+        def released() -> None:
+            loop.call_soon_threadsafe(slot.release)
+
+        if not self.tls_data.start(sock, address, released):
+            log.warning("closing %s: %d TLS-wrapped data connections already", address,
+                        self.tls_data.active)  # fmt: skip
+            sock.close()
+            slot.release()
+        return True
 
     # -- whoami (wire.probe) -----------------------------------------------------------
     async def _answer_whoami(self, sock: socket.socket, request: bytes) -> None:
