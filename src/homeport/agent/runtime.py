@@ -990,6 +990,11 @@ class Agent:
                 return error_reply("relay-only", "this agent runs without direct paths")
             dropped = self._on_loop_wait(lambda: direct.drop_link(req.dst), req.timeout)
             return {"ok": True, "dropped": dropped}
+        if req.op == "check":  # homeport ssh / ssh-config's precheck (client/precheck.py)
+            checked: dict[str, Any] = self._on_loop_wait(
+                lambda: self._check_reply(req.dst), req.timeout
+            )
+            return checked
         if req.op == "netcheck":
             if direct is None:
                 return error_reply("relay-only", "this agent runs without direct paths")
@@ -1010,6 +1015,22 @@ class Agent:
 
         reply: dict[str, Any] = self._on_loop_wait(status, req.timeout)
         return reply
+
+    def _check_reply(self, dst: str) -> dict[str, Any]:
+        """One peer-map entry, flat (nc reads it without ``json``): see client/precheck.py."""
+        peers = self.core.peers
+        ready = self.core.ready and peers.has_map and not peers.awaiting_full
+        peer = peers.get_by_name(dst)
+        if peer is None:
+            return {"ok": True, "ready": ready, "known": False}
+        return {
+            "ok": True,
+            "ready": ready,
+            "known": True,
+            "online": peer.online,
+            "last_seen": peer.last_seen,
+            "services": ",".join(f"{s.name}/{s.port}" for s in peer.services),
+        }
 
     def _on_loop_wait(self, fn: Callable[[], Any], timeout: float) -> Any:
         async def run() -> Any:

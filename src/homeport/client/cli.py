@@ -212,6 +212,12 @@ def ssh(
     st = _load(state)
     extra: list[tuple[str, str]] = []
     args = list(ssh_args)
+    target = name.rpartition("@")[2]
+    reason = _precheck(st, target, _ssh_port(args))
+    if reason is not None:  # one line, and no ssh (with its own noise) at all
+        from homeport.client.nc import format_error
+
+        _fail(format_error(target, reason).removeprefix("homeport nc: "), 255)
     if not no_cert:
         import getpass
 
@@ -224,6 +230,50 @@ def ssh(
         exec_ssh(name, args, st.dir, extra)
     except OSError as exc:
         _fail(f"cannot run ssh: {exc.strerror or exc}")
+
+
+def _ssh_port(args: list[str]) -> str:
+    """The port ssh will ask for (``-p N`` / ``-pN`` among the user's args), else 22."""
+    for i, arg in enumerate(args):
+        if arg == "-p" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("-p") and arg[2:].isdigit():
+            return arg[2:]
+    return "22"
+
+
+def _precheck(st: Any, host: str, service: str) -> str | None:
+    """Why ``host`` cannot be reached now, or None (see :mod:`homeport.client.precheck`).
+
+    The local agent answers from its peer map; without one, the server's map
+    (one round trip) tells the same facts. A name that is not a node name at all
+    is left to ssh (it may be an ordinary host the user reaches through us).
+    """
+    import time
+
+    from homeport.client import precheck
+    from homeport.client.nc import parse_reply
+    from homeport.wire.names import host_name_problem
+
+    if host_name_problem(host) is not None:
+        return None
+    reply = precheck.ask_agent(str(st.dir), host, parse_reply)
+    if not reply or reply.get("ready") is not True:
+        from homeport.io.dial import DialError, request_netmap
+
+        try:
+            nm = _with_self(request_netmap(st), st)
+        except DialError:
+            return None  # the real open will say why
+        node = next((n for n in nm.nodes if n.name == host), None)
+        reply = {"ok": True, "ready": True, "known": node is not None}
+        if node is not None:
+            reply |= {
+                "online": node.online,
+                "last_seen": node.last_seen,
+                "services": ",".join(f"{s.name}/{s.port}" for s in node.services),
+            }
+    return precheck.verdict(reply, host, service, time.time())
 
 
 def _cert_options(st: Any, host: str, account: str) -> list[tuple[str, str]]:
@@ -296,12 +346,29 @@ def ssh_cert(state: str | None, account: str | None, quiet: bool, as_json: bool,
     is_flag=True,
     help="write ~/.ssh/homeport.conf and put 'Include ~/.ssh/homeport.conf' atop ~/.ssh/config",
 )
+@click.option(
+    "--no-precheck",
+    is_flag=True,
+    help="no Match exec that checks the node first (one less process per ssh; on failure "
+    "OpenSSH adds two lines of its own after homeport's reason)",
+)
 @click.argument("names", nargs=-1)
-def ssh_config(
-    state: str | None, as_json: bool, certs: bool, install: bool, names: tuple[str, ...]
+def ssh_config(  # noqa: PLR0917 - click passes options positionally
+    state: str | None,
+    as_json: bool,
+    certs: bool,
+    install: bool,
+    no_precheck: bool,
+    names: tuple[str, ...],
 ) -> None:
     """Print a Host block for ~/.ssh/config (all other nodes, or NAMES); --install writes it."""
-    from homeport.client.ssh import ConfigError, safe_names, ssh_config_block, ssh_config_json
+    from homeport.client.ssh import (
+        ConfigError,
+        precheck_text,
+        safe_names,
+        ssh_config_block,
+        ssh_config_json,
+    )
     from homeport.client.term import printable
 
     st = _load(state)
@@ -312,22 +379,34 @@ def ssh_config(
         for problem in problems:  # from the server: skipped, never written
             click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
     try:
-        block = ssh_config_block(hosts, st.dir, certs=certs)
+        block = ssh_config_block(hosts, st.dir, certs=certs, precheck=not (install or no_precheck))
+        check = "" if no_precheck else precheck_text(hosts, st.dir)
     except ConfigError as exc:
         _fail(printable(str(exc)), 2)
     if install:
-        _install_ssh_config(block, as_json)
+        _install_ssh_config(block, check, as_json)
     elif as_json:
         click.echo(ssh_config_json(hosts, st.dir))
     else:
         click.echo(block, nl=False)
 
 
-def _install_ssh_config(block: str, as_json: bool) -> None:
-    """Write ~/.ssh/homeport.conf and include it first in ~/.ssh/config (idempotent)."""
+def _install_ssh_config(block: str, check: str, as_json: bool) -> None:
+    """Write ~/.ssh/homeport.conf and include it first in ~/.ssh/config (idempotent).
+
+    ``check``: the precheck Match blocks, written to ~/.ssh/homeport-check.conf and
+    included from the top of homeport.conf (OpenSSH reads it first; paramiko
+    ignores the Include); empty: no check file, and an old one is removed.
+    """
     import pwd
 
-    from homeport.client.ssh import INCLUDE_FILE, add_include, include_line
+    from homeport.client.ssh import (
+        CHECK_FILE,
+        INCLUDE_FILE,
+        add_include,
+        include_line,
+        quote_config,
+    )
     from homeport.node.files import write_private
 
     home = Path.home()
@@ -339,12 +418,19 @@ def _install_ssh_config(block: str, as_json: bool) -> None:
     conf, main = ssh_dir / INCLUDE_FILE, ssh_dir / "config"
     try:
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        check_path = ssh_dir / CHECK_FILE
+        if check:
+            write_private(check_path, check.encode())
+            block = f"Include {quote_config(str(check_path))}\n\n{block}"
+        else:
+            check_path.unlink(missing_ok=True)
         write_private(conf, block.encode())
         try:
             old = main.read_text()
         except FileNotFoundError:
             old = ""
-        new = add_include(old, include_line(home, login_home))
+        line = include_line(home, login_home)
+        new = add_include(old, line)
         if new is not None:
             write_private(main, new.encode())
     except OSError as exc:
@@ -356,7 +442,7 @@ def _install_ssh_config(block: str, as_json: bool) -> None:
         return
     click.echo(f"wrote {conf}")
     click.echo(
-        f"{'added' if new is not None else 'already has'} 'Include ~/.ssh/{INCLUDE_FILE}' "
+        f"{'added' if new is not None else 'already has'} '{line}' "
         f"at the top of {main}; now plain ssh/scp/rsync/VS Code reach the nodes by name"
     )
 

@@ -45,7 +45,7 @@ import sys
 
 from homeport.wire import names  # import-free: the one table of name rules
 
-USAGE = "usage: homeport nc [--state DIR] [--timeout SECONDS] [--fdpass] HOST PORT"
+USAGE = "usage: homeport nc [--state DIR] [--timeout SECONDS] [--fdpass] [--check] HOST PORT"
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -178,6 +178,8 @@ def _fail(host: str, reason: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if "--check" in argv:  # ssh-config's Match exec: say why not, before ssh starts
+        return check_main([a for a in argv if a != "--check"])
     try:
         args = parse_args(argv)
     except UsageError as exc:
@@ -192,6 +194,39 @@ def main(argv: list[str]) -> int:
         if code is not None:
             return code
     return _direct(args, handoff)
+
+
+def check_main(argv: list[str]) -> int:
+    """``nc --check [--state DIR] HOST PORT``: exit 1 with one line if HOST cannot work now.
+
+    Passes (exit 0, silent) whenever the local agent cannot tell: see
+    :mod:`homeport.client.precheck`.
+    """
+    import time
+
+    from homeport.client import precheck
+
+    suffix = ""
+    if "--suffix" in argv[:-1]:  # a profile's names: labpc.work (ssh's %h before Hostname)
+        i = argv.index("--suffix")
+        suffix, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        print(f"homeport nc: {exc}\n{USAGE}", file=sys.stderr)
+        return EXIT_USAGE
+    if suffix and args.host.endswith(suffix):
+        args.host = args.host[: -len(suffix)]
+    problem = names.host_name_problem(args.host)
+    if problem is not None:
+        _fail(args.host, problem)
+        return precheck.CHECK_FAIL
+    reply = precheck.ask_agent(state_dir(args.state), args.host, parse_reply)
+    reason = precheck.verdict(reply, args.host, args.service, time.time())
+    if reason is None:
+        return precheck.CHECK_PASS
+    _fail(args.host, reason)
+    return precheck.CHECK_FAIL
 
 
 # -- the warm path: ask the local agent ------------------------------------------------

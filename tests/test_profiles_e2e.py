@@ -1,0 +1,166 @@
+"""Issue 9 (A4, A7, B1, B4) end to end with real processes and real OpenSSH.
+
+One network ("home"): a server, "labpc" exposing a real sshd, and the client
+node "laptop". Tests that need a second network start their own server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
+from tests.harness import HOMEPORT, Homeport
+
+pytestmark = pytest.mark.integration
+
+ok, why = sshd_available()
+if not ok:
+    pytest.skip(f"needs OpenSSH sshd: {why}", allow_module_level=True)
+
+
+@dataclass
+class Net:
+    hp: Homeport
+    sshd: SshdServer
+    lab: Path
+    laptop: Path
+    home: Path  # a $HOME for ssh-config --install
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**self.hp.env, "HOME": str(self.home), **extra}
+
+    def homeport(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*HOMEPORT, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.env(),
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+    def plain_ssh(
+        self, config: Path, host: str, *cmd: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [
+            "ssh", "-F", str(config), "-i", str(self.sshd.client_key), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-l", self.sshd.user, host, *cmd,
+        ]  # fmt: skip
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=env or self.env(),
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
+    root = tmp_path_factory.mktemp("hpprof")
+    hp = Homeport(root)
+    sshd = make_sshd(root / "sshd")
+    home = root / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    try:
+        sshd.start()
+        hp.start_server()
+        lab = hp.up("labpc", "--expose", f"ssh=127.0.0.1:{sshd.port}")
+        hp.wait_online("labpc", lab)
+        laptop = hp.up("laptop")
+        hp.wait_online("laptop", laptop)
+        yield Net(hp, sshd, hp.state("labpc"), hp.state("laptop"), home)
+    finally:
+        hp.close()
+        sshd.stop()
+
+
+# -- A7: one clean line -----------------------------------------------------------------
+
+
+def _config(net: Net, tmp_path: Path, *names: str, extra: tuple[str, ...] = ()) -> Path:
+    res = net.homeport("ssh-config", "--state", str(net.laptop), *extra, *names)
+    assert res.returncode == 0, res.stderr
+    path = tmp_path / "config"
+    path.write_text(res.stdout)
+    return path
+
+
+def test_plain_ssh_failure_is_one_line_without_openssh_noise(net: Net, tmp_path: Path) -> None:
+    config = _config(net, tmp_path, "labpc", "laptop", "nosuch")
+    ok = net.plain_ssh(config, "labpc", "echo", "ok")
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+    for host, expect in (("nosuch", "no node named 'nosuch'"), ("laptop", "does not expose")):
+        res = net.plain_ssh(config, host, "true")
+        assert res.returncode == 255
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1, res.stderr
+        assert expect in lines[0] and lines[0].startswith("homeport nc: ")
+        assert f"{host}: {host}" not in lines[0]  # the name is not doubled
+
+
+def test_without_precheck_openssh_adds_its_two_lines(net: Net, tmp_path: Path) -> None:
+    # what --no-precheck (and an agent that cannot tell) leaves: the reason, then the noise
+    config = _config(net, tmp_path, "nosuch", extra=("--no-precheck",))
+    res = net.plain_ssh(config, "nosuch", "true")
+    assert res.returncode == 255
+    assert "no node named 'nosuch'" in res.stderr.splitlines()[0]
+    assert "proxy dialer did not pass back a connection" in res.stderr
+
+
+def test_homeport_ssh_to_an_unknown_node_does_not_start_ssh(net: Net, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "ssh-ran"
+    fake = bin_dir / "ssh"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {marker}\n')
+    fake.chmod(0o755)
+    env = net.env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    res = net.homeport("ssh", "--state", str(net.laptop), "--no-cert", "nosuch", "true", env=env)
+    assert res.returncode == 255
+    assert res.stderr.strip().splitlines() == [
+        "homeport: nosuch: no node named 'nosuch' that this node can reach (see: homeport status)"
+    ]
+    assert not marker.exists()
+    # the check passes for a reachable node: the (fake) ssh is started
+    res = net.homeport("ssh", "--state", str(net.laptop), "--no-cert", "labpc", "true", env=env)
+    assert res.returncode == 0, res.stderr
+    assert marker.read_text().split()[-2:] == ["labpc", "true"]
+
+
+def test_homeport_ssh_checks_through_the_server_without_an_agent(net: Net, tmp_path: Path) -> None:
+    copy = tmp_path / "state"
+    shutil.copytree(net.laptop, copy, ignore=shutil.ignore_patterns("agent.*"))
+    res = net.homeport("ssh", "--state", str(copy), "--no-cert", "laptop", "true")
+    assert res.returncode == 255
+    assert res.stderr.strip() == "homeport: laptop does not expose '22' (exposed: nothing)"
+
+
+def test_installed_config_checks_first_and_stays_portable(net: Net) -> None:
+    pi = net.hp.up("pi")  # exposes nothing: ssh to it must fail with one line
+    net.hp.wait_online("pi", pi)
+    res = net.homeport("ssh-config", "--install", "--state", str(net.laptop))
+    assert res.returncode == 0, res.stderr
+    ssh_dir = net.home / ".ssh"
+    conf = (ssh_dir / "homeport.conf").read_text()
+    assert conf.startswith(f"Include {ssh_dir / 'homeport-check.conf'}\n")
+    assert "Match" not in conf  # paramiko reads homeport.conf and ignores the Include
+    assert "Match originalhost labpc,pi !exec" in (ssh_dir / "homeport-check.conf").read_text()
+    assert f"'Include {ssh_dir / 'homeport.conf'}'" in res.stdout  # the line actually written
+    config = ssh_dir / "config"
+    assert net.plain_ssh(config, "labpc", "echo", "ok").stdout.strip() == "ok"
+    res = net.plain_ssh(config, "pi", "true")
+    assert res.returncode == 255
+    assert res.stderr.splitlines() == ["homeport nc: pi does not expose '22' (exposed: nothing)"]
