@@ -6,6 +6,7 @@ node "laptop". Tests that need a second network start their own server.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from homeport.testing.deadline import wait_for
 from homeport.testing.sshd import SshdServer, make_sshd, sshd_available
 from tests.harness import HOMEPORT, Homeport
 
@@ -164,3 +166,69 @@ def test_installed_config_checks_first_and_stays_portable(net: Net) -> None:
     res = net.plain_ssh(config, "pi", "true")
     assert res.returncode == 255
     assert res.stderr.splitlines() == ["homeport nc: pi does not expose '22' (exposed: nothing)"]
+
+
+# -- A4: move to a new server address, rename --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, net: Net) -> Iterator[Homeport]:
+    """A second, unrelated network ("work") whose "labpc" exposes the same sshd."""
+    hp = Homeport(tmp_path_factory.mktemp("hpwork"))
+    try:
+        hp.start_server()
+        lab = hp.up("labpc", "--expose", f"ssh=127.0.0.1:{net.sshd.port}")
+        hp.wait_online("labpc", lab)
+        yield hp
+    finally:
+        hp.close()
+
+
+def _copy_state(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("agent.*"))
+    return dst
+
+
+def _saved(state: Path) -> dict[str, object]:
+    return dict(json.loads((state / "node.json").read_text()))
+
+
+def test_set_server_verifies_the_network_before_saving(
+    net: Net, work: Homeport, tmp_path: Path
+) -> None:
+    copy = _copy_state(net.laptop, tmp_path / "state")
+    other = net.homeport("set", "--state", str(copy), "--server", work.server_addr)
+    assert other.returncode == 2, other
+    assert "is not this node's network" in other.stderr and "not saved" in other.stderr
+    assert _saved(copy)["server"] == net.hp.server_addr
+    _host, port = net.hp.server_addr.rsplit(":", 1)
+    moved = f"localhost:{port}"  # the same server under another name
+    res = net.homeport("set", "--state", str(copy), "--server", moved)
+    assert res.returncode == 0, res.stderr
+    assert f"server {net.hp.server_addr} -> {moved} (same network, saved)" in res.stdout
+    assert _saved(copy)["server"] == moved
+    # the same check guards `up --server` on an enrolled node
+    res = net.homeport("up", "--state", str(copy), "--server", work.server_addr, timeout=30)
+    assert res.returncode == 2 and "is not this node's network" in res.stderr
+    assert _saved(copy)["server"] == moved
+
+
+def test_rename_is_done_by_the_server_and_the_node_follows(net: Net) -> None:
+    res = net.homeport("set", "--state", str(net.laptop), "--name", "newname")
+    assert res.returncode == 2
+    assert "homeport nodes rename laptop newname" in res.stderr
+    pi = net.hp.up("pi2", "--expose", f"ssh=127.0.0.1:{net.sshd.port}")
+    net.hp.wait_online("pi2", pi)
+    taken = net.homeport("nodes", "rename", "pi2", "labpc", "--data", str(net.hp.data_dir))
+    assert taken.returncode != 0 and "already called 'labpc'" in taken.stderr
+    res = net.homeport("nodes", "rename", "pi2", "berry", "--data", str(net.hp.data_dir))
+    assert res.returncode == 0, res.stderr
+    state = net.hp.state("pi2")
+    wait_for(lambda: _saved(state)["name"] == "berry", 30, "the node saves its new name")
+    wait_for(lambda: net.hp.node_online("berry"), 30, "berry online")
+    names = {n["name"] for n in net.hp.nodes()}
+    assert "berry" in names and "pi2" not in names
+    # peers reach it under the new name at once (the laptop's agent got the map push)
+    config = _config(net, Path(net.home), "berry")
+    ok = net.plain_ssh(config, "berry", "echo", "ok")
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr

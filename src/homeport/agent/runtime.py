@@ -49,7 +49,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +469,8 @@ class Agent:
             elif isinstance(cmd, core.SessionReady):
                 if cmd.ssh_ca:
                     self._ssh_ca(cmd.ssh_ca)
+                if cmd.name and cmd.name != self.state.name:
+                    self._renamed(cmd.name)
                 log.info(
                     "connected to %s as %s (%s); announced %d services, %d host keys%s%s",
                     self.state.server,
@@ -683,18 +685,40 @@ class Agent:
         from homeport.node.state import StateError, load
 
         try:
-            services = load(self.state.dir).services
+            fresh = load(self.state.dir)
         except StateError as exc:
             return error_reply("bad-state", str(exc))
+        services = fresh.services
         loop = self._loop
         if loop is None or loop.is_closed():
             return error_reply("not-running", "the agent is stopping")
+        if fresh.server != self.state.server:  # ``set --server`` (verified): next connection
+            loop.call_soon_threadsafe(self._follow_server, fresh.server)
         future = asyncio.run_coroutine_threadsafe(self._apply_services(services), loop)
         try:
             future.result(timeout=RELOAD_TIMEOUT)
         except (concurrent.futures.TimeoutError, RuntimeError) as exc:
             return error_reply("timeout", f"the agent did not apply the change: {exc!r}")
         return {"ok": True, "services": [s.name for s in services]}
+
+    def _renamed(self, name: str) -> None:
+        """The server calls this node ``name`` now (an admin's ``nodes rename``): save it."""
+        from homeport.node.state import StateError, load, save
+
+        log.info("renamed by the server: %s -> %s (saved)", self.state.name, name)
+        self.state = replace(self.state, name=name)
+        try:
+            save(replace(load(self.state.dir), name=name))
+        except (StateError, OSError) as exc:
+            log.warning("cannot save the new name %s: %s", name, exc)
+
+    def _follow_server(self, server: str) -> None:
+        log.info(
+            "server address changed: %s -> %s (used from the next connection)",
+            self.state.server,
+            server,
+        )
+        self.state = replace(self.state, server=server)
 
     async def _apply_services(self, services: tuple[Service, ...]) -> None:
         old = self.services

@@ -45,6 +45,7 @@ from homeport.proto.audit import (
     KEY_CREATE,
     KEY_REVOKE,
     NODE_REMOVE,
+    NODE_RENAME,
     POLICY_REFUSED,
     POLICY_SET,
     USER,
@@ -118,6 +119,7 @@ class AdminOps:
         policy_refused: Callable[[str], None] | None = None,
         node_by_name: Callable[[str], NodeRecord | None] | None = None,
         approve_login: Callable[[str], tuple[bool, str]] | None = None,
+        rename_node: Callable[[str, str], NodeRecord] | None = None,
     ) -> None:
         self.registry = registry
         self._nodes = nodes or registry.node_list
@@ -131,6 +133,7 @@ class AdminOps:
         self._policy_refused = policy_refused
         self._node_by_name = node_by_name
         self._approve_login = approve_login
+        self._rename_node = rename_node
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Answer one request; never raises for bad input."""
@@ -148,6 +151,7 @@ class AdminOps:
             "nodes.expire": self._nodes_action,
             "nodes.extend": self._nodes_action,
             "nodes.disable-expiry": self._nodes_action,
+            "nodes.rename": self._nodes_rename,
             "users.create": self._users_create,
             "users.list": self._users_list,
             "users.remove": self._users_remove,
@@ -487,6 +491,27 @@ class AdminOps:
             "expires_at": None if node.expiry_disabled else node.expires_at,
             "expiry_disabled": node.expiry_disabled,
         }
+
+    def _nodes_rename(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Rename a live node: in the running coordinator (peers and the node follow at
+        once), else in the registry (the node reads its name in WELCOME next time)."""
+        name, new_name = req.get("name"), req.get("new_name")
+        if not isinstance(name, str) or not isinstance(new_name, str):
+            raise TypeError("name and new_name must be strings")
+        try:
+            if self._rename_node is not None:
+                node = self._rename_node(name, new_name)
+            else:
+                node = self.registry.rename_node(name, new_name)
+                self._emit_audit(
+                    NODE_RENAME,
+                    (("node", node.name), ("node_id", node.node_id), ("from", name)),
+                )
+        except KeyError:
+            raise AdminError(f"no node named {name!r}") from None
+        except ValueError as exc:
+            raise AdminError(str(exc)) from None
+        return {"name": node.name, "node_id": node.node_id, "from": name}
 
     def _users_create(self, req: dict[str, Any]) -> dict[str, Any]:
         name = req.get("name")

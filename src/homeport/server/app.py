@@ -131,6 +131,7 @@ async def serve(
                 remove_node=service.remove_node,
                 live=True,
                 node_action=service.node_action,
+                rename_node=service.rename_node,
                 audit=service.admin_audit,
                 data_dir=data_dir,
                 set_policy=service.set_policy,
