@@ -85,7 +85,7 @@ def test_ssh_argv(tmp_path: Path) -> None:
     assert argv[1:-3:2] == ["-o"] * 5
     launcher = f"{ssh.package_root()}/homeport/ncfast.py"
     assert opts["ProxyCommand"] == (
-        f"/usr/bin/python3 -I -S {launcher} --state {tmp_path} --fdpass %h %p"
+        f"/usr/bin/python3 -I -S {launcher} --state {tmp_path} --profile default --fdpass %h %p"
     )
     assert opts["ProxyUseFdpass"] == "yes"
     assert opts["UserKnownHostsFile"] == f"{tmp_path}/ssh_known_hosts"  # no %h: paramiko reads it

@@ -34,6 +34,7 @@ class Net:
     lab: Path
     laptop: Path
     home: Path  # a $HOME for ssh-config --install
+    keys: list[Path]  # client keys the sshds accept (the work network's sshd adds one)
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**self.hp.env, "HOME": str(self.home), **extra}
@@ -54,8 +55,9 @@ class Net:
     def plain_ssh(
         self, config: Path, host: str, *cmd: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
+        keys = [a for k in self.keys for a in ("-i", str(k))]
         argv = [
-            "ssh", "-F", str(config), "-i", str(self.sshd.client_key), "-o", "IdentitiesOnly=yes",
+            "ssh", "-F", str(config), *keys, "-o", "IdentitiesOnly=yes",
             "-o", "BatchMode=yes", "-l", self.sshd.user, host, *cmd,
         ]  # fmt: skip
         return subprocess.run(
@@ -83,7 +85,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
         hp.wait_online("labpc", lab)
         laptop = hp.up("laptop")
         hp.wait_online("laptop", laptop)
-        yield Net(hp, sshd, hp.state("labpc"), hp.state("laptop"), home)
+        yield Net(hp, sshd, hp.state("labpc"), hp.state("laptop"), home, [sshd.client_key])
     finally:
         hp.close()
         sshd.stop()
@@ -173,15 +175,22 @@ def test_installed_config_checks_first_and_stays_portable(net: Net) -> None:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory, net: Net) -> Iterator[Homeport]:
-    """A second, unrelated network ("work") whose "labpc" exposes the same sshd."""
-    hp = Homeport(tmp_path_factory.mktemp("hpwork"))
+    """A second, unrelated network ("work") whose "labpc" exposes an sshd of its own
+    (the same user and key as the home one; its port tells them apart)."""
+    root = tmp_path_factory.mktemp("hpwork")
+    hp = Homeport(root)
+    sshd = make_sshd(root / "sshd")
     try:
+        sshd.start()
         hp.start_server()
-        lab = hp.up("labpc", "--expose", f"ssh=127.0.0.1:{net.sshd.port}")
+        lab = hp.up("labpc", "--expose", f"ssh=127.0.0.1:{sshd.port}")
         hp.wait_online("labpc", lab)
+        net.keys.append(sshd.client_key)
+        hp.sshd_port = sshd.port  # type: ignore[attr-defined]
         yield hp
     finally:
         hp.close()
+        sshd.stop()
 
 
 def _copy_state(src: Path, dst: Path) -> Path:
@@ -232,3 +241,103 @@ def test_rename_is_done_by_the_server_and_the_node_follows(net: Net) -> None:
     config = _config(net, Path(net.home), "berry")
     ok = net.plain_ssh(config, "berry", "echo", "ok")
     assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+
+
+# -- B1: several networks (profiles) ------------------------------------------------------
+
+
+def _server_port(res: subprocess.CompletedProcess[str]) -> int:
+    """The sshd port a session reached (the last word of $SSH_CONNECTION)."""
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def laptop_work(net: Net, work: Homeport) -> Iterator[Path]:
+    """The laptop joins "work" as a second profile; its agent runs beside the home one."""
+    proc = net.hp.spawn(
+        [*HOMEPORT, "up", "--state", str(net.laptop), "--profile", "work",
+         "--server", work.server_addr, "--authkey", work.keys_create(), "--name", "laptop"],
+        "agent-laptop-work",
+    )  # fmt: skip
+    work.wait_online("laptop", timeout=60)
+    assert proc.poll() is None, net.hp.log("agent-laptop-work")
+    yield net.laptop / "profiles" / "work"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_two_profiles_run_side_by_side_and_list(
+    net: Net, work: Homeport, laptop_work: Path
+) -> None:
+    assert (laptop_work / "node.json").exists() and (net.laptop / "node.json").exists()
+    assert net.hp.node_online("laptop")  # the home agent was not disturbed
+    res = net.homeport("profiles", "--state", str(net.laptop), "--json")
+    rows = {r["profile"]: r for r in json.loads(res.stdout)["profiles"]}
+    assert rows["default"]["default"] and not rows["work"]["default"]
+    assert rows["work"]["server"] == work.server_addr and rows["work"]["agent"]
+    assert rows["default"]["server"] == net.hp.server_addr and rows["default"]["agent"]
+    # a second agent on the same profile refuses (the lock is per profile)
+    again = net.homeport("up", "--state", str(net.laptop), "--profile", "work", timeout=30)
+    assert again.returncode == 1 and "another 'homeport up'" in again.stderr
+    # --profile and $HOMEPORT_PROFILE pick the network for every command
+    for args, env in (
+        (["--profile", "work"], None),
+        ([], net.env(HOMEPORT_PROFILE="work")),
+    ):
+        res = net.homeport("status", "--state", str(net.laptop), "--json", *args, env=env)
+        assert res.returncode == 0, res.stderr
+        assert {n["name"] for n in json.loads(res.stdout)["nodes"]} == {"labpc", "laptop"}
+    bad = net.homeport("status", "--state", str(net.laptop), "--profile", "../x")
+    assert bad.returncode == 2 and "bad profile name" in bad.stderr
+
+
+def test_ssh_names_resolve_per_profile(net: Net, work: Homeport, laptop_work: Path) -> None:
+    home_port, work_port = net.sshd.port, work.sshd_port  # type: ignore[attr-defined]
+    keys = [a for k in net.keys for a in ("-i", str(k))]
+    where = ["echo", "$SSH_CONNECTION"]
+
+    def hp_ssh(name: str) -> subprocess.CompletedProcess[str]:
+        return net.homeport(
+            "ssh", "--state", str(net.laptop), "--no-cert", name, *keys,
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-l", net.sshd.user, *where,
+        )  # fmt: skip
+
+    assert _server_port(hp_ssh("labpc")) == home_port
+    assert _server_port(hp_ssh("labpc.work")) == work_port
+    assert _server_port(hp_ssh("labpc.default")) == home_port
+    res = net.homeport("ssh-config", "--install", "--state", str(net.laptop))
+    assert res.returncode == 0, res.stderr
+    config = net.home / ".ssh" / "config"
+    assert _server_port(net.plain_ssh(config, "labpc", *where)) == home_port
+    assert _server_port(net.plain_ssh(config, "labpc.work", *where)) == work_port
+    # switch: bare names follow the default profile (after ssh-config --install)
+    res = net.homeport("switch", "--state", str(net.laptop), "work")
+    assert res.returncode == 0 and "ssh-config --install" in res.stdout, res.stderr
+    try:
+        assert _server_port(hp_ssh("labpc")) == work_port
+        assert net.homeport("ssh-config", "--install", "--state", str(net.laptop)).returncode == 0
+        assert _server_port(net.plain_ssh(config, "labpc", *where)) == work_port
+        assert _server_port(net.plain_ssh(config, "labpc.default", *where)) == home_port
+        status = net.homeport("status", "--state", str(net.laptop), "--json")
+        assert {n["name"] for n in json.loads(status.stdout)["nodes"]} == {"labpc", "laptop"}
+        nosuch = net.plain_ssh(config, "nosuch.work", "true")  # not a host of ours: plain ssh
+        assert nosuch.returncode == 255
+    finally:
+        assert net.homeport("switch", "--state", str(net.laptop), "default").returncode == 0
+        net.homeport("ssh-config", "--install", "--state", str(net.laptop))
+
+
+def test_a_single_network_state_dir_is_the_default_profile_unchanged(
+    net: Net, tmp_path: Path
+) -> None:
+    # an existing install: no profiles/ and no profile file; nothing to migrate
+    copy = _copy_state(net.lab, tmp_path / "state")
+    res = net.homeport("profiles", "--state", str(copy))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0].split()[:4] == ["*", "default", "labpc", "on"]
+    out = net.homeport("ssh-config", "--state", str(copy)).stdout
+    host_line = next(ln for ln in out.splitlines() if ln.startswith("Host "))
+    assert "laptop" in host_line.split() and ".default" not in out
+    assert "--profile default" in out  # the ProxyCommand pins this very directory
+    assert not (copy / "profiles").exists() and not (copy / "profile").exists()

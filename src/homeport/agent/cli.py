@@ -292,7 +292,10 @@ def up(  # noqa: PLR0917 - click passes options positionally
     log = logging.getLogger("homeport.up")
     authkey = resolve_authkey(authkey, authkey_file)
     services = _services(expose_ssh, expose)
-    state_dir = node_state.resolve_dir(state)
+    try:
+        state_dir = node_state.resolve_dir(state)
+    except node_state.StateError as exc:
+        _fail(str(exc), 2)
     try:
         st = node_state.load(state_dir)
         st = _moved(st, server, name, authkey)
@@ -365,7 +368,7 @@ def _lock_state(state_dir: Path) -> int:
         os.close(fd)
         _fail(
             f"another 'homeport up' (pid {holder}) already runs on {state_dir}; "
-            "stop it first, or give this one its own --state DIR"
+            "stop it first, or give this one its own --profile NAME (or --state DIR)"
         )
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())

@@ -25,9 +25,53 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _state_dir(state: str | None) -> Path:
-    from homeport.node.state import resolve_dir
+    from homeport.node.state import StateError, resolve_dir
 
-    return resolve_dir(state)
+    try:
+        return resolve_dir(state)
+    except StateError as exc:
+        _fail(str(exc), 2)
+
+
+PROFILE_HELP = (
+    "which homeport network (env HOMEPORT_PROFILE; default: 'homeport switch', else 'default')"
+)
+
+
+def _set_profile(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """``--profile NAME``: through the environment, so every state lookup (and nc) sees it."""
+    if value is None:
+        return
+    from homeport.node.state import ENV_PROFILE, profile_problem
+
+    problem = profile_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
+    os.environ[ENV_PROFILE] = value
+
+
+def add_profile_options(group: click.Group) -> None:
+    """Give ``--profile NAME`` to the group and to every command that takes ``--state``."""
+
+    def option() -> click.Option:
+        return click.Option(
+            ["--profile"],
+            metavar="NAME",
+            expose_value=False,
+            is_eager=True,
+            callback=_set_profile,
+            help=PROFILE_HELP,
+        )
+
+    group.params.append(option())
+    todo: list[click.Command] = list(group.commands.values())
+    while todo:
+        cmd = todo.pop()
+        if isinstance(cmd, click.Group):
+            todo += cmd.commands.values()
+        names = {p.name for p in cmd.params}
+        if "state" in names and "profile" not in names:
+            cmd.params.append(option())
 
 
 def _load(state: str | None) -> Any:
@@ -209,6 +253,11 @@ def ssh(
     """
     from homeport.client.ssh import exec_ssh
 
+    name, profile = _split_profile(state, name)
+    if profile is not None:
+        from homeport.node.state import ENV_PROFILE
+
+        os.environ[ENV_PROFILE] = profile
     st = _load(state)
     extra: list[tuple[str, str]] = []
     args = list(ssh_args)
@@ -230,6 +279,18 @@ def ssh(
         exec_ssh(name, args, st.dir, extra)
     except OSError as exc:
         _fail(f"cannot run ssh: {exc.strerror or exc}")
+
+
+def _split_profile(state: str | None, name: str) -> tuple[str, str | None]:
+    """``[user@]labpc.work`` -> (``[user@]labpc``, "work") when "work" is a profile here;
+    anything else unchanged (node names have no dots, so nothing is taken by mistake)."""
+    from homeport.node import state as node_state
+
+    user, at, host = name.rpartition("@")
+    node, dot, suffix = host.rpartition(".")
+    if not dot or not node or suffix not in node_state.list_profiles(node_state.base_dir(state)):
+        return name, None
+    return f"{user}{at}{node}", suffix
 
 
 def _ssh_port(args: list[str]) -> str:
@@ -361,34 +422,108 @@ def ssh_config(  # noqa: PLR0917 - click passes options positionally
     no_precheck: bool,
     names: tuple[str, ...],
 ) -> None:
-    """Print a Host block for ~/.ssh/config (all other nodes, or NAMES); --install writes it."""
-    from homeport.client.ssh import (
-        ConfigError,
-        precheck_text,
-        safe_names,
-        ssh_config_block,
-        ssh_config_json,
-    )
-    from homeport.client.term import printable
+    """Print Host blocks for ~/.ssh/config (all other nodes, or NAMES); --install writes them.
 
-    st = _load(state)
-    hosts = list(names)
-    if not hosts:
-        nm = _netmap(st)
-        hosts, problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
-        for problem in problems:  # from the server: skipped, never written
-            click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
+    With several profiles (and no --profile or NAMES), every profile's nodes get
+    NAME.PROFILE, and the default profile's nodes their bare NAME too.
+    """
+    from homeport.client.ssh import ConfigError, ssh_config_json
+    from homeport.client.term import printable
+    from homeport.node import state as node_state
+
+    base = node_state.base_dir(state)
+    every = not names and not os.environ.get(node_state.ENV_PROFILE)
+    profiles = node_state.list_profiles(base) if every else []
+    if len(profiles) > 1:
+        parts = _profile_parts(base, profiles)
+    else:
+        st = _load(state)
+        hosts = list(names) or _other_nodes(st)
+        parts = [(hosts, st.dir, "")]
     try:
-        block = ssh_config_block(hosts, st.dir, certs=certs, precheck=not (install or no_precheck))
-        check = "" if no_precheck else precheck_text(hosts, st.dir)
+        block, check = _config_texts(parts, certs=certs, precheck=not no_precheck, split=install)
     except ConfigError as exc:
         _fail(printable(str(exc)), 2)
     if install:
         _install_ssh_config(block, check, as_json)
     elif as_json:
-        click.echo(ssh_config_json(hosts, st.dir))
+        if len(parts) == 1:
+            click.echo(ssh_config_json(parts[0][0], parts[0][1]))
+        else:
+            click.echo(
+                json.dumps(
+                    {"hosts": [h + sfx for hosts, _d, sfx in parts for h in hosts]}, indent=2
+                )
+            )
     else:
         click.echo(block, nl=False)
+
+
+def _other_nodes(st: Any) -> list[str]:
+    """The network's other nodes, by valid name (a hostile name is skipped, never written)."""
+    from homeport.client.ssh import safe_names
+    from homeport.client.term import printable
+
+    nm = _netmap(st)
+    hosts, problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
+    for problem in problems:
+        click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
+    return hosts
+
+
+def _profile_parts(base: Path, profiles: list[str]) -> list[tuple[list[str], Path, str]]:
+    """(hosts, state dir, suffix) per enrolled profile: ``.PROFILE`` for each, "" (bare names)
+    for the default one. A profile whose server cannot be reached is skipped, and said so."""
+    from homeport.io.dial import DialError, request_netmap
+    from homeport.node import state as node_state
+
+    current = node_state.current_profile(base)
+    parts: list[tuple[list[str], Path, str]] = []
+    for name in profiles:
+        try:
+            st = node_state.load(node_state.profile_dir(base, name))
+        except node_state.StateError:
+            continue  # not enrolled (yet): nothing to reach
+        try:
+            nm = _with_self(request_netmap(st), st)
+        except DialError as exc:
+            click.echo(
+                f"homeport: profile {name}: cannot get its nodes from {st.server} "
+                f"({exc.message}); left out",
+                err=True,
+            )
+            continue
+        from homeport.client.ssh import safe_names
+
+        hosts, _problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
+        parts.append((hosts, st.dir, f".{name}"))
+        if name == current:
+            parts.append((hosts, st.dir, ""))
+    return parts
+
+
+def _config_texts(
+    parts: list[tuple[list[str], Path, str]], *, certs: bool, precheck: bool, split: bool
+) -> tuple[str, str]:
+    """(Host blocks, precheck blocks); ``split``: the precheck apart (for --install),
+    else inside the Host text, each ahead of its block."""
+    from homeport.client.ssh import precheck_text, ssh_config_block
+
+    blocks: list[str] = []
+    checks: list[str] = []
+    for hosts, state_dir, suffix in parts:
+        blocks.append(
+            ssh_config_block(
+                hosts,
+                state_dir,
+                certs=certs and not suffix,  # the certificate exec names the node as typed
+                precheck=precheck and not split,
+                suffix=suffix,
+            )
+        )
+        if precheck and split:
+            checks.append(precheck_text(hosts, state_dir, suffix=suffix))
+    return "\n".join(blocks), "".join(checks)
 
 
 def _install_ssh_config(block: str, check: str, as_json: bool) -> None:
@@ -445,6 +580,72 @@ def _install_ssh_config(block: str, check: str, as_json: bool) -> None:
         f"{'added' if new is not None else 'already has'} '{line}' "
         f"at the top of {main}; now plain ssh/scp/rsync/VS Code reach the nodes by name"
     )
+
+
+# -- profiles -------------------------------------------------------------------
+
+
+@click.command("profiles")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def profiles_cmd(state: str | None, as_json: bool) -> None:
+    """List this machine's homeport networks (profiles); * marks the default one."""
+    from homeport.node import state as node_state
+
+    base = node_state.base_dir(state)
+    current = node_state.current_profile(base)
+    rows: list[dict[str, Any]] = []
+    for name in node_state.list_profiles(base):
+        d = node_state.profile_dir(base, name)
+        try:
+            st = node_state.load(d)
+            row = {"profile": name, "node": st.name, "server": st.server, "enrolled": True}
+        except node_state.StateError:
+            row = {"profile": name, "node": "", "server": "", "enrolled": False}
+        running = _agent_query(d, "status", timeout=2.0) is not None
+        rows.append({**row, "default": name == current, "agent": running, "dir": str(d)})
+    if as_json:
+        click.echo(json.dumps({"default": current, "profiles": rows}, indent=2))
+        return
+    from homeport.client.term import printable
+
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        what = (
+            f"{r['node']} on {r['server']}" + ("" if r["agent"] else " (agent not running)")
+            if r["enrolled"]
+            else "not enrolled: homeport up --profile " + r["profile"] + " --server …"
+        )
+        click.echo(printable(f"{mark} {r['profile']:<12} {what}"))
+    if len(rows) == 1:
+        click.echo("add a network: homeport up --profile NAME --server HOST:PORT --name NODE")
+
+
+@click.command("switch")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.argument("name")
+def switch(state: str | None, name: str) -> None:
+    """Make profile NAME the default: commands without --profile, and bare ssh names, use it."""
+    from homeport.node import state as node_state
+
+    problem = node_state.profile_problem(name)
+    if problem is not None:
+        _fail(problem, 2)
+    base = node_state.base_dir(state)
+    if name not in node_state.list_profiles(base):
+        known = ", ".join(node_state.list_profiles(base))
+        _fail(f"no profile {name!r} (profiles: {known}); create it with 'homeport up --profile'")
+    try:
+        node_state.set_current_profile(base, name)
+    except (OSError, node_state.StateError) as exc:
+        _fail(f"cannot switch: {exc}")
+    click.echo(f"default profile: {name}")
+    conf = Path.home() / ".ssh" / "homeport.conf"
+    if conf.exists():
+        click.echo(
+            "bare ssh names follow the default profile: run 'homeport ssh-config --install' "
+            "to update ~/.ssh/homeport.conf"
+        )
 
 
 # -- forward --------------------------------------------------------------------
@@ -672,6 +873,8 @@ def login_approve(state: str | None, data_dir: str | None, code: str) -> None:
 def register(cli: click.Group) -> None:
     """Add the client commands to the top-level ``homeport`` group."""
     for cmd in (
+        profiles_cmd,
+        switch,
         status,
         nc,
         ssh,

@@ -45,7 +45,10 @@ import sys
 
 from homeport.wire import names  # import-free: the one table of name rules
 
-USAGE = "usage: homeport nc [--state DIR] [--timeout SECONDS] [--fdpass] [--check] HOST PORT"
+USAGE = (
+    "usage: homeport nc [--state DIR] [--profile NAME] [--timeout SECONDS] [--fdpass] "
+    "[--check] HOST PORT"
+)
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -53,6 +56,7 @@ DEFAULT_TIMEOUT = 10.0
 #: Same as ``homeport.node.state`` (not imported: pathlib/dataclasses cost start-up).
 ENV_STATE = "HOMEPORT_STATE"
 DEFAULT_STATE = "~/.local/state/homeport"
+ENV_PROFILE = "HOMEPORT_PROFILE"
 #: Same as ``homeport.io.localapi.SOCKET_NAME`` and ``MAX_REPLY``.
 AGENT_SOCKET = "agent.sock"
 MAX_REPLY = 4 * 1024
@@ -178,6 +182,10 @@ def _fail(host: str, reason: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if "--profile" in argv[:-1]:  # the network (node.state profiles); via env for every path
+        i = argv.index("--profile")
+        os.environ[ENV_PROFILE] = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
     if "--check" in argv:  # ssh-config's Match exec: say why not, before ssh starts
         return check_main([a for a in argv if a != "--check"])
     try:
@@ -233,9 +241,22 @@ def check_main(argv: list[str]) -> int:
 
 
 def state_dir(arg: str | None) -> str:
-    """``node.state.resolve_dir`` without pathlib: --state, else $HOMEPORT_STATE, else default."""
+    """``node.state.resolve_dir`` without pathlib: --state, else $HOMEPORT_STATE, else default;
+    then the profile: $HOMEPORT_PROFILE (``--profile``), else the base's ``profile`` file."""
     raw = arg or os.environ.get(ENV_STATE) or DEFAULT_STATE
-    return os.path.abspath(os.path.expanduser(raw))
+    base = os.path.abspath(os.path.expanduser(raw))
+    name = os.environ.get(ENV_PROFILE)
+    if not name:
+        try:
+            with open(os.path.join(base, "profile"), "rb") as f:
+                name = f.read(256).decode("utf-8", "replace").strip()
+        except OSError:
+            name = ""
+    if not name or name == "default":
+        return base
+    if names.node_name_problem(name) is not None:  # the direct path reports it (StateError)
+        return os.path.join(base, "profiles", "-")
+    return os.path.join(base, "profiles", name)
 
 
 def open_request(host: str, service: str, timeout: float) -> bytes:

@@ -55,12 +55,14 @@ def proxy_command(state_dir: Path, python: str | None = None, *, fdpass: bool = 
     """The ProxyCommand: works from an install, a venv or a source checkout alike.
 
     ``fdpass`` adds ``--fdpass``, which goes with ``ProxyUseFdpass yes``; it is
-    harmless without it (nc sees a pipe on stdout and copies).
+    harmless without it (nc sees a pipe on stdout and copies). ``--profile default``
+    pins ``state_dir`` itself (a profile's own directory, see :mod:`homeport.node.state`),
+    whatever $HOMEPORT_PROFILE or ``homeport switch`` say when ssh runs.
     """
     exe = python or sys.executable
     launcher = Path(package_root()) / "homeport" / "ncfast.py"
     words = [shlex.quote(exe), "-I", "-S", shlex.quote(str(launcher))]
-    words += ["--state", shlex.quote(str(state_dir))]
+    words += ["--state", shlex.quote(str(state_dir)), "--profile", "default"]
     if fdpass:
         words.append("--fdpass")
     return " ".join([*words, "%h", "%p"])
@@ -240,6 +242,8 @@ def cert_match_block(names: list[str], state_dir: Path, python: str | None = Non
             "--quiet",
             "--state",
             shlex.quote(str(state_dir)),
+            "--profile",
+            "default",
             "--user",
             "%r",
             "%n",
