@@ -341,3 +341,50 @@ def test_a_single_network_state_dir_is_the_default_profile_unchanged(
     assert "laptop" in host_line.split() and ".default" not in out
     assert "--profile default" in out  # the ProxyCommand pins this very directory
     assert not (copy / "profiles").exists() and not (copy / "profile").exists()
+
+
+# -- B4: homeport code ----------------------------------------------------------------------
+
+
+def test_code_installs_the_ssh_config_and_opens_the_remote_folder(net: Net, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_file = tmp_path / "code-argv"
+    fake = bin_dir / "code"  # VS Code cannot run here: a fake that records its argv
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\n')
+    fake.chmod(0o755)
+    env = net.env(HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    target = "labpc:/srv/my project"
+    res = net.homeport("code", "--state", str(net.laptop), target, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "installing the homeport Include" in res.stdout and "wrote" in res.stdout
+    assert argv_file.read_text().splitlines() == [
+        "--folder-uri",
+        "vscode-remote://ssh-remote+labpc/srv/my%20project",
+    ]
+    config = home / ".ssh" / "config"
+    shown = subprocess.run(
+        ["ssh", "-F", str(config), "-G", "labpc"], capture_output=True, text=True, check=True
+    ).stdout
+    proxy = next(ln for ln in shown.splitlines() if ln.startswith("proxycommand "))
+    assert "ncfast.py" in proxy and "--fdpass" in proxy
+    ok = net.plain_ssh(config, "labpc", "echo", "ok", env=env)  # what Remote-SSH runs
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+    again = net.homeport("code", "--state", str(net.laptop), "labpc", env=env)
+    assert again.returncode == 0 and "installing" not in again.stdout
+    assert argv_file.read_text().splitlines() == ["--remote", "ssh-remote+labpc"]
+
+
+def test_code_without_vscode_prints_the_uri_to_open(net: Net, tmp_path: Path) -> None:
+    env = net.env(HOME=str(net.home), PATH="/usr/bin:/bin")
+    if shutil.which("code", path=env["PATH"]):
+        pytest.skip("a real 'code' is installed in /usr/bin or /bin")
+    assert net.homeport("ssh-config", "--install", "--state", str(net.laptop)).returncode == 0
+    res = net.homeport("code", "--state", str(net.laptop), "labpc:/srv", env=env)
+    assert res.returncode == 1
+    assert "'code' command is not on PATH" in res.stderr
+    assert "vscode-remote://ssh-remote+labpc/srv" in res.stderr
+    rel = net.homeport("code", "--state", str(net.laptop), "labpc:project", env=env)
+    assert rel.returncode == 2 and "absolute path" in rel.stderr

@@ -582,6 +582,103 @@ def _install_ssh_config(block: str, check: str, as_json: bool) -> None:
     )
 
 
+# -- code -----------------------------------------------------------------------
+
+
+def _ssh_g(config: Path, host: str) -> tuple[bool, str]:
+    """(ssh routes ``host`` through homeport with ``config``, what ssh -G said on stderr)."""
+    import subprocess
+
+    from homeport.client.code import routed
+
+    if not config.exists():
+        return False, ""
+    try:
+        res = subprocess.run(
+            ["ssh", "-F", str(config), "-G", host],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _fail(f"cannot run ssh -G: {exc}")
+    return res.returncode == 0 and routed(res.stdout), res.stderr
+
+
+@click.command("code")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option(
+    "--no-install",
+    is_flag=True,
+    help="do not add the homeport Include to ~/.ssh/config (only say what is missing)",
+)
+@click.argument("target", metavar="NAME[:PATH]")
+@click.pass_context
+def code(ctx: click.Context, state: str | None, no_install: bool, target: str) -> None:
+    """Open VS Code (Remote-SSH) on node NAME, in the folder PATH (absolute) if given.
+
+    VS Code's Remote-SSH reads ~/.ssh/config: when ssh would not route NAME
+    through homeport, this installs the homeport Include first (as
+    'homeport ssh-config --install') and says so.
+    """
+    import shutil
+    import subprocess
+
+    from homeport.client.code import code_argv, folder_uri, parse_target
+    from homeport.client.term import printable
+
+    try:
+        spec = parse_target(target)
+    except ValueError as exc:
+        _fail(printable(str(exc)), 2)
+    config = Path.home() / ".ssh" / "config"
+    ok, said = _ssh_g(config, spec.host)
+    if not ok:
+        if no_install:
+            _fail(
+                f"ssh does not reach {spec.host} through homeport with {config}; VS Code reads "
+                "that file: run 'homeport ssh-config --install' (or drop --no-install)"
+            )
+        click.echo(
+            f"{spec.host} is not in {config} yet (VS Code reads it): "
+            "installing the homeport Include"
+        )
+        ctx.invoke(
+            ssh_config,
+            state=state,
+            as_json=False,
+            certs=False,
+            install=True,
+            no_precheck=False,
+            names=(),
+        )
+        ok, said = _ssh_g(config, spec.host)
+        if not ok:
+            _fail(
+                f"{spec.host} is not a node ssh can reach here "
+                "(see: homeport status, homeport profiles)"
+            )
+    for line in said.splitlines():  # the precheck's reason (offline …): VS Code only times out
+        if line.startswith("homeport"):
+            click.echo(f"warning: {printable(line)}", err=True)
+    exe = shutil.which("code")
+    where = folder_uri(spec) if spec.path else f"ssh-remote+{spec.host}"
+    if exe is None:
+        _fail(
+            "VS Code's 'code' command is not on PATH (in VS Code: 'Shell Command: Install "
+            f"code in PATH'); or open this in VS Code yourself: {where}"
+        )
+    argv = code_argv(exe, spec)
+    click.echo(f"opening {where} in VS Code")
+    try:
+        res = subprocess.run(argv, check=False)
+    except OSError as exc:
+        _fail(f"cannot run {exe}: {exc.strerror or exc}")
+    sys.exit(res.returncode)
+
+
 # -- profiles -------------------------------------------------------------------
 
 
@@ -873,6 +970,7 @@ def login_approve(state: str | None, data_dir: str | None, code: str) -> None:
 def register(cli: click.Group) -> None:
     """Add the client commands to the top-level ``homeport`` group."""
     for cmd in (
+        code,
         profiles_cmd,
         switch,
         status,
