@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -388,3 +388,70 @@ def test_code_without_vscode_prints_the_uri_to_open(net: Net, tmp_path: Path) ->
     assert "vscode-remote://ssh-remote+labpc/srv" in res.stderr
     rel = net.homeport("code", "--state", str(net.laptop), "labpc:project", env=env)
     assert rel.returncode == 2 and "absolute path" in rel.stderr
+
+
+# -- B5: status --watch ----------------------------------------------------------------------
+
+
+def _read_pty(fd: int, until: Callable[[bytes], bool], seconds: float) -> bytes:
+    """Read the pty until ``until(everything read)`` holds, EOF (EIO) or the deadline."""
+    import select
+
+    from homeport.testing.deadline import Deadline
+
+    out = b""
+    deadline = Deadline(seconds)
+    while not until(out) and not deadline.expired():
+        if select.select([fd], [], [], deadline.remaining())[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal (it exited)
+                break
+            if not chunk:
+                break
+            out += chunk
+    return out
+
+
+def test_status_watch_redraws_under_a_pty_and_quits_on_ctrl_c(net: Net) -> None:
+    import contextlib
+    import pty
+    import signal
+
+    from homeport.client import watch as w
+
+    argv = [*HOMEPORT, "status", "--watch", "--interval", "0.3", "--state", str(net.laptop)]
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session whose controlling terminal is the pty, 160 columns
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+        os.execvpe(argv[0], argv, net.env())
+    try:
+        out = _read_pty(fd, lambda b: b.count(w.HOME.encode()) >= 3, 30)
+        assert out.count(w.HOME.encode()) >= 3, out[-2000:]
+        os.write(fd, b"\x03")  # Ctrl-C, through the terminal's line discipline
+        out += _read_pty(fd, lambda b: w.SHOW_CURSOR.encode() in b, 20)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert text.count("\x1b[2J") == 1  # the screen is cleared once, then overwritten in place
+    assert w.HIDE_CURSOR in text and w.SHOW_CURSOR in text  # the cursor comes back
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    last = text.rsplit(w.HOME, 1)[-1]
+    assert "labpc" in last and "laptop (this node)" in last and "STREAMS/MIN" in last
+
+
+def test_status_watch_without_a_tty_prints_plain_frames(net: Net) -> None:
+    res = net.homeport(
+        "status", "--watch", "--count", "2", "--interval", "0.2", "--state", str(net.laptop)
+    )
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stdout and res.stdout.count("NAME ") == 2

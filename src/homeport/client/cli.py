@@ -121,11 +121,30 @@ def _with_self(nm: Any, st: Any) -> Any:
 @click.command()
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(state: str | None, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="a live view, redrawn every --interval (Ctrl-C quits)")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 3600),
+    default=1.0,
+    show_default=True,
+    metavar="S",
+    help="with --watch: seconds between frames",
+)
+@click.option(
+    "--count", type=click.IntRange(1), default=None, metavar="N", help="with --watch: N frames"
+)
+def status(
+    state: str | None, as_json: bool, watch: bool, interval: float, count: int | None
+) -> None:
     """Show the network's nodes: online, last seen, services, path."""
     from homeport.client import status as st_mod
 
     st = _load(state)
+    if watch:
+        if as_json:
+            _fail("--watch draws for people; for machines run 'status --json' in a loop", 2)
+        _watch(st, interval, count)
+        return
     welcome: list[Any] = []
     nm = _netmap(st, welcome)
     me = st_mod.self_status(welcome[0] if welcome else None)
@@ -148,6 +167,69 @@ def status(state: str | None, as_json: bool) -> None:
         click.echo(st_mod.render_table(nm, paths=paths), nl=False)
         for line in me.warnings:
             click.echo(f"warning: {line}", err=True)
+
+
+#: With a local agent (fresh online flags and paths every frame), the server's map
+#: (services, last seen) is fetched this often; without one, every frame.
+WATCH_NETMAP_EVERY = 10.0
+
+
+def _watch(st: Any, interval: float, count: int | None) -> None:
+    """``status --watch``: fetch, render (:mod:`homeport.client.watch`), repeat."""
+    import shutil
+    import time
+
+    from homeport.client import watch as w
+    from homeport.io.dial import DialError, request_netmap
+    from homeport.node.state import PROFILES_DIR
+    from homeport.wire.logtext import esc
+
+    tty = sys.stdout.isatty()
+    out = sys.stdout
+    profile = st.dir.name if st.dir.parent.name == PROFILES_DIR else "default"
+    header = f"homeport [{profile}] {st.name} on {st.server}"
+    nm: Any = None
+    nm_at = 0.0
+    prev: dict[str, int] = {}
+    last = 0.0
+    frames = 0
+    try:
+        if tty:
+            out.write(w.HIDE_CURSOR + "\x1b[2J")  # one clear at the start, never again
+        while True:
+            mono = time.monotonic()
+            agent = _agent_query(st.dir, "status", timeout=2.0)
+            note = ""
+            if nm is None or agent is None or mono - nm_at >= WATCH_NETMAP_EVERY:
+                try:
+                    nm = _with_self(request_netmap(st, timeout=5.0), st)
+                    nm_at = mono
+                except DialError as exc:
+                    note = f" (server unreachable: {exc.message})"
+            if nm is None:
+                lines = [esc(header + note, 300)]
+            else:
+                rows, prev_next = w.build_rows(
+                    nm, agent, prev, mono - last if last else 0.0, time.time()
+                )
+                prev, last = prev_next, mono
+                cols = shutil.get_terminal_size().columns if tty else 0
+                lines = w.render(rows, header=header + note, now=time.time(), width=cols)
+            out.write(w.screen(lines, tty=tty))
+            out.flush()
+            frames += 1
+            if count is not None and frames >= count:
+                break
+            time.sleep(interval)  # the frame rate, not a synchronisation
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # status --watch | head
+        sys.stderr.close()
+        return
+    finally:
+        if tty:
+            out.write(w.SHOW_CURSOR + "\n")
+            out.flush()
 
 
 def _agent_query(state_dir: Path, op: str, dst: str = "", timeout: float = 5.0) -> Any:
