@@ -56,7 +56,7 @@ def test_nc_main_not_enrolled(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_nc_main_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert nc.main(["onlyhost"]) == 2
-    assert "usage: homeport nc" in capsys.readouterr().err
+    assert "Usage: homeport nc" in capsys.readouterr().err
     assert nc.main(["--help"]) == 0
 
 

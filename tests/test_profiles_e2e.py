@@ -228,6 +228,9 @@ def test_rename_is_done_by_the_server_and_the_node_follows(net: Net) -> None:
     assert "homeport nodes rename laptop newname" in res.stderr
     pi = net.hp.up("pi2", "--expose", f"ssh=127.0.0.1:{net.sshd.port}")
     net.hp.wait_online("pi2", pi)
+    nouser = net.homeport("keys", "create", "--user", "nobody", "--data", str(net.hp.data_dir))
+    assert nouser.returncode != 0 and "bad request" not in nouser.stderr
+    assert "no user 'nobody'" in nouser.stderr
     taken = net.homeport("nodes", "rename", "pi2", "labpc", "--data", str(net.hp.data_dir))
     assert taken.returncode != 0 and "already called 'labpc'" in taken.stderr
     res = net.homeport("nodes", "rename", "pi2", "berry", "--data", str(net.hp.data_dir))

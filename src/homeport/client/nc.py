@@ -45,10 +45,23 @@ import sys
 
 from homeport.wire import names  # import-free: the one table of name rules
 
-USAGE = (
-    "usage: homeport nc [--state DIR] [--profile NAME] [--timeout SECONDS] [--fdpass] "
-    "[--check] HOST PORT"
-)
+USAGE = "Usage: homeport nc [OPTIONS] HOST PORT"
+#: ``homeport nc --help``, laid out like click's help for the other commands (nc parses its
+#: own arguments: click costs start-up time on every ssh).
+HELP = f"""{USAGE}
+
+  ssh ProxyCommand: open a stream to HOST's PORT (a port number or a service
+  name) through homeport and connect it to ssh.
+
+Options:
+  --state DIR        state directory (env HOMEPORT_STATE, default
+                     ~/.local/state/homeport)
+  --profile NAME     which homeport network (env HOMEPORT_PROFILE)
+  --timeout SECONDS  stream setup timeout  [default: 10]
+  --fdpass           hand ssh a connected socket (with ProxyUseFdpass yes)
+  --check            only check that HOST can be reached now (ssh-config's
+                     Match exec); exit 1 with the reason if not
+  -h, --help         Show this message and exit."""
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -176,6 +189,12 @@ def format_error(host: str, reason: str) -> str:
     return f"homeport nc: {printable(host)}: {one_line}"
 
 
+def _usage_error(reason: str) -> int:
+    """A usage error the way click reports one (the other commands' style)."""
+    print(f"{USAGE}\nTry 'homeport nc --help' for help.\n\nError: {reason}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _fail(host: str, reason: str) -> int:
     print(format_error(host, reason), file=sys.stderr, flush=True)
     return EXIT_FAIL
@@ -192,10 +211,9 @@ def main(argv: list[str]) -> int:
         args = parse_args(argv)
     except UsageError as exc:
         if str(exc) == "help":
-            print(USAGE)
+            print(HELP)
             return EXIT_OK
-        print(f"homeport nc: {exc}\n{USAGE}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(str(exc))
     handoff = _fdpass_socket() if args.fdpass or _ssh_wants_fd() else None
     if names.host_name_problem(args.host) is None:  # else the direct path reports it
         code = _agent_open(args, handoff)
@@ -221,8 +239,7 @@ def check_main(argv: list[str]) -> int:
     try:
         args = parse_args(argv)
     except UsageError as exc:
-        print(f"homeport nc: {exc}\n{USAGE}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(str(exc))
     if suffix and args.host.endswith(suffix):
         args.host = args.host[: -len(suffix)]
     problem = names.host_name_problem(args.host)

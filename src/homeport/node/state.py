@@ -59,7 +59,7 @@ MAX_STATE_FILE = 1024 * 1024
 #: Most host key lines we write for one peer (the wire rule's limit).
 MAX_HOST_KEYS = hostkey.MAX_HOST_KEYS
 
-ENROLL_HINT = "run homeport up --server HOST:PORT --authkey KEY --name NAME"
+ENROLL_HINT = "run HOMEPORT_AUTHKEY=KEY homeport up --server HOST:PORT --name NAME"
 
 
 class StateError(Exception):

@@ -204,16 +204,21 @@ class AdminOps:
             raise TypeError("expiry_seconds must be a number or null")
         self._check_tags_declared(tags)
         now = self._clock()
-        key = self.registry.create_auth_key(
-            now=now,
-            reusable=reusable,
-            expiry_seconds=None if expiry is None else float(expiry),
-            note=note,
-            user=user,
-            tags=tuple(tags),
-            ephemeral=ephemeral,
-            approval=approval,
-        )
+        try:
+            key = self.registry.create_auth_key(
+                now=now,
+                reusable=reusable,
+                expiry_seconds=None if expiry is None else float(expiry),
+                note=note,
+                user=user,
+                tags=tuple(tags),
+                ephemeral=ephemeral,
+                approval=approval,
+            )
+        except (
+            ValueError
+        ) as exc:  # an unknown user, a bad tag: the admin's to fix, not "bad request"
+            raise AdminError(str(exc)) from None
         log.info("auth key %s created (reusable=%s)", key.key_id, reusable)
         self._emit_audit(
             KEY_CREATE,

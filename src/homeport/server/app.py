@@ -171,7 +171,7 @@ def _banner(running: Running, listen_host: str) -> str:
             f"  data:       {data}",
             "  add a node:",
             f"    1. here:          homeport keys create --data {data}",
-            f"    2. on the node:   homeport up --server {addr} --authkey KEY --name NAME",
+            f"    2. on the node:   HOMEPORT_AUTHKEY=KEY homeport up --server {addr} --name NAME",
             f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
         ]
     )
