@@ -56,7 +56,7 @@ def test_nc_main_not_enrolled(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_nc_main_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert nc.main(["onlyhost"]) == 2
-    assert "usage: homeport nc" in capsys.readouterr().err
+    assert "Usage: homeport nc" in capsys.readouterr().err
     assert nc.main(["--help"]) == 0
 
 
@@ -85,7 +85,7 @@ def test_ssh_argv(tmp_path: Path) -> None:
     assert argv[1:-3:2] == ["-o"] * 5
     launcher = f"{ssh.package_root()}/homeport/ncfast.py"
     assert opts["ProxyCommand"] == (
-        f"/usr/bin/python3 -I -S {launcher} --state {tmp_path} --fdpass %h %p"
+        f"/usr/bin/python3 -I -S {launcher} --state {tmp_path} --profile default --fdpass %h %p"
     )
     assert opts["ProxyUseFdpass"] == "yes"
     assert opts["UserKnownHostsFile"] == f"{tmp_path}/ssh_known_hosts"  # no %h: paramiko reads it

@@ -33,6 +33,7 @@ def _register() -> None:
     from homeport.server.cli import admin_login_approve
 
     client_cli.ADMIN_LOGIN_APPROVE = admin_login_approve  # ``login approve`` on the server host
+    client_cli.add_profile_options(cli)  # --profile NAME wherever there is a --state
 
 
 _register()

@@ -336,7 +336,10 @@ def up(  # noqa: PLR0917 - click passes options positionally
     log = logging.getLogger("homeport.up")
     authkey = resolve_authkey(authkey, authkey_file)
     services = _services(expose_ssh, expose)
-    state_dir = node_state.resolve_dir(state)
+    try:
+        state_dir = node_state.resolve_dir(state)
+    except node_state.StateError as exc:
+        _fail(str(exc), 2)
     if proxy is not None or tls_data is not None:
         _save_network(state_dir, proxy, tls_data)
     try:
@@ -468,7 +471,7 @@ def _lock_state(state_dir: Path) -> int:
         os.close(fd)
         _fail(
             f"another 'homeport up' (pid {holder}) already runs on {state_dir}; "
-            "stop it first, or give this one its own --state DIR"
+            "stop it first, or give this one its own --profile NAME (or --state DIR)"
         )
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
@@ -483,28 +486,65 @@ def _moved(st: Any, server: str | None, name: str | None, authkey: str | None) -
     identity is still checked against the pin taken at enrollment, so a new
     address cannot lead the node to another network.
     """
-    from homeport.node import state as node_state
 
     log = logging.getLogger("homeport.up")
     if name and name != st.name:
-        _fail(
-            f"this node is enrolled as {st.name!r}; it cannot rename itself to {name!r} yet. "
-            f"Run without --name, or re-enroll under the new name with an empty --state DIR",
-            2,
-        )
+        _fail(_rename_hint(st.name, name), 2)
     if server and server != st.server:
-        try:
-            node_state.parse_server(server)
-        except ValueError as exc:
-            _fail(f"--server: {exc}", 2)
-        log.info(
-            "server address changed: %s -> %s (same network: the pin is kept)", st.server, server
-        )
-        st = dataclasses.replace(st, server=server)
-        node_state.save(st)
+        st = _move(st, server)
+        log.info("server address changed: %s (same network: the pin is kept)", st.server)
     if authkey:
         log.warning("already enrolled as %s; the auth key is not needed (not used)", st.name)
     return st
+
+
+def _rename_hint(old: str, new: str) -> str:
+    """Why ``--name`` does not rename an enrolled node here, and what does.
+
+    A node's name is the network's (the server checks it is unique and the
+    policy may name it), so the server renames it: the admin's ``nodes rename``
+    tells the node, which saves its new name at once (or at its next connection).
+    """
+    from homeport.wire.names import node_name_problem
+
+    problem = node_name_problem(new)
+    if problem is not None:
+        return problem
+    return (
+        f"this node is enrolled as {old!r}; the server renames nodes: on the server host run "
+        f"'homeport nodes rename {old} {new}' (this node follows by itself)"
+    )
+
+
+def _move(st: Any, server: str) -> Any:
+    """``st`` at the new address ``server``, saved only once the server there proved it is
+    the same network: its certificate matches the pin taken at enrollment (or a publicly
+    valid renewal of it) and it accepts this node's identity (a HELLO/WELCOME and a map).
+
+    Why before saving: a typo or another network's server must not replace an address
+    that worked; the node would then retry the wrong one forever.
+    """
+    from homeport.io.dial import DialError, request_netmap
+    from homeport.node import state as node_state
+
+    try:
+        node_state.parse_server(server)
+    except ValueError as exc:
+        _fail(f"--server: {exc}", 2)
+    moved = dataclasses.replace(st, server=server)
+    try:
+        request_netmap(moved, timeout=10.0)
+    except DialError as exc:
+        if exc.code == "pin-mismatch":
+            _fail(
+                f"{server} is not this node's network: its server presents another "
+                f"certificate than the one pinned when joining ({exc.message}); not saved, "
+                f"still {st.server}",
+                2,
+            )
+        _fail(f"cannot verify {server} ({exc.message}); not saved, still {st.server}")
+    node_state.save(moved)
+    return moved
 
 
 def _mark_shields(state_dir: Path, shields_up: bool) -> None:
@@ -613,6 +653,12 @@ def _tell_agent(state_dir: Path) -> tuple[bool, str]:
 @click.option("--unexpose", multiple=True, metavar="NAME", help="stop exposing a service")
 @click.option("--force", is_flag=True, help="allow removing ssh, the way back into this node")
 @click.option(
+    "--server",
+    metavar="HOST:PORT",
+    help="the server's new address (checked first: same server identity as when joining)",
+)
+@click.option("--name", metavar="NAME", help="rename this node (done by the server's admin)")
+@click.option(
     "--advertise-exit", metavar="NETS", help="be an exit node for NETS (192.168.1.0/24,… or all)"
 )
 @click.option("--no-exit", is_flag=True, help="stop being an exit node")
@@ -625,10 +671,13 @@ def set_cmd(  # noqa: PLR0917 - click passes options positionally
     force: bool,
     advertise_exit: str | None,
     no_exit: bool,
+    server: str | None,
+    name: str | None,
     state: str | None,
     as_json: bool,
 ) -> None:
-    """Change what this node exposes (and whether it is an exit node); saved, applied at once.
+    """Change what this node exposes, whether it is an exit node, or its server's address;
+    saved, and applied to the running agent at once.
 
     Adds and removes by name (unlike a restart with other flags, nothing else
     changes); without options it shows the current settings.
@@ -641,6 +690,15 @@ def set_cmd(  # noqa: PLR0917 - click passes options positionally
         st = node_state.load(node_state.resolve_dir(state))
     except node_state.StateError as exc:
         _fail(str(exc))
+    if name and name != st.name:
+        _fail(_rename_hint(st.name, name), 2)
+    if server and server != st.server:
+        old_server = st.server
+        st = _move(st, server)
+        applied, how = _tell_agent(st.dir)
+        if not as_json:
+            click.echo(f"{st.name}: server {old_server} -> {st.server} (same network, saved)")
+            click.echo(how if not applied else "the running agent uses it from its next connection")
     add = _services(ssh_flag == "on", expose) or ()
     remove = (*unexpose, *([SSH_NAME] if ssh_flag == "off" else []))
     change = apply_changes(st.services, add=add, remove=remove, force=force)

@@ -49,7 +49,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +495,8 @@ class Agent:
             elif isinstance(cmd, core.SessionReady):
                 if cmd.ssh_ca:
                     self._ssh_ca(cmd.ssh_ca)
+                if cmd.name and cmd.name != self.state.name:
+                    self._renamed(cmd.name)
                 log.info(
                     "connected to %s as %s (%s); announced %d services, %d host keys%s%s",
                     self.state.server,
@@ -722,19 +724,41 @@ class Agent:
         from homeport.node.state import StateError, load
 
         try:
-            services = load(self.state.dir).services
+            fresh = load(self.state.dir)
             exit_nets = exit_settings.load_exit(self.state.dir)
         except (StateError, exit_settings.ExitSettingsError) as exc:
             return error_reply("bad-state", str(exc))
+        services = fresh.services
         loop = self._loop
         if loop is None or loop.is_closed():
             return error_reply("not-running", "the agent is stopping")
+        if fresh.server != self.state.server:  # ``set --server`` (verified): next connection
+            loop.call_soon_threadsafe(self._follow_server, fresh.server)
         future = asyncio.run_coroutine_threadsafe(self._apply_services(services, exit_nets), loop)
         try:
             future.result(timeout=RELOAD_TIMEOUT)
         except (concurrent.futures.TimeoutError, RuntimeError) as exc:
             return error_reply("timeout", f"the agent did not apply the change: {exc!r}")
         return {"ok": True, "services": [s.name for s in services]}
+
+    def _renamed(self, name: str) -> None:
+        """The server calls this node ``name`` now (an admin's ``nodes rename``): save it."""
+        from homeport.node.state import StateError, load, save
+
+        log.info("renamed by the server: %s -> %s (saved)", self.state.name, name)
+        self.state = replace(self.state, name=name)
+        try:
+            save(replace(load(self.state.dir), name=name))
+        except (StateError, OSError) as exc:
+            log.warning("cannot save the new name %s: %s", name, exc)
+
+    def _follow_server(self, server: str) -> None:
+        log.info(
+            "server address changed: %s -> %s (used from the next connection)",
+            self.state.server,
+            server,
+        )
+        self.state = replace(self.state, server=server)
 
     async def _apply_services(
         self, services: tuple[Service, ...], exit_nets: tuple[str, ...] | None = None
@@ -1036,6 +1060,11 @@ class Agent:
                 return error_reply("relay-only", "this agent runs without direct paths")
             dropped = self._on_loop_wait(lambda: direct.drop_link(req.dst), req.timeout)
             return {"ok": True, "dropped": dropped}
+        if req.op == "check":  # homeport ssh / ssh-config's precheck (client/precheck.py)
+            checked: dict[str, Any] = self._on_loop_wait(
+                lambda: self._check_reply(req.dst), req.timeout
+            )
+            return checked
         if req.op == "netcheck":
             if direct is None:
                 return error_reply("relay-only", "this agent runs without direct paths")
@@ -1056,6 +1085,22 @@ class Agent:
 
         reply: dict[str, Any] = self._on_loop_wait(status, req.timeout)
         return reply
+
+    def _check_reply(self, dst: str) -> dict[str, Any]:
+        """One peer-map entry, flat (nc reads it without ``json``): see client/precheck.py."""
+        peers = self.core.peers
+        ready = self.core.ready and peers.has_map and not peers.awaiting_full
+        peer = peers.get_by_name(dst)
+        if peer is None:
+            return {"ok": True, "ready": ready, "known": False}
+        return {
+            "ok": True,
+            "ready": ready,
+            "known": True,
+            "online": peer.online,
+            "last_seen": peer.last_seen,
+            "services": ",".join(f"{s.name}/{s.port}" for s in peer.services),
+        }
 
     def _on_loop_wait(self, fn: Callable[[], Any], timeout: float) -> Any:
         async def run() -> Any:

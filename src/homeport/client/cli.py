@@ -25,9 +25,53 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _state_dir(state: str | None) -> Path:
-    from homeport.node.state import resolve_dir
+    from homeport.node.state import StateError, resolve_dir
 
-    return resolve_dir(state)
+    try:
+        return resolve_dir(state)
+    except StateError as exc:
+        _fail(str(exc), 2)
+
+
+PROFILE_HELP = (
+    "which homeport network (env HOMEPORT_PROFILE; default: 'homeport switch', else 'default')"
+)
+
+
+def _set_profile(_ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """``--profile NAME``: through the environment, so every state lookup (and nc) sees it."""
+    if value is None:
+        return
+    from homeport.node.state import ENV_PROFILE, profile_problem
+
+    problem = profile_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
+    os.environ[ENV_PROFILE] = value
+
+
+def add_profile_options(group: click.Group) -> None:
+    """Give ``--profile NAME`` to the group and to every command that takes ``--state``."""
+
+    def option() -> click.Option:
+        return click.Option(
+            ["--profile"],
+            metavar="NAME",
+            expose_value=False,
+            is_eager=True,
+            callback=_set_profile,
+            help=PROFILE_HELP,
+        )
+
+    group.params.append(option())
+    todo: list[click.Command] = list(group.commands.values())
+    while todo:
+        cmd = todo.pop()
+        if isinstance(cmd, click.Group):
+            todo += cmd.commands.values()
+        names = {p.name for p in cmd.params}
+        if "state" in names and "profile" not in names:
+            cmd.params.append(option())
 
 
 def _load(state: str | None) -> Any:
@@ -77,11 +121,30 @@ def _with_self(nm: Any, st: Any) -> Any:
 @click.command()
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(state: str | None, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="a live view, redrawn every --interval (Ctrl-C quits)")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.2, 3600),
+    default=1.0,
+    show_default=True,
+    metavar="S",
+    help="with --watch: seconds between frames",
+)
+@click.option(
+    "--count", type=click.IntRange(1), default=None, metavar="N", help="with --watch: N frames"
+)
+def status(
+    state: str | None, as_json: bool, watch: bool, interval: float, count: int | None
+) -> None:
     """Show the network's nodes: online, last seen, services, path."""
     from homeport.client import status as st_mod
 
     st = _load(state)
+    if watch:
+        if as_json:
+            _fail("--watch draws for people; for machines run 'status --json' in a loop", 2)
+        _watch(st, interval, count)
+        return
     welcome: list[Any] = []
     nm = _netmap(st, welcome)
     me = st_mod.self_status(welcome[0] if welcome else None)
@@ -104,6 +167,69 @@ def status(state: str | None, as_json: bool) -> None:
         click.echo(st_mod.render_table(nm, paths=paths), nl=False)
         for line in me.warnings:
             click.echo(f"warning: {line}", err=True)
+
+
+#: With a local agent (fresh online flags and paths every frame), the server's map
+#: (services, last seen) is fetched this often; without one, every frame.
+WATCH_NETMAP_EVERY = 10.0
+
+
+def _watch(st: Any, interval: float, count: int | None) -> None:
+    """``status --watch``: fetch, render (:mod:`homeport.client.watch`), repeat."""
+    import shutil
+    import time
+
+    from homeport.client import watch as w
+    from homeport.io.dial import DialError, request_netmap
+    from homeport.node.state import PROFILES_DIR
+    from homeport.wire.logtext import esc
+
+    tty = sys.stdout.isatty()
+    out = sys.stdout
+    profile = st.dir.name if st.dir.parent.name == PROFILES_DIR else "default"
+    header = f"homeport [{profile}] {st.name} on {st.server}"
+    nm: Any = None
+    nm_at = 0.0
+    prev: dict[str, int] = {}
+    last = 0.0
+    frames = 0
+    try:
+        if tty:
+            out.write(w.HIDE_CURSOR + "\x1b[2J")  # one clear at the start, never again
+        while True:
+            mono = time.monotonic()
+            agent = _agent_query(st.dir, "status", timeout=2.0)
+            note = ""
+            if nm is None or agent is None or mono - nm_at >= WATCH_NETMAP_EVERY:
+                try:
+                    nm = _with_self(request_netmap(st, timeout=5.0), st)
+                    nm_at = mono
+                except DialError as exc:
+                    note = f" (server unreachable: {exc.message})"
+            if nm is None:
+                lines = [esc(header + note, 300)]
+            else:
+                rows, prev_next = w.build_rows(
+                    nm, agent, prev, mono - last if last else 0.0, time.time()
+                )
+                prev, last = prev_next, mono
+                cols = shutil.get_terminal_size().columns if tty else 0
+                lines = w.render(rows, header=header + note, now=time.time(), width=cols)
+            out.write(w.screen(lines, tty=tty))
+            out.flush()
+            frames += 1
+            if count is not None and frames >= count:
+                break
+            time.sleep(interval)  # the frame rate, not a synchronisation
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:  # status --watch | head
+        sys.stderr.close()
+        return
+    finally:
+        if tty:
+            out.write(w.SHOW_CURSOR + "\n")
+            out.flush()
 
 
 def _agent_query(state_dir: Path, op: str, dst: str = "", timeout: float = 5.0) -> Any:
@@ -209,9 +335,20 @@ def ssh(
     """
     from homeport.client.ssh import exec_ssh
 
+    name, profile = _split_profile(state, name)
+    if profile is not None:
+        from homeport.node.state import ENV_PROFILE
+
+        os.environ[ENV_PROFILE] = profile
     st = _load(state)
     extra: list[tuple[str, str]] = []
     args = list(ssh_args)
+    target = name.rpartition("@")[2]
+    reason = _precheck(st, target, _ssh_port(args))
+    if reason is not None:  # one line, and no ssh (with its own noise) at all
+        from homeport.client.nc import format_error
+
+        _fail(format_error(target, reason).removeprefix("homeport nc: "), 255)
     if not no_cert:
         import getpass
 
@@ -224,6 +361,62 @@ def ssh(
         exec_ssh(name, args, st.dir, extra)
     except OSError as exc:
         _fail(f"cannot run ssh: {exc.strerror or exc}")
+
+
+def _split_profile(state: str | None, name: str) -> tuple[str, str | None]:
+    """``[user@]labpc.work`` -> (``[user@]labpc``, "work") when "work" is a profile here;
+    anything else unchanged (node names have no dots, so nothing is taken by mistake)."""
+    from homeport.node import state as node_state
+
+    user, at, host = name.rpartition("@")
+    node, dot, suffix = host.rpartition(".")
+    if not dot or not node or suffix not in node_state.list_profiles(node_state.base_dir(state)):
+        return name, None
+    return f"{user}{at}{node}", suffix
+
+
+def _ssh_port(args: list[str]) -> str:
+    """The port ssh will ask for (``-p N`` / ``-pN`` among the user's args), else 22."""
+    for i, arg in enumerate(args):
+        if arg == "-p" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("-p") and arg[2:].isdigit():
+            return arg[2:]
+    return "22"
+
+
+def _precheck(st: Any, host: str, service: str) -> str | None:
+    """Why ``host`` cannot be reached now, or None (see :mod:`homeport.client.precheck`).
+
+    The local agent answers from its peer map; without one, the server's map
+    (one round trip) tells the same facts. A name that is not a node name at all
+    is left to ssh (it may be an ordinary host the user reaches through us).
+    """
+    import time
+
+    from homeport.client import precheck
+    from homeport.client.nc import parse_reply
+    from homeport.wire.names import host_name_problem
+
+    if host_name_problem(host) is not None:
+        return None
+    reply = precheck.ask_agent(str(st.dir), host, parse_reply)
+    if not reply or reply.get("ready") is not True:
+        from homeport.io.dial import DialError, request_netmap
+
+        try:
+            nm = _with_self(request_netmap(st), st)
+        except DialError:
+            return None  # the real open will say why
+        node = next((n for n in nm.nodes if n.name == host), None)
+        reply = {"ok": True, "ready": True, "known": node is not None}
+        if node is not None:
+            reply |= {
+                "online": node.online,
+                "last_seen": node.last_seen,
+                "services": ",".join(f"{s.name}/{s.port}" for s in node.services),
+            }
+    return precheck.verdict(reply, host, service, time.time())
 
 
 def _cert_options(st: Any, host: str, account: str) -> list[tuple[str, str]]:
@@ -296,38 +489,141 @@ def ssh_cert(state: str | None, account: str | None, quiet: bool, as_json: bool,
     is_flag=True,
     help="write ~/.ssh/homeport.conf and put 'Include ~/.ssh/homeport.conf' atop ~/.ssh/config",
 )
+@click.option(
+    "--no-precheck",
+    is_flag=True,
+    help="no Match exec that checks the node first (one less process per ssh; on failure "
+    "OpenSSH adds two lines of its own after homeport's reason)",
+)
 @click.argument("names", nargs=-1)
-def ssh_config(
-    state: str | None, as_json: bool, certs: bool, install: bool, names: tuple[str, ...]
+def ssh_config(  # noqa: PLR0917 - click passes options positionally
+    state: str | None,
+    as_json: bool,
+    certs: bool,
+    install: bool,
+    no_precheck: bool,
+    names: tuple[str, ...],
 ) -> None:
-    """Print a Host block for ~/.ssh/config (all other nodes, or NAMES); --install writes it."""
-    from homeport.client.ssh import ConfigError, safe_names, ssh_config_block, ssh_config_json
-    from homeport.client.term import printable
+    """Print Host blocks for ~/.ssh/config (all other nodes, or NAMES); --install writes them.
 
-    st = _load(state)
-    hosts = list(names)
-    if not hosts:
-        nm = _netmap(st)
-        hosts, problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
-        for problem in problems:  # from the server: skipped, never written
-            click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
+    With several profiles (and no --profile or NAMES), every profile's nodes get
+    NAME.PROFILE, and the default profile's nodes their bare NAME too.
+    """
+    from homeport.client.ssh import ConfigError, ssh_config_json
+    from homeport.client.term import printable
+    from homeport.node import state as node_state
+
+    base = node_state.base_dir(state)
+    every = not names and not os.environ.get(node_state.ENV_PROFILE)
+    profiles = node_state.list_profiles(base) if every else []
+    if len(profiles) > 1:
+        parts = _profile_parts(base, profiles)
+    else:
+        st = _load(state)
+        hosts = list(names) or _other_nodes(st)
+        parts = [(hosts, st.dir, "")]
     try:
-        block = ssh_config_block(hosts, st.dir, certs=certs)
+        block, check = _config_texts(parts, certs=certs, precheck=not no_precheck, split=install)
     except ConfigError as exc:
         _fail(printable(str(exc)), 2)
     if install:
-        _install_ssh_config(block, as_json)
+        _install_ssh_config(block, check, as_json)
     elif as_json:
-        click.echo(ssh_config_json(hosts, st.dir))
+        if len(parts) == 1:
+            click.echo(ssh_config_json(parts[0][0], parts[0][1]))
+        else:
+            click.echo(
+                json.dumps(
+                    {"hosts": [h + sfx for hosts, _d, sfx in parts for h in hosts]}, indent=2
+                )
+            )
     else:
         click.echo(block, nl=False)
 
 
-def _install_ssh_config(block: str, as_json: bool) -> None:
-    """Write ~/.ssh/homeport.conf and include it first in ~/.ssh/config (idempotent)."""
+def _other_nodes(st: Any) -> list[str]:
+    """The network's other nodes, by valid name (a hostile name is skipped, never written)."""
+    from homeport.client.ssh import safe_names
+    from homeport.client.term import printable
+
+    nm = _netmap(st)
+    hosts, problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
+    for problem in problems:
+        click.echo(f"homeport: skipped a node: {printable(problem)}", err=True)
+    return hosts
+
+
+def _profile_parts(base: Path, profiles: list[str]) -> list[tuple[list[str], Path, str]]:
+    """(hosts, state dir, suffix) per enrolled profile: ``.PROFILE`` for each, "" (bare names)
+    for the default one. A profile whose server cannot be reached is skipped, and said so."""
+    from homeport.io.dial import DialError, request_netmap
+    from homeport.node import state as node_state
+
+    current = node_state.current_profile(base)
+    parts: list[tuple[list[str], Path, str]] = []
+    for name in profiles:
+        try:
+            st = node_state.load(node_state.profile_dir(base, name))
+        except node_state.StateError:
+            continue  # not enrolled (yet): nothing to reach
+        try:
+            nm = _with_self(request_netmap(st), st)
+        except DialError as exc:
+            click.echo(
+                f"homeport: profile {name}: cannot get its nodes from {st.server} "
+                f"({exc.message}); left out",
+                err=True,
+            )
+            continue
+        from homeport.client.ssh import safe_names
+
+        hosts, _problems = safe_names(sorted(n.name for n in nm.nodes if n.node_id != nm.self_id))
+        parts.append((hosts, st.dir, f".{name}"))
+        if name == current:
+            parts.append((hosts, st.dir, ""))
+    return parts
+
+
+def _config_texts(
+    parts: list[tuple[list[str], Path, str]], *, certs: bool, precheck: bool, split: bool
+) -> tuple[str, str]:
+    """(Host blocks, precheck blocks); ``split``: the precheck apart (for --install),
+    else inside the Host text, each ahead of its block."""
+    from homeport.client.ssh import precheck_text, ssh_config_block
+
+    blocks: list[str] = []
+    checks: list[str] = []
+    for hosts, state_dir, suffix in parts:
+        blocks.append(
+            ssh_config_block(
+                hosts,
+                state_dir,
+                certs=certs and not suffix,  # the certificate exec names the node as typed
+                precheck=precheck and not split,
+                suffix=suffix,
+            )
+        )
+        if precheck and split:
+            checks.append(precheck_text(hosts, state_dir, suffix=suffix))
+    return "\n".join(blocks), "".join(checks)
+
+
+def _install_ssh_config(block: str, check: str, as_json: bool) -> None:
+    """Write ~/.ssh/homeport.conf and include it first in ~/.ssh/config (idempotent).
+
+    ``check``: the precheck Match blocks, written to ~/.ssh/homeport-check.conf and
+    included from the top of homeport.conf (OpenSSH reads it first; paramiko
+    ignores the Include); empty: no check file, and an old one is removed.
+    """
     import pwd
 
-    from homeport.client.ssh import INCLUDE_FILE, add_include, include_line
+    from homeport.client.ssh import (
+        CHECK_FILE,
+        INCLUDE_FILE,
+        add_include,
+        include_line,
+        quote_config,
+    )
     from homeport.node.files import write_private
 
     home = Path.home()
@@ -339,12 +635,19 @@ def _install_ssh_config(block: str, as_json: bool) -> None:
     conf, main = ssh_dir / INCLUDE_FILE, ssh_dir / "config"
     try:
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        check_path = ssh_dir / CHECK_FILE
+        if check:
+            write_private(check_path, check.encode())
+            block = f"Include {quote_config(str(check_path))}\n\n{block}"
+        else:
+            check_path.unlink(missing_ok=True)
         write_private(conf, block.encode())
         try:
             old = main.read_text()
         except FileNotFoundError:
             old = ""
-        new = add_include(old, include_line(home, login_home))
+        line = include_line(home, login_home)
+        new = add_include(old, line)
         if new is not None:
             write_private(main, new.encode())
     except OSError as exc:
@@ -356,9 +659,172 @@ def _install_ssh_config(block: str, as_json: bool) -> None:
         return
     click.echo(f"wrote {conf}")
     click.echo(
-        f"{'added' if new is not None else 'already has'} 'Include ~/.ssh/{INCLUDE_FILE}' "
+        f"{'added' if new is not None else 'already has'} '{line}' "
         f"at the top of {main}; now plain ssh/scp/rsync/VS Code reach the nodes by name"
     )
+
+
+# -- code -----------------------------------------------------------------------
+
+
+def _ssh_g(config: Path, host: str) -> tuple[bool, str]:
+    """(ssh routes ``host`` through homeport with ``config``, what ssh -G said on stderr)."""
+    import subprocess
+
+    from homeport.client.code import routed
+
+    if not config.exists():
+        return False, ""
+    try:
+        res = subprocess.run(
+            ["ssh", "-F", str(config), "-G", host],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        _fail(f"cannot run ssh -G: {exc}")
+    return res.returncode == 0 and routed(res.stdout), res.stderr
+
+
+@click.command("code")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option(
+    "--no-install",
+    is_flag=True,
+    help="do not add the homeport Include to ~/.ssh/config (only say what is missing)",
+)
+@click.argument("target", metavar="NAME[:PATH]")
+@click.pass_context
+def code(ctx: click.Context, state: str | None, no_install: bool, target: str) -> None:
+    """Open VS Code (Remote-SSH) on node NAME, in the folder PATH (absolute) if given.
+
+    VS Code's Remote-SSH reads ~/.ssh/config: when ssh would not route NAME
+    through homeport, this installs the homeport Include first (as
+    'homeport ssh-config --install') and says so.
+    """
+    import shutil
+    import subprocess
+
+    from homeport.client.code import code_argv, folder_uri, parse_target
+    from homeport.client.term import printable
+
+    try:
+        spec = parse_target(target)
+    except ValueError as exc:
+        _fail(printable(str(exc)), 2)
+    config = Path.home() / ".ssh" / "config"
+    ok, said = _ssh_g(config, spec.host)
+    if not ok:
+        if no_install:
+            _fail(
+                f"ssh does not reach {spec.host} through homeport with {config}; VS Code reads "
+                "that file: run 'homeport ssh-config --install' (or drop --no-install)"
+            )
+        click.echo(
+            f"{spec.host} is not in {config} yet (VS Code reads it): "
+            "installing the homeport Include"
+        )
+        ctx.invoke(
+            ssh_config,
+            state=state,
+            as_json=False,
+            certs=False,
+            install=True,
+            no_precheck=False,
+            names=(),
+        )
+        ok, said = _ssh_g(config, spec.host)
+        if not ok:
+            _fail(
+                f"{spec.host} is not a node ssh can reach here "
+                "(see: homeport status, homeport profiles)"
+            )
+    for line in said.splitlines():  # the precheck's reason (offline …): VS Code only times out
+        if line.startswith("homeport"):
+            click.echo(f"warning: {printable(line)}", err=True)
+    exe = shutil.which("code")
+    where = folder_uri(spec) if spec.path else f"ssh-remote+{spec.host}"
+    if exe is None:
+        _fail(
+            "VS Code's 'code' command is not on PATH (in VS Code: 'Shell Command: Install "
+            f"code in PATH'); or open this in VS Code yourself: {where}"
+        )
+    argv = code_argv(exe, spec)
+    click.echo(f"opening {where} in VS Code")
+    try:
+        res = subprocess.run(argv, check=False)
+    except OSError as exc:
+        _fail(f"cannot run {exe}: {exc.strerror or exc}")
+    sys.exit(res.returncode)
+
+
+# -- profiles -------------------------------------------------------------------
+
+
+@click.command("profiles")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def profiles_cmd(state: str | None, as_json: bool) -> None:
+    """List this machine's homeport networks (profiles); * marks the default one."""
+    from homeport.node import state as node_state
+
+    base = node_state.base_dir(state)
+    current = node_state.current_profile(base)
+    rows: list[dict[str, Any]] = []
+    for name in node_state.list_profiles(base):
+        d = node_state.profile_dir(base, name)
+        try:
+            st = node_state.load(d)
+            row = {"profile": name, "node": st.name, "server": st.server, "enrolled": True}
+        except node_state.StateError:
+            row = {"profile": name, "node": "", "server": "", "enrolled": False}
+        running = _agent_query(d, "status", timeout=2.0) is not None
+        rows.append({**row, "default": name == current, "agent": running, "dir": str(d)})
+    if as_json:
+        click.echo(json.dumps({"default": current, "profiles": rows}, indent=2))
+        return
+    from homeport.client.term import printable
+
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        what = (
+            f"{r['node']} on {r['server']}" + ("" if r["agent"] else " (agent not running)")
+            if r["enrolled"]
+            else "not enrolled: homeport up --profile " + r["profile"] + " --server …"
+        )
+        click.echo(printable(f"{mark} {r['profile']:<12} {what}"))
+    if len(rows) == 1:
+        click.echo("add a network: homeport up --profile NAME --server HOST:PORT --name NODE")
+
+
+@click.command("switch")
+@click.option("--state", metavar="DIR", help=STATE_HELP)
+@click.argument("name")
+def switch(state: str | None, name: str) -> None:
+    """Make profile NAME the default: commands without --profile, and bare ssh names, use it."""
+    from homeport.node import state as node_state
+
+    problem = node_state.profile_problem(name)
+    if problem is not None:
+        _fail(problem, 2)
+    base = node_state.base_dir(state)
+    if name not in node_state.list_profiles(base):
+        known = ", ".join(node_state.list_profiles(base))
+        _fail(f"no profile {name!r} (profiles: {known}); create it with 'homeport up --profile'")
+    try:
+        node_state.set_current_profile(base, name)
+    except (OSError, node_state.StateError) as exc:
+        _fail(f"cannot switch: {exc}")
+    click.echo(f"default profile: {name}")
+    conf = Path.home() / ".ssh" / "homeport.conf"
+    if conf.exists():
+        click.echo(
+            "bare ssh names follow the default profile: run 'homeport ssh-config --install' "
+            "to update ~/.ssh/homeport.conf"
+        )
 
 
 # -- forward --------------------------------------------------------------------
@@ -650,6 +1116,9 @@ def login_approve(state: str | None, data_dir: str | None, code: str) -> None:
 def register(cli: click.Group) -> None:
     """Add the client commands to the top-level ``homeport`` group."""
     for cmd in (
+        code,
+        profiles_cmd,
+        switch,
         status,
         nc,
         ssh,

@@ -45,7 +45,23 @@ import sys
 
 from homeport.wire import names  # import-free: the one table of name rules
 
-USAGE = "usage: homeport nc [--state DIR] [--timeout SECONDS] [--fdpass] HOST PORT"
+USAGE = "Usage: homeport nc [OPTIONS] HOST PORT"
+#: ``homeport nc --help``, laid out like click's help for the other commands (nc parses its
+#: own arguments: click costs start-up time on every ssh).
+HELP = f"""{USAGE}
+
+  ssh ProxyCommand: open a stream to HOST's PORT (a port number or a service
+  name) through homeport and connect it to ssh.
+
+Options:
+  --state DIR        state directory (env HOMEPORT_STATE, default
+                     ~/.local/state/homeport)
+  --profile NAME     which homeport network (env HOMEPORT_PROFILE)
+  --timeout SECONDS  stream setup timeout  [default: 10]
+  --fdpass           hand ssh a connected socket (with ProxyUseFdpass yes)
+  --check            only check that HOST can be reached now (ssh-config's
+                     Match exec); exit 1 with the reason if not
+  -h, --help         Show this message and exit."""
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
@@ -53,6 +69,7 @@ DEFAULT_TIMEOUT = 10.0
 #: Same as ``homeport.node.state`` (not imported: pathlib/dataclasses cost start-up).
 ENV_STATE = "HOMEPORT_STATE"
 DEFAULT_STATE = "~/.local/state/homeport"
+ENV_PROFILE = "HOMEPORT_PROFILE"
 #: Same as ``homeport.io.localapi.SOCKET_NAME`` and ``MAX_REPLY``.
 AGENT_SOCKET = "agent.sock"
 MAX_REPLY = 4 * 1024
@@ -172,20 +189,31 @@ def format_error(host: str, reason: str) -> str:
     return f"homeport nc: {printable(host)}: {one_line}"
 
 
+def _usage_error(reason: str) -> int:
+    """A usage error the way click reports one (the other commands' style)."""
+    print(f"{USAGE}\nTry 'homeport nc --help' for help.\n\nError: {reason}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _fail(host: str, reason: str) -> int:
     print(format_error(host, reason), file=sys.stderr, flush=True)
     return EXIT_FAIL
 
 
 def main(argv: list[str]) -> int:
+    if "--profile" in argv[:-1]:  # the network (node.state profiles); via env for every path
+        i = argv.index("--profile")
+        os.environ[ENV_PROFILE] = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+    if "--check" in argv:  # ssh-config's Match exec: say why not, before ssh starts
+        return check_main([a for a in argv if a != "--check"])
     try:
         args = parse_args(argv)
     except UsageError as exc:
         if str(exc) == "help":
-            print(USAGE)
+            print(HELP)
             return EXIT_OK
-        print(f"homeport nc: {exc}\n{USAGE}", file=sys.stderr)
-        return EXIT_USAGE
+        return _usage_error(str(exc))
     handoff = _fdpass_socket() if args.fdpass or _ssh_wants_fd() else None
     if names.host_name_problem(args.host) is None:  # else the direct path reports it
         code = _agent_open(args, handoff)
@@ -194,13 +222,58 @@ def main(argv: list[str]) -> int:
     return _direct(args, handoff)
 
 
+def check_main(argv: list[str]) -> int:
+    """``nc --check [--state DIR] HOST PORT``: exit 1 with one line if HOST cannot work now.
+
+    Passes (exit 0, silent) whenever the local agent cannot tell: see
+    :mod:`homeport.client.precheck`.
+    """
+    import time
+
+    from homeport.client import precheck
+
+    suffix = ""
+    if "--suffix" in argv[:-1]:  # a profile's names: labpc.work (ssh's %h before Hostname)
+        i = argv.index("--suffix")
+        suffix, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        return _usage_error(str(exc))
+    if suffix and args.host.endswith(suffix):
+        args.host = args.host[: -len(suffix)]
+    problem = names.host_name_problem(args.host)
+    if problem is not None:
+        _fail(args.host, problem)
+        return precheck.CHECK_FAIL
+    reply = precheck.ask_agent(state_dir(args.state), args.host, parse_reply)
+    reason = precheck.verdict(reply, args.host, args.service, time.time())
+    if reason is None:
+        return precheck.CHECK_PASS
+    _fail(args.host, reason)
+    return precheck.CHECK_FAIL
+
+
 # -- the warm path: ask the local agent ------------------------------------------------
 
 
 def state_dir(arg: str | None) -> str:
-    """``node.state.resolve_dir`` without pathlib: --state, else $HOMEPORT_STATE, else default."""
+    """``node.state.resolve_dir`` without pathlib: --state, else $HOMEPORT_STATE, else default;
+    then the profile: $HOMEPORT_PROFILE (``--profile``), else the base's ``profile`` file."""
     raw = arg or os.environ.get(ENV_STATE) or DEFAULT_STATE
-    return os.path.abspath(os.path.expanduser(raw))
+    base = os.path.abspath(os.path.expanduser(raw))
+    name = os.environ.get(ENV_PROFILE)
+    if not name:
+        try:
+            with open(os.path.join(base, "profile"), "rb") as f:
+                name = f.read(256).decode("utf-8", "replace").strip()
+        except OSError:
+            name = ""
+    if not name or name == "default":
+        return base
+    if names.node_name_problem(name) is not None:  # the direct path reports it (StateError)
+        return os.path.join(base, "profiles", "-")
+    return os.path.join(base, "profiles", name)
 
 
 def open_request(host: str, service: str, timeout: float) -> bytes:

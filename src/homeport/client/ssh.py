@@ -34,6 +34,10 @@ from homeport.wire.names import node_name_problem
 #: The file ``ssh-config --install`` writes, and the line it puts atop ~/.ssh/config.
 INCLUDE_FILE = "homeport.conf"
 INCLUDE_LINE = "Include ~/.ssh/homeport.conf"
+#: The precheck Match blocks (OpenSSH only), included from the top of :data:`INCLUDE_FILE`.
+#: A file of its own because paramiko runs ``Match exec`` through ``invoke`` (and fails
+#: without it), while it ignores ``Include``: homeport.conf stays portable.
+CHECK_FILE = "homeport-check.conf"
 
 
 def package_root() -> str:
@@ -51,15 +55,62 @@ def proxy_command(state_dir: Path, python: str | None = None, *, fdpass: bool = 
     """The ProxyCommand: works from an install, a venv or a source checkout alike.
 
     ``fdpass`` adds ``--fdpass``, which goes with ``ProxyUseFdpass yes``; it is
-    harmless without it (nc sees a pipe on stdout and copies).
+    harmless without it (nc sees a pipe on stdout and copies). ``--profile default``
+    pins ``state_dir`` itself (a profile's own directory, see :mod:`homeport.node.state`),
+    whatever $HOMEPORT_PROFILE or ``homeport switch`` say when ssh runs.
     """
     exe = python or sys.executable
     launcher = Path(package_root()) / "homeport" / "ncfast.py"
     words = [shlex.quote(exe), "-I", "-S", shlex.quote(str(launcher))]
-    words += ["--state", shlex.quote(str(state_dir))]
+    words += ["--state", shlex.quote(str(state_dir)), "--profile", "default"]
     if fdpass:
         words.append("--fdpass")
     return " ".join([*words, "%h", "%p"])
+
+
+def check_command(state_dir: Path, python: str | None = None, suffix: str = "") -> str:
+    """The precheck ``Match … !exec`` runs: ``nc --check`` (see :mod:`homeport.client.precheck`).
+
+    ``suffix``: the profile suffix (``.work``) the check strips from ``%h`` (ssh
+    expands ``%h`` in ``Match exec`` to the name as typed, before ``Hostname``).
+    """
+    words = proxy_command(state_dir, python, fdpass=False).split(" ")[:-2]
+    words.append("--check")
+    if suffix:
+        words += ["--suffix", shlex.quote(suffix)]
+    return " ".join([*words, "%h", "%p"])
+
+
+def precheck_block(
+    hosts: list[str], state_dir: Path, python: str | None = None, suffix: str = ""
+) -> list[str]:
+    """``Match originalhost … !exec "nc --check"``: when the check fails (it printed its
+    one line), ssh runs quietly into a ProxyCommand that fails: no OpenSSH noise after
+    homeport's reason. Must come before the Host block (ssh keeps the first value)."""
+    cmd = check_command(state_dir, python, suffix)
+    quote_config(cmd)  # refuses control characters and double quotes
+    return [
+        "# homeport: say why a node cannot be reached, without OpenSSH's follow-up noise",
+        "Match originalhost " + ",".join(hosts) + f' !exec "{cmd}"',
+        "    LogLevel QUIET",
+        "    ProxyCommand false",
+    ]
+
+
+def precheck_text(
+    names: list[str], state_dir: Path, *, python: str | None = None, suffix: str = ""
+) -> str:
+    """The precheck block alone (for :data:`CHECK_FILE`); "" when there is no node.
+
+    Raises:
+        ConfigError: as :func:`ssh_config_block`.
+    """
+    good, problems = safe_names(names)
+    if problems:
+        raise ConfigError(problems[0])
+    if not good:
+        return ""
+    return "\n".join(precheck_block([n + suffix for n in good], state_dir, python, suffix)) + "\n"
 
 
 def ssh_options(state_dir: Path, python: str | None = None) -> list[tuple[str, str]]:
@@ -131,7 +182,13 @@ def safe_names(names: list[str]) -> tuple[list[str], list[str]]:
 
 
 def ssh_config_block(
-    names: list[str], state_dir: Path, *, python: str | None = None, certs: bool = False
+    names: list[str],
+    state_dir: Path,
+    *,
+    python: str | None = None,
+    certs: bool = False,
+    precheck: bool = True,
+    suffix: str = "",
 ) -> str:
     """A ``Host`` block for ~/.ssh/config covering ``names`` (the network's nodes).
 
@@ -147,10 +204,14 @@ def ssh_config_block(
         raise ConfigError(problems[0])
     if not good:
         return "# no nodes in this homeport network yet\n"
-    lines = [
-        f"# homeport: nodes of this network (state {quote_config(str(state_dir))})",
-        "Host " + " ".join(good),
-    ]
+    hosts = [n + suffix for n in good]
+    lines = [f"# homeport: nodes of this network (state {quote_config(str(state_dir))})"]
+    if precheck:
+        lines += precheck_block(hosts, state_dir, python, suffix)
+    if suffix:  # labpc.work -> labpc: ssh, nc and known_hosts see the node's own name
+        for name, host in zip(good, hosts, strict=True):
+            lines += [f"Host {host}", f"    Hostname {name}"]
+    lines.append("Host " + " ".join(hosts))
     for key, value in ssh_options(state_dir, python):
         if key == "ProxyCommand":  # run by a shell: proxy_command() shell-quoted each word
             quote_config(value)  # refuses control characters all the same
@@ -158,7 +219,7 @@ def ssh_config_block(
         else:
             lines.append(f"    {key} {quote_config(value)}")
     if certs:
-        lines += cert_match_block(good, state_dir, python)
+        lines += cert_match_block(hosts, state_dir, python)
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +242,8 @@ def cert_match_block(names: list[str], state_dir: Path, python: str | None = Non
             "--quiet",
             "--state",
             shlex.quote(str(state_dir)),
+            "--profile",
+            "default",
             "--user",
             "%r",
             "%n",

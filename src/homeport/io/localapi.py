@@ -112,7 +112,7 @@ class ReloadRequest:
 
 #: Operations other than ``open``: questions about the agent's paths, answered with one
 #: JSON line and no descriptor (``homeport status`` / ``ping`` / ``netcheck``).
-QUERY_OPS = frozenset({"status", "ping", "netcheck", "drop-direct"})
+QUERY_OPS = frozenset({"status", "ping", "netcheck", "drop-direct", "check"})
 #: Longest query reply a client reads (a status of many peers is larger than an open's).
 MAX_QUERY_REPLY = 1024 * 1024
 

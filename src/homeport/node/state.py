@@ -8,6 +8,15 @@ the directory is 0700 because it holds the node's private key)::
     node.crt           its certificate, signed by the network CA at enrollment
     ca.crt             the network CA (trust anchor for end-to-end streams)
     known_hosts/<peer> sshd host keys of a peer, written by ``homeport nc``
+    profile            the default profile's name (``homeport switch``; absent: "default")
+    profiles/<name>/   another network's node: the same layout (``--profile NAME``)
+
+Profiles (several networks on one machine, docs/profiles.md): the state
+directory above is the "default" profile, exactly as a single-network install
+always had it (nothing moves); ``--profile NAME`` (env ``HOMEPORT_PROFILE``,
+else the ``profile`` file) picks ``profiles/NAME`` instead. Each profile is a
+complete node — identity, agent socket, agent lock, known_hosts — so two agents
+of two profiles run side by side.
 
 Why this module is standard-library only: ``homeport nc`` (run by ``ssh`` for
 every connection) loads the state on its hot start-up path. Key generation,
@@ -28,6 +37,12 @@ from homeport.wire import hostkey, names
 from homeport.wire.errors import WireError
 
 ENV_STATE = "HOMEPORT_STATE"
+ENV_PROFILE = "HOMEPORT_PROFILE"
+#: The profile that is the state directory itself (a single-network install).
+DEFAULT_PROFILE = "default"
+PROFILES_DIR = "profiles"
+#: In the base state directory: the name of the default profile (``homeport switch``).
+CURRENT_PROFILE_FILE = "profile"
 DEFAULT_STATE = "~/.local/state/homeport"
 STATE_FILE = "node.json"
 KEY_FILE = "node.key"
@@ -44,7 +59,7 @@ MAX_STATE_FILE = 1024 * 1024
 #: Most host key lines we write for one peer (the wire rule's limit).
 MAX_HOST_KEYS = hostkey.MAX_HOST_KEYS
 
-ENROLL_HINT = "run homeport up --server HOST:PORT --authkey KEY --name NAME"
+ENROLL_HINT = "run HOMEPORT_AUTHKEY=KEY homeport up --server HOST:PORT --name NAME"
 
 
 class StateError(Exception):
@@ -120,10 +135,82 @@ def parse_server(text: str, default_port: int = 8443) -> tuple[str, int]:
     return host, port
 
 
-def resolve_dir(arg: str | os.PathLike[str] | None = None) -> Path:
-    """The state directory: ``--state`` if given, else $HOMEPORT_STATE, else the default."""
+def base_dir(arg: str | os.PathLike[str] | None = None) -> Path:
+    """The base state directory (the "default" profile's): ``--state``, $HOMEPORT_STATE,
+    else the default."""
     raw = os.fspath(arg) if arg else os.environ.get(ENV_STATE) or DEFAULT_STATE
     return Path(raw).expanduser().absolute()
+
+
+def profile_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a profile (it becomes an ssh host suffix: ``labpc.NAME``)."""
+    problem = names.node_name_problem(name)
+    return None if problem is None else f"bad profile name: {problem}"
+
+
+def current_profile(base: Path) -> str:
+    """The default profile of ``base``: its ``profile`` file, else "default"."""
+    try:
+        with open(base / CURRENT_PROFILE_FILE, "rb") as f:
+            name = f.read(256).decode("utf-8", "replace").strip()
+    except OSError:
+        return DEFAULT_PROFILE
+    return name if name and profile_problem(name) is None else DEFAULT_PROFILE
+
+
+def chosen_profile(base: Path, profile: str | None = None) -> str:
+    """``profile``, else $HOMEPORT_PROFILE, else :func:`current_profile`.
+
+    Raises:
+        StateError: a bad profile name.
+    """
+    name = profile or os.environ.get(ENV_PROFILE) or current_profile(base)
+    problem = profile_problem(name)
+    if problem is not None:
+        raise StateError(problem)
+    return name
+
+
+def profile_dir(base: Path, name: str) -> Path:
+    """Where profile ``name`` of ``base`` keeps its node."""
+    return base if name == DEFAULT_PROFILE else base / PROFILES_DIR / name
+
+
+def resolve_dir(arg: str | os.PathLike[str] | None = None, profile: str | None = None) -> Path:
+    """The state directory of the chosen profile (:func:`chosen_profile`) under
+    :func:`base_dir`; without profiles that is the base directory itself, as always.
+
+    Raises:
+        StateError: a bad profile name (from the command line or the environment).
+    """
+    base = base_dir(arg)
+    return profile_dir(base, chosen_profile(base, profile))
+
+
+def list_profiles(base: Path) -> list[str]:
+    """ "default" and every ``profiles/<name>`` directory (valid names only), sorted after it."""
+    found = [DEFAULT_PROFILE]
+    try:
+        entries = sorted(os.listdir(base / PROFILES_DIR))
+    except OSError:
+        entries = []
+    found += [
+        e
+        for e in entries
+        if e != DEFAULT_PROFILE
+        and profile_problem(e) is None
+        and (base / PROFILES_DIR / e).is_dir()
+    ]
+    return found
+
+
+def set_current_profile(base: Path, name: str) -> None:
+    """Make ``name`` the default profile (``homeport switch``)."""
+    ensure_dir(base)
+    if name == DEFAULT_PROFILE:
+        (base / CURRENT_PROFILE_FILE).unlink(missing_ok=True)
+    else:
+        write_private(base / CURRENT_PROFILE_FILE, (name + "\n").encode())
 
 
 def ensure_dir(path: Path) -> Path:

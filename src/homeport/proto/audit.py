@@ -17,6 +17,7 @@ ENROLL = "enroll"  # a node enrolled with an auth key
 ENROLL_REFUSED = "enroll-refused"
 APPROVE = "approve"  # an admin approved a node
 NODE_REMOVE = "node-remove"
+NODE_RENAME = "node-rename"  # an admin renamed a node
 NODE_EXPIRY = "node-expiry"  # expire / extend / disable-expiry / renewed
 KEY_CREATE = "key-create"
 KEY_REVOKE = "key-revoke"

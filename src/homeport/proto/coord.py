@@ -358,7 +358,15 @@ class RenewCert:
     keep: int = MAX_NODE_CERTS
 
 
-StoreOp = SetSeen | SetAnnounce | RemoveNode | SetAccess | RenewCert
+@dataclass(frozen=True, slots=True)
+class RenameNode:
+    """An admin renamed a live node (``homeport nodes rename``)."""
+
+    node_id: str
+    name: str
+
+
+StoreOp = SetSeen | SetAnnounce | RemoveNode | SetAccess | RenewCert | RenameNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -1832,6 +1840,43 @@ class Coordinator:
                 ),
             )
         )
+
+    def rename_node(self, name: str, new_name: str, now: float) -> NodeRecord:
+        """An admin renamed a live node: peers get the new name with the next map push,
+        and the node's own sessions end so it reconnects and reads the name in WELCOME
+        (its agent saves it). Streams already open keep running.
+
+        Raises:
+            KeyError: no live node has this name.
+            ValueError: ``new_name`` is not a node name, or another live node has it.
+        """
+        problem = names.node_name_problem(new_name)
+        if problem is not None:
+            raise ValueError(problem)
+        node = self._live(name)
+        if new_name == name:
+            return node
+        if new_name in self._by_name:
+            raise ValueError(f"another node is already called {new_name!r}")
+        new = replace(node, name=new_name)
+        self._nodes[node.node_id] = new
+        del self._by_name[name]
+        self._by_name[new_name] = node.node_id
+        self._emit(Persist(RenameNode(node.node_id, new_name)))
+        self._emit(
+            Audit(
+                au.NODE_RENAME, now, (("node", new_name), ("node_id", node.node_id), ("from", name))
+            )
+        )
+        sessions = set(self._node_sessions.get(node.node_id, set()))
+        agent = self._agents.get(node.node_id)
+        if agent is not None:
+            sessions.add(agent)
+        for sid in sorted(sessions):
+            self._emit(Close(sid, "renamed", f"renamed by an admin: {name} -> {new_name}"))
+        self._note(logging.INFO, f"node {name} ({node.node_id}) renamed to {new_name}")
+        self._map_changed(node.node_id, now)
+        return new
 
     def expire_node(self, name: str, now: float) -> NodeRecord:
         """Expire the node's key now: its sessions end with ERROR(expired). Raises KeyError."""

@@ -47,6 +47,7 @@ from homeport.proto.audit import (
     KEY_CREATE,
     KEY_REVOKE,
     NODE_REMOVE,
+    NODE_RENAME,
     POLICY_REFUSED,
     POLICY_SET,
     USER,
@@ -158,6 +159,7 @@ class AdminOps:
         node_by_name: Callable[[str], NodeRecord | None] | None = None,
         approve_login: Callable[[str], tuple[bool, str]] | None = None,
         live_view: LiveView | None = None,
+        rename_node: Callable[[str, str], NodeRecord] | None = None,
     ) -> None:
         self.registry = registry
         self._nodes = nodes or registry.node_list
@@ -177,6 +179,7 @@ class AdminOps:
         #: starts the listener; None: no web UI here, so ``ui.link`` refuses.
         self.ui_url: str | None = None
         self._live_view = live_view
+        self._rename_node = rename_node
 
     def handle(self, request: Any) -> dict[str, Any]:
         """Answer one request; never raises for bad input."""
@@ -194,6 +197,7 @@ class AdminOps:
             "nodes.expire": self._nodes_action,
             "nodes.extend": self._nodes_action,
             "nodes.disable-expiry": self._nodes_action,
+            "nodes.rename": self._nodes_rename,
             "users.create": self._users_create,
             "users.list": self._users_list,
             "users.remove": self._users_remove,
@@ -256,16 +260,21 @@ class AdminOps:
             raise TypeError("expiry_seconds must be a number or null")
         self._check_tags_declared(tags)
         now = self._clock()
-        key = self.registry.create_auth_key(
-            now=now,
-            reusable=reusable,
-            expiry_seconds=None if expiry is None else float(expiry),
-            note=note,
-            user=user,
-            tags=tuple(tags),
-            ephemeral=ephemeral,
-            approval=approval,
-        )
+        try:
+            key = self.registry.create_auth_key(
+                now=now,
+                reusable=reusable,
+                expiry_seconds=None if expiry is None else float(expiry),
+                note=note,
+                user=user,
+                tags=tuple(tags),
+                ephemeral=ephemeral,
+                approval=approval,
+            )
+        except (
+            ValueError
+        ) as exc:  # an unknown user, a bad tag: the admin's to fix, not "bad request"
+            raise AdminError(str(exc)) from None
         log.info("auth key %s created (reusable=%s)", key.key_id, reusable)
         self._emit_audit(
             KEY_CREATE,
@@ -561,6 +570,27 @@ class AdminOps:
             "expires_at": None if node.expiry_disabled else node.expires_at,
             "expiry_disabled": node.expiry_disabled,
         }
+
+    def _nodes_rename(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Rename a live node: in the running coordinator (peers and the node follow at
+        once), else in the registry (the node reads its name in WELCOME next time)."""
+        name, new_name = req.get("name"), req.get("new_name")
+        if not isinstance(name, str) or not isinstance(new_name, str):
+            raise TypeError("name and new_name must be strings")
+        try:
+            if self._rename_node is not None:
+                node = self._rename_node(name, new_name)
+            else:
+                node = self.registry.rename_node(name, new_name)
+                self._emit_audit(
+                    NODE_RENAME,
+                    (("node", node.name), ("node_id", node.node_id), ("from", name)),
+                )
+        except KeyError:
+            raise AdminError(f"no node named {name!r}") from None
+        except ValueError as exc:
+            raise AdminError(str(exc)) from None
+        return {"name": node.name, "node_id": node.node_id, "from": name}
 
     def _users_create(self, req: dict[str, Any]) -> dict[str, Any]:
         name = req.get("name")

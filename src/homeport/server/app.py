@@ -150,6 +150,7 @@ async def serve(
         remove_node=service.remove_node,
         live=True,
         node_action=service.node_action,
+        rename_node=service.rename_node,
         audit=service.admin_audit,
         data_dir=data_dir,
         set_policy=service.set_policy,
@@ -242,7 +243,7 @@ def _banner(running: Running, listen_host: str) -> str:
             f"  data:       {data}",
             "  add a node:",
             f"    1. here:          homeport keys create --data {data}",
-            f"    2. on the node:   homeport up --server {addr} --authkey KEY --name NAME",
+            f"    2. on the node:   HOMEPORT_AUTHKEY=KEY homeport up --server {addr} --name NAME",
             f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
             f"  admin API:  {running.admin_url + '/api/v1' if running.admin_url else 'off'}"
             + (" (token: homeport apikeys create --name NAME)" if running.admin_url else ""),

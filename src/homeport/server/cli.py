@@ -457,6 +457,19 @@ def register(cli: click.Group) -> None:
         """Never expire this node's key (e.g. an unattended server)."""
         _node_action("disable-expiry", name, as_json, data_dir)
 
+    @nodes.command("rename")
+    @click.argument("name")
+    @click.argument("new_name", metavar="NEW")
+    @_json_option
+    @_data_option
+    def nodes_rename(name: str, new_name: str, as_json: bool, data_dir: Path | None) -> None:
+        """Rename a node; it learns its new name at once (or when it next connects)."""
+        answer = _admin(data_dir, {"op": "nodes.rename", "name": name, "new_name": new_name})
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in answer.items() if k != "ok"}))
+            return
+        click.echo(f"renamed {name} to {answer['name']}; ssh to it as {answer['name']} now")
+
     @cli.group("users")
     def users() -> None:
         """People that nodes belong to (run on the server host)."""

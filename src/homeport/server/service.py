@@ -876,6 +876,12 @@ class Service:
         self._run()
         return node
 
+    def rename_node(self, name: str, new_name: str) -> c.NodeRecord:
+        """Rename ``name`` in the live core. Raises KeyError / ValueError."""
+        node = self.core.rename_node(name, new_name, time.time())
+        self._run()
+        return node
+
     def node_action(self, action: str, name: str) -> c.NodeRecord:
         """approve / expire / extend / disable-expiry ``name`` in the live core. Raises KeyError."""
         now = time.time()

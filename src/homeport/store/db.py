@@ -667,6 +667,16 @@ class Store:
                 )
             )
 
+    def rename_node(self, node_id: str, name: str) -> bool:
+        """Give a live node a new name (the caller checked it is free); False if unknown."""
+        with self._write() as conn:
+            res = conn.execute(
+                update(nodes)
+                .where(nodes.c.id == node_id, nodes.c.removed_at.is_(None))
+                .values(name=name)
+            )
+            return res.rowcount > 0
+
     def remove_node(self, node_id: str, now: float) -> bool:
         """Tombstone a live node; False if it is unknown or already removed."""
         with self._write() as conn:

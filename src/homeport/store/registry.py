@@ -32,6 +32,7 @@ from homeport.proto.coord import (
     NodeRecord,
     NodeStatus,
     RemoveNode,
+    RenameNode,
     RenewCert,
     SetAccess,
     SetAnnounce,
@@ -181,6 +182,30 @@ class Registry:
             for n in self.store.list_nodes()
         ]
 
+    def rename_node(self, name: str, new_name: str) -> NodeRecord:
+        """Rename the live node ``name`` (no server running; the node reads its new name
+        in WELCOME when it next connects).
+
+        Raises:
+            KeyError: no live node has this name.
+            ValueError: ``new_name`` is not a node name, or a live node has it.
+        """
+        from homeport.wire.names import node_name_problem
+
+        problem = node_name_problem(new_name)
+        if problem is not None:
+            raise ValueError(problem)
+        row = self.store.node_by_name(name)
+        if row is None or row.removed:
+            raise KeyError(name)
+        other = self.store.node_by_name(new_name)
+        if other is not None and not other.removed and other.node_id != row.node_id:
+            raise ValueError(f"another node is already called {new_name!r}")
+        self.store.rename_node(row.node_id, new_name)
+        fresh = self.store.get_node(row.node_id)
+        assert fresh is not None
+        return _record(fresh, ())
+
     def remove_node(self, name: str, now: float) -> NodeRecord:
         """Tombstone the live node ``name`` (no server running). Raises KeyError."""
         row = self.store.node_by_name(name)
@@ -203,6 +228,8 @@ class Registry:
                 expires_at=op.expires_at,
                 expiry_disabled=op.expiry_disabled,
             )
+        elif isinstance(op, RenameNode):
+            self.store.rename_node(op.node_id, op.name)
         elif isinstance(op, RenewCert):
             self.store.renew_node_cert(
                 op.node_id, op.fingerprint, op.cert_pem, op.created_at, keep=op.keep
