@@ -353,6 +353,13 @@ def test_nodes_list_actions_and_remove(api: Api) -> None:
     assert api.ok("POST", "/nodes/labpc/disable-expiry")["expiry_disabled"] is True
     assert api.ok("POST", "/nodes/labpc/approve")["approved"] is True
     assert api.call("POST", "/nodes/ghost/approve").status_code == 404
+    renamed = api.ok("POST", "/nodes/labpc/rename", json={"new_name": "labpc2"})
+    assert renamed == {"name": "labpc2", "node_id": "n1", "from": "labpc"}
+    assert api.call("POST", "/nodes/labpc/rename", json={"new_name": "x"}).status_code == 404
+    assert (
+        api.call("POST", "/nodes/labpc2/rename", json={"new_name": "bad name!"}).status_code == 400
+    )
+    assert api.ok("POST", "/nodes/labpc2/rename", json={"new_name": "labpc"})["name"] == "labpc"
     assert api.ok("DELETE", "/nodes/labpc") == {"name": "labpc", "node_id": "n1"}
     assert api.ok("GET", "/nodes")["nodes"] == []
     res = api.call("DELETE", "/nodes/labpc")

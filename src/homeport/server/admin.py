@@ -587,7 +587,7 @@ class AdminOps:
                     (("node", node.name), ("node_id", node.node_id), ("from", name)),
                 )
         except KeyError:
-            raise AdminError(f"no node named {name!r}") from None
+            raise NotFound(f"no node named {name!r}") from None
         except ValueError as exc:
             raise AdminError(str(exc)) from None
         return {"name": node.name, "node_id": node.node_id, "from": name}

@@ -314,6 +314,17 @@ ROUTES: tuple[ApiRoute, ...] = (
         params=(NAME_PARAM,),
         tag="nodes",
     ),
+    ApiRoute(
+        "POST",
+        f"{API_PREFIX}/nodes/{{name}}/rename",
+        "nodes.rename",
+        Scope.ADMIN,
+        "Rename a node: peers see the new name at once; the node saves it when it reconnects",
+        _obj({"name": STR, "node_id": STR, "from": STR}, ("name", "node_id", "from")),
+        params=(NAME_PARAM,),
+        body=_obj({"new_name": STR}, ("new_name",), additionalProperties=False),
+        tag="nodes",
+    ),
     *(
         ApiRoute(
             "POST",
