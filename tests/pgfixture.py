@@ -61,7 +61,7 @@ def _admin_exec(sql: str, params: tuple[Any, ...] = ()) -> None:
     import psycopg
 
     with psycopg.connect(_libpq_url(os.environ[PG_ENV]), autocommit=True) as conn:
-        conn.execute(sql, params)  # type: ignore[arg-type]
+        conn.execute(sql, params)
 
 
 @contextmanager

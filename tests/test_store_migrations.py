@@ -134,7 +134,7 @@ def build_version(url: str, version: int) -> None:
     engine.dispose()
 
 
-def _value(table: str, column: dict[str, Any], i: int) -> Any:
+def _value(table: str, column: Any, i: int) -> Any:
     """A representative value for one column of row ``i`` (NULL in row 1 where allowed)."""
     name, kind = column["name"], column["type"]
     if column["nullable"] and i == 1:
