@@ -26,7 +26,7 @@ makes two servers starting at once migrate one after the other.
 from __future__ import annotations
 
 import enum
-import importlib.util
+import importlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -802,8 +802,10 @@ def _engine(url: str) -> Engine:
             engine = create_engine(url, connect_args={"check_same_thread": False})
         _setup_sqlite(engine, memory=memory)
         return engine
-    if importlib.util.find_spec(PG_DRIVER) is None:
-        raise StoreError(PG_DRIVER_MISSING)
+    try:
+        importlib.import_module(PG_DRIVER)  # SQLAlchemy would; we say what to install instead
+    except ImportError:
+        raise StoreError(PG_DRIVER_MISSING) from None
     connect_args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT}
     if "application_name" not in parsed.query:  # shows in pg_stat_activity
         connect_args["application_name"] = "homeport"
