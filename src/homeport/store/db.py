@@ -766,14 +766,12 @@ def normalize_url(url: str) -> str:
             f"cannot parse database URL {url!r}: use sqlite:///PATH or "
             f"postgresql://USER:PASSWORD@HOST/DB"
         ) from None
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    backend, _, driver = parsed.drivername.partition("+")
     if backend == "sqlite":
         return url
-    if backend in ("postgresql", "postgres") and driver in ("psycopg2", PG_DRIVER, "", None):
-        if parsed.drivername in ("postgresql", "postgres"):
-            parsed = parsed.set(drivername=f"postgresql+{PG_DRIVER}")
-        if parsed.get_driver_name() == PG_DRIVER:
-            return parsed.render_as_string(hide_password=False)
+    if backend in ("postgresql", "postgres") and driver in ("", PG_DRIVER):
+        parsed = parsed.set(drivername=f"postgresql+{PG_DRIVER}")
+        return parsed.render_as_string(hide_password=False)
     raise StoreError(
         f"unsupported database {parsed.drivername!r}: use sqlite:///PATH or "
         f"postgresql://USER:PASSWORD@HOST/DB"
