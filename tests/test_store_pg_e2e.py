@@ -151,7 +151,7 @@ def test_missing_driver_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     [
         ("mysql://u:p@127.0.0.1/db", "unsupported database 'mysql'"),
         ("postgresql+psycopg2://u:p@127.0.0.1/db", "unsupported database"),
-        ("not a url", "cannot parse database URL"),
+        ("not a url", "cannot parse the database URL"),
     ],
 )
 def test_unsupported_urls_are_refused_in_one_line(url: str, needle: str) -> None:

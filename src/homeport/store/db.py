@@ -411,11 +411,6 @@ class Store:
             with conn.begin():
                 yield conn
 
-    @property
-    def backend(self) -> str:
-        """``sqlite`` or ``postgresql``."""
-        return self._engine.dialect.name
-
     def schema_version(self) -> int:
         with self._read() as conn:
             return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
@@ -762,9 +757,9 @@ def normalize_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except Exception:
-        raise StoreError(
-            f"cannot parse database URL {url!r}: use sqlite:///PATH or "
-            f"postgresql://USER:PASSWORD@HOST/DB"
+        raise StoreError(  # not echoed: it may hold a password
+            "cannot parse the database URL: use sqlite:///PATH or "
+            "postgresql://USER:PASSWORD@HOST/DB"
         ) from None
     backend, _, driver = parsed.drivername.partition("+")
     if backend == "sqlite":
