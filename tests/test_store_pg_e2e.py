@@ -167,3 +167,19 @@ def test_unreachable_postgresql_is_one_line_without_the_password() -> None:
     text = str(info.value)
     assert text.startswith("cannot open database postgresql+psycopg://someone:***@127.0.0.1:1/db")
     assert "s3cret" not in text and "\n" not in text
+
+
+def test_the_db_url_is_remembered_and_cleared(tmp_path: Path) -> None:
+    from homeport.server.datadir import recorded_db_url, remember_db_url, resolve_db_url
+
+    sqlite_here = f"sqlite:///{tmp_path}/homeport.db"
+    assert resolve_db_url(tmp_path, None) == sqlite_here
+    remember_db_url(tmp_path, None)  # no --db: nothing recorded
+    assert recorded_db_url(tmp_path) is None
+    pg = "postgresql://hp:secret@192.0.2.5/hp"
+    remember_db_url(tmp_path, pg)
+    assert resolve_db_url(tmp_path, None) == pg
+    assert stat.S_IMODE((tmp_path / "database.url").stat().st_mode) == 0o600
+    assert resolve_db_url(tmp_path, "sqlite:////elsewhere.db") == "sqlite:////elsewhere.db"
+    remember_db_url(tmp_path, sqlite_here)  # back to the embedded default
+    assert recorded_db_url(tmp_path) is None and resolve_db_url(tmp_path, None) == sqlite_here

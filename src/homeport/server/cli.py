@@ -543,9 +543,15 @@ def _db_source(text: str, option: str) -> str:
     """A database URL, or a path: a server data directory or a SQLite file."""
     if "://" in text:
         return text
+    from homeport.server.datadir import resolve_db_url
+
     path = Path(text).expanduser().absolute()
-    if path.is_dir():
-        return f"sqlite:///{path / 'homeport.db'}"
+    if path.is_dir():  # a data directory: the database its server uses
+        return (
+            resolve_db_url(path, None)
+            if option == "--from"
+            else f"sqlite:///{path / 'homeport.db'}"
+        )
     if option == "--from" and not path.exists():
         raise click.BadParameter(f"{path} does not exist", param_hint=option)
     return f"sqlite:///{path}"
