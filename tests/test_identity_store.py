@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,15 +83,18 @@ def test_a_schema_2_database_is_migrated_to_3(tmp_path: Path) -> None:
     assert {"user", "tags_json", "approved", "expires_at", "ephemeral", "expiry_disabled"} <= cols
 
 
-def test_a_fresh_database_is_schema_3(tmp_path: Path) -> None:
-    store = open_store(default_url(str(tmp_path)))
+def test_a_fresh_database_is_schema_3(db_url: str) -> None:
+    store = open_store(db_url)
     assert store.schema_version() == SCHEMA_VERSION >= 3
     store.close()
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(open_store(default_url(str(tmp_path))), server_pin=PIN)
+def registry(db_url: str) -> Iterator[Registry]:
+    """A registry on each backend (``db_url``: SQLite, PostgreSQL)."""
+    reg = Registry(open_store(db_url), server_pin=PIN)
+    yield reg
+    reg.close()
 
 
 def test_a_user_key_makes_that_users_nodes(registry: Registry) -> None:

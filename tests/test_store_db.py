@@ -1,4 +1,7 @@
-"""The SQLAlchemy Core store: schema, migrations, tombstones, atomic key consumption."""
+"""The SQLAlchemy Core store: schema, migrations, tombstones, atomic key consumption.
+
+Every test taking ``db_url`` runs on SQLite and on PostgreSQL (tests/pgfixture.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from homeport.store.db import (
     SCHEMA_VERSION,
@@ -16,6 +20,7 @@ from homeport.store.db import (
     NodeRow,
     StoreError,
     default_url,
+    normalize_url,
     open_store,
 )
 from homeport.wire.control import ServiceInfo
@@ -52,17 +57,32 @@ def test_file_store_uses_wal_and_reopens(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    url = default_url(str(tmp_path))
-    open_store(url).close()
-    with sqlite3.connect(tmp_path / "homeport.db") as conn:
-        conn.execute("UPDATE schema_version SET version = 99")
-    with pytest.raises(StoreError, match="newer"):
-        open_store(url)
+def test_reopen_keeps_rows_and_version(db_url: str) -> None:
+    store = open_store(db_url)
+    store.insert_node(node("n1", "a"))
+    store.close()
+    again = open_store(db_url)
+    assert again.get_node("n1") is not None
+    assert again.schema_version() == SCHEMA_VERSION
+    again.close()
 
 
-def test_names_unique_among_live_nodes_only() -> None:
-    store = open_store("sqlite://")
+def test_newer_schema_is_refused_in_one_line(db_url: str) -> None:
+    open_store(db_url).close()
+    engine = create_engine(normalize_url(db_url))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE schema_version SET version = :v"), {"v": SCHEMA_VERSION + 1})
+    engine.dispose()
+    with pytest.raises(StoreError, match="newer") as info:
+        open_store(db_url)
+    assert str(info.value) == (
+        f"database schema version {SCHEMA_VERSION + 1} is newer than this homeport "
+        f"(knows {SCHEMA_VERSION}); upgrade homeport"
+    )
+
+
+def test_names_unique_among_live_nodes_only(db_url: str) -> None:
+    store = open_store(db_url)
     store.insert_node(node("n1", "labpc"))
     with pytest.raises(NameTaken):
         store.insert_node(node("n2", "labpc"))
@@ -80,8 +100,8 @@ def test_names_unique_among_live_nodes_only() -> None:
     assert latest is not None and latest.node_id == "n2" and latest.removed
 
 
-def test_announce_and_seen_round_trip() -> None:
-    store = open_store("sqlite://")
+def test_announce_and_seen_round_trip(db_url: str) -> None:
+    store = open_store(db_url)
     store.insert_node(node("n1", "a"))
     services = (ServiceInfo("ssh", 22), ServiceInfo("web", 8080))
     store.set_node_announce("n1", services, ("ssh-ed25519 AAAA",))
@@ -104,8 +124,8 @@ def key(
     )
 
 
-def test_consume_single_use_reusable_expired_revoked_unknown() -> None:
-    store = open_store("sqlite://")
+def test_consume_single_use_reusable_expired_revoked_unknown(db_url: str) -> None:
+    store = open_store(db_url)
     store.insert_auth_key(key("once"))
     store.insert_auth_key(key("many", reusable=True))
     store.insert_auth_key(key("old", expires_at=10.0))
@@ -124,16 +144,16 @@ def test_consume_single_use_reusable_expired_revoked_unknown() -> None:
     assert store.consume_auth_key("nope", 1.0) is KeyOutcome.UNKNOWN
 
 
-def test_expired_key_is_expired() -> None:
-    store = open_store("sqlite://")
+def test_expired_key_is_expired(db_url: str) -> None:
+    store = open_store(db_url)
     store.insert_auth_key(key("old", expires_at=10.0))
     assert store.consume_auth_key("old", 10.0) is KeyOutcome.EXPIRED
     row = store.get_auth_key("old")
     assert row is not None and row.uses == 0
 
 
-def test_enroll_node_is_all_or_nothing() -> None:
-    store = open_store("sqlite://")
+def test_enroll_node_is_all_or_nothing(db_url: str) -> None:
+    store = open_store(db_url)
     store.insert_auth_key(key("k"))
     store.insert_node(node("n1", "taken"))
     with pytest.raises(NameTaken):
@@ -145,9 +165,9 @@ def test_enroll_node_is_all_or_nothing() -> None:
     assert store.node_by_name("other") is None
 
 
-def test_concurrent_consume_two_connections_one_winner(tmp_path: Path) -> None:
-    """Two stores (two engines, two SQLite connections) race for one single-use key."""
-    url = default_url(str(tmp_path))
+def test_concurrent_consume_two_connections_one_winner(db_url: str) -> None:
+    """Eight stores (eight engines, eight connections) race for each single-use key."""
+    url = db_url
     setup = open_store(url)
     stores = [open_store(url) for _ in range(8)]
     rounds = 20

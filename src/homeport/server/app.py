@@ -24,12 +24,19 @@ from homeport.proto.coord import DEFAULT_KEY_EXPIRY, Coordinator
 from homeport.relay import InProcessRelay, RelayEvent
 from homeport.server.admin import ADMIN_SOCKET, AdminOps, start_admin_server
 from homeport.server.audit import AuditSink, audit_path
-from homeport.server.datadir import PolicyFileError, ServerFiles, load_policy, prepare_data_dir
+from homeport.server.datadir import (
+    PolicyFileError,
+    ServerFiles,
+    load_policy,
+    prepare_data_dir,
+    remember_db_url,
+    resolve_db_url,
+)
 from homeport.server.liveview import ServiceView
 from homeport.server.metrics import ServerMetrics
 from homeport.server.service import DRAIN_GRACE, Service, ServiceConfig
 from homeport.server.sshca import load_or_create_ssh_ca
-from homeport.store.registry import WriteBehind, database_url, open_registry
+from homeport.store.registry import WriteBehind, open_registry
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -111,7 +118,10 @@ async def serve(
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
     policy = load_policy(data_dir)  # a bad policy file stops the start (PolicyFileError)
     ssh_ca = load_or_create_ssh_ca(data_dir)
-    registry = open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
+    url = resolve_db_url(data_dir, db_url)  # --db, else the one recorded, else SQLite here
+    registry = open_registry(url, server_pin=files.pin)
+    remember_db_url(data_dir, db_url)
+    log.info("database: %s (schema %d)", registry.store.url, registry.store.schema_version())
     cfg = config or ServiceConfig()
     core = Coordinator(
         ca=files.ca,

@@ -126,7 +126,7 @@ def _table(rows: list[list[str]]) -> str:
 def register(cli: click.Group) -> None:
     """Add the server-side commands to the ``homeport`` group."""
 
-    @cli.command("server")
+    @cli.group("server", invoke_without_command=True)
     @_data_option
     @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="ADDR:PORT.")
     @click.option(
@@ -141,7 +141,13 @@ def register(cli: click.Group) -> None:
         default=None,
         help="Private key (PEM) of --tls-cert.",
     )
-    @click.option("--db", "db_url", default=None, help="SQLAlchemy URL [default: SQLite in DIR].")
+    @click.option(
+        "--db",
+        "db_url",
+        default=None,
+        help="Database: postgresql://USER:PASS@HOST/DB (needs homeport[postgres]) or "
+        "sqlite:///PATH; remembered in DIR [default: SQLite in DIR].",
+    )
     @click.option(
         "--idle-timeout",
         type=float,
@@ -184,7 +190,7 @@ def register(cli: click.Group) -> None:
     )
     @click.pass_context
     def server_cmd(
-        click_ctx: click.Context,
+        ctx: click.Context,
         *,
         admin_listen: str,
         key_expiry: str,
@@ -199,6 +205,8 @@ def register(cli: click.Group) -> None:
         no_tls_data: bool,
     ) -> None:
         """Run the homeport server (coordinator and relay) in the foreground."""
+        if ctx.invoked_subcommand is not None:  # e.g. ``homeport server migrate-db``
+            return
         from homeport.server.app import parse_listen, run_server
 
         if (tls_cert is None) != (tls_key is None):
@@ -219,7 +227,7 @@ def register(cli: click.Group) -> None:
             admin = parse_admin_listen(admin_listen)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--admin-listen") from None
-        source = click_ctx.get_parameter_source("admin_listen")
+        source = ctx.get_parameter_source("admin_listen")
         code = run_server(
             _resolve_data(data_dir),
             listen,
@@ -235,6 +243,8 @@ def register(cli: click.Group) -> None:
             tls_data=not no_tls_data,
         )
         sys.exit(code)
+
+    _register_migrate_db(server_cmd)
 
     @cli.group("keys")
     def keys() -> None:
@@ -571,6 +581,109 @@ def register(cli: click.Group) -> None:
     _register_policy(cli)
     _register_admin_link(cli)
     _register_apikeys(cli)
+
+
+def _db_source(text: str, option: str) -> str:
+    """A database URL, or a path: a server data directory or a SQLite file."""
+    if "://" in text:
+        return text
+    from homeport.server.datadir import resolve_db_url
+
+    path = Path(text).expanduser().absolute()
+    if path.is_dir():  # a data directory: the database its server uses
+        return (
+            resolve_db_url(path, None)
+            if option == "--from"
+            else f"sqlite:///{path / 'homeport.db'}"
+        )
+    if option == "--from" and not path.exists():
+        raise click.BadParameter(f"{path} does not exist", param_hint=option)
+    return f"sqlite:///{path}"
+
+
+def _server_running(url: str) -> Path | None:
+    """The data directory of a running server using the SQLite file ``url`` (None: none)."""
+    import socket
+
+    from homeport.server.admin import ADMIN_SOCKET
+
+    if not url.startswith("sqlite:///"):
+        return None
+    sock_path = Path(url.removeprefix("sqlite:///")).parent / ADMIN_SOCKET
+    if not sock_path.exists():
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(sock_path))
+        except OSError:
+            return None  # a stale socket
+    return sock_path.parent
+
+
+def _register_migrate_db(server: click.Group) -> None:
+    @server.command("migrate-db")
+    @click.option(
+        "--from",
+        "source",
+        required=True,
+        help="Copy from: a server data directory, a SQLite file, or a database URL.",
+    )
+    @click.option(
+        "--to",
+        "target",
+        required=True,
+        help="Copy to: postgresql://USER:PASS@HOST/DB (or a SQLite file/URL).",
+    )
+    @click.option("--force", is_flag=True, help="Replace the rows a non-empty target holds.")
+    @_json_option
+    def migrate_db(source: str, target: str, force: bool, as_json: bool) -> None:
+        """Copy all server state (nodes, keys, users, ...) into another database.
+
+        One transaction on the target; row counts verified; a target that holds
+        rows is refused unless --force. Stop the server first. Afterwards start
+        it with --db TARGET (same --data: the CA and TLS keys stay there).
+        """
+        from homeport.store.dbcopy import copy_database
+        from homeport.store.registry import StoreError
+
+        src, dst = _db_source(source, "--from"), _db_source(target, "--to")
+        running = _server_running(src)
+        if running is not None:
+            raise click.ClickException(
+                f"a server is running on {running}; stop it first (the copy must see still data)"
+            )
+        try:
+            report = copy_database(src, dst, force=force)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "source": report.source,
+                        "target": report.target,
+                        "source_schema": report.source_version,
+                        "schema": report.schema,
+                        "tables": dict(report.tables),
+                        "replaced": report.replaced,
+                    }
+                )
+            )
+            return
+        migrated = (
+            f" (migrated from schema {report.source_version})"
+            if report.source_version != report.schema
+            else ""
+        )
+        click.echo(f"copied {report.source} -> {report.target}, schema {report.schema}{migrated}")
+        if report.replaced:
+            click.echo(f"  replaced {report.replaced} rows the target held (--force)")
+        click.echo(_table([["table", "rows"]] + [[t, str(n)] for t, n in report.tables]))
+        click.echo(
+            f"{report.total} rows in one transaction; row counts verified on the target.\n"
+            f"next: start the server with --db and the --to URL (same --data: its CA and TLS "
+            f"keys stay there)"
+        )
 
 
 def _print_problems(source: str, problems: list[dict[str, Any]], more: int) -> None:

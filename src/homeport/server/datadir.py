@@ -9,7 +9,10 @@ Files (see docs/architecture.md): ``ca.key`` (0600) and ``ca.crt``, the
 network CA; ``server.key`` (0600) and ``server.crt`` unless ``--tls-cert`` /
 ``--tls-key`` name others; ``server.pin``, the SHA-256 pin nodes check;
 ``policy.hujson`` (0600), the ACL policy, when one was set (``homeport policy
-set``; it moves into the database with PostgreSQL later).
+set``; it stays a file with PostgreSQL too, see docs/postgresql.md);
+``database.url`` (0600), the ``--db`` URL the server last started with when it
+is not the embedded SQLite, so admin commands and the next start use the same
+database.
 """
 
 from __future__ import annotations
@@ -28,6 +31,37 @@ log = logging.getLogger("homeport.server")
 
 #: The ACL policy's file in the data directory (absent: no policy, the documented default).
 POLICY_FILE = "policy.hujson"
+#: The ``--db`` URL a server in this data directory uses (absent: SQLite in the directory).
+DB_URL_FILE = "database.url"
+
+
+def recorded_db_url(data_dir: Path) -> str | None:
+    """The database URL recorded by the last ``homeport server --db URL`` (None: SQLite here)."""
+    try:
+        text = (data_dir / DB_URL_FILE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def resolve_db_url(data_dir: Path, db_url: str | None) -> str:
+    """Which database a server in ``data_dir`` uses: ``--db``, else the recorded one, else
+    the embedded SQLite file. Why remember: admin commands run while the server is stopped
+    (and a restart without ``--db``) must not open an empty SQLite file next to the real
+    PostgreSQL state."""
+    return db_url or recorded_db_url(data_dir) or database_url(str(data_dir))
+
+
+def remember_db_url(data_dir: Path, db_url: str | None) -> None:
+    """Record an explicit ``--db`` (0600: it may carry a password); the embedded default
+    (or the SQLite file in ``data_dir`` named explicitly) clears the record."""
+    if db_url is None:
+        return
+    if db_url in (database_url(str(data_dir)), f"sqlite:///{data_dir / 'homeport.db'}"):
+        (data_dir / DB_URL_FILE).unlink(missing_ok=True)
+        return
+    if recorded_db_url(data_dir) != db_url:
+        write_private(data_dir / DB_URL_FILE, (db_url + "\n").encode("utf-8"))
 
 
 class PolicyFileError(Exception):
@@ -143,4 +177,4 @@ def has_server_data(data_dir: Path) -> bool:
 def open_offline_registry(data_dir: Path, *, db_url: str | None = None) -> Registry:
     """The records of a server that is not running (admin commands on the server host)."""
     files = load_server_files(data_dir)
-    return open_registry(db_url or database_url(str(data_dir)), server_pin=files.pin)
+    return open_registry(resolve_db_url(data_dir, db_url), server_pin=files.pin)

@@ -1,8 +1,9 @@
 """The server's database: SQLAlchemy Core tables, a tiny migration runner, a typed Store.
 
 Why SQLAlchemy Core and not raw sqlite3: the same table definitions and
-queries run on PostgreSQL (``--db postgresql+psycopg://…``) when a deployment
-outgrows one file. Why Core and not the ORM: the server has two tables and a
+queries run on PostgreSQL (``--db postgresql://…``, driver psycopg 3, the
+``homeport[postgres]`` extra) when a deployment outgrows one file; see
+docs/postgresql.md. Why Core and not the ORM: the server has two tables and a
 handful of queries, and every write must be a single, visible SQL statement
 whose atomicity we can reason about (auth-key consumption, see
 :meth:`Store.enroll_node`).
@@ -15,12 +16,17 @@ server calls it from one event loop; the lock only matters for tests and the
 offline admin path). Across processes the database decides: the auth-key
 ``UPDATE … WHERE`` is atomic on SQLite (write transactions start with
 ``BEGIN IMMEDIATE``, so they queue on the busy timeout instead of failing on
-a stale snapshot) and on PostgreSQL (row lock on UPDATE).
+a stale snapshot) and on PostgreSQL (READ COMMITTED: the second UPDATE waits
+for the first's row lock, then re-checks its WHERE against the committed row
+and matches nothing). Migrations run in one transaction on both (DDL is
+transactional on SQLite and PostgreSQL alike); on PostgreSQL an advisory lock
+makes two servers starting at once migrate one after the other.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -49,6 +55,7 @@ from sqlalchemy import (
     inspect,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -62,6 +69,24 @@ from homeport.wire.control import ServiceInfo
 SCHEMA_VERSION = 4
 #: How long a SQLite writer waits for another writer before failing (ms).
 SQLITE_BUSY_TIMEOUT_MS = 5000
+#: PostgreSQL connections a Store keeps open. The Store serializes its callers
+#: (one writer thread plus the odd admin read), so a small pool is enough.
+PG_POOL_SIZE = 2
+#: Extra PostgreSQL connections beyond the pool under a burst.
+PG_MAX_OVERFLOW = 2
+#: Seconds to wait for the PostgreSQL server to accept a connection.
+PG_CONNECT_TIMEOUT = 10
+#: Recycle pooled PostgreSQL connections after this many seconds (NAT/firewall idle drops).
+PG_POOL_RECYCLE = 1800
+#: pg_advisory_xact_lock key held while migrating ("homeport" in ASCII, as an int64).
+PG_MIGRATION_LOCK = 0x686F6D65706F7274
+#: The driver the ``postgresql://`` scheme means (psycopg 3).
+PG_DRIVER = "psycopg"
+#: The one line shown when PostgreSQL is asked for without its driver installed.
+PG_DRIVER_MISSING = (
+    "PostgreSQL needs the psycopg driver, which is not installed: "
+    "pip install 'homeport[postgres]' (or: pip install 'psycopg[binary]')"
+)
 
 metadata = MetaData()
 
@@ -392,6 +417,21 @@ class Store:
     def _read(self) -> Iterator[Connection]:
         with self._lock, self._engine.connect() as conn, conn.begin():
             yield conn
+
+    @contextmanager
+    def transaction(self, *, write: bool, snapshot: bool = False) -> Iterator[Connection]:
+        """One transaction for :mod:`homeport.store.dbcopy` (the only user outside this class).
+
+        ``snapshot``: every statement sees the same committed state (REPEATABLE
+        READ on PostgreSQL; a SQLite read transaction already does in WAL mode).
+        """
+        with self._lock, self._engine.connect() as conn:
+            if write:
+                conn.execution_options(homeport_write=True)
+            if snapshot and conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
 
     def schema_version(self) -> int:
         with self._read() as conn:
@@ -783,6 +823,9 @@ def _run_migrations(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execution_options(homeport_write=True)
         with conn.begin():
+            if conn.dialect.name == "postgresql":
+                # two servers starting on one database migrate one after the other
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_MIGRATION_LOCK})
             schema_version.create(conn, checkfirst=True)
             current = int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
             if current > SCHEMA_VERSION:
@@ -797,12 +840,41 @@ def _run_migrations(engine: Engine) -> None:
                 conn.execute(insert(schema_version).values(version=SCHEMA_VERSION))
 
 
-def open_store(url: str) -> Store:
-    """Open (creating and migrating as needed) the database at ``url``.
+def normalize_url(url: str) -> str:
+    """The SQLAlchemy URL for a ``--db`` value; raises StoreError for one we do not support.
 
-    ``sqlite://`` is a private in-memory database (for tests): one shared
-    connection, so every caller sees the same data.
+    ``postgresql://`` and ``postgres://`` mean psycopg 3 (SQLAlchemy alone would
+    pick psycopg2, which homeport does not depend on); ``postgresql+psycopg://``
+    is accepted as written. SQLite URLs pass through.
     """
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise StoreError(  # not echoed: it may hold a password
+            "cannot parse the database URL: use sqlite:///PATH or "
+            "postgresql://USER:PASSWORD@HOST/DB"
+        ) from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite":
+        return url
+    if backend in ("postgresql", "postgres") and driver in ("", PG_DRIVER):
+        parsed = parsed.set(drivername=f"postgresql+{PG_DRIVER}")
+        return parsed.render_as_string(hide_password=False)
+    raise StoreError(
+        f"unsupported database {parsed.drivername!r}: use sqlite:///PATH or "
+        f"postgresql://USER:PASSWORD@HOST/DB"
+    )
+
+
+def display_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable URL>"
+
+
+def _engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         memory = _is_memory_sqlite(url)
@@ -815,8 +887,38 @@ def open_store(url: str) -> Store:
                 create_private(Path(parsed.database))
             engine = create_engine(url, connect_args={"check_same_thread": False})
         _setup_sqlite(engine, memory=memory)
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
+        return engine
+    try:
+        importlib.import_module(PG_DRIVER)  # SQLAlchemy would; we say what to install instead
+    except ImportError:
+        raise StoreError(PG_DRIVER_MISSING) from None
+    connect_args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT}
+    if "application_name" not in parsed.query:  # shows in pg_stat_activity
+        connect_args["application_name"] = "homeport"
+    return create_engine(
+        url,
+        pool_size=PG_POOL_SIZE,
+        max_overflow=PG_MAX_OVERFLOW,
+        pool_pre_ping=True,
+        pool_recycle=PG_POOL_RECYCLE,
+        isolation_level="READ COMMITTED",
+        connect_args=connect_args,
+    )
+
+
+def open_store(url: str) -> Store:
+    """Open (creating and migrating as needed) the database at ``url``.
+
+    ``sqlite://`` is a private in-memory database (for tests): one shared
+    connection, so every caller sees the same data. ``postgresql://…`` needs
+    psycopg (``homeport[postgres]``).
+
+    Raises:
+        StoreError: unsupported URL, missing driver, unreachable server, or a
+            schema newer than this code; always one line.
+    """
+    url = normalize_url(url)
+    engine = _engine(url)
     try:
         _run_migrations(engine)
     except StoreError:
@@ -824,8 +926,33 @@ def open_store(url: str) -> Store:
         raise
     except Exception as exc:
         engine.dispose()
-        raise StoreError(f"cannot open database {parsed!r}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"cannot open database {display_url(url)}: {first}") from exc
     return Store(engine)
+
+
+def peek_schema_version(url: str) -> int | None:
+    """The schema version recorded at ``url`` without migrating it (None: no homeport tables).
+
+    Raises:
+        StoreError: unsupported URL, missing driver, unreachable server.
+    """
+    url = normalize_url(url)
+    parsed = make_url(url)
+    sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database
+    if sqlite_file and not Path(str(parsed.database)).exists():  # do not create it by looking
+        return None
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn, conn.begin():
+            if not inspect(conn).has_table(schema_version.name):
+                return None
+            return int(conn.execute(select(func.max(schema_version.c.version))).scalar() or 0)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"cannot open database {display_url(url)}: {first}") from exc
+    finally:
+        engine.dispose()
 
 
 def default_url(data_dir: str) -> str:
