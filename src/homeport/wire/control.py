@@ -71,6 +71,10 @@ whoami probe listener, 0 = none); POLICY
 (0x90, cap ``policy``); STREAM_LOG (0x91, cap ``policy``: the server's audit log
 also sees direct streams, which never pass it). Capability ``sshcert``: SSH_CERT_REQ,
 SSH_CERT, LOGIN, LOGIN_STATE (0x8c-0x8f); WELCOME carries ``ssh_ca`` (the SSH CA public key).
+capver 4 (2026-12): capability ``mapdelta``: WELCOME carries ``map_epoch`` (the server's
+peer-map run) and HELLO ``map_epoch``/``map_version`` (the map the node still holds), so a
+reconnecting agent gets a PEERS delta from its version instead of a full map
+(docs/netmap.md, "Reconnecting without a full map").
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ from homeport.wire.frame import encode_frame
 #: for an incompatible protocol; peers of another wire version get ERROR(upgrade).
 PROTOCOL_VERSION = 1
 #: Our capability version (grows with every protocol feature; see the module doc).
-CAPVER = 3
+CAPVER = 4
 #: The oldest capability version this code still serves.
 MIN_CAPVER = 1
 #: The first type number that a receiver may skip when it does not know it.
@@ -106,8 +110,11 @@ CAP_RENEW = "renew"
 CAP_POLICY = "policy"
 #: ``sshcert``: understands SSH_CERT_REQ/SSH_CERT/LOGIN/LOGIN_STATE (keyless SSH).
 CAP_SSHCERT = "sshcert"
+#: ``mapdelta``: HELLO names the peer map it holds; the server answers with a delta (capver 4).
+CAP_MAPDELTA = "mapdelta"
 #: Every capability this code implements, announced in HELLO and WELCOME.
 OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT, CAP_POLICY, CAP_SSHCERT)
+OUR_CAPS += (CAP_MAPDELTA,)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -242,6 +249,10 @@ class Hello(Message):
     software: str = ""
     capver: int = 1
     caps: tuple[str, ...] = ()
+    #: cap mapdelta: the ``map_epoch`` of the WELCOME whose map the node still holds, and
+    #: that map's version ("" / 0: none; the server then sends a full map as before).
+    map_epoch: str = ""
+    map_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +277,8 @@ class Welcome(Message):
     server_time: float = 0.0
     #: cap sshcert: the server's SSH user CA public key (``ssh-ed25519 …``; "" = none).
     ssh_ca: str = ""
+    #: cap mapdelta: names this server run's peer map; versions compare only within one epoch.
+    map_epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
