@@ -561,17 +561,25 @@ class Fleet:
 class ServerProc:
     """The real server process, and its RSS and CPU from /proc."""
 
-    def __init__(self, data_dir: Path, port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        log_path: Path,
+        *,
+        runner: tuple[str, ...] = ("-m", "homeport"),
+        env_extra: dict[str, str] | None = None,
+    ) -> None:
+        """``runner``: how Python starts the CLI (bench.fleet_memory runs it under tracemalloc)."""
         self.log_path = log_path
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         env.pop("HOMEPORT_DATA", None)
         raise_nofile()  # inherited by the server (which raises its own further if it can)
         with open(log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "homeport",
+                    *runner,
                     "server",
                     "--data",
                     str(data_dir),
