@@ -756,6 +756,7 @@ class Churn:
     done: list[float] = field(default_factory=list)  # seconds per completed reconnect
     failed: int = 0
     links: list[ControlLink] = field(default_factory=list)  # the reconnected sessions
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)  # failures
 
     def first_update_bytes(self) -> list[int]:
         """PEERS bytes of each reconnected session's first map update (full or delta)."""
@@ -782,8 +783,13 @@ async def _churn(
             done.append(await a.connect())
             if a.link is not None:
                 out.links.append(a.link)
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             out.failed += 1
+            out.reasons[type(exc).__name__] += 1
+            a.churning = False
+            # as a real agent: retry with its backoff (it would otherwise stay offline)
+            a.core.connect_failed(str(exc), loop.time())
+            a._drain()
         finally:
             a.churning = False
 
@@ -990,6 +996,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         fig["churn_cpu"] = (srv.cpu() - cpu_a) / wall
         fig["churn_load_cpu"] = (self_cpu() - me_a) / wall
         fig["churn_started"], fig["churn_failed"] = started, failed
+        fig["churn_why"] = dict(churn.reasons)
         fig["churn_rate"] = len(reconnects) / opts.churn_seconds
         fig["reconnect_p50"], fig["reconnect_p99"] = pct(reconnects, 0.5), pct(reconnects, 0.99)
         first = churn.first_update_bytes()
@@ -1038,7 +1045,7 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
 
 async def _churn_phase(
     fleet: Fleet, srv: ServerProc, pool: list[SimAgent], opts: Options, lag: LagMonitor
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One churn phase alone (no streams): reconnects/s, latency, server CPU, map bytes."""
     maps_a = sum(a.peers_bytes() for a in fleet.agents)
     cpu_a, t_a = srv.cpu(), time.perf_counter()
@@ -1051,6 +1058,7 @@ async def _churn_phase(
         "cpu": round((srv.cpu() - cpu_a) / wall, 3),
         "started": churn.started,
         "failed": churn.failed,
+        "why": dict(churn.reasons),
         "rate": round(len(churn.done) / opts.churn_seconds, 1),
         "p50": round(pct(churn.done, 0.5), 3),
         "p99": round(pct(churn.done, 0.99), 3),
@@ -1114,7 +1122,8 @@ def rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]:
             f"server CPU under churn ({opts.churn_rate:.0f} reconnects/s)",
             f"{100 * fig['churn_cpu']:.0f} % of a core",
             f"{fig['churn_s']:.0f} s; {fig['churn_rate']:.0f} reconnects/s done "
-            f"({fig['churn_failed']} failed), reconnect p50 {_ms(fig['reconnect_p50'])} p99 "
+            f"({fig['churn_failed']} failed {fig['churn_why'] or ''}), reconnect p50 "
+            f"{_ms(fig['reconnect_p50'])} p99 "
             f"{_ms(fig['reconnect_p99'])}; load process {100 * fig['churn_load_cpu']:.0f} %",
         ),
         (
@@ -1172,7 +1181,8 @@ def _full_rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]
             "  same churn, every reconnect a full map",
             f"{100 * full['cpu']:.0f} % of a core",
             f"the phase before, same fleet (no mapdelta: agents forget their map); "
-            f"{full['rate']:.0f} reconnects/s done ({full['failed']} failed), reconnect p50 "
+            f"{full['rate']:.0f} reconnects/s done ({full['failed']} failed {full['why'] or ''}), "
+            f"reconnect p50 "
             f"{_ms(full['p50'])} p99 {_ms(full['p99'])}; first update "
             f"{full['map_bytes'] / 1024:,.1f} KiB; PEERS traffic {full['map_mib_s']:.1f} MiB/s",
         )
