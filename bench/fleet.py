@@ -26,7 +26,11 @@ costs ~0.2 s of Python; 5,000 agents would need ~1,000 CPU-seconds. So every age
 decrypts and frames every PEERS byte (the server's work and the wire are unchanged), but
 only a few *observer* agents (``--observers``) decode and apply PEERS into their
 :class:`~homeport.proto.netmap.PeerView`; the observers' maps are checked against the
-fleet at the end, and their PEERS bytes give the netmap delta per join.
+fleet at the end, and their PEERS bytes give the netmap delta per join. The others read
+only each PEERS frame's version (head) and ``more`` flag (tail) and hold an empty map at
+that version, so on reconnect they name it in HELLO (cap ``mapdelta``) as a real agent does.
+``--compare-full`` churns once more before, with agents that forget their map (every
+reconnect a full map, as before capver 4): the two phases side by side in one run.
 
 **Legitimate nodes.** Two more nodes get real state directories: one runs a real
 ``homeport up`` process exposing an echo service, the other is used by real
@@ -1015,6 +1019,15 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         for a in srcs + dsts:
             a.close_data()
         await asyncio.sleep(opts.settle)
+        # one reconnect on a quiet fleet, with and without mapdelta: its first map update
+        quiet = next((a for a in pool if a.ready), None)
+        if quiet is not None:
+            for mapdelta in (False, True):
+                fleet.mapdelta = mapdelta
+                fig[f"quiet_reconnect_{'delta' if mapdelta else 'full'}"] = await _one_reconnect(
+                    quiet
+                )
+            fleet.mapdelta = True
         fig["online_end"] = fleet.online()
         fig["lost"] = sum(a.lost for a in fleet.agents)
         fig["lost_reasons"] = dict(fleet.lost_reasons)
@@ -1041,6 +1054,23 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         srv.stop()
         echo.close()
     return fig
+
+
+async def _one_reconnect(a: SimAgent) -> float:
+    """Drop and reconnect one agent; PEERS bytes of its new session's first update (nan: none)."""
+    a.drop()
+    await asyncio.sleep(0)
+    try:
+        await a.connect()
+    finally:
+        a.churning = False
+    deadline = a.fleet.loop.time() + 2 * c.NETMAP_COALESCE_MAX + 5
+    while a.fleet.loop.time() < deadline:
+        got = getattr(a.link.conn, "first_update_bytes", None) if a.link else None
+        if got is not None:
+            return float(got)
+        await asyncio.sleep(0.05)
+    return float("nan")
 
 
 async def _churn_phase(
@@ -1125,6 +1155,12 @@ def rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]:
             f"({fig['churn_failed']} failed {fig['churn_why'] or ''}), reconnect p50 "
             f"{_ms(fig['reconnect_p50'])} p99 "
             f"{_ms(fig['reconnect_p99'])}; load process {100 * fig['churn_load_cpu']:.0f} %",
+        ),
+        (
+            "one reconnect on the quiet fleet: its first map update",
+            f"{fig.get('quiet_reconnect_delta', float('nan')) / 1024:,.1f} KiB",
+            f"cap mapdelta (a delta from the map it holds); the same reconnect forgetting its "
+            f"map: {fig.get('quiet_reconnect_full', float('nan')) / 1024:,.1f} KiB (full map)",
         ),
         (
             "  map bytes per reconnect (its first update)",
