@@ -26,7 +26,11 @@ costs ~0.2 s of Python; 5,000 agents would need ~1,000 CPU-seconds. So every age
 decrypts and frames every PEERS byte (the server's work and the wire are unchanged), but
 only a few *observer* agents (``--observers``) decode and apply PEERS into their
 :class:`~homeport.proto.netmap.PeerView`; the observers' maps are checked against the
-fleet at the end, and their PEERS bytes give the netmap delta per join.
+fleet at the end, and their PEERS bytes give the netmap delta per join. The others read
+only each PEERS frame's version (head) and ``more`` flag (tail) and hold an empty map at
+that version, so on reconnect they name it in HELLO (cap ``mapdelta``) as a real agent does.
+``--compare-full`` churns once more before, with agents that forget their map (every
+reconnect a full map, as before capver 4): the two phases side by side in one run.
 
 **Legitimate nodes.** Two more nodes get real state directories: one runs a real
 ``homeport up`` process exposing an echo service, the other is used by real
@@ -165,23 +169,48 @@ def write_state(dir_: Path, server: str, pin: str, member: Member, ca_pem: bytes
 # -- one simulated agent -------------------------------------------------------------------------
 
 
+#: The head of a PEERS body as the server's PeerBook writes it (version, base, reset first).
+_PEERS_HEAD = re.compile(rb'\{"version":(\d+),"base":(\d+),"reset":(?:true|false)')
+#: Bytes of a PEERS body the skimmer reads for its head, and keeps of its tail (``"more":…}``).
+_HEAD, _TAIL = 64, 16
+
+
 class SkimDecoder:
     """Frames like :class:`homeport.wire.frame.FrameDecoder`, but PEERS bodies are only counted.
 
     Same length checks; a PEERS frame is skipped in place (no copy), which is most of the
-    bytes a 5,000-node fleet receives (every (re)connect gets the whole map).
+    bytes a 5,000-node fleet receives. Only its head (version) and tail (``more``) are
+    read, so the agent knows which map version it would hold (cap mapdelta: it names that
+    version when it reconnects) without decoding 5,000 entries.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._skip = 0  # bytes of a PEERS frame still to skip
+        self._version = 0  # of the PEERS frame being skipped
+        self._tail = b""
+        self._update_bytes = 0  # PEERS bytes of the update in progress
         self.peers_bytes = 0
+        #: Bytes of the first complete update on this connection (None: none yet).
+        self.first_update: int | None = None
+        #: Versions of completed updates not yet taken by the agent.
+        self.versions: list[int] = []
+
+    def _frame_done(self) -> None:
+        if not self._tail.endswith(b'"more":true}'):
+            self.versions.append(self._version)
+            if self.first_update is None:
+                self.first_update = self._update_bytes
+            self._update_bytes = 0
 
     def feed_untrusted(self, data: bytes) -> list[tuple[int, bytes]]:
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
+            self._tail = (self._tail + bytes(data[max(0, n - _TAIL) : n]))[-_TAIL:]
             data = data[n:]
+            if not self._skip:
+                self._frame_done()
         self._buf += data
         frames: list[tuple[int, bytes]] = []
         while len(self._buf) >= 5:
@@ -189,13 +218,23 @@ class SkimDecoder:
             if length == 0 or length > MAX_FRAME:
                 raise WireError(f"bad frame length {length}")
             if self._buf[4] == m.MsgType.PEERS:
-                self.peers_bytes += 4 + length
                 have = len(self._buf) - 4
+                if have < min(length, 1 + _HEAD):
+                    break  # wait for the head
+                head = _PEERS_HEAD.match(bytes(self._buf[5 : 5 + _HEAD]))
+                if head is None:
+                    raise WireError("PEERS body without its version head")
+                self._version = int(head.group(1))
+                self.peers_bytes += 4 + length
+                self._update_bytes += 4 + length
                 if have < length:
                     self._skip = length - have
+                    self._tail = bytes(self._buf[-_TAIL:])
                     self._buf.clear()
                     break
+                self._tail = bytes(self._buf[4 + length - _TAIL : 4 + length])
                 del self._buf[: 4 + length]
+                self._frame_done()
                 continue
             if len(self._buf) < 4 + length:
                 break
@@ -212,6 +251,8 @@ class SkimConnection(ControlConnection):
 
     #: Observers decode PEERS into their PeerView; the rest only count the bytes.
     decode_peers = False
+    #: Skimming agents: called with the version of the newest complete update.
+    on_versions: Callable[[int], None] | None = None
 
     def __init__(
         self, role: Role, now: float, *, ping_interval: float, idle_timeout: float
@@ -226,6 +267,20 @@ class SkimConnection(ControlConnection):
         if isinstance(self._decoder, SkimDecoder):
             return self._decoder.peers_bytes
         return self._peers_counted
+
+    @property
+    def first_update_bytes(self) -> int | None:
+        """PEERS bytes of the first complete update on this connection (None: none yet)."""
+        if isinstance(self._decoder, SkimDecoder):
+            return self._decoder.first_update
+        return None
+
+    def take_versions(self) -> list[int]:
+        """Versions of the updates completed since the last call (skimming agents only)."""
+        if not isinstance(self._decoder, SkimDecoder):
+            return []
+        out, self._decoder.versions = self._decoder.versions, []
+        return out
 
     def receive_data(self, data: bytes, now: float) -> None:
         if self.closed or not data:
@@ -247,6 +302,11 @@ class SkimConnection(ControlConnection):
                     return
         except WireError as exc:
             self._close(f"protocol:{exc.code}", f"malformed control data: {exc}")
+            return
+        if self.on_versions is not None and isinstance(self._decoder, SkimDecoder):
+            versions = self.take_versions()
+            if versions:
+                self.on_versions(versions[-1])
 
 
 class CountingConnection(SkimConnection):
@@ -343,9 +403,14 @@ class SimAgent:
                 idle_timeout=idle,
             )
             conn_cls = CountingConnection if observer else SkimConnection
-            link.conn = conn_cls(Role.CLIENT, loop.time(), ping_interval=ping, idle_timeout=idle)
+            conn = conn_cls(Role.CLIENT, loop.time(), ping_interval=ping, idle_timeout=idle)
+            if not observer:
+                conn.on_versions = self._skimmed
+            link.conn = conn
             return link
 
+        if not self.fleet.mapdelta:
+            self.core.peers.expect_full()  # forget the map: HELLO names none, a full map comes
         ctx = self.fleet.contexts[self.member.name]
         _, link = await asyncio.wait_for(
             loop.create_connection(
@@ -366,6 +431,14 @@ class SimAgent:
         self._drain()
         await asyncio.wait_for(self._waiter, 30.0)
         return loop.time() - t0
+
+    def _skimmed(self, version: int) -> None:
+        """A skimming agent completed an update: hold an (empty) map at that version.
+
+        Cap mapdelta: HELLO then names this version on reconnect, as a real agent's would;
+        what the server sends and the bytes on the wire are the same, only unread.
+        """
+        self.core.peers.receive(m.Peers(version=version, base=0, reset=True))
 
     def drop(self) -> None:
         """End the control connection abruptly (a churn step: the network blinked)."""
@@ -481,6 +554,9 @@ class Fleet:
     closing: bool = False  # the run is over: nobody reconnects
     #: What real agents use (``homeport up``): a PING every this many s, dead after 3 missed.
     ping_interval: float = AGENT_PING_INTERVAL
+    #: Reconnecting agents name the map they hold (cap mapdelta); False: they forget it,
+    #: so every reconnect gets a full map (the behaviour before capver 4).
+    mapdelta: bool = True
 
     def online(self) -> int:
         return sum(1 for a in self.agents if a.ready)
@@ -489,17 +565,25 @@ class Fleet:
 class ServerProc:
     """The real server process, and its RSS and CPU from /proc."""
 
-    def __init__(self, data_dir: Path, port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        log_path: Path,
+        *,
+        runner: tuple[str, ...] = ("-m", "homeport"),
+        env_extra: dict[str, str] | None = None,
+    ) -> None:
+        """``runner``: how Python starts the CLI (bench.fleet_memory runs it under tracemalloc)."""
         self.log_path = log_path
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         env.pop("HOMEPORT_DATA", None)
         raise_nofile()  # inherited by the server (which raises its own further if it can)
         with open(log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "homeport",
+                    *runner,
                     "server",
                     "--data",
                     str(data_dir),
@@ -646,6 +730,8 @@ class Options:
     settle: float = 3.0  # seconds of quiet after the ramp and after the churn
     nc_runs: int = 3  # legitimate nc round trips at idle
     ping_interval: float = AGENT_PING_INTERVAL
+    #: Run the churn once more before, with every reconnect getting a full map (no mapdelta).
+    compare_full: bool = False
 
 
 async def _ramp(fleet: Fleet, agents: list[SimAgent]) -> list[float]:
@@ -666,26 +752,48 @@ async def _ramp(fleet: Fleet, agents: list[SimAgent]) -> list[float]:
     return times
 
 
+@dataclass
+class Churn:
+    """What one churn phase did."""
+
+    started: int = 0
+    done: list[float] = field(default_factory=list)  # seconds per completed reconnect
+    failed: int = 0
+    links: list[ControlLink] = field(default_factory=list)  # the reconnected sessions
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)  # failures
+
+    def first_update_bytes(self) -> list[int]:
+        """PEERS bytes of each reconnected session's first map update (full or delta)."""
+        got = (getattr(link.conn, "first_update_bytes", None) for link in self.links)
+        return [b for b in got if b is not None]
+
+
 async def _churn(
     fleet: Fleet, pool: list[SimAgent], rate: float, seconds: float, stop: asyncio.Event
-) -> tuple[int, list[float], int]:
+) -> Churn:
     """``rate`` agents per second drop their connection and reconnect at once."""
     loop = fleet.loop
-    done: list[float] = []
-    failed = 0
+    out = Churn()
+    done = out.done
     tasks: set[asyncio.Task[None]] = set()
     order = list(pool)
     random.Random(7).shuffle(order)
     started = 0
 
     async def cycle(a: SimAgent) -> None:
-        nonlocal failed
         a.drop()
         await asyncio.sleep(0)
         try:
             done.append(await a.connect())
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError):
-            failed += 1
+            if a.link is not None:
+                out.links.append(a.link)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            out.failed += 1
+            out.reasons[type(exc).__name__] += 1
+            a.churning = False
+            # as a real agent: retry with its backoff (it would otherwise stay offline)
+            a.core.connect_failed(str(exc), loop.time())
+            a._drain()
         finally:
             a.churning = False
 
@@ -707,7 +815,8 @@ async def _churn(
         await asyncio.sleep(0.01)
     if tasks:
         await asyncio.wait(tasks, timeout=60)
-    return started, done, failed
+    out.started = started
+    return out
 
 
 async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]:
@@ -836,6 +945,15 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         srcs, dsts = plain[:k], plain[k : 2 * k]
         pool = plain[2 * k :]
         stop = asyncio.Event()
+        if opts.compare_full:
+            # the same churn first as before capver 4 (every reconnect gets a full map),
+            # side by side with the mapdelta phase below on the same server and fleet
+            fleet.mapdelta = False
+            fig["full"] = await _churn_phase(fleet, srv, pool, opts, lag)
+            fleet.mapdelta = True
+            log(f"churn with full maps: {fig['full']}")
+            await asyncio.sleep(opts.settle)
+        maps_a = sum(a.peers_bytes() for a in fleet.agents)
         cpu_a, t_a, me_a = srv.cpu(), time.perf_counter(), self_cpu()
         churn_task = loop.create_task(
             _churn(fleet, pool, opts.churn_rate, opts.churn_seconds, stop)
@@ -874,15 +992,22 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 nc_fail.append(str(exc)[:200])
             await asyncio.sleep(1.0)
-        started, reconnects, failed = await churn_task
+        churn = await churn_task
+        started, reconnects, failed = churn.started, churn.done, churn.failed
         wall = time.perf_counter() - t_a
         fig["lag_churn"] = lag.take()
         fig["churn_s"] = wall
         fig["churn_cpu"] = (srv.cpu() - cpu_a) / wall
         fig["churn_load_cpu"] = (self_cpu() - me_a) / wall
         fig["churn_started"], fig["churn_failed"] = started, failed
+        fig["churn_why"] = dict(churn.reasons)
         fig["churn_rate"] = len(reconnects) / opts.churn_seconds
         fig["reconnect_p50"], fig["reconnect_p99"] = pct(reconnects, 0.5), pct(reconnects, 0.99)
+        first = churn.first_update_bytes()
+        fig["reconnect_map_bytes"] = statistics.median(first) if first else float("nan")
+        fig["churn_map_mib_s"] = (
+            (sum(a.peers_bytes() for a in fleet.agents) - maps_a) / wall / 2**20
+        )
         fig["nc_churn"], fig["nc_fail"] = nc_churn, nc_fail
         fig["live_streams_data"] = sum(len(a.data) for a in srcs + dsts)
         log(f"loop lag: ramp {fig['lag_ramp']:.2f} s, churn {fig['lag_churn']:.2f} s")
@@ -894,6 +1019,15 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         for a in srcs + dsts:
             a.close_data()
         await asyncio.sleep(opts.settle)
+        # one reconnect on a quiet fleet, with and without mapdelta: its first map update
+        quiet = next((a for a in pool if a.ready), None)
+        if quiet is not None:
+            for mapdelta in (False, True):
+                fleet.mapdelta = mapdelta
+                fig[f"quiet_reconnect_{'delta' if mapdelta else 'full'}"] = await _one_reconnect(
+                    quiet
+                )
+            fleet.mapdelta = True
         fig["online_end"] = fleet.online()
         fig["lost"] = sum(a.lost for a in fleet.agents)
         fig["lost_reasons"] = dict(fleet.lost_reasons)
@@ -920,6 +1054,48 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
         srv.stop()
         echo.close()
     return fig
+
+
+async def _one_reconnect(a: SimAgent) -> float:
+    """Drop and reconnect one agent; PEERS bytes of its new session's first update (nan: none)."""
+    a.drop()
+    await asyncio.sleep(0)
+    try:
+        await a.connect()
+    finally:
+        a.churning = False
+    deadline = a.fleet.loop.time() + 2 * c.NETMAP_COALESCE_MAX + 5
+    while a.fleet.loop.time() < deadline:
+        got = getattr(a.link.conn, "first_update_bytes", None) if a.link else None
+        if got is not None:
+            return float(got)
+        await asyncio.sleep(0.05)
+    return float("nan")
+
+
+async def _churn_phase(
+    fleet: Fleet, srv: ServerProc, pool: list[SimAgent], opts: Options, lag: LagMonitor
+) -> dict[str, Any]:
+    """One churn phase alone (no streams): reconnects/s, latency, server CPU, map bytes."""
+    maps_a = sum(a.peers_bytes() for a in fleet.agents)
+    cpu_a, t_a = srv.cpu(), time.perf_counter()
+    lag.take()
+    churn = await _churn(fleet, pool, opts.churn_rate, opts.churn_seconds, asyncio.Event())
+    wall = time.perf_counter() - t_a
+    first = churn.first_update_bytes()
+    return {
+        "s": round(wall, 1),
+        "cpu": round((srv.cpu() - cpu_a) / wall, 3),
+        "started": churn.started,
+        "failed": churn.failed,
+        "why": dict(churn.reasons),
+        "rate": round(len(churn.done) / opts.churn_seconds, 1),
+        "p50": round(pct(churn.done, 0.5), 3),
+        "p99": round(pct(churn.done, 0.99), 3),
+        "map_bytes": statistics.median(first) if first else float("nan"),
+        "map_mib_s": round((sum(a.peers_bytes() for a in fleet.agents) - maps_a) / wall / 2**20, 2),
+        "lag": round(lag.take(), 3),
+    }
 
 
 def _accepts(port: int) -> bool:
@@ -976,9 +1152,23 @@ def rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]:
             f"server CPU under churn ({opts.churn_rate:.0f} reconnects/s)",
             f"{100 * fig['churn_cpu']:.0f} % of a core",
             f"{fig['churn_s']:.0f} s; {fig['churn_rate']:.0f} reconnects/s done "
-            f"({fig['churn_failed']} failed), reconnect p50 {_ms(fig['reconnect_p50'])} p99 "
+            f"({fig['churn_failed']} failed {fig['churn_why'] or ''}), reconnect p50 "
+            f"{_ms(fig['reconnect_p50'])} p99 "
             f"{_ms(fig['reconnect_p99'])}; load process {100 * fig['churn_load_cpu']:.0f} %",
         ),
+        (
+            "one reconnect on the quiet fleet: its first map update",
+            f"{fig.get('quiet_reconnect_delta', float('nan')) / 1024:,.1f} KiB",
+            f"cap mapdelta (a delta from the map it holds); the same reconnect forgetting its "
+            f"map: {fig.get('quiet_reconnect_full', float('nan')) / 1024:,.1f} KiB (full map)",
+        ),
+        (
+            "  map bytes per reconnect (its first update)",
+            f"{fig['reconnect_map_bytes'] / 1024:,.1f} KiB",
+            f"median; cap mapdelta: a delta from the version the agent holds; all agents' "
+            f"PEERS traffic during the churn {fig['churn_map_mib_s']:.1f} MiB/s",
+        ),
+        *_full_rows(fig, opts),
         (
             f"stream setup under churn, {fig['streams']:,} concurrent",
             f"p50 {_ms(fig['setup_p50'])}, p99 {_ms(fig['setup_p99'])}",
@@ -1016,6 +1206,23 @@ def rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]:
         ),
     ]
     return out
+
+
+def _full_rows(fig: dict[str, Any], opts: Options) -> list[tuple[str, str, str]]:
+    full = fig.get("full")
+    if not full:
+        return []
+    return [
+        (
+            "  same churn, every reconnect a full map",
+            f"{100 * full['cpu']:.0f} % of a core",
+            f"the phase before, same fleet (no mapdelta: agents forget their map); "
+            f"{full['rate']:.0f} reconnects/s done ({full['failed']} failed {full['why'] or ''}), "
+            f"reconnect p50 "
+            f"{_ms(full['p50'])} p99 {_ms(full['p99'])}; first update "
+            f"{full['map_bytes'] / 1024:,.1f} KiB; PEERS traffic {full['map_mib_s']:.1f} MiB/s",
+        )
+    ]
 
 
 def render(table_rows: list[tuple[str, str, str]], opts: Options, seconds: float) -> str:
@@ -1056,6 +1263,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-seconds", type=float, default=30.0)
     p.add_argument("--observers", type=int, default=10)
     p.add_argument("--ping-interval", type=float, default=AGENT_PING_INTERVAL)
+    p.add_argument(
+        "--compare-full",
+        action="store_true",
+        help="churn once more first with full maps on every reconnect (before capver 4)",
+    )
     p.add_argument("--json", type=Path, help="also write the raw figures here")
     p.add_argument("--write-docs", action="store_true", help="update docs/reliability.md")
     p.add_argument("--doc", type=Path, default=Path("docs/reliability.md"))
@@ -1075,6 +1287,7 @@ def main(argv: list[str] | None = None) -> int:
             observers=args.observers,
             root=Path(tmp),
             ping_interval=args.ping_interval,
+            compare_full=args.compare_full,
         )
 
         def log(text: str) -> None:

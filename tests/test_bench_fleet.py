@@ -31,6 +31,7 @@ def test_fleet_of_200_agents_with_churn_and_streams(tmp_path: Path) -> None:
         root=tmp_path,
         settle=0.5,
         nc_runs=1,
+        compare_full=True,
     )
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         fig = runner.run(fleet.run_fleet(opts, lambda _text: None))
@@ -45,5 +46,11 @@ def test_fleet_of_200_agents_with_churn_and_streams(tmp_path: Path) -> None:
     assert fig["observer_maps"] == [fig["expected_online"]] * len(fig["observer_maps"])
     assert 0 < fig["delta_join"] < 2048  # one entry, not a full map
     assert fig["rss_per_agent"] > 0
+    # cap mapdelta end to end (real server, real TLS): one reconnect on the quiet fleet gets
+    # a delta of a few entries, the same reconnect without the map it held the 200-node map
+    assert fig["quiet_reconnect_full"] > 20_000
+    assert fig["quiet_reconnect_delta"] < 2048
+    # under churn the delta holds every agent that changed meanwhile, still below a full map
+    assert fig["reconnect_map_bytes"] < fig["full"]["map_bytes"]
     table = fleet.render(fleet.rows(fig, opts), opts, 1.0)
     assert "server RSS per idle agent" in table

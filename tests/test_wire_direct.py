@@ -69,9 +69,10 @@ GOLDEN: list[tuple[m.Message, bytes]] = [
             direct=False,
             probe_port=8444,
         ),
-        b'\x00\x00\x00\xd2\x02{"proto":1,"node_id":"n1","name":"a","ping_interval":5.0,'
+        b'\x00\x00\x00\xe1\x02{"proto":1,"node_id":"n1","name":"a","ping_interval":5.0,'
         b'"capver":3,"caps":["peers","direct"],"direct":false,"probe_port":8444,'
-        b'"approved":true,"expires_at":0.0,"key_lifetime":0.0,"server_time":0.0,"ssh_ca":""}',
+        b'"approved":true,"expires_at":0.0,"key_lifetime":0.0,"server_time":0.0,"ssh_ca":""'
+        b',"map_epoch":""}',
     ),
 ]
 

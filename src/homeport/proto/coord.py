@@ -623,6 +623,7 @@ class Coordinator:
         policy: CompiledPolicy | None = None,
         ssh_ca: SshCa | None = None,
         ssh_cert_validity: float = sshca.DEFAULT_VALIDITY,
+        map_epoch: str | None = None,
     ) -> None:
         self.ca = ca
         self._ca_pem = ca.cert_pem.decode()
@@ -680,6 +681,9 @@ class Coordinator:
         # peer-map filter); depends only on the policy, cleared when it changes
         self._reach: dict[tuple[str, str, tuple[str, ...]], SelSet] = {}
         self.book = PeerBook(self._visible, audience=self._audience)
+        #: Names this book (cap mapdelta): its versions restart at 0 with every server run, so
+        #: a node's "I hold version v" means something only with the epoch it got it in.
+        self.map_epoch = map_epoch if map_epoch is not None else secrets.token_hex(8)
         for node in nodes:
             self._add_node(node)
             self._schedule_expiry(node, None)
@@ -883,6 +887,7 @@ class Coordinator:
                     key_lifetime=self.key_expiry or 0.0,
                     server_time=now,
                     ssh_ca=self.ssh_ca.public_line if self.ssh_ca is not None else "",
+                    map_epoch=self.map_epoch if m.CAP_MAPDELTA in s.caps else "",
                 ),
             )
         )
@@ -903,6 +908,7 @@ class Coordinator:
             if old_s is not None:
                 old_s.role = ""  # its end must not take the node offline
         s.wants_map = m.CAP_PEERS in s.caps and node.approved
+        s.map_version = self._resume_base(s, msg)
         if self.policy is not None:  # a node starts every session with no policy in force
             self._send_policy(s)
         self._note(logging.INFO, f"agent {node.name} ({node.node_id}) online from {s.address}")
@@ -1077,6 +1083,22 @@ class Coordinator:
         if self._push_due is None:
             self._push_due = now + self.push_delay()
             self._add_timer(self._push_due, "push", "")
+
+    def _resume_base(self, s: _Session, msg: m.Hello) -> int:
+        """The map version a reconnecting agent still holds, or 0 (it gets a full map).
+
+        Cap mapdelta: the first push after HELLO is then the delta from that version
+        (``PeerBook.delta``: O(changed), shared with every session at that version, and a
+        full map anyway when the removal log no longer reaches back that far or the delta
+        would not be smaller). Why a delta is right for this viewer: what it may see depends
+        on the policy and on its own name, user and tags, which never change for a node; a
+        policy change is a ``reset_all``, which puts every older version below the horizon.
+        """
+        if not s.wants_map or m.CAP_MAPDELTA not in s.caps:
+            return 0
+        if msg.map_epoch != self.map_epoch or self.book.needs_full(msg.map_version):
+            return 0
+        return msg.map_version
 
     def push_delay(self) -> float:
         """How long map changes coalesce: NETMAP_COALESCE, more once the fleet is large.

@@ -511,6 +511,19 @@ class PeerView:
         self._want_full = True
         self._asked = True
 
+    def resume(self) -> None:
+        """A new session that may continue this map (cap mapdelta: HELLO named our version).
+
+        Drops a half-received update but keeps the map: the server answers with a delta
+        from our version, a full map, or nothing. Without a usable map, as :meth:`expect_full`.
+        """
+        if not self._has_map or self._want_full:
+            self.expect_full()
+            return
+        self._pending = None
+        self._skip = False
+        self._asked = False
+
     def apply(self, msg: m.Peers) -> bool:
         """:meth:`receive`, reduced to "was an update applied".
 

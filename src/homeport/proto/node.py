@@ -449,6 +449,7 @@ class NodeCore:
         #: INCOMING refused because shields are up (for logs and status).
         self.shields_refused = 0
         self._epoch = 0  # one per session; stale pending streams are dropped
+        self._map_epoch = ""  # cap mapdelta: the server run our peer map comes from
         self._session_start = 0.0
         self._pending: dict[str, _Pending] = {}
         self._streams: set[str] = set()
@@ -502,7 +503,11 @@ class NodeCore:
             self._end_session("replaced by a new connection", now, reconnect=False)
         self._epoch += 1
         self._session_start = now
-        self.peers.expect_full()
+        held = self._held_map()
+        if held[1]:
+            self.peers.resume()  # cap mapdelta: keep the map, the server may send a delta
+        else:
+            self.peers.expect_full()
         self.state = SessionState.HELLO_SENT
         self.server_caps, self.server_capver = frozenset(), 1
         self._send(
@@ -512,8 +517,28 @@ class NodeCore:
                 software=self.config.software,
                 capver=m.CAPVER,
                 caps=m.OUR_CAPS,
+                map_epoch=held[0],
+                map_version=held[1],
             )
         )
+
+    def _held_map(self) -> tuple[str, int]:
+        """The (epoch, version) of a complete peer map we hold, or ("", 0) (cap mapdelta)."""
+        view = self.peers
+        if not self._map_epoch or not view.has_map or view.awaiting_full or view.version <= 0:
+            return "", 0
+        return self._map_epoch, view.version
+
+    def _welcome_map(self, msg: m.Welcome) -> None:
+        """Keep the held map only if this server run is the one it came from (cap mapdelta).
+
+        Otherwise (another run, or a server without mapdelta) the server sends a full map,
+        as to every new session before capver 4.
+        """
+        epoch = msg.map_epoch if m.CAP_MAPDELTA in self.server_caps else ""
+        if not epoch or epoch != self._map_epoch:
+            self.peers.expect_full()
+        self._map_epoch = epoch
 
     def session_ended(self, reason: str, now: float) -> None:
         """The control connection is over; ``reason`` says why (for logs and local opens)."""
@@ -648,6 +673,7 @@ class NodeCore:
         self.name = msg.name or self.name
         self.server_capver = msg.capver
         self.server_caps = m.negotiate_caps(msg.caps)
+        self._welcome_map(msg)
         self.approved = msg.approved
         self.expires_at = msg.expires_at
         self._plan_renewal(msg.expires_at, msg.server_time, msg.key_lifetime)

@@ -71,11 +71,15 @@ whoami probe listener, 0 = none); POLICY
 (0x90, cap ``policy``); STREAM_LOG (0x91, cap ``policy``: the server's audit log
 also sees direct streams, which never pass it). Capability ``sshcert``: SSH_CERT_REQ,
 SSH_CERT, LOGIN, LOGIN_STATE (0x8c-0x8f); WELCOME carries ``ssh_ca`` (the SSH CA public key).
-capver 4 (2027-01): capability ``exit`` (exit nodes, docs/exit-nodes.md): ANNOUNCE carries
+capver 4 (2026-12): capability ``exit`` (exit nodes, docs/exit-nodes.md): ANNOUNCE carries
 ``exit`` (the networks the node lets streams leave to; kept by the server, not put in peer
 maps), OPEN and INCOMING carry ``exit`` (the destination ``host:port``; OPEN's ``service`` is then
 ``(exit)``, a name no service can have, so an older server refuses it as not exposed). The
 server sends an exit INCOMING only to a node that announced cap ``exit``.
+capver 4 also adds capability ``mapdelta``: WELCOME carries ``map_epoch`` (the server's
+peer-map run) and HELLO ``map_epoch``/``map_version`` (the map the node still holds), so a
+reconnecting agent gets a PEERS delta from its version instead of a full map
+(docs/netmap.md, "Reconnecting without a full map").
 """
 
 from __future__ import annotations
@@ -116,9 +120,12 @@ CAP_EXIT = "exit"
 #: OPEN's ``service`` for an exit stream (never a real service: the parentheses make it an
 #: invalid service name, so a server without cap ``exit`` refuses it as not exposed).
 EXIT_SERVICE = "(exit)"
+#: ``mapdelta``: HELLO names the peer map it holds; the server answers with a delta (capver 4).
+CAP_MAPDELTA = "mapdelta"
 #: Every capability this code implements, announced in HELLO and WELCOME.
 OUR_CAPS: tuple[str, ...] = (CAP_PEERS, CAP_RENEW, CAP_DIRECT, CAP_POLICY, CAP_SSHCERT)
 OUR_CAPS += (CAP_EXIT,)
+OUR_CAPS += (CAP_MAPDELTA,)
 #: Most capability names a peer may announce (longer lists are a WireError).
 MAX_CAPS = 64
 #: Longest string field we accept (PEM blobs and host key lines fit easily).
@@ -253,6 +260,10 @@ class Hello(Message):
     software: str = ""
     capver: int = 1
     caps: tuple[str, ...] = ()
+    #: cap mapdelta: the ``map_epoch`` of the WELCOME whose map the node still holds, and
+    #: that map's version ("" / 0: none; the server then sends a full map as before).
+    map_epoch: str = ""
+    map_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +288,8 @@ class Welcome(Message):
     server_time: float = 0.0
     #: cap sshcert: the server's SSH user CA public key (``ssh-ed25519 …``; "" = none).
     ssh_ca: str = ""
+    #: cap mapdelta: names this server run's peer map; versions compare only within one epoch.
+    map_epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
