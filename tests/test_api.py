@@ -7,6 +7,8 @@ nodes, streams) is a stand-in here — ``tests/test_api_e2e.py`` runs the real s
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,6 +74,10 @@ class Api:
         return res.json()
 
 
+#: An ed25519 public key line; its ``ssh-keygen -l`` fingerprint is computed below.
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+
+
 def _node(node_id: str, name: str, user: str = "", tags: tuple[str, ...] = ()) -> NodeRow:
     return NodeRow(
         node_id=node_id,
@@ -80,6 +86,7 @@ def _node(node_id: str, name: str, user: str = "", tags: tuple[str, ...] = ()) -
         cert_pem="",
         created_at=T0,
         services=(ServiceInfo("ssh", 22),),
+        host_keys=(HOST_KEY,),
         user=user,
         tags=tags,
     )
@@ -343,6 +350,9 @@ def test_users_create_list_remove(api: Api) -> None:
 def test_nodes_list_actions_and_remove(api: Api) -> None:
     api.registry.store.insert_node(_node("n1", "labpc"))
     [n] = api.ok("GET", "/nodes")["nodes"]
+    blob = base64.b64decode(HOST_KEY.split()[1])
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    assert n["host_keys"] == [f"ssh-ed25519 SHA256:{digest}"]
     assert (n["name"], n["online"], n["services"]) == (
         "labpc",
         False,

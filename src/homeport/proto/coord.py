@@ -239,6 +239,7 @@ class NodeStatus:
     expires_at: float | None = None
     ephemeral: bool = False
     expiry_disabled: bool = False
+    host_keys: tuple[str, ...] = ()  # the sshd host keys it announced (OpenSSH public-key lines)
 
 
 # -- commands -----------------------------------------------------------------------
@@ -734,6 +735,7 @@ class Coordinator:
                 expires_at=n.expires_at,
                 ephemeral=n.ephemeral,
                 expiry_disabled=n.expiry_disabled,
+                host_keys=n.host_keys,
             )
             for n in self._nodes.values()
             if not n.removed

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from homeport.io import unixsock
+from homeport.node.hostkeys import fingerprint as host_key_fingerprint
 from homeport.policy.acl import (
     CompiledPolicy,
     PolicyError,
@@ -361,6 +362,8 @@ class AdminOps:
                     "address": n.address,
                     "services": [{"name": s.name, "port": s.port} for s in n.services],
                     "fingerprint": n.fingerprint,
+                    # the sshd host keys the node announced, as ``ssh-keygen -l`` shows them
+                    "host_keys": [host_key_fingerprint(k) for k in n.host_keys],
                     "created_at": n.created_at,
                     "user": n.user,
                     "tags": list(n.tags),

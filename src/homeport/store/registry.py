@@ -178,6 +178,7 @@ class Registry:
                 expires_at=n.expires_at,
                 ephemeral=n.ephemeral,
                 expiry_disabled=n.expiry_disabled,
+                host_keys=n.host_keys,
             )
             for n in self.store.list_nodes()
         ]

@@ -106,6 +106,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "address": STR,
             "services": {"type": "array", "items": _ref("Service")},
             "fingerprint": STR,
+            "host_keys": STRS,
             "created_at": NUM,
             "user": STR,
             "tags": STRS,
