@@ -59,6 +59,7 @@ from homeport.errors import CodedError
 from homeport.io.pump import _Poller, tune_socket
 from homeport.io.tlsstream import TlsStream
 from homeport.proto import mux as pm
+from homeport.wire import mux as w
 
 log = logging.getLogger(__name__)
 
@@ -402,8 +403,10 @@ class MuxLink:
         sock.setblocking(False)
         sock_fd = sock.fileno()
         wake_fd = self._wake_r.fileno()
-        readbuf = bytearray(READ_SIZE)
-        read_mv = memoryview(readbuf)
+        # Local reads land straight in DATA frame layout (headers written by the mux
+        # afterwards), so stream bytes go from the socket to OpenSSL without a copy.
+        framebuf = bytearray(-(-READ_SIZE // w.MAX_MUX_PAYLOAD) * w.DATA_SLOT)
+        read_mv = memoryview(framebuf)
         decbuf = bytearray(DECRYPT_SIZE)
         dec_mv = memoryview(decbuf)
         raw = bytearray(RAW_READ_SIZE)
@@ -433,16 +436,21 @@ class MuxLink:
                 if self._commands:
                     self._do_commands(now)
                     progress = True
-                # ---- local sockets → mux (only what the mux takes at once)
+                # ---- local sockets → DATA frames → TLS records (only what the mux
+                # takes at once, and only while few encrypted bytes wait for TCP)
                 for loc in list(locals_.values()):
                     if not loc.accepted or loc.rd_eof or not loc.rd_ready or loc.hold:
                         continue
+                    if (len(wire) - wire_off if wire is not None else 0) + outgoing.pending >= (
+                        MAX_UNSENT
+                    ):
+                        break
                     room = mux.send_window(loc.sid)
                     if room <= 0:
                         continue
                     want = min(room, READ_SIZE)
                     try:
-                        n = loc.sock.recv_into(read_mv, want)
+                        n = loc.sock.recvmsg_into(w.data_payload_slots(read_mv, want))[0]
                     except BlockingIOError:
                         loc.rd_ready = False
                         continue
@@ -456,7 +464,10 @@ class MuxLink:
                         mux.end_stream(loc.sid)
                         self._maybe_finish(loc)
                     else:
-                        mux.send_data(loc.sid, read_mv[:n])
+                        pending = mux.data_to_send()  # frames queued earlier go first
+                        if pending:
+                            obj.write(pending)
+                        obj.write(read_mv[: mux.frame_data_into(loc.sid, read_mv, n)])
                         self.bytes_sent += n
                         if n < want:
                             # A short read drained the socket: skip the read that
@@ -581,6 +592,9 @@ class MuxLink:
                 sock_mask |= _POLLOUT
             wanted[sock_fd] = sock_mask
             by_fd: dict[int, _Local] = {}
+            room_out = (len(wire) - wire_off if wire is not None else 0) + outgoing.pending < (
+                MAX_UNSENT
+            )
             for loc in locals_.values():
                 by_fd[loc.fd] = loc
                 mask = 0
@@ -588,6 +602,7 @@ class MuxLink:
                     loc.accepted
                     and not loc.rd_eof
                     and not loc.hold
+                    and room_out
                     and mux.send_window(loc.sid) > 0
                 ):
                     mask |= _POLLIN

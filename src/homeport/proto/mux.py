@@ -461,6 +461,30 @@ class MuxConnection:
         s.send_window -= n
         return n
 
+    def frame_data_into(self, sid: int, buf: bytearray | memoryview, n: int) -> int:
+        """Zero-copy :meth:`send_data` for drivers: ``n`` stream bytes of ``sid`` already
+        sit in ``buf`` at :func:`homeport.wire.mux.data_payload_slots`; write their DATA
+        headers in front of them and take the window. Returns how many bytes of ``buf``
+        (from 0) are frames now. The caller must send them *after* :meth:`data_to_send`'s
+        bytes (frames queued earlier go first) and must not ask for more than
+        :meth:`send_window`.
+        """
+        s = self._stream(sid, StreamState.OPEN)
+        if s.local_done:
+            raise MuxUsageError("ended", f"stream {sid} already ended (FIN sent)")
+        if not 0 < n <= s.send_window:
+            raise MuxUsageError("window", f"{n} bytes on stream {sid} exceed its window")
+        off = 0
+        left = n
+        pack_into = w.HEADER.pack_into
+        while left:
+            size = min(DATA_FRAME, left)
+            pack_into(buf, off, MuxType.DATA, 0, sid, size)
+            off += w.HEADER_LEN + size
+            left -= size
+        s.send_window -= n
+        return off
+
     def consumed(self, sid: int, n: int) -> None:
         """The driver wrote ``n`` received bytes of ``sid`` onward: return the credit (batched)."""
         s = self._streams.get(sid)

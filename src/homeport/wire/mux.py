@@ -65,6 +65,10 @@ HEADER = struct.Struct(">BBII")
 HEADER_LEN = HEADER.size
 #: Largest payload of one frame; DATA is cut into frames of at most this size.
 MAX_MUX_PAYLOAD = 64 * 1024
+#: Bytes one DATA frame occupies at most (header + largest payload): drivers that
+#: read stream bytes straight into frame layout (:func:`data_payload_slots`) space
+#: payloads this far apart.
+DATA_SLOT = HEADER_LEN + MAX_MUX_PAYLOAD
 #: Largest stream id (u32); ids are never reused within a connection.
 MAX_STREAM_ID = 0xFFFFFFFF
 #: Largest WINDOW increment (a window may never exceed 2**31 - 1, as in HTTP/2).
@@ -145,6 +149,22 @@ def encode_window(stream_id: int, increment: int) -> bytes:
     if not 1 <= increment <= MAX_WINDOW_INCREMENT:
         raise ValueError(f"window increment {increment} out of range")
     return encode(MuxType.WINDOW, stream_id, _U32.pack(increment))
+
+
+def data_payload_slots(buf: memoryview, n: int) -> list[memoryview]:
+    """Views of ``buf`` where ``n`` stream bytes go when laid out as DATA frames:
+    frame ``i`` starts at ``i * DATA_SLOT``, its payload :data:`HEADER_LEN` later;
+    all but the last payload are full, so the frames are contiguous. A driver reads
+    into these (one ``recvmsg_into``) and lets the mux write the headers, so the
+    bytes are never copied between the socket and the TLS layer."""
+    slots = []
+    off = 0
+    while n > 0:
+        size = min(MAX_MUX_PAYLOAD, n)
+        slots.append(buf[off + HEADER_LEN : off + HEADER_LEN + size])
+        off += DATA_SLOT
+        n -= size
+    return slots
 
 
 def encode_ping(msg_type: MuxType, value: int) -> bytes:
