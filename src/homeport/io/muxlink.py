@@ -65,14 +65,15 @@ log = logging.getLogger(__name__)
 
 #: Largest single read from a local socket (further capped by the stream's window).
 READ_SIZE = 256 * 1024
-#: Decrypted bytes gathered before they are handed to the mux in one call.
-DECRYPT_SIZE = 256 * 1024
+#: Decrypted bytes gathered before they are handed to the mux in one call (large:
+#: a DATA frame that straddles two calls is copied, one that does not is not).
+DECRYPT_SIZE = 1024 * 1024
 #: Encrypted bytes taken from the outgoing BIO per ``send``.
 MAX_TLS_WRITE = 256 * 1024
 #: Encrypted bytes we let wait for the TCP socket before we stop encrypting mux output.
 MAX_UNSENT = 256 * 1024
-#: Raw bytes read from the TCP socket per ``recv_into``.
-RAW_READ_SIZE = 256 * 1024
+#: Raw bytes read from the TCP socket per ``recv_into`` (what one round decrypts).
+RAW_READ_SIZE = 1024 * 1024
 #: Buffers handed to one ``sendmsg`` (writev) towards a local socket.
 MAX_IOV = 32
 #: Commands from other threads waiting for the link thread (open, ping, answers, close).
@@ -158,7 +159,9 @@ class _Local:
         self.rd_eof = False  # local EOF read, FIN sent
         self.peer_fin = False  # the peer's FIN arrived
         self.wr_shut = False  # local SHUT_WR done
-        self.wr_queue: collections.deque[bytes] = collections.deque()
+        # Received stream bytes not yet written; views of the link's decrypt buffer
+        # until the loop copies what is left before that buffer is reused.
+        self.wr_queue: collections.deque[bytes | memoryview] = collections.deque()
         self.wr_off = 0  # bytes of wr_queue[0] already written
         # Coalescing (COALESCE_DELAY): whether this fd may be held, the monotonic
         # time before which it is not read (0.0: not held), and before which it is
@@ -191,7 +194,11 @@ class MuxLink:
         self._on_dead = on_dead
         self.name = name
         self._clock = clock
-        self._mux = pm.MuxConnection(client=client, now=clock(), stream_window=stream_window)
+        # borrow_data: DATA payloads are views of the decrypt buffer, written to the
+        # local socket from there (see _loop), not copied per frame.
+        self._mux = pm.MuxConnection(
+            client=client, now=clock(), stream_window=stream_window, borrow_data=True
+        )
         self._locals: dict[int, _Local] = {}
         self._pings: dict[int, concurrent.futures.Future[float]] = {}
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -557,10 +564,15 @@ class MuxLink:
                     dec_mv.release()
                     raw_mv.release()
                     return end
-                # ---- mux → local sockets
+                # ---- mux → local sockets, then copy what is left of the decrypt
+                # buffer's views (the next decrypt overwrites that buffer)
                 for loc in list(locals_.values()):
                     if loc.wr_queue and self._write_local(loc):
                         progress = True
+                if got:
+                    for loc in locals_.values():
+                        if loc.wr_queue:
+                            _unborrow(loc)
                 # ---- timers
                 t = mux.get_timer()
                 if t is not None and clock() >= t:
@@ -788,6 +800,19 @@ class MuxLink:
             if wire is not None:
                 tls.sock.sendall(wire)
             tls.sock.sendall(tls.outgoing.read())
+
+
+def _unborrow(loc: _Local) -> None:
+    """Replace the views in ``loc.wr_queue`` by copies of their unwritten bytes."""
+    q = loc.wr_queue
+    if not any(isinstance(item, memoryview) for item in q):
+        return
+    items = list(q)
+    q.clear()
+    if isinstance(items[0], memoryview) and loc.wr_off:
+        items[0] = items[0][loc.wr_off :]
+        loc.wr_off = 0
+    q.extend(item.tobytes() if isinstance(item, memoryview) else item for item in items)
 
 
 def _holdable(sock: socket.socket, *, created: bool) -> bool:

@@ -141,7 +141,9 @@ class DataReceived:
     """Stream bytes; call :meth:`MuxConnection.consumed` once they are written onward."""
 
     sid: int
-    data: bytes
+    #: A view of the buffer given to :meth:`MuxConnection.receive_data` when the
+    #: connection was made with ``borrow_data`` (valid until that buffer changes).
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,7 @@ class MuxConnection:
         ping_interval: float = PING_INTERVAL,
         dead_after: float = DEAD_AFTER,
         autotune: bool = True,
+        borrow_data: bool = False,
     ) -> None:
         if not INITIAL_WINDOW <= stream_window <= MAX_STREAM_WINDOW:
             raise ValueError(f"stream_window {stream_window} out of range")
@@ -244,7 +247,7 @@ class MuxConnection:
         self.max_streams = max_streams
         self.ping_interval = ping_interval
         self.dead_after = dead_after
-        self._decoder = w.MuxDecoder()
+        self._decoder = w.MuxDecoder(borrow_data=borrow_data)
         self._out = bytearray()
         self._events: collections.deque[MuxEvent] = collections.deque()
         self._streams: dict[int, _Stream] = {}
@@ -362,7 +365,7 @@ class MuxConnection:
             self._streams[sid] = _Stream(StreamState.REQUESTED, self.stream_window)
             self._events.append(StreamRequested(sid, meta))
 
-    def _on_stream_frame(self, t: MuxType, sid: int, payload: bytes) -> None:
+    def _on_stream_frame(self, t: MuxType, sid: int, payload: bytes | memoryview) -> None:
         s = self._streams.get(sid)
         if s is None:
             self._gone(sid, t)
