@@ -201,6 +201,16 @@ def echo(sock: socket.socket) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
+def echo_and_close(sock: socket.socket) -> None:
+    with sock:
+        echo(sock)
+
+
+def _run_pump(tls: TlsStream, sock: socket.socket) -> None:
+    res = pump(tls, sock.fileno(), sock.fileno())
+    assert res.ok, res
+
+
 def ping_pong(sock: socket.socket, count: int) -> list[float]:
     """``count`` 1-byte round trips through ``sock`` (its far end echoes); seconds each."""
     rtts: list[float] = []
@@ -221,8 +231,8 @@ def latency_pump(pki: Pki, count: int) -> list[float]:
     out: list[float] = []
     run_threads(
         [
-            lambda: pump(sa, a_end.fileno(), a_end.fileno()),
-            lambda: pump(sb, b_end.fileno(), b_end.fileno()),
+            lambda: _run_pump(sa, a_end),
+            lambda: _run_pump(sb, b_end),
             lambda: echo(far),
             lambda: out.extend(ping_pong(near, count)),
         ]
@@ -238,7 +248,7 @@ def latency_mux(pki: Pki, count: int) -> list[float]:
 
     def on_incoming(sid: int, meta: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
         link_end, far = socket.socketpair()
-        th = threading.Thread(target=lambda: (echo(far), far.close()))
+        th = threading.Thread(target=echo_and_close, args=(far,))
         th.start()
         echoes.append(th)
         return link_end, {}
