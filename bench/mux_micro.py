@@ -8,6 +8,11 @@ loopback TCP connection with real, mutually pinned TLS 1.3 to the receiving end
 counts. CPU is each end's own thread (``time.thread_time``); MB/s is wall clock.
 Both paths run in the same process on the same machine, alternating per round,
 so the *ratio* is the figure to read (a shared 2-core VM is noisy).
+
+``--pings N`` (default 200) also measures keystroke latency on each path: a
+1-byte write echoed back by the far end's local service, N times in a row on
+one stream/connection (the median and 90th percentile round trip in µs), so a
+batching change that trades latency for throughput shows up here.
 """
 
 from __future__ import annotations
@@ -189,20 +194,103 @@ def bench_mux(
     return wall, a.cpu_seconds - cpu0_a, b.cpu_seconds - cpu0_b
 
 
+def echo(sock: socket.socket) -> None:
+    """The far end's local service for the latency probe: echo every byte until EOF."""
+    while data := sock.recv(4096):
+        sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def echo_and_close(sock: socket.socket) -> None:
+    with sock:
+        echo(sock)
+
+
+def _run_pump(tls: TlsStream, sock: socket.socket) -> None:
+    res = pump(tls, sock.fileno(), sock.fileno())
+    assert res.ok, res
+
+
+def ping_pong(sock: socket.socket, count: int) -> list[float]:
+    """``count`` 1-byte round trips through ``sock`` (its far end echoes); seconds each."""
+    rtts: list[float] = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        sock.sendall(b"k")
+        assert sock.recv(1) == b"k"
+        rtts.append(time.perf_counter() - t0)
+    sock.shutdown(socket.SHUT_WR)
+    assert sock.recv(1) == b""
+    return rtts
+
+
+def latency_pump(pki: Pki, count: int) -> list[float]:
+    sa, sb = pki.pair()
+    near, a_end = socket.socketpair()
+    b_end, far = socket.socketpair()
+    out: list[float] = []
+    run_threads(
+        [
+            lambda: _run_pump(sa, a_end),
+            lambda: _run_pump(sb, b_end),
+            lambda: echo(far),
+            lambda: out.extend(ping_pong(near, count)),
+        ]
+    )
+    for s in (near, a_end, b_end, far):
+        s.close()
+    return out
+
+
+def latency_mux(pki: Pki, count: int) -> list[float]:
+    ta, tb = pki.pair()
+    echoes: list[threading.Thread] = []
+
+    def on_incoming(sid: int, meta: dict[str, Any]) -> tuple[socket.socket, dict[str, Any]]:
+        link_end, far = socket.socketpair()
+        th = threading.Thread(target=echo_and_close, args=(far,))
+        th.start()
+        echoes.append(th)
+        return link_end, {}
+
+    a = MuxLink.start(
+        ta, client=True, on_incoming=lambda s, m: Refusal("no", "no"), on_dead=lambda r: None
+    )
+    b = MuxLink.start(tb, client=False, on_incoming=on_incoming, on_dead=lambda r: None)
+    sock, _ = a.open_stream({"service": "echo"})
+    out = ping_pong(sock, count)
+    for th in echoes:
+        th.join()
+    sock.close()
+    a.close()
+    b.close()
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=1 << 20)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--window", type=int, default=pm.INITIAL_WINDOW, help="mux stream window")
+    ap.add_argument("--pings", type=int, default=200, help="1-byte round trips per path (0: skip)")
     args = ap.parse_args()
     pki = Pki()
     total = args.mib << 20
     gib = total / GiB
     rows: dict[str, list[tuple[float, float, float]]] = {"pump": [], "mux": []}
+    rtts: dict[str, list[float]] = {"pump": [], "mux": []}
     for _ in range(args.rounds):
         rows["pump"].append(bench_pump(pki, total, args.chunk))
         rows["mux"].append(bench_mux(pki, total, args.chunk, args.window))
+        if args.pings:
+            rtts["pump"] += latency_pump(pki, args.pings)
+            rtts["mux"] += latency_mux(pki, args.pings)
     print(f"{args.mib} MiB per run, feeder chunk {args.chunk}, {args.rounds} round(s)")
     print(f"{'path':<6} {'MB/s':>8} {'send CPU-s/GiB':>15} {'recv CPU-s/GiB':>15} {'total':>8}")
     best: dict[str, tuple[float, float]] = {}
@@ -216,6 +304,13 @@ def main() -> None:
         f"mux/pump: CPU per byte x{best['mux'][1] / best['pump'][1]:.2f}, "
         f"throughput x{best['mux'][0] / best['pump'][0]:.2f}"
     )
+    if args.pings:
+        print(f"1-byte round trip, {len(rtts['mux'])} per path:")
+        for name, values in rtts.items():
+            print(f"{name:<6} median {_pct(values, 0.5):7.0f} us   p90 {_pct(values, 0.9):7.0f} us")
+        print(
+            f"mux/pump: median round trip x{_pct(rtts['mux'], 0.5) / _pct(rtts['pump'], 0.5):.2f}"
+        )
 
 
 if __name__ == "__main__":

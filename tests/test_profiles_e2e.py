@@ -448,8 +448,10 @@ def test_status_watch_redraws_under_a_pty_and_quits_on_ctrl_c(net: Net) -> None:
     assert text.count("\x1b[2J") == 1  # the screen is cleared once, then overwritten in place
     assert w.HIDE_CURSOR in text and w.SHOW_CURSOR in text  # the cursor comes back
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
-    last = text.rsplit(w.HOME, 1)[-1]
-    assert "labpc" in last and "laptop (this node)" in last and "STREAMS/MIN" in last
+    # Ctrl-C may land while a frame is being written: judge the frames drawn in full.
+    frames = text.split(w.HOME)[1:]
+    full = [f for f in frames if "labpc" in f and "laptop (this node)" in f]
+    assert len(full) >= 2 and all("STREAMS/MIN" in f for f in full), frames[-3:]
 
 
 def test_status_watch_without_a_tty_prints_plain_frames(net: Net) -> None:

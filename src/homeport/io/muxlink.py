@@ -59,19 +59,21 @@ from homeport.errors import CodedError
 from homeport.io.pump import _Poller, tune_socket
 from homeport.io.tlsstream import TlsStream
 from homeport.proto import mux as pm
+from homeport.wire import mux as w
 
 log = logging.getLogger(__name__)
 
 #: Largest single read from a local socket (further capped by the stream's window).
 READ_SIZE = 256 * 1024
-#: Decrypted bytes gathered before they are handed to the mux in one call.
-DECRYPT_SIZE = 256 * 1024
+#: Decrypted bytes gathered before they are handed to the mux in one call (large:
+#: a DATA frame that straddles two calls is copied, one that does not is not).
+DECRYPT_SIZE = 1024 * 1024
 #: Encrypted bytes taken from the outgoing BIO per ``send``.
 MAX_TLS_WRITE = 256 * 1024
 #: Encrypted bytes we let wait for the TCP socket before we stop encrypting mux output.
 MAX_UNSENT = 256 * 1024
-#: Raw bytes read from the TCP socket per ``recv_into``.
-RAW_READ_SIZE = 256 * 1024
+#: Raw bytes read from the TCP socket per ``recv_into`` (what one round decrypts).
+RAW_READ_SIZE = 1024 * 1024
 #: Buffers handed to one ``sendmsg`` (writev) towards a local socket.
 MAX_IOV = 32
 #: Commands from other threads waiting for the link thread (open, ping, answers, close).
@@ -80,6 +82,20 @@ MAX_COMMANDS = 1024
 CLOSE_FLUSH_TIMEOUT = 1.0
 #: Default seconds :meth:`MuxLink.open_stream` waits for OPEN_OK.
 OPEN_TIMEOUT = 10.0
+#: A read (local socket or TCP) that drained its fd and got at least this many
+#: bytes marks a bulk flow; keystrokes and echoes stay below it and are never held.
+COALESCE_MIN = 16 * 1024
+#: Seconds a bulk flow's fd is not read again after such a read, so the
+#: producer's writes pile up in the kernel buffer and the next wake-up moves a
+#: batch (fewer reads, frames, TLS records, sends and GIL hand-offs per byte), as
+#: :data:`homeport.io.pump.COALESCE_DELAY` does for relayed streams. Bytes already
+#: read are never held.
+COALESCE_DELAY = 0.001
+#: Seconds an fd is not held after a read that filled >= 3/4 of what was asked
+#: (its producer keeps up with us: a hold would only idle the link).
+COALESCE_PROBE = 0.1
+#: Kernel receive buffer an fd needs to be held: a hold must never fill it.
+COALESCE_MIN_KERNEL_BUFFER = 512 * 1024
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
@@ -111,8 +127,11 @@ class _Local:
 
     __slots__ = (
         "accepted",
+        "coalesce",
+        "fast",
         "fd",
         "future",
+        "hold",
         "peer_fin",
         "rd_eof",
         "rd_ready",
@@ -140,8 +159,16 @@ class _Local:
         self.rd_eof = False  # local EOF read, FIN sent
         self.peer_fin = False  # the peer's FIN arrived
         self.wr_shut = False  # local SHUT_WR done
-        self.wr_queue: collections.deque[bytes] = collections.deque()
+        # Received stream bytes not yet written; views of the link's decrypt buffer
+        # until the loop copies what is left before that buffer is reused.
+        self.wr_queue: collections.deque[bytes | memoryview] = collections.deque()
         self.wr_off = 0  # bytes of wr_queue[0] already written
+        # Coalescing (COALESCE_DELAY): whether this fd may be held, the monotonic
+        # time before which it is not read (0.0: not held), and before which it is
+        # not held at all (its producer outpaced a hold).
+        self.coalesce = _holdable(sock, created=not accepted)
+        self.hold = 0.0
+        self.fast = 0.0
 
     @property
     def done(self) -> bool:
@@ -167,7 +194,11 @@ class MuxLink:
         self._on_dead = on_dead
         self.name = name
         self._clock = clock
-        self._mux = pm.MuxConnection(client=client, now=clock(), stream_window=stream_window)
+        # borrow_data: DATA payloads are views of the decrypt buffer, written to the
+        # local socket from there (see _loop), not copied per frame.
+        self._mux = pm.MuxConnection(
+            client=client, now=clock(), stream_window=stream_window, borrow_data=True
+        )
         self._locals: dict[int, _Local] = {}
         self._pings: dict[int, concurrent.futures.Future[float]] = {}
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -379,8 +410,10 @@ class MuxLink:
         sock.setblocking(False)
         sock_fd = sock.fileno()
         wake_fd = self._wake_r.fileno()
-        readbuf = bytearray(READ_SIZE)
-        read_mv = memoryview(readbuf)
+        # Local reads land straight in DATA frame layout (headers written by the mux
+        # afterwards), so stream bytes go from the socket to OpenSSL without a copy.
+        framebuf = bytearray(-(-READ_SIZE // w.MAX_MUX_PAYLOAD) * w.DATA_SLOT)
+        read_mv = memoryview(framebuf)
         decbuf = bytearray(DECRYPT_SIZE)
         dec_mv = memoryview(decbuf)
         raw = bytearray(RAW_READ_SIZE)
@@ -389,6 +422,10 @@ class MuxLink:
         wire_off = 0
         sock_rd_ready = True
         sock_eof = False
+        # Coalescing of the TCP socket's reads (see COALESCE_DELAY), as for locals.
+        sock_coalesce = _holdable(sock, created=False)
+        sock_hold = sock_fast = 0.0
+        monotonic = time.monotonic
         wake_ready = True
         poller = _Poller()
         locals_ = self._locals
@@ -406,15 +443,21 @@ class MuxLink:
                 if self._commands:
                     self._do_commands(now)
                     progress = True
-                # ---- local sockets → mux (only what the mux takes at once)
+                # ---- local sockets → DATA frames → TLS records (only what the mux
+                # takes at once, and only while few encrypted bytes wait for TCP)
                 for loc in list(locals_.values()):
-                    if not loc.accepted or loc.rd_eof or not loc.rd_ready:
+                    if not loc.accepted or loc.rd_eof or not loc.rd_ready or loc.hold:
                         continue
+                    if (len(wire) - wire_off if wire is not None else 0) + outgoing.pending >= (
+                        MAX_UNSENT
+                    ):
+                        break
                     room = mux.send_window(loc.sid)
                     if room <= 0:
                         continue
+                    want = min(room, READ_SIZE)
                     try:
-                        n = loc.sock.recv_into(read_mv, min(room, READ_SIZE))
+                        n = loc.sock.recvmsg_into(w.data_payload_slots(read_mv, want))[0]
                     except BlockingIOError:
                         loc.rd_ready = False
                         continue
@@ -428,8 +471,21 @@ class MuxLink:
                         mux.end_stream(loc.sid)
                         self._maybe_finish(loc)
                     else:
-                        mux.send_data(loc.sid, read_mv[:n])
+                        pending = mux.data_to_send()  # frames queued earlier go first
+                        if pending:
+                            obj.write(pending)
+                        obj.write(read_mv[: mux.frame_data_into(loc.sid, read_mv, n)])
                         self.bytes_sent += n
+                        if n < want:
+                            # A short read drained the socket: skip the read that
+                            # would only raise EAGAIN; poll says when there is more.
+                            loc.rd_ready = False
+                        if loc.coalesce and n >= COALESCE_MIN:
+                            t_now = monotonic()
+                            if n >= READ_SIZE * 3 // 4:
+                                loc.fast = t_now + COALESCE_PROBE
+                            elif n < want and t_now >= loc.fast:
+                                loc.hold = t_now + COALESCE_DELAY
                 # ---- mux output → TLS records (bounded by what is still unsent)
                 unsent = (len(wire) - wire_off if wire is not None else 0) + outgoing.pending
                 if unsent < MAX_UNSENT and mux.pending_output():
@@ -450,7 +506,7 @@ class MuxLink:
                             wire = None
                         progress = True
                 # ---- socket → incoming BIO
-                if sock_rd_ready and incoming.pending == 0 and not sock_eof:
+                if sock_rd_ready and incoming.pending == 0 and not sock_eof and not sock_hold:
                     try:
                         n = sock.recv_into(raw_mv)
                     except BlockingIOError:
@@ -461,11 +517,21 @@ class MuxLink:
                             incoming.write_eof()
                         else:
                             incoming.write(raw_mv[:n])
+                            if n < RAW_READ_SIZE:  # drained: as for local reads above
+                                sock_rd_ready = False
+                            if sock_coalesce and n >= COALESCE_MIN:
+                                t_now = monotonic()
+                                if n >= RAW_READ_SIZE * 3 // 4:
+                                    sock_fast = t_now + COALESCE_PROBE
+                                elif n < RAW_READ_SIZE and t_now >= sock_fast:
+                                    sock_hold = t_now + COALESCE_DELAY
                         progress = True
                 # ---- incoming BIO → decrypted buffer → mux
+                # With nothing in the BIO, nothing decrypted pending and no EOF,
+                # read() could only raise SSLWantReadError: skip that exception.
                 got = 0
                 ended = False
-                while got < DECRYPT_SIZE:
+                while got < DECRYPT_SIZE and (incoming.pending or sock_eof or obj.pending()):
                     try:
                         k = obj.read(DECRYPT_SIZE - got, dec_mv[got:])
                     except ssl.SSLWantReadError:
@@ -498,29 +564,59 @@ class MuxLink:
                     dec_mv.release()
                     raw_mv.release()
                     return end
-                # ---- mux → local sockets
+                # ---- mux → local sockets, then copy what is left of the decrypt
+                # buffer's views (the next decrypt overwrites that buffer)
                 for loc in list(locals_.values()):
                     if loc.wr_queue and self._write_local(loc):
                         progress = True
+                if got:
+                    for loc in locals_.values():
+                        if loc.wr_queue:
+                            _unborrow(loc)
                 # ---- timers
                 t = mux.get_timer()
                 if t is not None and clock() >= t:
                     mux.handle_timer(clock())
                     progress = True
 
+            # ---- release expired holds; the earliest one bounds the wait
+            hold_until = 0.0
+            held = [loc for loc in locals_.values() if loc.hold]
+            if held or sock_hold:
+                t_now = monotonic()
+                released = False
+                if sock_hold and t_now >= sock_hold:
+                    sock_hold = 0.0
+                    sock_rd_ready = released = True  # try at once; EAGAIN sends it to poll
+                for loc in held:
+                    if t_now >= loc.hold:
+                        loc.hold = 0.0
+                        loc.rd_ready = released = True
+                if released:
+                    continue
+                hold_until = min([loc.hold for loc in held] + ([sock_hold] if sock_hold else []))
             # ---- wait
             wanted: dict[int, int] = {wake_fd: _POLLIN}
             sock_mask = 0
-            if incoming.pending == 0 and not sock_eof:
+            if incoming.pending == 0 and not sock_eof and not sock_hold:
                 sock_mask |= _POLLIN
             if wire is not None:
                 sock_mask |= _POLLOUT
             wanted[sock_fd] = sock_mask
             by_fd: dict[int, _Local] = {}
+            room_out = (len(wire) - wire_off if wire is not None else 0) + outgoing.pending < (
+                MAX_UNSENT
+            )
             for loc in locals_.values():
                 by_fd[loc.fd] = loc
                 mask = 0
-                if loc.accepted and not loc.rd_eof and mux.send_window(loc.sid) > 0:
+                if (
+                    loc.accepted
+                    and not loc.rd_eof
+                    and not loc.hold
+                    and room_out
+                    and mux.send_window(loc.sid) > 0
+                ):
                     mask |= _POLLIN
                 if loc.wr_queue:
                     mask |= _POLLOUT
@@ -528,6 +624,9 @@ class MuxLink:
             poller.set(wanted)
             t = mux.get_timer()
             timeout_ms = None if t is None else max(0, math.ceil((t - clock()) * 1000))
+            if hold_until:
+                hold_ms = max(0, math.ceil((hold_until - monotonic()) * 1000))
+                timeout_ms = hold_ms if timeout_ms is None else min(timeout_ms, hold_ms)
             for fd, ev in poller.poll(timeout_ms):
                 if fd == wake_fd:
                     wake_ready = True
@@ -701,6 +800,32 @@ class MuxLink:
             if wire is not None:
                 tls.sock.sendall(wire)
             tls.sock.sendall(tls.outgoing.read())
+
+
+def _unborrow(loc: _Local) -> None:
+    """Replace the views in ``loc.wr_queue`` by copies of their unwritten bytes."""
+    q = loc.wr_queue
+    if not any(isinstance(item, memoryview) for item in q):
+        return
+    items = list(q)
+    q.clear()
+    if isinstance(items[0], memoryview) and loc.wr_off:
+        items[0] = items[0][loc.wr_off :]
+        loc.wr_off = 0
+    q.extend(item.tobytes() if isinstance(item, memoryview) else item for item in items)
+
+
+def _holdable(sock: socket.socket, *, created: bool) -> bool:
+    """Whether reads of ``sock`` may be held (COALESCE_DELAY): only when its kernel
+    buffer dwarfs a hold's worth. A unix socket's capacity is its *writer's*
+    SO_SNDBUF, unknowable from here: it counts only when we ``created`` the pair
+    and tuned both ends (:meth:`MuxLink.open_stream_async`)."""
+    try:
+        size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        family = sock.family
+    except OSError:
+        return False
+    return (family != socket.AF_UNIX or created) and size >= COALESCE_MIN_KERNEL_BUFFER
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:

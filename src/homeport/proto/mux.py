@@ -141,7 +141,9 @@ class DataReceived:
     """Stream bytes; call :meth:`MuxConnection.consumed` once they are written onward."""
 
     sid: int
-    data: bytes
+    #: A view of the buffer given to :meth:`MuxConnection.receive_data` when the
+    #: connection was made with ``borrow_data`` (valid until that buffer changes).
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,7 @@ class MuxConnection:
         ping_interval: float = PING_INTERVAL,
         dead_after: float = DEAD_AFTER,
         autotune: bool = True,
+        borrow_data: bool = False,
     ) -> None:
         if not INITIAL_WINDOW <= stream_window <= MAX_STREAM_WINDOW:
             raise ValueError(f"stream_window {stream_window} out of range")
@@ -244,7 +247,7 @@ class MuxConnection:
         self.max_streams = max_streams
         self.ping_interval = ping_interval
         self.dead_after = dead_after
-        self._decoder = w.MuxDecoder()
+        self._decoder = w.MuxDecoder(borrow_data=borrow_data)
         self._out = bytearray()
         self._events: collections.deque[MuxEvent] = collections.deque()
         self._streams: dict[int, _Stream] = {}
@@ -362,7 +365,7 @@ class MuxConnection:
             self._streams[sid] = _Stream(StreamState.REQUESTED, self.stream_window)
             self._events.append(StreamRequested(sid, meta))
 
-    def _on_stream_frame(self, t: MuxType, sid: int, payload: bytes) -> None:
+    def _on_stream_frame(self, t: MuxType, sid: int, payload: bytes | memoryview) -> None:
         s = self._streams.get(sid)
         if s is None:
             self._gone(sid, t)
@@ -460,6 +463,30 @@ class MuxConnection:
                 off += size
         s.send_window -= n
         return n
+
+    def frame_data_into(self, sid: int, buf: bytearray | memoryview, n: int) -> int:
+        """Zero-copy :meth:`send_data` for drivers: ``n`` stream bytes of ``sid`` already
+        sit in ``buf`` at :func:`homeport.wire.mux.data_payload_slots`; write their DATA
+        headers in front of them and take the window. Returns how many bytes of ``buf``
+        (from 0) are frames now. The caller must send them *after* :meth:`data_to_send`'s
+        bytes (frames queued earlier go first) and must not ask for more than
+        :meth:`send_window`.
+        """
+        s = self._stream(sid, StreamState.OPEN)
+        if s.local_done:
+            raise MuxUsageError("ended", f"stream {sid} already ended (FIN sent)")
+        if not 0 < n <= s.send_window:
+            raise MuxUsageError("window", f"{n} bytes on stream {sid} exceed its window")
+        off = 0
+        left = n
+        pack_into = w.HEADER.pack_into
+        while left:
+            size = min(DATA_FRAME, left)
+            pack_into(buf, off, MuxType.DATA, 0, sid, size)
+            off += w.HEADER_LEN + size
+            left -= size
+        s.send_window -= n
+        return off
 
     def consumed(self, sid: int, n: int) -> None:
         """The driver wrote ``n`` received bytes of ``sid`` onward: return the credit (batched)."""

@@ -65,6 +65,10 @@ HEADER = struct.Struct(">BBII")
 HEADER_LEN = HEADER.size
 #: Largest payload of one frame; DATA is cut into frames of at most this size.
 MAX_MUX_PAYLOAD = 64 * 1024
+#: Bytes one DATA frame occupies at most (header + largest payload): drivers that
+#: read stream bytes straight into frame layout (:func:`data_payload_slots`) space
+#: payloads this far apart.
+DATA_SLOT = HEADER_LEN + MAX_MUX_PAYLOAD
 #: Largest stream id (u32); ids are never reused within a connection.
 MAX_STREAM_ID = 0xFFFFFFFF
 #: Largest WINDOW increment (a window may never exceed 2**31 - 1, as in HTTP/2).
@@ -113,7 +117,8 @@ class MuxFrame:
 
     type: MuxType
     stream_id: int
-    payload: bytes
+    #: ``bytes``, or a view of the fed buffer for DATA from a ``borrow_data`` decoder.
+    payload: bytes | memoryview
 
 
 # -- encoding (local; misuse raises ValueError) -----------------------------------
@@ -147,6 +152,22 @@ def encode_window(stream_id: int, increment: int) -> bytes:
     return encode(MuxType.WINDOW, stream_id, _U32.pack(increment))
 
 
+def data_payload_slots(buf: memoryview, n: int) -> list[memoryview]:
+    """Views of ``buf`` where ``n`` stream bytes go when laid out as DATA frames:
+    frame ``i`` starts at ``i * DATA_SLOT``, its payload :data:`HEADER_LEN` later;
+    all but the last payload are full, so the frames are contiguous. A driver reads
+    into these (one ``recvmsg_into``) and lets the mux write the headers, so the
+    bytes are never copied between the socket and the TLS layer."""
+    slots = []
+    off = 0
+    while n > 0:
+        size = min(MAX_MUX_PAYLOAD, n)
+        slots.append(buf[off + HEADER_LEN : off + HEADER_LEN + size])
+        off += DATA_SLOT
+        n -= size
+    return slots
+
+
 def encode_ping(msg_type: MuxType, value: int) -> bytes:
     """PING or PONG carrying the u64 ``value``."""
     if msg_type not in (MuxType.PING, MuxType.PONG):
@@ -176,10 +197,10 @@ def check_header_untrusted(msg_type: int, flags: int, stream_id: int, length: in
     return t
 
 
-def json_untrusted(payload: bytes) -> dict[str, Any]:
+def json_untrusted(payload: bytes | memoryview) -> dict[str, Any]:
     """The JSON object of an OPEN/OPEN_OK/OPEN_FAIL/RST/GOAWAY payload."""
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        obj = json.loads(bytes(payload).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MuxError(f"mux JSON payload does not parse: {exc}") from None
     if not isinstance(obj, dict):
@@ -187,7 +208,7 @@ def json_untrusted(payload: bytes) -> dict[str, Any]:
     return obj
 
 
-def code_reason_untrusted(payload: bytes) -> tuple[str, str]:
+def code_reason_untrusted(payload: bytes | memoryview) -> tuple[str, str]:
     """``(code, reason)`` of OPEN_FAIL / GOAWAY, or ``("", reason)`` of RST; both bounded."""
     obj = json_untrusted(payload)
     code = obj.get("code", "")
@@ -199,13 +220,13 @@ def code_reason_untrusted(payload: bytes) -> tuple[str, str]:
     return code, reason
 
 
-def u32_untrusted(payload: bytes) -> int:
+def u32_untrusted(payload: bytes | memoryview) -> int:
     if len(payload) != 4:
         raise MuxError("expected a u32 payload")
     return int(_U32.unpack(payload)[0])
 
 
-def u64_untrusted(payload: bytes) -> int:
+def u64_untrusted(payload: bytes | memoryview) -> int:
     if len(payload) != 8:
         raise MuxError("expected a u64 payload")
     return int(_U64.unpack(payload)[0])
@@ -219,10 +240,16 @@ class MuxDecoder:
     that straddles two feeds is assembled in :attr:`_partial`, which never holds
     more than :data:`HEADER_LEN` + :data:`MAX_MUX_PAYLOAD` bytes.
 
+    With ``borrow_data``, DATA frames that arrive whole are not copied at all: their
+    payload is a read-only view of the fed buffer, valid only until the caller
+    changes that buffer (a driver that writes them out at once, and copies what it
+    could not write, saves a copy of every stream byte).
+
     After a WireError the decoder is poisoned (``failed``): framing is lost.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, borrow_data: bool = False) -> None:
+        self._borrow = borrow_data
         self._partial = bytearray()
         self._need = 0  # total bytes of the frame in _partial, once its header is known
         self._ptype = MuxType.DATA
@@ -239,8 +266,8 @@ class MuxDecoder:
         if self.failed is not None:
             raise self.failed
         try:
-            with memoryview(data) as view:
-                return self._feed(view.cast("B") if view.format != "B" else view)
+            view = memoryview(data).toreadonly()
+            return self._feed(view.cast("B") if view.format != "B" else view)
         except WireError as exc:
             self.failed = exc
             raise
@@ -266,9 +293,11 @@ class MuxDecoder:
             off += take
             if len(part) < self._need:
                 return frames
-            frames.append(MuxFrame(self._ptype, self._psid, bytes(part[HEADER_LEN:])))
+            with memoryview(part) as whole:  # one copy, not a slice and then bytes
+                frames.append(MuxFrame(self._ptype, self._psid, whole[HEADER_LEN:].tobytes()))
             part.clear()
         unpack = HEADER.unpack_from
+        borrow = self._borrow
         while end - off >= HEADER_LEN:
             t, flags, sid, length = unpack(view, off)
             mtype = check_header_untrusted(t, flags, sid, length)
@@ -276,7 +305,10 @@ class MuxDecoder:
             if stop > end:
                 self._ptype, self._psid, self._need = mtype, sid, HEADER_LEN + length
                 break
-            frames.append(MuxFrame(mtype, sid, bytes(view[off + HEADER_LEN : stop])))
+            payload: bytes | memoryview = view[off + HEADER_LEN : stop]
+            if not (borrow and mtype is MuxType.DATA):
+                payload = bytes(payload)
+            frames.append(MuxFrame(mtype, sid, payload))
             off = stop
         if off < end:
             part += view[off:]
