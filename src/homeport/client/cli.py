@@ -267,6 +267,9 @@ def ping(name: str, count: int, timeout: float, state: str | None, as_json: bool
     from homeport.client import ping as ping_mod
 
     st = _load(state)
+    mine = ping_mod.self_problem(name, st.name)
+    if mine is not None:
+        _fail(mine)
     got_pong = False
     for i in range(count):
         if i:
@@ -281,6 +284,8 @@ def ping(name: str, count: int, timeout: float, state: str | None, as_json: bool
             click.echo(ping_mod.probe_line(name, ans))
         if ping_mod.is_direct(ans):
             return
+        if ping_mod.is_final(ans):
+            break
     if not got_pong:
         sys.exit(1)
 
