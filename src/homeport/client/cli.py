@@ -133,12 +133,28 @@ def _with_self(nm: Any, st: Any) -> Any:
 @click.option(
     "--count", type=click.IntRange(1), default=None, metavar="N", help="with --watch: N frames"
 )
-def status(
-    state: str | None, as_json: bool, watch: bool, interval: float, count: int | None
+@click.pass_context
+def status(  # noqa: PLR0917 - click passes options positionally
+    ctx: click.Context,
+    state: str | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    count: int | None,
 ) -> None:
     """Show the network's nodes: online, last seen, services, path."""
+    from click.core import ParameterSource
+
     from homeport.client import status as st_mod
 
+    if not watch:  # silently ignoring them would print one frame the user did not ask for
+        given = [
+            f"--{p}"
+            for p in ("interval", "count")
+            if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT
+        ]
+        if given:
+            _fail(f"{' and '.join(given)} only go with --watch (status --watch {given[0]} …)", 2)
     st = _load(state)
     if watch:
         if as_json:
