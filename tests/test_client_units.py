@@ -243,6 +243,17 @@ def test_status_table_and_json() -> None:
     js = status.to_json(nm, now=1000.0)
     assert [n["self"] for n in js["nodes"]] == [False, True, False]
     assert [n["path"] for n in js["nodes"]] == ["", "", "relay"]
+    # with the agent's view: .path is the kind it took (as the table), and the self row
+    # carries no detail (the agent's "no node with id …" about itself is not a path)
+    paths = {
+        "n3": {"kind": "local", "endpoint": "192.0.2.2:41641", "rtt_ms": 0.4},
+        "n1": {"kind": "relay", "code": "unknown-node", "reason": "no node with id 'n1'"},
+    }
+    js = status.to_json(nm, now=1000.0, paths=paths)
+    by = {n["name"]: n for n in js["nodes"]}
+    assert by["nas"]["path"] == "local" and by["nas"]["path_detail"]["kind"] == "local"
+    assert by["laptop"]["path"] == "" and by["laptop"]["path_detail"] is None
+    assert "local 192.0.2.2:41641 0.4ms" in status.render_table(nm, 1000.0, paths)
 
 
 @pytest.mark.parametrize(
