@@ -286,3 +286,27 @@ def test_status_map_gets_this_nodes_row_when_the_policy_hides_it() -> None:
     nm = _with_self(NetMap(self_id="n1", nodes=(peer,)), st)
     assert [n.name for n in nm.nodes] == ["laptop", "labpc"] and nm.nodes[0].node_id == "n1"
     assert _with_self(nm, st) is nm  # already there: unchanged
+
+
+def test_exit_target_refuses_this_node_and_an_offline_node_at_start() -> None:
+    """socks --via / forward NODE:HOST:PORT: what would fail every connection fails the start."""
+    from homeport.client.forward import ForwardSpec, target_problem
+
+    nm = NetMap(
+        self_id="n1",
+        nodes=(
+            NodeInfo("n1", "laptop", True, 1000.0, "fp"),
+            NodeInfo("n2", "labpc", True, 1000.0, "fp"),
+            NodeInfo("n3", "pi", False, 900.0, "fp"),
+        ),
+    )
+
+    def via(name: str) -> tuple[bool, str] | None:
+        return target_problem(nm, ForwardSpec(name, "", exit="*"))
+
+    assert via("labpc") is None
+    assert via("laptop") == (True, "laptop is this node; name another node as the exit")
+    offline = via("pi")
+    assert offline is not None and offline[0] and "pi is offline" in offline[1]
+    unknown = via("nosuch")
+    assert unknown is not None and unknown[0]
