@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from homeport.client import precheck
 from homeport.client.ssh import ssh_config_block
 
@@ -47,3 +49,38 @@ def test_config_block_for_a_profile_maps_suffixed_names_to_node_names(tmp_path: 
     block = ssh_config_block(["labpc"], tmp_path, suffix=".work")
     assert "Host labpc.work\n    Hostname labpc\n" in block
     assert "Match originalhost labpc.work " in block and "--suffix .work" in block
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_a_profile_typo_is_no_such_profile_not_an_invitation_to_enroll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    import click
+    from click.testing import CliRunner
+
+    from homeport.agent.cli import register as register_agent
+    from homeport.client.cli import add_profile_options, register
+
+    (tmp_path / "profiles" / "home").mkdir(parents=True)
+    monkeypatch.setenv("HOMEPORT_PROFILE", "")  # empty is unset; undone after --profile sets it
+    group = click.Group()
+    register(group)
+    register_agent(group)
+    add_profile_options(group)
+    if how == "env":
+        monkeypatch.setenv("HOMEPORT_PROFILE", "hme")
+        pick: list[str] = []
+    else:
+        pick = ["--profile", "hme"]
+    want = "homeport: no profile 'hme' (profiles: default, home); create it with 'homeport up"
+    for cmd in (["status"], ["set"], ["ssh-config", "labpc"]):
+        res = CliRunner().invoke(group, [*cmd, "--state", str(tmp_path), *pick])
+        assert res.exit_code == 1 and res.output.startswith(want), (cmd, res.output)
+        assert "AUTHKEY" not in res.output
+    # up creates profiles: there a missing one is still "not enrolled: enroll it like this"
+    res = CliRunner().invoke(group, ["up", "--state", str(tmp_path), *pick])
+    assert res.exit_code == 1 and "not enrolled" in res.output and "AUTHKEY" in res.output
+    # and the default profile of a fresh machine is "not enrolled", as always
+    monkeypatch.setenv("HOMEPORT_PROFILE", "")
+    res = CliRunner().invoke(group, ["status", "--state", str(tmp_path / "fresh")])
+    assert res.exit_code == 1 and "not enrolled" in res.output

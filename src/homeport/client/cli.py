@@ -833,8 +833,7 @@ def switch(state: str | None, name: str) -> None:
         _fail(problem, 2)
     base = node_state.base_dir(state)
     if name not in node_state.list_profiles(base):
-        known = ", ".join(node_state.list_profiles(base))
-        _fail(f"no profile {name!r} (profiles: {known}); create it with 'homeport up --profile'")
+        _fail(node_state.no_profile_message(base, name))
     try:
         node_state.set_current_profile(base, name)
     except (OSError, node_state.StateError) as exc:
