@@ -245,7 +245,7 @@ def test_status_table_and_json() -> None:
     assert [n["path"] for n in js["nodes"]] == ["", "", "relay"]
     # with the agent's view: .path is the kind it took (as the table), and the self row
     # carries no detail (the agent's "no node with id …" about itself is not a path)
-    paths = {
+    paths: dict[str, dict[str, object]] = {
         "n3": {"kind": "local", "endpoint": "192.0.2.2:41641", "rtt_ms": 0.4},
         "n1": {"kind": "relay", "code": "unknown-node", "reason": "no node with id 'n1'"},
     }
