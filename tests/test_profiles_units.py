@@ -84,3 +84,32 @@ def test_a_profile_typo_is_no_such_profile_not_an_invitation_to_enroll(
     monkeypatch.setenv("HOMEPORT_PROFILE", "")
     res = CliRunner().invoke(group, ["status", "--state", str(tmp_path / "fresh")])
     assert res.exit_code == 1 and "not enrolled" in res.output
+
+
+def test_ssh_to_a_node_of_another_profile_suggests_its_profile_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import click
+    from click.testing import CliRunner
+
+    from homeport.client import cli as client_cli
+
+    (tmp_path / "profiles" / "home" / "known_hosts").mkdir(parents=True)
+    (tmp_path / "profiles" / "home" / "known_hosts" / "pi").write_text("pi ssh-ed25519 AAAA\n")
+    (tmp_path / "profiles" / "work" / "pins").mkdir(parents=True)
+    monkeypatch.setenv("HOMEPORT_PROFILE", "")
+    monkeypatch.setattr(client_cli, "_load", lambda _s: SimpleNamespace(dir=tmp_path))
+    monkeypatch.setattr(
+        client_cli,
+        "_precheck",
+        lambda _st, host, _svc: f"no node named {host!r} that this node can reach (x)",
+    )
+    group = click.Group()
+    client_cli.register(group)
+    res = CliRunner().invoke(group, ["ssh", "--state", str(tmp_path), "pi"])
+    assert res.exit_code == 255
+    assert res.output.strip().endswith("; did you mean pi.home?"), res.output
+    res = CliRunner().invoke(group, ["ssh", "--state", str(tmp_path), "nas"])
+    assert res.exit_code == 255 and "did you mean" not in res.output

@@ -369,6 +369,8 @@ def ssh(
     if reason is not None:  # one line, and no ssh (with its own noise) at all
         from homeport.client.nc import format_error
 
+        if reason.startswith("no node named"):
+            reason += _elsewhere_hint(st.dir, state, target)
         _fail(format_error(target, reason).removeprefix("homeport nc: "), 255)
     if not no_cert:
         import getpass
@@ -382,6 +384,25 @@ def ssh(
         exec_ssh(name, args, st.dir, extra)
     except OSError as exc:
         _fail(f"cannot run ssh: {exc.strerror or exc}")
+
+
+def _elsewhere_hint(here: Path, state: str | None, node: str) -> str:
+    """``; did you mean pi.home?`` when another profile has met ``node`` before: its pinned
+    keys or known_hosts file for it are on disk (no map is kept there, and asking every
+    profile's server would cost a round trip each)."""
+    from homeport.node import hostkeys
+    from homeport.node import state as node_state
+
+    base = node_state.base_dir(state)
+    found = [
+        f"{node}.{p}"
+        for p in node_state.list_profiles(base)
+        if (d := node_state.profile_dir(base, p)) != here
+        and any(
+            (d / sub / node).is_file() for sub in (hostkeys.PINS_DIR, node_state.KNOWN_HOSTS_DIR)
+        )
+    ]
+    return f"; did you mean {' or '.join(found)}?" if found else ""
 
 
 def _split_profile(state: str | None, name: str) -> tuple[str, str | None]:
