@@ -243,6 +243,17 @@ def test_status_table_and_json() -> None:
     js = status.to_json(nm, now=1000.0)
     assert [n["self"] for n in js["nodes"]] == [False, True, False]
     assert [n["path"] for n in js["nodes"]] == ["", "", "relay"]
+    # with the agent's view: .path is the kind it took (as the table), and the self row
+    # carries no detail (the agent's "no node with id …" about itself is not a path)
+    paths: dict[str, dict[str, object]] = {
+        "n3": {"kind": "local", "endpoint": "192.0.2.2:41641", "rtt_ms": 0.4},
+        "n1": {"kind": "relay", "code": "unknown-node", "reason": "no node with id 'n1'"},
+    }
+    js = status.to_json(nm, now=1000.0, paths=paths)
+    by = {n["name"]: n for n in js["nodes"]}
+    assert by["nas"]["path"] == "local" and by["nas"]["path_detail"]["kind"] == "local"
+    assert by["laptop"]["path"] == "" and by["laptop"]["path_detail"] is None
+    assert "local 192.0.2.2:41641 0.4ms" in status.render_table(nm, 1000.0, paths)
 
 
 @pytest.mark.parametrize(
@@ -275,3 +286,27 @@ def test_status_map_gets_this_nodes_row_when_the_policy_hides_it() -> None:
     nm = _with_self(NetMap(self_id="n1", nodes=(peer,)), st)
     assert [n.name for n in nm.nodes] == ["laptop", "labpc"] and nm.nodes[0].node_id == "n1"
     assert _with_self(nm, st) is nm  # already there: unchanged
+
+
+def test_exit_target_refuses_this_node_and_an_offline_node_at_start() -> None:
+    """socks --via / forward NODE:HOST:PORT: what would fail every connection fails the start."""
+    from homeport.client.forward import ForwardSpec, target_problem
+
+    nm = NetMap(
+        self_id="n1",
+        nodes=(
+            NodeInfo("n1", "laptop", True, 1000.0, "fp"),
+            NodeInfo("n2", "labpc", True, 1000.0, "fp"),
+            NodeInfo("n3", "pi", False, 900.0, "fp"),
+        ),
+    )
+
+    def via(name: str) -> tuple[bool, str] | None:
+        return target_problem(nm, ForwardSpec(name, "", exit="*"))
+
+    assert via("labpc") is None
+    assert via("laptop") == (True, "laptop is this node; name another node as the exit")
+    offline = via("pi")
+    assert offline is not None and offline[0] and "pi is offline" in offline[1]
+    unknown = via("nosuch")
+    assert unknown is not None and unknown[0]

@@ -137,6 +137,7 @@ def test_up_with_expose_adds_instead_of_replacing(net: Net, tmp_path: Path) -> N
     )
     assert res.returncode == 1
     assert "another 'homeport up'" in res.stderr and str(net.lab_agent.pid) in res.stderr
+    assert f"server {net.hp.server_addr}" not in res.stderr  # refused before the route line
     saved = json.loads((net.lab / "node.json").read_text())
     assert {"ssh", "extra"} <= {s["name"] for s in saved["services"]}
     assert net.lab_agent.poll() is None  # the first agent is undisturbed

@@ -40,9 +40,17 @@ def test_exit_specs_parse_and_normalise() -> None:
     )
     assert exitnet.parse_exit_spec("all") == exitnet.ALL_NETS
     assert exitnet.describe(exitnet.ALL_NETS) == "all"
+    # 'all' leaves loopback/link-local out; listing them beside it lets them in (the docs' word)
+    both = exitnet.parse_exit_spec("all,127.0.0.0/8, fe80::/10")
+    assert both == (*exitnet.ALL_NETS, "127.0.0.0/8", "fe80::/10")
+    assert exitnet.describe(both) == "all, 127.0.0.0/8, fe80::/10"
+    assert exitnet.parse_exit_spec(",".join(both)) == both  # exit.json reloads the same
+    assert _check("127.0.0.1", both).allowed
+    assert not _check("169.254.169.254", both).allowed  # only what was listed
     for bad, why in [
         ("", "give networks"),
-        ("all,10.0.0.0/8", "already includes"),
+        ("all,10.0.0.0/8", "already includes 10.0.0.0/8"),
+        ("all,0.0.0.0/0", "already includes"),
         ("lab", "not a network"),
         ("192.168.1.0/33", "not a network"),
     ]:

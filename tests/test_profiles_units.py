@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from homeport.client import precheck
 from homeport.client.ssh import ssh_config_block
 
@@ -47,3 +49,67 @@ def test_config_block_for_a_profile_maps_suffixed_names_to_node_names(tmp_path: 
     block = ssh_config_block(["labpc"], tmp_path, suffix=".work")
     assert "Host labpc.work\n    Hostname labpc\n" in block
     assert "Match originalhost labpc.work " in block and "--suffix .work" in block
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_a_profile_typo_is_no_such_profile_not_an_invitation_to_enroll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    import click
+    from click.testing import CliRunner
+
+    from homeport.agent.cli import register as register_agent
+    from homeport.client.cli import add_profile_options, register
+
+    (tmp_path / "profiles" / "home").mkdir(parents=True)
+    monkeypatch.setenv("HOMEPORT_PROFILE", "")  # empty is unset; undone after --profile sets it
+    group = click.Group()
+    register(group)
+    register_agent(group)
+    add_profile_options(group)
+    if how == "env":
+        monkeypatch.setenv("HOMEPORT_PROFILE", "hme")
+        pick: list[str] = []
+    else:
+        pick = ["--profile", "hme"]
+    want = "homeport: no profile 'hme' (profiles: default, home); create it with 'homeport up"
+    for cmd in (["status"], ["set"], ["ssh-config", "labpc"]):
+        res = CliRunner().invoke(group, [*cmd, "--state", str(tmp_path), *pick])
+        assert res.exit_code == 1 and res.output.startswith(want), (cmd, res.output)
+        assert "AUTHKEY" not in res.output
+    # up creates profiles: there a missing one is still "not enrolled: enroll it like this"
+    res = CliRunner().invoke(group, ["up", "--state", str(tmp_path), *pick])
+    assert res.exit_code == 1 and "not enrolled" in res.output and "AUTHKEY" in res.output
+    # and the default profile of a fresh machine is "not enrolled", as always
+    monkeypatch.setenv("HOMEPORT_PROFILE", "")
+    res = CliRunner().invoke(group, ["status", "--state", str(tmp_path / "fresh")])
+    assert res.exit_code == 1 and "not enrolled" in res.output
+
+
+def test_ssh_to_a_node_of_another_profile_suggests_its_profile_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    import click
+    from click.testing import CliRunner
+
+    from homeport.client import cli as client_cli
+
+    (tmp_path / "profiles" / "home" / "known_hosts").mkdir(parents=True)
+    (tmp_path / "profiles" / "home" / "known_hosts" / "pi").write_text("pi ssh-ed25519 AAAA\n")
+    (tmp_path / "profiles" / "work" / "pins").mkdir(parents=True)
+    monkeypatch.setenv("HOMEPORT_PROFILE", "")
+    monkeypatch.setattr(client_cli, "_load", lambda _s: SimpleNamespace(dir=tmp_path))
+    monkeypatch.setattr(
+        client_cli,
+        "_precheck",
+        lambda _st, host, _svc: f"no node named {host!r} that this node can reach (x)",
+    )
+    group = click.Group()
+    client_cli.register(group)
+    res = CliRunner().invoke(group, ["ssh", "--state", str(tmp_path), "pi"])
+    assert res.exit_code == 255
+    assert res.output.strip().endswith("; did you mean pi.home?"), res.output
+    res = CliRunner().invoke(group, ["ssh", "--state", str(tmp_path), "nas"])
+    assert res.exit_code == 255 and "did you mean" not in res.output

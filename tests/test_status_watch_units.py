@@ -1,6 +1,11 @@
-"""``status --watch``'s renderer as pure functions: rows, rates, escaping, screen control."""
+"""``status --watch``'s renderer as pure functions: rows, rates, escaping, screen control;
+and its options without ``--watch`` (a usage error)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
 
 from homeport.client import watch as w
 from homeport.wire.control import NetMap, NodeInfo, ServiceInfo
@@ -67,3 +72,26 @@ def test_screen_redraws_in_place_on_a_tty_and_plainly_otherwise() -> None:
     plain = w.screen(lines, tty=False)
     assert "\x1b" not in plain and plain.endswith("\n\n")
     assert all(len(ln) <= 20 for ln in w.render([], header="x" * 50, now=NOW, width=20))
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--count", "2"], "--count only go"),
+        (["--interval", "5"], "--interval only go"),
+        (["--interval", "5", "--count", "2"], "--interval and --count"),
+    ],
+)
+def test_watch_options_without_watch_are_a_usage_error(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    import click
+    from click.testing import CliRunner
+
+    from homeport.client.cli import register
+
+    group = click.Group()
+    register(group)
+    res = CliRunner().invoke(group, ["status", "--state", str(tmp_path), *args])
+    assert res.exit_code == 2 and says in res.output
+    assert len(res.output.strip().splitlines()) == 1  # before "not enrolled": checked first

@@ -372,11 +372,11 @@ def up(  # noqa: PLR0917 - click passes options positionally
     _exit_setting(st.dir, advertise_exit, log)
     from homeport.io.dial import DialError, route_of
 
+    lock = _lock_state(st.dir)  # first: a second agent refuses before it logs its route
     try:
         log.info("server %s: %s", st.server, route_of(st).reason)
     except DialError as exc:
         _fail(exc.message, 2)
-    lock = _lock_state(st.dir)
     _mark_shields(st.dir, shields_up)
     from homeport.agent.runtime import run_agent
 

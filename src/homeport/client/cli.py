@@ -133,12 +133,28 @@ def _with_self(nm: Any, st: Any) -> Any:
 @click.option(
     "--count", type=click.IntRange(1), default=None, metavar="N", help="with --watch: N frames"
 )
-def status(
-    state: str | None, as_json: bool, watch: bool, interval: float, count: int | None
+@click.pass_context
+def status(  # noqa: PLR0917 - click passes options positionally
+    ctx: click.Context,
+    state: str | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    count: int | None,
 ) -> None:
     """Show the network's nodes: online, last seen, services, path."""
+    from click.core import ParameterSource
+
     from homeport.client import status as st_mod
 
+    if not watch:  # silently ignoring them would print one frame the user did not ask for
+        given = [
+            f"--{p}"
+            for p in ("interval", "count")
+            if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT
+        ]
+        if given:
+            _fail(f"{' and '.join(given)} only go with --watch (status --watch {given[0]} …)", 2)
     st = _load(state)
     if watch:
         if as_json:
@@ -267,6 +283,9 @@ def ping(name: str, count: int, timeout: float, state: str | None, as_json: bool
     from homeport.client import ping as ping_mod
 
     st = _load(state)
+    mine = ping_mod.self_problem(name, st.name)
+    if mine is not None:
+        _fail(mine)
     got_pong = False
     for i in range(count):
         if i:
@@ -281,6 +300,8 @@ def ping(name: str, count: int, timeout: float, state: str | None, as_json: bool
             click.echo(ping_mod.probe_line(name, ans))
         if ping_mod.is_direct(ans):
             return
+        if ping_mod.is_final(ans):
+            break
     if not got_pong:
         sys.exit(1)
 
@@ -348,6 +369,8 @@ def ssh(
     if reason is not None:  # one line, and no ssh (with its own noise) at all
         from homeport.client.nc import format_error
 
+        if reason.startswith("no node named"):
+            reason += _elsewhere_hint(st.dir, state, target)
         _fail(format_error(target, reason).removeprefix("homeport nc: "), 255)
     if not no_cert:
         import getpass
@@ -361,6 +384,25 @@ def ssh(
         exec_ssh(name, args, st.dir, extra)
     except OSError as exc:
         _fail(f"cannot run ssh: {exc.strerror or exc}")
+
+
+def _elsewhere_hint(here: Path, state: str | None, node: str) -> str:
+    """``; did you mean pi.home?`` when another profile has met ``node`` before: its pinned
+    keys or known_hosts file for it are on disk (no map is kept there, and asking every
+    profile's server would cost a round trip each)."""
+    from homeport.node import hostkeys
+    from homeport.node import state as node_state
+
+    base = node_state.base_dir(state)
+    found = [
+        f"{node}.{p}"
+        for p in node_state.list_profiles(base)
+        if (d := node_state.profile_dir(base, p)) != here
+        and any(
+            (d / sub / node).is_file() for sub in (hostkeys.PINS_DIR, node_state.KNOWN_HOSTS_DIR)
+        )
+    ]
+    return f"; did you mean {' or '.join(found)}?" if found else ""
 
 
 def _split_profile(state: str | None, name: str) -> tuple[str, str | None]:
@@ -615,24 +657,11 @@ def _install_ssh_config(block: str, check: str, as_json: bool) -> None:
     included from the top of homeport.conf (OpenSSH reads it first; paramiko
     ignores the Include); empty: no check file, and an old one is removed.
     """
-    import pwd
-
-    from homeport.client.ssh import (
-        CHECK_FILE,
-        INCLUDE_FILE,
-        add_include,
-        include_line,
-        quote_config,
-    )
+    from homeport.client.ssh import CHECK_FILE, INCLUDE_FILE, quote_config
     from homeport.node.files import write_private
 
-    home = Path.home()
-    try:
-        login_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
-    except KeyError:
-        login_home = home
-    ssh_dir = home / ".ssh"
-    conf, main = ssh_dir / INCLUDE_FILE, ssh_dir / "config"
+    ssh_dir = Path.home() / ".ssh"
+    conf = ssh_dir / INCLUDE_FILE
     try:
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         check_path = ssh_dir / CHECK_FILE
@@ -642,29 +671,76 @@ def _install_ssh_config(block: str, check: str, as_json: bool) -> None:
         else:
             check_path.unlink(missing_ok=True)
         write_private(conf, block.encode())
-        try:
-            old = main.read_text()
-        except FileNotFoundError:
-            old = ""
-        line = include_line(home, login_home)
-        new = add_include(old, line)
-        if new is not None:
-            write_private(main, new.encode())
     except OSError as exc:
         _fail(f"cannot write {exc.filename or ssh_dir}: {exc.strerror or exc}")
+    main, line, added = _include_homeport_conf()
     if as_json:
-        click.echo(
-            json.dumps({"written": str(conf), "included": str(main), "added": new is not None})
-        )
+        click.echo(json.dumps({"written": str(conf), "included": str(main), "added": added}))
         return
     click.echo(f"wrote {conf}")
     click.echo(
-        f"{'added' if new is not None else 'already has'} '{line}' "
+        f"{'added' if added else 'already has'} '{line}' "
         f"at the top of {main}; now plain ssh/scp/rsync/VS Code reach the nodes by name"
     )
 
 
+def _include_homeport_conf() -> tuple[Path, str, bool]:
+    """Put the Include of ~/.ssh/homeport.conf atop ~/.ssh/config if it is not there:
+    (that file, the Include line, whether it was added)."""
+    import pwd
+
+    from homeport.client.ssh import add_include, include_line
+    from homeport.node.files import write_private
+
+    home = Path.home()
+    try:
+        login_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        login_home = home
+    ssh_dir = home / ".ssh"
+    main = ssh_dir / "config"
+    line = include_line(home, login_home)
+    try:
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        try:
+            old = main.read_text()
+        except FileNotFoundError:
+            old = ""
+        new = add_include(old, line)
+        if new is not None:
+            write_private(main, new.encode())
+    except OSError as exc:
+        _fail(f"cannot write {exc.filename or main}: {exc.strerror or exc}")
+    return main, line, new is not None
+
+
 # -- code -----------------------------------------------------------------------
+
+
+def _code_node_known(state: str | None, host: str) -> None:
+    """Fail (one line, nothing written) when ``host`` (``labpc`` or ``labpc.PROFILE``) is no
+    node of its network; when the server cannot be asked, the ssh check after says why."""
+    from homeport.io.dial import DialError, request_netmap
+    from homeport.node.state import ENV_PROFILE
+
+    node, profile = _split_profile(state, host)
+    saved = os.environ.get(ENV_PROFILE)
+    if profile is not None:
+        os.environ[ENV_PROFILE] = profile
+    try:
+        st = _load(state)
+    finally:
+        if profile is not None:
+            if saved is None:
+                os.environ.pop(ENV_PROFILE, None)
+            else:
+                os.environ[ENV_PROFILE] = saved
+    try:
+        nm = _with_self(request_netmap(st), st)
+    except DialError:
+        return
+    if not any(n.name == node for n in nm.nodes):
+        _fail(f"no node named {node!r} in this network (see: homeport status)")
 
 
 def _ssh_g(config: Path, host: str) -> tuple[bool, str]:
@@ -715,6 +791,8 @@ def code(ctx: click.Context, state: str | None, no_install: bool, target: str) -
         spec = parse_target(target)
     except ValueError as exc:
         _fail(printable(str(exc)), 2)
+    from homeport.client.ssh import INCLUDE_FILE
+
     config = Path.home() / ".ssh" / "config"
     ok, said = _ssh_g(config, spec.host)
     if not ok:
@@ -723,23 +801,34 @@ def code(ctx: click.Context, state: str | None, no_install: bool, target: str) -
                 f"ssh does not reach {spec.host} through homeport with {config}; VS Code reads "
                 "that file: run 'homeport ssh-config --install' (or drop --no-install)"
             )
-        click.echo(
-            f"{spec.host} is not in {config} yet (VS Code reads it): "
-            "installing the homeport Include"
-        )
-        ctx.invoke(
-            ssh_config,
-            state=state,
-            as_json=False,
-            certs=False,
-            install=True,
-            no_precheck=False,
-            names=(),
-        )
+        _code_node_known(state, spec.host)  # an unknown name: fail before writing anything
+        conf = config.parent / INCLUDE_FILE
+        if conf.exists():  # the user's own install (its --state/--profile): only include it
+            main, line, added = _include_homeport_conf()
+            if added:
+                click.echo(f"added '{line}' at the top of {main} (VS Code reads it)")
+        else:
+            click.echo(
+                f"{spec.host} is not in {config} yet (VS Code reads it): "
+                "installing the homeport Include"
+            )
+            ctx.invoke(
+                ssh_config,
+                state=state,
+                as_json=False,
+                certs=False,
+                install=True,
+                no_precheck=False,
+                names=(),
+            )
         ok, said = _ssh_g(config, spec.host)
         if not ok:
             _fail(
-                f"{spec.host} is not a node ssh can reach here "
+                f"ssh does not route {spec.host} through homeport: {conf} was written for "
+                "another state directory or profile, or before this node joined; rewrite it "
+                "with 'homeport ssh-config --install' (with the --state/--profile you use)"
+                if conf.exists()
+                else f"{spec.host} is not a node ssh can reach here "
                 "(see: homeport status, homeport profiles)"
             )
     for line in said.splitlines():  # the precheck's reason (offline …): VS Code only times out
@@ -748,9 +837,12 @@ def code(ctx: click.Context, state: str | None, no_install: bool, target: str) -
     exe = shutil.which("code")
     where = folder_uri(spec) if spec.path else f"ssh-remote+{spec.host}"
     if exe is None:
+        import shlex
+
         _fail(
             "VS Code's 'code' command is not on PATH (in VS Code: 'Shell Command: Install "
-            f"code in PATH'); or open this in VS Code yourself: {where}"
+            f"code in PATH'), then run: {shlex.join(code_argv('code', spec))}; or in VS Code: "
+            f"'Remote-SSH: Connect to Host…' {spec.host}"
         )
     argv = code_argv(exe, spec)
     click.echo(f"opening {where} in VS Code")
@@ -812,8 +904,7 @@ def switch(state: str | None, name: str) -> None:
         _fail(problem, 2)
     base = node_state.base_dir(state)
     if name not in node_state.list_profiles(base):
-        known = ", ".join(node_state.list_profiles(base))
-        _fail(f"no profile {name!r} (profiles: {known}); create it with 'homeport up --profile'")
+        _fail(node_state.no_profile_message(base, name))
     try:
         node_state.set_current_profile(base, name)
     except (OSError, node_state.StateError) as exc:

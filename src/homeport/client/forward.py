@@ -82,8 +82,10 @@ def target_problem(netmap: NetMap, spec: ForwardSpec) -> tuple[bool, str] | None
     if node is None:
         return True, f"no node named {spec.node!r} in this network (see: homeport status)"
     if spec.exit:  # whether it is an exit (and lets us use it) is known only per connection
-        if not node.online:
-            return False, f"{spec.node} is offline now; connections will work once it is back"
+        if node.node_id == netmap.self_id:  # exit streams to itself fail, per connection
+            return True, f"{spec.node} is this node; name another node as the exit"
+        if not node.online:  # a proxy whose every connection fails is no use to start
+            return True, f"{spec.node} is offline now; start it (homeport up there), then retry"
         return None
     if not any(spec.service in (s.name, str(s.port)) for s in node.services):
         exposed = ", ".join(f"{s.name}/{s.port}" for s in node.services) or "nothing"

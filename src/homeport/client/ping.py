@@ -16,6 +16,19 @@ from typing import Any
 INTERVAL = 1.0
 #: Path kinds that count as direct (``ping`` stops after one).
 DIRECT_KINDS = frozenset({"direct", "local", "mapped"})
+#: Answers that the next probe would only repeat (no such node, not allowed, an agent
+#: without direct paths): ``ping`` says it once and stops, instead of ``--count`` times.
+FINAL_CODES = frozenset({"unknown", "not-allowed", "relay-only", "bad-name"})
+
+
+def self_problem(dst: str, own_name: str) -> str | None:
+    """``laptop is this node`` when asked to ping itself (no peer answers: it would time out)."""
+    return f"{dst} is this node" if dst == own_name else None
+
+
+def is_final(answer: dict[str, Any]) -> bool:
+    """Whether a failed probe's reason cannot change by probing again (:data:`FINAL_CODES`)."""
+    return answer.get("ok") is not True and answer.get("code") in FINAL_CODES
 
 
 def probe_line(dst: str, answer: dict[str, Any]) -> str:

@@ -119,26 +119,30 @@ def to_json(
     now: float | None = None,
     paths: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """The map as JSON; ``path`` is the kind the text table shows (the agent's view when it
+    runs, else the server's), so scripts reading ``.path`` see the path streams take."""
     now = time.time() if now is None else now
     paths = paths or {}
-    return {
-        "self_id": netmap.self_id,
-        "nodes": [
+    out: list[dict[str, Any]] = []
+    for n in netmap.nodes:
+        mine = n.node_id == netmap.self_id
+        detail = None if mine else paths.get(n.node_id)  # the agent has no path to itself
+        kind = str(detail.get("kind") or "") if detail else ""
+        out.append(
             {
                 "node_id": n.node_id,
                 "name": n.name,
-                "self": n.node_id == netmap.self_id,
+                "self": mine,
                 "online": n.online,
                 "last_seen": n.last_seen,
                 "last_seen_text": last_seen_text(n, now),
                 "services": [{"name": s.name, "port": s.port} for s in n.services],
-                "path": "" if no_path(netmap, n) else (n.path or "relay"),
+                "path": "" if no_path(netmap, n) else (kind or n.path or "relay"),
                 "fingerprint": n.fingerprint,
-                "path_detail": dict(paths[n.node_id]) if n.node_id in paths else None,
+                "path_detail": dict(detail) if detail is not None else None,
             }
-            for n in netmap.nodes
-        ],
-    }
+        )
+    return {"self_id": netmap.self_id, "nodes": out}
 
 
 @dataclass(frozen=True, slots=True)

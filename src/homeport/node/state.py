@@ -70,6 +70,12 @@ class NotEnrolled(StateError):
     """This state directory holds no enrolled node yet."""
 
 
+class NoSuchProfile(NotEnrolled):
+    """The chosen profile does not exist (a typo in ``--profile``/$HOMEPORT_PROFILE, most
+    likely): said as such, not as "not enrolled" with an invitation to enroll a new network.
+    A :class:`NotEnrolled` still, so ``homeport up`` creates the profile as before."""
+
+
 @dataclass(frozen=True, slots=True)
 class NodeState:
     """An enrolled node, as loaded from ``node.json`` plus the paths of its PEM files."""
@@ -204,6 +210,19 @@ def list_profiles(base: Path) -> list[str]:
     return found
 
 
+def no_profile_message(base: Path, name: str) -> str:
+    """What a command says for a profile that does not exist (``up --profile`` creates one)."""
+    known = ", ".join(list_profiles(base))
+    return f"no profile {name!r} (profiles: {known}); create it with 'homeport up --profile'"
+
+
+def _missing_profile(state_dir: Path) -> NoSuchProfile | None:
+    """``state_dir`` is ``<base>/profiles/<name>`` and no such directory exists."""
+    if state_dir.parent.name != PROFILES_DIR or state_dir.is_dir():
+        return None
+    return NoSuchProfile(no_profile_message(state_dir.parent.parent, state_dir.name))
+
+
 def set_current_profile(base: Path, name: str) -> None:
     """Make ``name`` the default profile (``homeport switch``)."""
     ensure_dir(base)
@@ -237,6 +256,7 @@ def load(state_dir: Path) -> NodeState:
     """Load an enrolled node.
 
     Raises:
+        NoSuchProfile: ``state_dir`` is a profile's and the profile does not exist.
         NotEnrolled: no node.json or no key/certificate (message says how to enroll).
         StateError: the files exist but are malformed.
     """
@@ -245,6 +265,9 @@ def load(state_dir: Path) -> NodeState:
         with open(path, "rb") as f:
             raw = f.read(MAX_STATE_FILE + 1)
     except FileNotFoundError:
+        missing = _missing_profile(state_dir)
+        if missing is not None:
+            raise missing from None
         raise NotEnrolled(f"not enrolled ({state_dir}): {ENROLL_HINT}") from None
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror}") from exc

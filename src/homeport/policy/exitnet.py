@@ -33,7 +33,9 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def parse_exit_spec(text: str) -> tuple[str, ...]:
-    """``all`` or comma-separated networks (``192.168.1.0/24``, ``2001:db8::/32``, an address).
+    """``all`` or comma-separated networks (``192.168.1.0/24``, ``2001:db8::/32``, an address);
+    ``all`` may come with loopback/link-local networks, the ones it leaves out
+    (``all,127.0.0.0/8``: every network and this machine's loopback).
 
     Returns the normalised network texts (duplicates dropped, order kept).
 
@@ -43,20 +45,24 @@ def parse_exit_spec(text: str) -> tuple[str, ...]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise ValueError("--advertise-exit: give networks (192.168.1.0/24,…) or 'all'")
-    if ALL in parts:
-        if len(parts) > 1:
-            raise ValueError("--advertise-exit: 'all' already includes every network")
-        return ALL_NETS
+    every = ALL in parts
+    if every:  # beside 'all' only what it leaves out: loopback/link-local, listed explicitly
+        parts = [*ALL_NETS, *(p for p in parts if p != ALL)]
     if len(parts) > MAX_EXIT_NETS:
         raise ValueError(f"--advertise-exit: at most {MAX_EXIT_NETS} networks")
     out: list[str] = []
-    for part in parts:
+    for i, part in enumerate(parts):
         try:
             net = ipaddress.ip_network(part, strict=False)
         except ValueError:
             raise ValueError(
                 f"--advertise-exit: {part[:60]!r} is not a network (e.g. 192.168.1.0/24) or 'all'"
             ) from None
+        if every and i >= len(ALL_NETS) and not _special(net):
+            raise ValueError(
+                f"--advertise-exit: 'all' already includes {net}; beside 'all' list only "
+                "loopback or link-local networks (which 'all' leaves out)"
+            )
         if str(net) not in out:
             out.append(str(net))
     return tuple(out)
@@ -74,9 +80,9 @@ def nets_untrusted(texts: tuple[str, ...]) -> tuple[Network, ...]:
 
 
 def describe(texts: tuple[str, ...]) -> str:
-    """``192.168.1.0/24, 10.0.0.0/8`` or ``all`` (or ``none``)."""
-    if set(texts) == set(ALL_NETS):
-        return ALL
+    """``192.168.1.0/24, 10.0.0.0/8``, ``all`` or ``all, 127.0.0.0/8`` (or ``none``)."""
+    if set(ALL_NETS) <= set(texts):
+        return ", ".join([ALL, *(t for t in texts if t not in ALL_NETS)])
     return ", ".join(texts) or "none"
 
 
