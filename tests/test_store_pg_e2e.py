@@ -143,7 +143,8 @@ def test_missing_driver_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     [line] = [ln for ln in res.stderr.splitlines() if "cannot start" in ln]
-    assert line.endswith(f"cannot start: {PG_DRIVER_MISSING}")
+    assert line.endswith(f"cannot start: --db: {PG_DRIVER_MISSING}")
+    assert not (tmp_path / "d").exists()  # checked before the CA and TLS files are made
 
 
 @pytest.mark.parametrize(
