@@ -139,7 +139,18 @@ def test_server_process_banner_and_sigterm(tmp_path: Path) -> None:
         "cli(sys.argv[1:])\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "server", "--data", str(data), "--listen", "127.0.0.1:0"],
+        [
+            sys.executable,
+            "-c",
+            code,
+            "server",
+            "--data",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -149,8 +160,10 @@ def test_server_process_banner_and_sigterm(tmp_path: Path) -> None:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("homeport server listening on 127.0.0.1:"), first
-        banner = [first] + [proc.stdout.readline() for _ in range(5)]
+        banner = [first] + [proc.stdout.readline() for _ in range(8)]
         text = "".join(banner)
+        # the web UI refuses every action to a read token: the banner says which scope
+        assert "homeport apikeys create --name NAME --scope admin" in text, text
         assert "server pin: sha256:" in text and "homeport keys create" in text
         assert "homeport up --server" in text
         answer = admin_request(data, {"op": "ping"})

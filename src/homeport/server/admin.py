@@ -89,6 +89,9 @@ AUDIT_NODE_FIELDS = ("node", "src", "dst")
 
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: What an API key id looks like (``apikeys.KEY_ID_HEX`` hex digits); anything else given
+#: to ``apikeys.revoke`` is not echoed back (it may be a mangled token, i.e. a secret).
+_KEY_ID_RE = re.compile(r"[0-9a-f]{1,64}")
 #: Longest lifetime an auth or API key may be given (10 years): beyond it the admin meant
 #: "never" (null), and a huge or non-finite number would break every listing and JSON answer.
 MAX_EXPIRY_SECONDS = 10 * 365 * 86400.0
@@ -756,9 +759,17 @@ class AdminOps:
         return {"keys": out}
 
     def _apikeys_revoke(self, req: dict[str, Any]) -> dict[str, Any]:
-        key_id = req.get("key_id")
-        if not isinstance(key_id, str):
+        """Revoke by key id; a whole token pasted instead revokes its key. Why the care in
+        the messages: the argument may be a secret, and errors land in terminals and logs."""
+        given = req.get("key_id")
+        if not isinstance(given, str):
             raise TypeError("key_id must be a string")
+        key_id = apikeys.token_key_id(given) or given
+        if not _KEY_ID_RE.fullmatch(key_id):
+            raise NotFound(
+                "not an API key id: give the key id that 'homeport apikeys list' shows "
+                "(in a token hpk_<id>_<secret>, the 12 hex digits after hpk_)"
+            )
         if not self.registry.revoke_api_key(key_id):
             raise NotFound(f"no API key {key_id!r}")
         log.info("API key %s revoked", key_id)

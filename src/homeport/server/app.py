@@ -261,8 +261,15 @@ def _banner(running: Running, listen_host: str) -> str:
             f"    1. here:          homeport keys create --data {data}",
             f"    2. on the node:   HOMEPORT_AUTHKEY=KEY homeport up --server {addr} --name NAME",
             f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
-            f"  admin API:  {running.admin_url + '/api/v1' if running.admin_url else 'off'}"
-            + (" (token: homeport apikeys create --name NAME)" if running.admin_url else ""),
+            f"  admin API:  {running.admin_url + '/api/v1' if running.admin_url else 'off'}",
+            *(
+                [
+                    "    token:  homeport apikeys create --name NAME --scope admin"
+                    "  (web UI and API writes; the default --scope read may only look)",
+                ]
+                if running.admin_url
+                else []
+            ),
         ]
     )
 
