@@ -499,9 +499,13 @@ def test_service_view_lists_paths_between_online_nodes_and_relayed_streams() -> 
     view = ServiceView(service, listen="127.0.0.1:1", pin="pin", clock=lambda: T0)  # type: ignore[arg-type]
     nodes = {n["name"]: n for n in view.online_nodes()}
     assert set(nodes) == {"laptop", "labpc"}
-    assert nodes["laptop"]["direct"] is True and nodes["labpc"]["paths"] == []
+    assert nodes["laptop"]["direct"] is True
     [path] = nodes["laptop"]["paths"]
     assert (path["peer"], path["kind"], path["endpoint"]) == ("labpc", "direct", rec.endpoint)
+    assert path["reported_by"] == "laptop"
+    # labpc sent no report (the far end of a direct stream often does not): laptop's shows
+    [back] = nodes["labpc"]["paths"]
+    assert (back["peer"], back["kind"], back["reported_by"]) == ("laptop", "direct", "laptop")
     [stream] = view.streams()
     assert (stream["src"], stream["dst"], stream["state"]) == ("laptop", "labpc", "splicing")
     assert (stream["bytes_up"], stream["bytes_down"], stream["coordinator_state"]) == (

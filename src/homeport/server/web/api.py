@@ -162,6 +162,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "PathReport": _obj(
         {
             "peer": STR,
+            "reported_by": {
+                "type": "string",
+                "description": "the node that sent this report: this node, or the peer",
+            },
             "kind": STR,
             "endpoint": STR,
             "rtt_ms": NUM,
@@ -174,7 +178,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "streams_relay": INT,
         },
         ("peer", "kind"),
-        description="The last path report the node sent about one online peer.",
+        description="The last path report about one online peer: the node's own, else the "
+        "peer's about the node.",
     ),
     "OnlineNode": _obj(
         {
