@@ -247,7 +247,7 @@ def test_db_in_a_missing_directory_names_db_and_the_path(tmp_path: Path) -> None
 def test_migrate_db_refusal_while_running_reads_well(tmp_path: Path) -> None:
     data = tmp_path / "live"
     with start_server_thread(data):
-        code, out, err = run(
+        code, _, err = run(
             "server", "migrate-db", "--from", str(data), "--to", f"sqlite:///{tmp_path}/t.db"
         )
     assert code == 1
