@@ -587,3 +587,11 @@ def test_unknown_body_fields_are_400_naming_them(api: Api) -> None:
         res = api.call(route.method, path, json={"bogus_field": 1})
         assert res.status_code == 400, (route.path, res.text)
         assert "bogus_field" in res.json()["error"], route.path
+
+
+def test_a_body_sent_to_a_route_without_one_is_400(api: Api) -> None:
+    res = api.call("POST", "/nodes/labpc/extend", json={"seconds": 100})
+    assert res.status_code == 400 and "seconds" in res.json()["error"]
+    res = api.call("DELETE", "/keys/abc", json={"force": True})
+    assert res.status_code == 400 and "takes no body" in res.json()["error"]
+    assert api.call("DELETE", "/keys/abc").status_code == 404  # no body: as before

@@ -172,7 +172,11 @@ def _endpoint(ctx: AdminContext, route: ApiRoute) -> Callable[[Request], Any]:
         if isinstance(auth, Response):
             return auth
         try:
-            body = await read_json_body(request) if route.body is not None else {}
+            body = await read_json_body(request) if route.method != "GET" else {}
+            if body and route.body is None:  # e.g. {"seconds": ...} to nodes/X/extend
+                raise BadInput(
+                    f"{route.method} {route.path} takes no body fields (got {', '.join(body)})"
+                )
             req = build_request(route, dict(request.path_params), request.query_params, body)
         except BadInput as exc:
             return error(exc.status, str(exc))
