@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,9 +499,13 @@ def test_service_view_lists_paths_between_online_nodes_and_relayed_streams() -> 
     view = ServiceView(service, listen="127.0.0.1:1", pin="pin", clock=lambda: T0)  # type: ignore[arg-type]
     nodes = {n["name"]: n for n in view.online_nodes()}
     assert set(nodes) == {"laptop", "labpc"}
-    assert nodes["laptop"]["direct"] is True and nodes["labpc"]["paths"] == []
+    assert nodes["laptop"]["direct"] is True
     [path] = nodes["laptop"]["paths"]
     assert (path["peer"], path["kind"], path["endpoint"]) == ("labpc", "direct", rec.endpoint)
+    assert path["reported_by"] == "laptop"
+    # labpc sent no report (the far end of a direct stream often does not): laptop's shows
+    [back] = nodes["labpc"]["paths"]
+    assert (back["peer"], back["kind"], back["reported_by"]) == ("laptop", "direct", "laptop")
     [stream] = view.streams()
     assert (stream["src"], stream["dst"], stream["state"]) == ("laptop", "labpc", "splicing")
     assert (stream["bytes_up"], stream["bytes_down"], stream["coordinator_state"]) == (
@@ -511,3 +516,82 @@ def test_service_view_lists_paths_between_online_nodes_and_relayed_streams() -> 
     info = view.server_info()
     assert (info["nodes_total"], info["nodes_online"], info["streams_relayed"]) == (3, 2, 1)
     assert info["bytes_relayed_total"] == 30 and info["policy"] is None
+
+
+# -- non-finite numbers and unknown fields (a user's bug reports) ---------------------------
+
+
+def test_a_non_finite_or_huge_expiry_is_400_and_stores_nothing(api: Api) -> None:
+    h = {"Authorization": f"Bearer {api.admin}", "Content-Type": "application/json"}
+    before = len(api.ok("GET", "/keys")["keys"])
+    for path in ("/keys", "/apikeys"):
+        for raw in (b"Infinity", b"-Infinity", b"NaN"):
+            body = b'{"name": "x", "expiry_seconds": ' + raw + b"}"
+            if path == "/keys":
+                body = b'{"expiry_seconds": ' + raw + b"}"
+            res = api.client.post(f"/api/v1{path}", content=body, headers=h)
+            assert res.status_code == 400, (path, raw, res.text)
+            assert raw.decode().lstrip("-") in res.json()["error"]
+        for value in (1e300, 0, -5, 11 * 365 * 86400):
+            fields: dict[str, object] = {"expiry_seconds": value}
+            if path == "/apikeys":
+                fields["name"] = "x"
+            res = api.call("POST", path, json=fields)
+            assert res.status_code == 400, (path, value, res.text)
+            assert "expiry_seconds" in res.json()["error"] and "\n" not in res.json()["error"]
+    assert len(api.ok("GET", "/keys")["keys"]) == before
+    assert api.ok("POST", "/keys", 201, json={"expiry_seconds": 3650 * 86400})["expires_at"]
+    assert api.ops.handle({"op": "keys.create", "expiry_seconds": float("inf")})["ok"] is False
+    assert api.ops.handle({"op": "keys.create", "expiry_seconds": float("nan")})["ok"] is False
+
+
+def test_listings_survive_a_non_finite_time_already_stored(api: Api) -> None:
+    """Rows written before expiries were checked: the listings show them as "never"."""
+    made = api.ok("POST", "/keys", 201, json={})
+    made_api = api.ok("POST", "/apikeys", 201, json={"name": "old"})
+    with sqlite3.connect(api.data / "homeport.db") as db:  # as an older version stored them
+        db.execute(
+            "UPDATE auth_keys SET expires_at = ? WHERE key_id = ?", (float("inf"), made["key_id"])
+        )
+        db.execute(
+            "UPDATE api_keys SET expires_at = ? WHERE key_id = ?",
+            (float("inf"), made_api["key_id"]),
+        )
+    keys = {k["key_id"]: k for k in api.ok("GET", "/keys")["keys"]}
+    assert keys[made["key_id"]]["expires_at"] is None
+    akeys = {k["key_id"]: k for k in api.ok("GET", "/apikeys")["keys"]}
+    assert akeys[made_api["key_id"]]["expires_at"] is None
+    assert akeys[made_api["key_id"]]["status"] == "valid"
+    answer = api.ops.handle({"op": "apikeys.list"})
+    json.dumps(answer, allow_nan=False)  # the CLI's --json output stays valid JSON
+
+
+def test_the_api_never_sends_a_non_finite_number() -> None:
+    from homeport.server.web.app import json_safe
+
+    assert json_safe({"a": [float("inf"), 1.5, {"b": float("nan")}], "c": "x"}) == {
+        "a": [None, 1.5, {"b": None}],
+        "c": "x",
+    }
+
+
+def test_unknown_body_fields_are_400_naming_them(api: Api) -> None:
+    res = api.call("POST", "/keys", json={"expiry": "5"})
+    assert res.status_code == 400 and "expiry" in res.json()["error"]
+    assert "expiry_seconds" in res.json()["error"]  # the known ones, to spot the typo
+    for route in ROUTES:
+        if route.body is None:
+            continue
+        assert route.body.get("additionalProperties") is False, route.path
+        path = route.path.replace("{name}", "labpc").replace("/api/v1", "")
+        res = api.call(route.method, path, json={"bogus_field": 1})
+        assert res.status_code == 400, (route.path, res.text)
+        assert "bogus_field" in res.json()["error"], route.path
+
+
+def test_a_body_sent_to_a_route_without_one_is_400(api: Api) -> None:
+    res = api.call("POST", "/nodes/labpc/extend", json={"seconds": 100})
+    assert res.status_code == 400 and "seconds" in res.json()["error"]
+    res = api.call("DELETE", "/keys/abc", json={"force": True})
+    assert res.status_code == 400 and "takes no body" in res.json()["error"]
+    assert api.call("DELETE", "/keys/abc").status_code == 404  # no body: as before

@@ -214,3 +214,19 @@ def test_judge_key_reasons() -> None:
     assert new.token_hash == apikeys.hash_token(new.token)
     assert apikeys.token_key_id(new.token + "!") is None
     assert apikeys.token_key_id("x" * 1000) is None
+
+
+def test_apikeys_revoke_takes_a_whole_token_and_never_echoes_a_secret(tmp_path: Path) -> None:
+    data = tmp_path / "server"
+    prepare_data_dir(data)
+    d = ("--data", str(data))
+    code, token, err = run("apikeys", "create", "--name", "ci", *d)
+    token = token.strip()
+    key_id = apikeys.token_key_id(token)
+    code, out, err = run("apikeys", "revoke", token, *d)  # pasted the token: its key goes
+    assert code == 0 and out == f"revoked API key {key_id}\n" and token not in out + err
+    secret = token.split("_", 2)[2]
+    for mangled in (token + "!", f"hpk_{secret}", secret):
+        code, out, err = run("apikeys", "revoke", mangled, *d)
+        assert code == 1 and secret not in out + err and secret[:20] not in err, err
+        assert "give the key id" in err and "\n" not in err.strip()

@@ -139,7 +139,18 @@ def test_server_process_banner_and_sigterm(tmp_path: Path) -> None:
         "cli(sys.argv[1:])\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "server", "--data", str(data), "--listen", "127.0.0.1:0"],
+        [
+            sys.executable,
+            "-c",
+            code,
+            "server",
+            "--data",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -149,8 +160,10 @@ def test_server_process_banner_and_sigterm(tmp_path: Path) -> None:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("homeport server listening on 127.0.0.1:"), first
-        banner = [first] + [proc.stdout.readline() for _ in range(5)]
+        banner = [first] + [proc.stdout.readline() for _ in range(8)]
         text = "".join(banner)
+        # the web UI refuses every action to a read token: the banner says which scope
+        assert "homeport apikeys create --name NAME --scope admin" in text, text
         assert "server pin: sha256:" in text and "homeport keys create" in text
         assert "homeport up --server" in text
         answer = admin_request(data, {"op": "ping"})
@@ -188,3 +201,55 @@ def test_keys_with_tags_need_the_policys_tag_owners(tmp_path: Path) -> None:
     (tmp_path / "policy.hujson").write_text("{", encoding="utf-8")  # broken: refuse, one line
     broken = create("tag:lab")
     assert broken["ok"] is False and "\n" not in str(broken["error"])
+
+
+def test_db_in_a_missing_directory_names_db_and_the_path(tmp_path: Path) -> None:
+    """``--db sqlite:///REL`` is relative to the current directory (SQLAlchemy's reading);
+    a missing directory is a one-line error naming --db, not --listen, and leaves no files."""
+    code = (
+        "import sys, click\n"
+        "from homeport.server.cli import register\n"
+        "@click.group()\n"
+        "def cli(): pass\n"
+        "register(cli)\n"
+        "cli(sys.argv[1:])\n"
+    )
+    for url, shown in (
+        ("sqlite:///nonexistent/dir/x.db", "'nonexistent/dir/x.db' (relative to the current"),
+        (f"sqlite:///{tmp_path}/nope/x.db", f"'{tmp_path}/nope/x.db' (absolute)"),
+    ):
+        data = tmp_path / "data"
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                "server",
+                "--data",
+                str(data),
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE * 3,
+            cwd=tmp_path,
+        )
+        assert res.returncode == 1, res.stderr
+        assert "Traceback" not in res.stderr and "--listen" not in res.stderr
+        [line] = [ln for ln in res.stderr.splitlines() if "cannot start" in ln]
+        assert "cannot start: --db: SQLite file " + shown in line, line
+        assert not data.exists()
+
+
+def test_migrate_db_refusal_while_running_reads_well(tmp_path: Path) -> None:
+    data = tmp_path / "live"
+    with start_server_thread(data):
+        code, _, err = run(
+            "server", "migrate-db", "--from", str(data), "--to", f"sqlite:///{tmp_path}/t.db"
+        )
+    assert code == 1
+    assert "a server is running" in err and "stop it first" in err
+    assert "see still" not in err and "nothing writes to" in err

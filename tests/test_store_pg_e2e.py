@@ -143,7 +143,8 @@ def test_missing_driver_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     [line] = [ln for ln in res.stderr.splitlines() if "cannot start" in ln]
-    assert line.endswith(f"cannot start: {PG_DRIVER_MISSING}")
+    assert line.endswith(f"cannot start: --db: {PG_DRIVER_MISSING}")
+    assert not (tmp_path / "d").exists()  # checked before the CA and TLS files are made
 
 
 @pytest.mark.parametrize(
@@ -183,3 +184,24 @@ def test_the_db_url_is_remembered_and_cleared(tmp_path: Path) -> None:
     assert resolve_db_url(tmp_path, "sqlite:////elsewhere.db") == "sqlite:////elsewhere.db"
     remember_db_url(tmp_path, sqlite_here)  # back to the embedded default
     assert recorded_db_url(tmp_path) is None and resolve_db_url(tmp_path, None) == sqlite_here
+
+
+def test_listings_survive_non_finite_times_stored_on_postgresql(pg_url: str) -> None:
+    """PostgreSQL keeps Infinity and NaN in a double column (SQLite turns NaN into NULL):
+    rows an older version stored that way list as never expiring, and the answers stay
+    valid JSON."""
+    from homeport.server.admin import AdminOps
+    from homeport.store.registry import Registry
+
+    registry = Registry(open_store(pg_url), server_pin="sha256:" + "ab" * 32)
+    try:
+        for bad in (float("inf"), float("nan")):  # the registry, as older ops called it
+            registry.create_auth_key(now=1000.0, reusable=False, expiry_seconds=bad)
+        ops = AdminOps(registry, clock=lambda: 2000.0)
+        answer = ops.handle({"op": "keys.list"})
+        assert answer["ok"] and [k["expires_at"] for k in answer["keys"]] == [None, None]
+        json.dumps(answer, allow_nan=False)
+        refused = ops.handle({"op": "keys.create", "expiry_seconds": float("inf")})
+        assert refused["ok"] is False and "expiry_seconds" in refused["error"]
+    finally:
+        registry.close()

@@ -430,3 +430,57 @@ def test_real_server_serves_the_ui_and_makes_admin_links(tmp_path: Path) -> None
         with pytest.raises(urllib.error.HTTPError) as again:  # the link works once
             opener.open(base + "/ui/login", data=f"login_csrf={nonce}&link={secret}".encode())
         assert again.value.code == 401 and b"already used" in again.value.read()
+
+
+def test_keys_page_survives_a_non_finite_expiry_already_stored(ui: UI) -> None:
+    """A key stored with an infinite expiry before the ops checked it (as older versions
+    did): the page still renders, and shows it as never expiring."""
+    ops = ui.ctx.ops
+    ops.registry.create_auth_key(now=1000.0, reusable=False, expiry_seconds=float("inf"))
+    ui.login()
+    page = ui.client.get("/ui/keys")
+    assert page.status_code == 200, page.text
+    answer = ops.handle({"op": "keys.list"})
+    assert [k["expires_at"] for k in answer["keys"]] == [None]
+
+
+class _PathView:
+    """A live view where only laptop reported its path to labpc (labpc sent none)."""
+
+    def server_info(self) -> dict[str, object]:
+        return {}
+
+    def streams(self) -> list[dict[str, object]]:
+        return []
+
+    def online_nodes(self) -> list[dict[str, object]]:
+        report = {"kind": "direct", "rtt_ms": 2.0, "reason": "", "reported_by": "laptop"}
+        return [
+            {"name": "laptop", "direct": True, "paths": [{**report, "peer": "labpc"}]},
+            {"name": "labpc", "direct": True, "paths": [{**report, "peer": "laptop"}]},
+            {"name": "nas", "direct": True, "paths": []},
+        ]
+
+
+def test_nodes_page_shows_the_path_a_peer_reported(tmp_path: Path) -> None:
+    def nodes() -> list[NodeStatus]:
+        return [
+            NodeStatus(f"n{i}", name, True, None, "127.0.0.1:1", (), "sha256:ab", 900.0)
+            for i, name in enumerate(("laptop", "labpc", "nas"))
+        ]
+
+    registry = Registry(open_store("sqlite://"), server_pin="sha256:" + "ab" * 32)
+    ops = AdminOps(registry, live=True, nodes=nodes, live_view=_PathView())
+    token = ops.handle({"op": "apikeys.create", "name": "a", "scope": "admin"})["token"]
+    ctx = AdminContext(ops, ops.verify_api_token)
+    app = build_app(replace(ctx, extra_routes=tuple(routes(ctx))))
+    with TestClient(app) as client:
+        ui = UI(client, ctx, Clock(), Clock(), token, token)
+        ui.login()
+        html = client.get("/ui/nodes").text
+    registry.close()
+    rows = dict(re.findall(r'<tr data-node="([^"]+)">(.*?)</tr>', html, re.S))
+    assert "direct</span> to laptop" in rows["labpc"] and "as laptop reports" in rows["labpc"]
+    assert "as laptop reports" not in rows["laptop"]
+    assert "no path reported by it or its peers yet" in rows["nas"]
+    assert "no path used yet" not in html

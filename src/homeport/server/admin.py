@@ -25,6 +25,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -88,6 +89,12 @@ AUDIT_NODE_FIELDS = ("node", "src", "dst")
 
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+#: What an API key id looks like (``apikeys.KEY_ID_HEX`` hex digits); anything else given
+#: to ``apikeys.revoke`` is not echoed back (it may be a mangled token, i.e. a secret).
+_KEY_ID_RE = re.compile(r"[0-9a-f]{1,64}")
+#: Longest lifetime an auth or API key may be given (10 years): beyond it the admin meant
+#: "never" (null), and a huge or non-finite number would break every listing and JSON answer.
+MAX_EXPIRY_SECONDS = 10 * 365 * 86400.0
 
 
 class AdminError(Exception):
@@ -125,9 +132,37 @@ def parse_duration(text: str) -> float | None:
     if mo is None:
         raise ValueError(f"bad duration {text!r}: use e.g. 30m, 1h, 7d or never")
     seconds = float(mo.group(1)) * _UNITS[mo.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"bad duration {text!r}: too large")
     if seconds <= 0:
         raise ValueError("duration must be positive")
     return seconds
+
+
+def expiry_arg(value: object, field: str = "expiry_seconds") -> float | None:
+    """A request's key lifetime checked: None (never), or a finite number of seconds in
+    (0, :data:`MAX_EXPIRY_SECONDS`]. Raises TypeError/ValueError (a one-line 400): an
+    ``Infinity``, ``NaN`` or ``1e300`` stored as an expiry would break every listing."""
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{field} must be a number of seconds or null (never)")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{field} must be a positive number of seconds, or null for never")
+    if seconds > MAX_EXPIRY_SECONDS:
+        raise ValueError(
+            f"{field} must be at most {int(MAX_EXPIRY_SECONDS)} (10 years); use null for never"
+        )
+    return seconds
+
+
+def finite_time(value: float | None) -> float | None:
+    """A stored time as listings show it: a non-finite value (written before expiries were
+    checked, or by hand) reads as None ("never"), so one bad row cannot break a listing."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
 
 
 class LiveView(Protocol):
@@ -257,8 +292,7 @@ class AdminOps:
             isinstance(tags, list) and all(isinstance(t, str) for t in tags)
         ):
             raise TypeError("user must be a string and tags a list of strings")
-        if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
-            raise TypeError("expiry_seconds must be a number or null")
+        expiry = expiry_arg(expiry)
         self._check_tags_declared(tags)
         now = self._clock()
         try:
@@ -327,9 +361,9 @@ class AdminOps:
                     "reusable": k.reusable,
                     "status": k.status.value,
                     "uses": k.uses,
-                    "created_at": k.created_at,
-                    "expires_at": k.expires_at,
-                    "last_used_at": k.last_used_at,
+                    "created_at": finite_time(k.created_at),
+                    "expires_at": finite_time(k.expires_at),
+                    "last_used_at": finite_time(k.last_used_at),
                     "note": k.note,
                     "user": k.user,
                     "tags": list(k.tags),
@@ -368,11 +402,11 @@ class AdminOps:
                     "user": n.user,
                     "tags": list(n.tags),
                     "approved": n.approved,
-                    "expires_at": None if n.expiry_disabled else n.expires_at,
+                    "expires_at": finite_time(None if n.expiry_disabled else n.expires_at),
                     "ephemeral": n.ephemeral,
                     "expiry_disabled": n.expiry_disabled,
                     "expiry_warning": expiry_warning(
-                        None if n.expiry_disabled else n.expires_at, now
+                        finite_time(None if n.expiry_disabled else n.expires_at), now
                     ),
                 }
                 for n in self._nodes()
@@ -651,10 +685,7 @@ class AdminOps:
             raise TypeError("name and scope must be strings")
         if user is not None and not isinstance(user, str):
             raise TypeError("user must be a string or null")
-        if expiry is not None and (not isinstance(expiry, int | float) or isinstance(expiry, bool)):
-            raise TypeError("expiry_seconds must be a number or null")
-        if expiry is not None and expiry <= 0:
-            raise ValueError("expiry_seconds must be positive")
+        expiry = expiry_arg(expiry)
         problem = apikeys.name_problem(name)
         if problem is not None:
             raise ValueError(problem)
@@ -705,9 +736,10 @@ class AdminOps:
         users = {u.name for u in self.registry.list_users()}
         out = []
         for k in self.registry.list_api_keys():
+            expires_at = finite_time(k.expires_at)
             if k.revoked:
                 status = "revoked"
-            elif k.expires_at is not None and now >= k.expires_at:
+            elif expires_at is not None and now >= expires_at:
                 status = "expired"
             elif k.user is not None and k.user not in users:
                 status = "user removed"
@@ -719,17 +751,25 @@ class AdminOps:
                     "name": k.name,
                     "scope": k.scope,
                     "user": k.user,
-                    "created_at": k.created_at,
-                    "expires_at": k.expires_at,
+                    "created_at": finite_time(k.created_at),
+                    "expires_at": expires_at,
                     "status": status,
                 }
             )
         return {"keys": out}
 
     def _apikeys_revoke(self, req: dict[str, Any]) -> dict[str, Any]:
-        key_id = req.get("key_id")
-        if not isinstance(key_id, str):
+        """Revoke by key id; a whole token pasted instead revokes its key. Why the care in
+        the messages: the argument may be a secret, and errors land in terminals and logs."""
+        given = req.get("key_id")
+        if not isinstance(given, str):
             raise TypeError("key_id must be a string")
+        key_id = apikeys.token_key_id(given) or given
+        if not _KEY_ID_RE.fullmatch(key_id):
+            raise NotFound(
+                "not an API key id: give the key id that 'homeport apikeys list' shows "
+                "(in a token hpk_<id>_<secret>, the 12 hex digits after hpk_)"
+            )
         if not self.registry.revoke_api_key(key_id):
             raise NotFound(f"no API key {key_id!r}")
         log.info("API key %s revoked", key_id)
@@ -785,6 +825,8 @@ class AdminOps:
             raise TypeError("node must be a string")
         if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)):
             raise TypeError("since must be a unix time (number)")
+        if since is not None and not math.isfinite(since):
+            raise ValueError("since must be a finite unix time")
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= AUDIT_MAX:
             raise ValueError(f"limit must be an integer from 1 to {AUDIT_MAX}")
         if self.data_dir is None:
@@ -907,7 +949,7 @@ async def start_admin_server(path: Path, ops: AdminOps) -> AdminServer:
                     writer.write(b'{"ok": false, "error": "request too long"}\n')
                     return
                 try:
-                    request = json.loads(line)
+                    request = json.loads(line, parse_constant=_refuse_constant)
                 except ValueError:
                     answer: dict[str, Any] = {"ok": False, "error": "request is not JSON"}
                 else:
@@ -926,6 +968,11 @@ async def start_admin_server(path: Path, ops: AdminOps) -> AdminServer:
         listener.close()
         raise
     return AdminServer(server, listener, connections)
+
+
+def _refuse_constant(name: str) -> float:
+    """``json.loads`` hook: NaN/Infinity are not JSON; refuse them at parse time."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 # -- client side ----------------------------------------------------------------------

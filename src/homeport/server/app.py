@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import sys
@@ -36,7 +37,7 @@ from homeport.server.liveview import ServiceView
 from homeport.server.metrics import ServerMetrics
 from homeport.server.service import DRAIN_GRACE, Service, ServiceConfig
 from homeport.server.sshca import load_or_create_ssh_ca
-from homeport.store.registry import WriteBehind, open_registry
+from homeport.store.registry import StoreError, WriteBehind, check_url, open_registry
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -115,10 +116,15 @@ async def serve(
     ``admin_listen`` (``HOST:PORT``) serves the REST API there (:mod:`homeport.server.web`);
     with ``admin_optional`` (the default address, not one the operator chose) a failure
     to bind it is a warning, not a failed start."""
+    url = resolve_db_url(data_dir, db_url)  # --db, else the one recorded, else SQLite here
+    if db_url is not None or data_dir.is_dir():  # before any file is made (the default
+        try:  # SQLite file's directory is the data dir, made just below)
+            check_url(url)
+        except StoreError as exc:
+            raise StoreError(f"--db: {exc}") from None
     files = prepare_data_dir(data_dir, tls_cert, tls_key)
     policy = load_policy(data_dir)  # a bad policy file stops the start (PolicyFileError)
     ssh_ca = load_or_create_ssh_ca(data_dir)
-    url = resolve_db_url(data_dir, db_url)  # --db, else the one recorded, else SQLite here
     registry = open_registry(url, server_pin=files.pin)
     remember_db_url(data_dir, db_url)
     log.info("database: %s (schema %d)", registry.store.url, registry.store.schema_version())
@@ -255,8 +261,15 @@ def _banner(running: Running, listen_host: str) -> str:
             f"    1. here:          homeport keys create --data {data}",
             f"    2. on the node:   HOMEPORT_AUTHKEY=KEY homeport up --server {addr} --name NAME",
             f"  probe port: {running.probe_port or 'none (nodes cannot measure their NAT)'}",
-            f"  admin API:  {running.admin_url + '/api/v1' if running.admin_url else 'off'}"
-            + (" (token: homeport apikeys create --name NAME)" if running.admin_url else ""),
+            f"  admin API:  {running.admin_url + '/api/v1' if running.admin_url else 'off'}",
+            *(
+                [
+                    "    token:  homeport apikeys create --name NAME --scope admin"
+                    "  (web UI and API writes; the default --scope read may only look)",
+                ]
+                if running.admin_url
+                else []
+            ),
         ]
     )
 
@@ -333,7 +346,10 @@ def run_server(
         try:
             runner.run(main())
         except OSError as exc:
-            log.error("cannot start (--listen %s): %s", listen, exc)
+            if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                log.error("cannot start (--listen %s): %s", listen, exc)
+            else:
+                log.error("cannot start: %s", exc)
             return 1
         except Exception as exc:
             from homeport.server.admin import AdminError

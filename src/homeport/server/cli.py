@@ -146,7 +146,8 @@ def register(cli: click.Group) -> None:
         "db_url",
         default=None,
         help="Database: postgresql://USER:PASS@HOST/DB (needs homeport[postgres]) or "
-        "sqlite:///PATH; remembered in DIR [default: SQLite in DIR].",
+        "sqlite:///REL/PATH (relative to the current directory) or sqlite:////ABS/PATH; "
+        "remembered in DIR [default: SQLite in DIR].",
     )
     @click.option(
         "--idle-timeout",
@@ -650,7 +651,8 @@ def _register_migrate_db(server: click.Group) -> None:
         running = _server_running(src)
         if running is not None:
             raise click.ClickException(
-                f"a server is running on {running}; stop it first (the copy must see still data)"
+                f"a server is running on {running}; stop it first "
+                "(the copy needs a database that nothing writes to meanwhile)"
             )
         try:
             report = copy_database(src, dst, force=force)

@@ -76,12 +76,20 @@ class ServiceView:
             if with_paths:
                 paths = []
                 for peer in online:
-                    rec = None if peer is n else core.path_record(n.node_id, peer.node_id)
+                    if peer is n:
+                        continue
+                    # the node's own report, else its peer's about it: often only the end
+                    # that opened a stream reports the path (a direct stream's far end too)
+                    rec = core.path_record(n.node_id, peer.node_id)
+                    reporter = n
+                    if rec is None:
+                        rec, reporter = core.path_record(peer.node_id, n.node_id), peer
                     if rec is None:
                         continue
                     paths.append(
                         {
                             "peer": peer.name,
+                            "reported_by": reporter.name,
                             "kind": rec.kind,
                             "endpoint": rec.endpoint,
                             "rtt_ms": rec.rtt_ms,

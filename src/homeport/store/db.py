@@ -906,6 +906,36 @@ def _engine(url: str) -> Engine:
     )
 
 
+def check_url(url: str) -> None:
+    """Refuse, before anything is created, a database URL that cannot be opened: an
+    unsupported scheme, PostgreSQL without its driver, or a SQLite file whose directory
+    does not exist. Why up front: the server would otherwise create its CA and TLS files
+    first, then fail on an ``OSError`` that reads like a listen problem.
+
+    A SQLite path is as SQLAlchemy reads it: ``sqlite:///rel/x.db`` is relative to the
+    current directory, ``sqlite:////abs/x.db`` absolute.
+
+    Raises:
+        StoreError: one line, without the URL (it may hold a password).
+    """
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() != "sqlite":
+        try:
+            importlib.import_module(PG_DRIVER)
+        except ImportError:
+            raise StoreError(PG_DRIVER_MISSING) from None
+        return
+    if _is_memory_sqlite(url):
+        return
+    path = Path(str(parsed.database))
+    if not path.parent.is_dir():
+        where = "absolute" if path.is_absolute() else "relative to the current directory"
+        raise StoreError(
+            f"SQLite file {str(path)!r} ({where}): its directory does not exist "
+            f"(sqlite:///rel/path is relative, sqlite:////abs/path absolute)"
+        )
+
+
 def open_store(url: str) -> Store:
     """Open (creating and migrating as needed) the database at ``url``.
 

@@ -51,6 +51,7 @@ from homeport.store.db import (
     open_store,
 )
 from homeport.store.db import StoreError as StoreError  # noqa: PLC0414 (re-exported)
+from homeport.store.db import check_url as check_url  # noqa: PLC0414 (re-exported)
 from homeport.wire import authkey, names
 
 log = logging.getLogger("homeport.registry")

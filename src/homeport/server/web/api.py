@@ -10,6 +10,7 @@ request dict exactly as the CLI would build it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -161,6 +162,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "PathReport": _obj(
         {
             "peer": STR,
+            "reported_by": {
+                "type": "string",
+                "description": "the node that sent this report: this node, or the peer",
+            },
             "kind": STR,
             "endpoint": STR,
             "rtt_ms": NUM,
@@ -173,7 +178,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "streams_relay": INT,
         },
         ("peer", "kind"),
-        description="The last path report the node sent about one online peer.",
+        description="The last path report about one online peer: the node's own, else the "
+        "peer's about the node.",
     ),
     "OnlineNode": _obj(
         {
@@ -377,14 +383,16 @@ ROUTES: tuple[ApiRoute, ...] = (
                 "reusable": BOOL,
                 "expiry_seconds": {
                     "type": ["number", "null"],
-                    "description": "lifetime in seconds; null never expires; default 86400",
+                    "description": "lifetime in seconds (at most 10 years); null never expires;"
+                    " default 86400",
                 },
                 "note": STR,
                 "user": STR,
                 "tags": STRS,
                 "ephemeral": BOOL,
                 "approval": BOOL,
-            }
+            },
+            additionalProperties=False,
         ),
         status=201,
         tag="keys",
@@ -416,7 +424,7 @@ ROUTES: tuple[ApiRoute, ...] = (
         Scope.ADMIN,
         "Add a user",
         _obj({"name": STR}, ("name",)),
-        body=_obj({"name": STR}, ("name",)),
+        body=_obj({"name": STR}, ("name",), additionalProperties=False),
         status=201,
         tag="users",
     ),
@@ -449,7 +457,11 @@ ROUTES: tuple[ApiRoute, ...] = (
         Scope.ADMIN,
         "Put a policy in force (422 with every problem if refused; the old one stays)",
         _obj({"digest": STR, "acls": INT, "ssh": INT, "live": BOOL}, ("digest",)),
-        body=_obj({"text": {"type": "string", "description": "HuJSON policy"}}, ("text",)),
+        body=_obj(
+            {"text": {"type": "string", "description": "HuJSON policy"}},
+            ("text",),
+            additionalProperties=False,
+        ),
         tag="policy",
     ),
     ApiRoute(
@@ -478,7 +490,7 @@ ROUTES: tuple[ApiRoute, ...] = (
             },
             ("valid",),
         ),
-        body=_obj({"text": STR}, ("text",)),
+        body=_obj({"text": STR}, ("text",), additionalProperties=False),
         offload=True,
         tag="policy",
     ),
@@ -522,7 +534,7 @@ ROUTES: tuple[ApiRoute, ...] = (
         Scope.ADMIN,
         "Approve a login check code (homeport login approve CODE)",
         _obj({"message": STR}, ("message",)),
-        body=_obj({"code": STR}, ("code",)),
+        body=_obj({"code": STR}, ("code",), additionalProperties=False),
         tag="login",
     ),
     ApiRoute(
@@ -557,9 +569,13 @@ ROUTES: tuple[ApiRoute, ...] = (
                 "name": STR,
                 "scope": {"type": "string", "enum": [s.value for s in Scope]},
                 "user": NSTR,
-                "expiry_seconds": {"type": ["number", "null"]},
+                "expiry_seconds": {
+                    "type": ["number", "null"],
+                    "description": "lifetime in seconds (at most 10 years); null never expires",
+                },
             },
             ("name",),
+            additionalProperties=False,
         ),
         status=201,
         tag="apikeys",
@@ -593,9 +609,13 @@ def _query_value(param: Param, text: str, now: float) -> Any:
         raise BadInput(f"{param.name} must be true or false, not {text!r}")
     if param.name == "since":
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             pass
+        else:
+            if not math.isfinite(value):
+                raise BadInput(f"since must be a unix time or an age, not {text!r}")
+            return value
         try:
             age = parse_duration(text)
         except ValueError as exc:
@@ -615,14 +635,22 @@ def build_request(
     """The admin request for ``route``: its defaults, the body, query and path parameters.
 
     Path and query parameters win over body fields of the same name, and ``op``
-    always comes from the route. Unknown query parameters are refused (a typo in
-    a filter must not silently list everything).
+    always comes from the route. Unknown query parameters and body fields are
+    refused (a typo in a filter must not silently list everything, nor one in
+    ``expiry`` silently create a key with the default lifetime).
     """
     t = time.time() if now is None else now
     declared = {p.name for p in route.params if p.where == "query"}
     unknown = sorted(set(query) - declared)
     if unknown:
         raise BadInput(f"unknown query parameter(s): {', '.join(unknown)}")
+    if route.body is not None:
+        known = route.body.get("properties", {})
+        extra = sorted(k for k in body if k not in known)
+        if extra:
+            raise BadInput(
+                f"unknown body field(s): {', '.join(extra)} (known: {', '.join(sorted(known))})"
+            )
     req: dict[str, Any] = {**dict(route.defaults), **body}
     for p in route.params:
         if p.where == "query":

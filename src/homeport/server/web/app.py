@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,28 @@ def authenticate(ctx: AdminContext, request: Request, needed: Scope) -> ApiPrinc
     return principal
 
 
+class _NonJsonConstant(ValueError):
+    """A body used ``NaN``/``Infinity``/``-Infinity``: Python's parser accepts them, JSON
+    does not, and a stored non-finite number would break every later listing."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonJsonConstant(name)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: an answer must never fail to
+    encode (Starlette refuses NaN/Infinity) nor be invalid JSON. Admin ops already clean
+    their listings (:func:`homeport.server.admin.finite_time`); this is the last guard."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 async def read_json_body(request: Request) -> dict[str, Any]:
     """The request body as a JSON object ({} when empty). Raises BadInput (400/413)."""
     size = int(request.headers.get("content-length") or 0)
@@ -111,7 +134,9 @@ async def read_json_body(request: Request) -> dict[str, Any]:
     if not buf.strip():
         return {}
     try:
-        body = json.loads(buf)
+        body = json.loads(buf, parse_constant=_refuse_constant)
+    except _NonJsonConstant as exc:
+        raise BadInput(f"request body is not JSON: {exc} is not a JSON number") from None
     except ValueError:
         raise BadInput("request body is not JSON") from None
     if not isinstance(body, dict):
@@ -122,7 +147,7 @@ async def read_json_body(request: Request) -> dict[str, Any]:
 def answer_response(route: ApiRoute, answer: dict[str, Any]) -> JSONResponse:
     """An admin answer as HTTP: the fields on success, ``{"error": ...}`` with a 4xx if not."""
     if answer.get("ok"):
-        body = {k: v for k, v in answer.items() if k != "ok"}
+        body = json_safe({k: v for k, v in answer.items() if k != "ok"})
         return JSONResponse(body, status_code=route.status, headers=API_HEADERS)
     status = STATUS_OF_CODE.get(str(answer.get("code", "")), 400)
     extra = {k: answer[k] for k in ("problems", "more") if k in answer}
@@ -147,7 +172,11 @@ def _endpoint(ctx: AdminContext, route: ApiRoute) -> Callable[[Request], Any]:
         if isinstance(auth, Response):
             return auth
         try:
-            body = await read_json_body(request) if route.body is not None else {}
+            body = await read_json_body(request) if route.method != "GET" else {}
+            if body and route.body is None:  # e.g. {"seconds": ...} to nodes/X/extend
+                raise BadInput(
+                    f"{route.method} {route.path} takes no body fields (got {', '.join(body)})"
+                )
             req = build_request(route, dict(request.path_params), request.query_params, body)
         except BadInput as exc:
             return error(exc.status, str(exc))
