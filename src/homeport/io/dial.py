@@ -34,6 +34,7 @@ import ssl
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from homeport import __version__
 from homeport.crypto import tls as hptls
@@ -92,21 +93,42 @@ def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]
     return family, (str(addr[0]), int(addr[1]))
 
 
-def _connect(
-    family: socket.AddressFamily, addr: tuple[str, int], deadline: float, what: str
+def _tcp_connect(
+    family: socket.AddressFamily,
+    addr: Any,
+    deadline: float,
+    *,
+    code: str,
+    timed_out: str,
+    unreachable: str,
 ) -> socket.socket:
+    """A blocking TCP connection by ``deadline``; failures are DialError(``code``) with
+    ``timed_out`` or ``unreachable: <reason>`` as the one-line message."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         sock.connect(addr)
     except TimeoutError as exc:
         sock.close()
-        raise DialError("unreachable", f"{what} {addr[0]}:{addr[1]} timed out") from exc
+        raise DialError(code, timed_out) from exc
     except OSError as exc:
         sock.close()
-        raise DialError(
-            "unreachable", f"cannot reach {what} {addr[0]}:{addr[1]}: {exc.strerror or exc}"
-        ) from exc
+        raise DialError(code, f"{unreachable}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _connect(
+    family: socket.AddressFamily, addr: tuple[str, int], deadline: float, what: str
+) -> socket.socket:
+    where = f"{what} {addr[0]}:{addr[1]}"
+    sock = _tcp_connect(
+        family,
+        addr,
+        deadline,
+        code="unreachable",
+        timed_out=f"{where} timed out",
+        unreachable=f"cannot reach {where}",
+    )
     tune_socket(sock)
     return sock
 
@@ -149,18 +171,14 @@ def proxy_tunnel(
             "proxy-unreachable", f"cannot resolve proxy {proxy}: {exc.strerror}"
         ) from exc
     family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        sock.connect(addr)
-    except TimeoutError as exc:
-        sock.close()
-        raise DialError("proxy-unreachable", f"proxy {proxy} did not accept a connection") from exc
-    except OSError as exc:
-        sock.close()
-        raise DialError(
-            "proxy-unreachable", f"cannot reach proxy {proxy}: {exc.strerror or exc}"
-        ) from exc
+    sock = _tcp_connect(
+        family,
+        addr,
+        deadline,
+        code="proxy-unreachable",
+        timed_out=f"proxy {proxy} did not accept a connection",
+        unreachable=f"cannot reach proxy {proxy}",
+    )
     target = f"{what} {host}:{port}"
     try:
         sock.sendall(httpconnect.encode_connect(host, port, proxy))
