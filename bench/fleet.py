@@ -71,7 +71,7 @@ from typing import Any
 from homeport.crypto import identity
 from homeport.crypto.tls import check_pin, fingerprint
 from homeport.io import tlsctx
-from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
+from homeport.io.control import ControlLink, open_link
 from homeport.io.loop import new_event_loop
 from homeport.node import state as nstate
 from homeport.node.files import write_private, write_public
@@ -397,6 +397,7 @@ class SimAgent:
             link = ControlLink(
                 Role.CLIENT,
                 self,
+                ssl_context=ctx,
                 address=self.fleet.server,
                 answer_timeout=30.0,
                 ping_interval=ping,
@@ -412,17 +413,8 @@ class SimAgent:
         if not self.fleet.mapdelta:
             self.core.peers.expect_full()  # forget the map: HELLO names none, a full map comes
         ctx = self.fleet.contexts[self.member.name]
-        _, link = await asyncio.wait_for(
-            loop.create_connection(
-                make,
-                self.fleet.host,
-                self.fleet.port,
-                ssl=ctx,
-                server_hostname="",
-                local_addr=(self.ip, 0),
-                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
-            ),
-            30.0,
+        link = await open_link(
+            make, self.fleet.host, self.fleet.port, timeout=30.0, local_addr=(self.ip, 0)
         )
         check_pin(link.peer_cert_der(), self.fleet.pin)
         self.link = link

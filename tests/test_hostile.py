@@ -82,10 +82,15 @@ def server_process(root: Path, **config: object) -> Iterator[Srv]:
 
 
 def tcp_table() -> list[tuple[int, int, int, int]]:
-    """(local port, remote port, tx_queue, rx_queue) of every IPv4 TCP socket here."""
+    """(local port, remote port, tx_queue, rx_queue) of every IPv4 TCP socket here.
+
+    Without TIME_WAIT (state 06): the kernel's memory of a connection its owner closed first
+    (e.g. a server eviction of a client that then closed cleanly), no process holds it."""
     rows = []
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         f = line.split()
+        if f[3] == "06":
+            continue
         lport = int(f[1].split(":")[1], 16)
         rport = int(f[2].split(":")[1], 16)
         tx, rx = (int(x, 16) for x in f[4].split(":"))

@@ -94,6 +94,10 @@ def control_server_policy() -> ssl.SSLContext:
     ctx = base_context(server_side=True)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.set_alpn_protocols([ALPN_CONTROL])
+    # No TLS 1.3 tickets: with OP_NO_TICKET they are stateful, i.e. OpenSSL keeps two
+    # sessions (with the peer's certificate) per handshake in the context's cache, up to
+    # 20,480 for hours, which no agent ever resumes (docs/reliability.md, "Load").
+    ctx.num_tickets = 0
     return ctx
 
 

@@ -1,23 +1,37 @@
 """The one asyncio driver of a control connection, for the server and the agent.
 
-Theory of operation. :class:`ControlLink` is an ``asyncio.Protocol`` over a TLS
-transport that does nothing but move bytes through the sans-I/O
+Theory of operation. :class:`ControlLink` is an ``asyncio.BufferedProtocol`` over a
+plain TCP transport that runs TLS itself (an :class:`ssl.SSLObject` over two
+:class:`ssl.MemoryBIO`) and does nothing else but move bytes through the sans-I/O
 :class:`homeport.proto.control.ControlConnection` (framing, message order,
 capabilities, keepalive) and hand each decoded message to a
 :class:`ControlHandler` — the server's coordinator shell or the agent's node
 shell. It makes no protocol decision of its own: the cores do.
 
-What it does own, because every side needs the same:
+Why TLS is done here rather than by asyncio (``ssl=``): memory per idle agent on
+the server (issue 8's target is 50 KB). uvloop's TLS transport gives every
+connection its own 256 KiB read buffer (``SSL_READ_MAX_SIZE``, resident as far
+as it was touched), and its outgoing memory BIO grows with whatever one write
+handed it. Here every link on a thread reads into one shared buffer
+(:data:`READ_CHUNK`; data is consumed before the next read, they share a thread),
+and plaintext is encrypted in slices of at most :data:`TLS_WRITE_CHUNK` whose
+records are handed to the transport at once, so the outgoing BIO, which OpenSSL
+never shrinks, never holds more than one slice. Measured in docs/reliability.md.
 
-* one timer per connection (``get_timer``/``handle_timer`` of the machine), and
-  an *answer deadline*: a connection must reach READY (server: it sent WELCOME
-  or ENROLLED; client: it received one) within ``answer_timeout`` or it is
+What it owns, because every side needs the same:
+
+* the TLS handshake, with its own deadline (``handshake_timeout``), and then an
+  *answer deadline*: a connection must reach READY (server: it sent WELCOME or
+  ENROLLED; client: it received one) within ``answer_timeout`` or it is
   aborted, so half-open handshakes cannot pile up;
 * the ALPN check (a control connection must negotiate :data:`ALPN_CONTROL`);
 * write-side backpressure: a peer that stops reading is dropped once
   :data:`MAX_WRITE_BUFFER` bytes wait for it, instead of growing memory;
-* exactly one ``control_closed`` per connection, at the moment it ends (not
-  when the TLS shutdown finishes), carrying the machine's close reason;
+* a clean end: close_notify, then the peer's close_notify or TCP EOF awaited at
+  most :data:`SSL_SHUTDOWN_TIMEOUT`; ``abort`` sends nothing;
+* exactly one ``control_closed`` per connection (a failed handshake included),
+  at the moment it ends (not when the TLS shutdown finishes), carrying the
+  machine's close reason;
 * when the machine closes for a protocol violation, one ERROR frame telling the
   peer why, written after whatever was already queued.
 
@@ -34,7 +48,9 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import Any, Protocol, cast
+import threading
+from collections.abc import Callable
+from typing import Protocol, cast
 
 from homeport.crypto.tls import ALPN_CONTROL
 from homeport.proto.control import (
@@ -62,15 +78,20 @@ SSL_SHUTDOWN_TIMEOUT = 5.0
 #: Why: TLS copies what it is given into per-connection buffers, and after a restart every
 #: agent is sent a full map at once (5,000 nodes: 1.7 MB each; measured 3.6 GB of server RSS
 #: with ~3,000 agents joining), so a slow reader must not pull the whole map into its session.
-#: Small because what waits is encrypted into the session's outgoing memory BIO, and an OpenSSL
-#: memory BIO never shrinks: at 256 KiB (64 KiB slices) every agent kept ~64 KiB of it for good
-#: after its full map (server RSS per idle agent 104 KiB at 600 agents; docs/reliability.md).
-#: 4 KiB rather than 16 KiB (one full record): RSS per idle agent at 1,000 agents 65.8 -> 50.2
-#: KiB (``python -m bench.fleet_memory --variants``); a full map takes 4x the writes, which
-#: with cap mapdelta happens once per agent and server run rather than once per reconnect.
+#: Small because what is encrypted at once goes through the session's outgoing memory BIO,
+#: and an OpenSSL memory BIO never shrinks: at 256 KiB (64 KiB slices) every agent kept
+#: ~64 KiB of it for good after its full map (server RSS per idle agent 104 KiB at 600
+#: agents; docs/reliability.md). 4 KiB rather than 16 KiB (one full record): RSS per idle
+#: agent at 1,000 agents 65.8 -> 50.2 KiB (``python -m bench.fleet_memory --variants``).
 ENCODED_HIGH_WATER = 4 * 1024
 #: Slice of held shared bytes handed to the transport at a time (one small TLS record).
 ENCODED_CHUNK = 4 * 1024
+#: Largest plaintext encrypted at once: the outgoing memory BIO (never shrunk) holds at
+#: most one such slice's records before they go to the transport.
+TLS_WRITE_CHUNK = 4 * 1024
+#: Size of the one read buffer shared by every link of a thread (and of each decrypted
+#: read): ciphertext is copied into the link's incoming BIO at once, so no link owns one.
+READ_CHUNK = 16 * 1024
 
 
 class ControlHandler(Protocol):
@@ -81,17 +102,63 @@ class ControlHandler(Protocol):
     def control_closed(self, link: ControlLink, ev: ConnectionClosed) -> None: ...
 
 
-class ControlLink(asyncio.Protocol):
-    """One control connection: the asyncio shell around a ControlConnection."""
+class _Shared(threading.local):
+    """The read buffer of this thread's links (an event loop runs on one thread)."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(READ_CHUNK))
+
+
+_shared = _Shared()
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a handshake failure seen: nobody need await it (the link ends either way)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class ControlLink(asyncio.BufferedProtocol):
+    """One control connection: TLS and the asyncio shell around a ControlConnection."""
+
+    __slots__ = (
+        "_answer_deadline",
+        "_answer_timeout",
+        "_closed",
+        "_closing",
+        "_ctx",
+        "_ended",
+        "_handshake",
+        "_handshake_timeout",
+        "_held",
+        "_held_bytes",
+        "_incoming",
+        "_loop",
+        "_opened",
+        "_outgoing",
+        "_peer_der",
+        "_processing",
+        "_secure",
+        "_shutdown",
+        "_timer",
+        "_tls",
+        "address",
+        "conn",
+        "handler",
+        "role",
+        "transport",
+    )
 
     def __init__(
         self,
         role: Role,
         handler: ControlHandler,
         *,
+        ssl_context: ssl.SSLContext,
         address: str = "",
         ping_interval: float = DEFAULT_PING_INTERVAL,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        handshake_timeout: float | None = None,
         answer_timeout: float | None = None,
     ) -> None:
         self.role = role
@@ -102,53 +169,90 @@ class ControlLink(asyncio.Protocol):
         self.conn = ControlConnection(
             role, self._loop.time(), ping_interval=ping_interval, idle_timeout=idle_timeout
         )
+        self._ctx = ssl_context
+        self._handshake_timeout = handshake_timeout
         self._answer_timeout = answer_timeout
+        self._tls: ssl.SSLObject | None = None
+        self._incoming: ssl.MemoryBIO | None = None
+        self._outgoing: ssl.MemoryBIO | None = None
+        self._secure = False  # the TLS handshake completed
+        self._handshake: asyncio.Future[None] = self._loop.create_future()
+        self._handshake.add_done_callback(_retrieve)
         self._timer: asyncio.TimerHandle | None = None
-        self._answer_deadline: asyncio.TimerHandle | None = None
+        self._answer_deadline: asyncio.TimerHandle | None = None  # handshake, then answer
+        self._shutdown: asyncio.TimerHandle | None = None  # close_notify sent: peer's awaited
+        self._closing = False  # TLS close started (or the transport closed)
         self._ended = False
         self._closed: asyncio.Future[ConnectionClosed] = self._loop.create_future()
         self._peer_der: bytes | None = None
         self._processing = False  # inside _process: sends must not re-enter it
         self._opened = False  # the peer's HELLO/ENROLL (or our WELCOME) was seen
-        #: Output waiting behind held shared bytes, in order (views, never copies).
-        self._held: collections.deque[memoryview] = collections.deque()
+        #: Output waiting behind held shared bytes, in order (views, never copies); created
+        #: on first use: most links never hold anything once their first map went out.
+        self._held: collections.deque[memoryview] | None = None
         self._held_bytes = 0
 
     def __repr__(self) -> str:
         return f"<ControlLink {self.role.value} {self.address}>"
 
-    # -- asyncio.Protocol ------------------------------------------------------
+    # -- asyncio.BufferedProtocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TLS transport is not an asyncio.Transport subclass, but is one
         self.transport = cast(asyncio.Transport, transport)
-        ssl_obj = transport.get_extra_info("ssl_object")
-        if not isinstance(ssl_obj, ssl.SSLObject | ssl.SSLSocket):
-            self.abort("no TLS object")
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        try:
+            self._tls = self._ctx.wrap_bio(
+                self._incoming, self._outgoing, server_side=self.role is Role.SERVER
+            )
+        except (ssl.SSLError, ValueError) as exc:
+            self._handshake_failed(exc)
             return
-        alpn = ssl_obj.selected_alpn_protocol()
-        if alpn != ALPN_CONTROL:
-            self.abort(f"ALPN is {alpn!r}, not {ALPN_CONTROL!r}")
-            return
-        self._peer_der = ssl_obj.getpeercert(binary_form=True) or None
         with contextlib.suppress(AttributeError, NotImplementedError):
             # below ENCODED_HIGH_WATER: whenever held bytes stop, the transport has paused
             # and will call resume_writing once it drains
             self.transport.set_write_buffer_limits(high=ENCODED_HIGH_WATER // 2)
-        if self._answer_timeout is not None:
-            self._answer_deadline = self._loop.call_later(self._answer_timeout, self._no_answer)
-        self._arm_timer()
+        if self._handshake_timeout is not None:
+            self._answer_deadline = self._loop.call_later(
+                self._handshake_timeout, self._handshake_too_slow
+            )
+        self._do_handshake()
 
-    def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data, self._loop.time())
-        self._process()
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _shared.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._incoming is None:
+            return
+        if self._shutdown is not None:
+            self._incoming.write(_shared.view[:nbytes])
+            self._read_until_close_notify()
+        elif not self._ended:
+            self._incoming.write(_shared.view[:nbytes])
+            if self._secure:
+                self._read_records()
+            else:
+                self._do_handshake()
 
     def eof_received(self) -> bool | None:
-        self.conn.receive_data(b"", self._loop.time())
-        self._process()
-        return None
+        if self._secure and not self._ended:
+            self._read_records()  # what arrived with the FIN
+        if self._incoming is not None:
+            self._incoming.write_eof()
+        if not self._secure and not self._ended:
+            self._handshake_failed(ConnectionResetError("closed during the TLS handshake"))
+        elif not self._ended:
+            self.conn.receive_data(b"", self._loop.time())
+            self._process()
+        return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn.state is not State.CLOSED:
+        if self._shutdown is not None:
+            self._shutdown.cancel()
+            self._shutdown = None
+        self._closing = True
+        if not self._secure:
+            self._handshake_failed(exc or ConnectionResetError("closed during the TLS handshake"))
+        elif self.conn.state is not State.CLOSED:
             reason = f"connection lost: {exc}" if exc else "connection closed by peer"
             self.conn.receive_data(b"", self._loop.time())
             ev = self.conn.close_reason or ConnectionClosed("eof", reason)
@@ -166,6 +270,14 @@ class ControlLink(asyncio.Protocol):
     @property
     def ended(self) -> bool:
         return self._ended
+
+    async def handshake(self) -> None:
+        """Until the TLS handshake is done (the ALPN check may still have ended the link).
+
+        Raises what failed it: ``ssl.SSLError``, ``TimeoutError`` (``handshake_timeout``)
+        or ``ConnectionError`` (the peer went away during it).
+        """
+        await asyncio.shield(self._handshake)
 
     async def wait_closed(self) -> ConnectionClosed:
         """Until the connection has ended; returns why."""
@@ -198,30 +310,10 @@ class ControlLink(asyncio.Protocol):
         """The transport drained below its low-water mark: continue with held bytes."""
         self._write_held()
 
-    def _hold(self, data: bytes) -> None:
-        if data:
-            self._held.append(memoryview(data))
-            self._held_bytes += len(data)
-
-    def _write_held(self, *, everything: bool = False) -> None:
-        transport = self.transport
-        if transport is None or self._ended:
-            return
-        while self._held and (everything or transport.get_write_buffer_size() < ENCODED_HIGH_WATER):
-            view = self._held[0]
-            chunk = view if everything else view[:ENCODED_CHUNK]
-            if len(chunk) == len(view):
-                self._held.popleft()
-            else:
-                self._held[0] = view[len(chunk) :]
-            self._held_bytes -= len(chunk)
-            transport.write(chunk)
-
     def close_with_error(self, code: str, message: str) -> None:
         """Send ERROR(code, message) and close."""
         if self.conn.state is State.CLOSED or self._ended:
-            if self.transport is not None:
-                self.transport.close()
+            self._close_tls()
             return
         self.send(m.Error(code=code, message=message))
 
@@ -230,16 +322,184 @@ class ControlLink(asyncio.Protocol):
         if self.transport is not None and not self._ended:
             self._flush()
             self._write_held(everything=True)
-            self.transport.close()
+            self._close_tls()
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once (no TLS close)."""
         if not self._ended:
             log.info("control connection %s dropped: %s", self.address, esc(reason))
         transport = self.transport
+        self._closing = True
         self._end(ConnectionClosed("abort", reason))
         if transport is not None:
             transport.abort()
+
+    # -- TLS ----------------------------------------------------------------------------
+    def _do_handshake(self) -> None:
+        tls = self._tls
+        if tls is None or self._ended:
+            return
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._send_records()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._handshake_failed(exc)  # no alert, as asyncio's TLS: the peer sees EOF
+            return
+        self._send_records()
+        self._secure = True
+        if self._answer_deadline is not None:
+            self._answer_deadline.cancel()
+            self._answer_deadline = None
+        if not self._handshake.done():
+            self._handshake.set_result(None)
+        alpn = tls.selected_alpn_protocol()
+        if alpn != ALPN_CONTROL:
+            self.abort(f"ALPN is {alpn!r}, not {ALPN_CONTROL!r}")
+            return
+        self._peer_der = tls.getpeercert(binary_form=True) or None
+        if self._answer_timeout is not None:
+            self._answer_deadline = self._loop.call_later(self._answer_timeout, self._no_answer)
+        self._arm_timer()
+        self._read_records()  # application data that came with the handshake's last flight
+        self._process()  # whatever was queued before the handshake finished
+
+    def _handshake_too_slow(self) -> None:
+        self._answer_deadline = None
+        if not self._secure and not self._ended:
+            self._handshake_failed(
+                TimeoutError(f"TLS handshake not done within {self._handshake_timeout:g}s")
+            )
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        """Fail the handshake: the waiter gets ``exc``, the link ends (one control_closed)."""
+        if self._ended:
+            return
+        if not self._handshake.done():
+            self._handshake.set_exception(exc)
+        transport = self.transport
+        self._closing = True
+        self._end(ConnectionClosed("tls", f"TLS handshake failed: {exc}"))
+        if transport is not None:
+            transport.abort()
+
+    def _read_records(self) -> None:
+        """Decrypt what the incoming BIO holds and feed the machine."""
+        tls = self._tls
+        if tls is None:
+            return
+        now = self._loop.time()
+        fed = False
+        try:
+            while True:
+                # b"" (or SSLZeroReturnError): the peer's close_notify, a clean end
+                data = tls.read(READ_CHUNK)
+                self.conn.receive_data(data, now)
+                fed = True
+                if not data:
+                    break
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.conn.receive_data(b"", now)
+            fed = True
+        except (ssl.SSLError, OSError) as exc:
+            self._send_records()
+            self._lost(exc)
+            return
+        self._send_records()  # e.g. a KeyUpdate answer
+        if fed:
+            self._process()
+
+    def _read_until_close_notify(self) -> None:
+        """Our close_notify is out: discard what the peer still sends until its own."""
+        tls = self._tls
+        if tls is None:
+            return
+        try:
+            while tls.read(READ_CHUNK):  # b"": the peer's close_notify
+                pass
+        except ssl.SSLWantReadError:
+            return
+        except (ssl.SSLError, OSError):  # close_notify, or anything else: we are done
+            pass
+        if self.transport is not None:
+            self.transport.close()
+
+    def _lost(self, exc: BaseException) -> None:
+        """A TLS error on an established connection: it ends like a lost one."""
+        transport = self.transport
+        self._closing = True
+        if self.conn.state is not State.CLOSED:
+            self.conn.receive_data(b"", self._loop.time())
+            while self.conn.next_event() is not None:
+                pass
+        self._end(ConnectionClosed("eof", f"connection lost: {exc}"))
+        if transport is not None:
+            transport.abort()
+
+    def _encrypt(self, data: bytes | memoryview) -> None:
+        """Encrypt ``data`` in slices, each slice's records handed to the transport at once."""
+        tls = self._tls
+        if tls is None or not data:
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), TLS_WRITE_CHUNK):
+            tls.write(view[start : start + TLS_WRITE_CHUNK])
+            self._send_records()
+
+    def _send_records(self) -> None:
+        outgoing, transport = self._outgoing, self.transport
+        if outgoing is not None and outgoing.pending and transport is not None:
+            data = outgoing.read()
+            if not transport.is_closing():
+                transport.write(data)
+
+    def _close_tls(self) -> None:
+        """Send close_notify (once); close when the peer's arrives, at EOF, or after
+        :data:`SSL_SHUTDOWN_TIMEOUT`."""
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        self._closing = True
+        if self._tls is None or not self._secure:
+            transport.close()
+            return
+        try:
+            self._tls.unwrap()
+        except ssl.SSLWantReadError:  # ours is out, the peer's not yet in
+            self._send_records()
+            self._shutdown = self._loop.call_later(SSL_SHUTDOWN_TIMEOUT, transport.abort)
+            return
+        except (ssl.SSLError, OSError):
+            pass
+        self._send_records()
+        transport.close()
+
+    # -- held shared bytes -----------------------------------------------------------------
+    def _hold(self, data: bytes | memoryview) -> None:
+        if data:
+            if self._held is None:
+                self._held = collections.deque()
+            self._held.append(memoryview(data))
+            self._held_bytes += len(data)
+
+    def _write_held(self, *, everything: bool = False) -> None:
+        transport, held = self.transport, self._held
+        if transport is None or self._ended or held is None or not self._secure:
+            return
+        while held and (everything or transport.get_write_buffer_size() < ENCODED_HIGH_WATER):
+            view = held[0]
+            chunk = view if everything else view[:ENCODED_CHUNK]
+            if len(chunk) == len(view):
+                held.popleft()
+            else:
+                held[0] = view[len(chunk) :]
+            self._held_bytes -= len(chunk)
+            self._encrypt(chunk)
+        if not held:
+            self._held = None
 
     # -- the loop of the sans-I/O machine ---------------------------------------------
     def _process(self) -> None:
@@ -280,29 +540,35 @@ class ControlLink(asyncio.Protocol):
         code = ev.code.removeprefix("protocol:")
         with contextlib.suppress(Exception):
             self._write_held(everything=True)
-            self.transport.write(self.conn.data_to_send())
-            self.transport.write(m.encode(m.Error(code=code, message=ev.reason[:MAX_REASON])))
+            self._encrypt(self.conn.data_to_send())
+            self._encrypt(m.encode(m.Error(code=code, message=ev.reason[:MAX_REASON])))
 
     def _flush(self) -> None:
         transport = self.transport
-        if transport is None or self._ended:
+        if transport is None or self._ended or not self._secure:
             return
         data = self.conn.data_to_send()
         if self._held:  # behind held shared bytes: keep the order
             self._hold(data)
             self._write_held()
         elif data:
-            transport.write(data)
+            self._encrypt(data)
         if self._check_backlog():
             return
         if self.conn.state is State.CLOSED:
             self._write_held(everything=True)
-            transport.close()  # flushes what is buffered, then TLS close_notify
             reason = self.conn.close_reason
             if reason is not None and reason.code.startswith("protocol:") and not self._opened:
                 # an unauthenticated peer broke the protocol: its ERROR is on its way; do not
                 # read (and hold) what else it sends during a TLS shutdown (finding 2)
-                self._loop.call_soon(transport.abort)
+                self._closing = True
+                if self._tls is not None:
+                    with contextlib.suppress(ssl.SSLError, OSError):
+                        self._tls.unwrap()  # our close_notify; the peer's is not awaited
+                self._send_records()
+                transport.close()
+            else:
+                self._close_tls()  # flushes what is buffered, then TLS close_notify
         else:
             self._arm_timer()
 
@@ -341,20 +607,52 @@ class ControlLink(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
-        self._held.clear()
+        self._held = None
         self._held_bytes = 0
         for handle in (self._timer, self._answer_deadline):
             if handle is not None:
                 handle.cancel()
         self._timer = self._answer_deadline = None
+        if not self._handshake.done():
+            self._handshake.set_exception(ConnectionResetError(ev.reason))
         if not self._closed.done():
             self._closed.set_result(ev)
-        if self.transport is not None and self.conn.state is State.CLOSED:
-            self.transport.close()
+        if self.conn.state is State.CLOSED:
+            self._close_tls()
         try:
             self.handler.control_closed(self, ev)
         except Exception:
             log.exception("%r: close handler failed", self)
+
+
+async def open_link(
+    make: Callable[[], ControlLink],
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    sock: socket.socket | None = None,
+    local_addr: tuple[str, int] | None = None,
+) -> ControlLink:
+    """Connect TCP (or use ``sock``) for the link ``make`` builds and run its TLS handshake,
+    all within ``timeout``; raises what failed (``OSError``, ``ssl.SSLError``, ``TimeoutError``).
+
+    The link may already have ended when this returns (its ALPN check): see ``link.ended``.
+    """
+    loop = asyncio.get_running_loop()
+    link: ControlLink | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            if sock is not None:
+                _, link = await loop.create_connection(make, sock=sock)
+            else:
+                _, link = await loop.create_connection(make, host, port, local_addr=local_addr)
+            await link.handshake()
+    except BaseException:
+        if link is not None and not link.ended:
+            link.abort("connect failed or was cancelled during the TLS handshake")
+        raise
+    return link
 
 
 async def connect_control(
@@ -375,23 +673,16 @@ async def connect_control(
     CONNECT tunnel, :func:`homeport.io.dial.server_tcp`); ``host``/``port`` then
     only name the server in logs.
     """
-    loop = asyncio.get_running_loop()
-    where: dict[str, Any] = {"sock": sock} if sock is not None else {"host": host, "port": port}
-    _, link = await asyncio.wait_for(
-        loop.create_connection(
-            lambda: ControlLink(
-                Role.CLIENT,
-                handler,
-                address=f"{host}:{port}",
-                ping_interval=ping_interval,
-                idle_timeout=idle_timeout,
-                answer_timeout=answer_timeout,
-            ),
-            ssl=ctx,
-            server_hostname="",
-            **where,
-            ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
-        ),
-        connect_timeout,
-    )
-    return link
+
+    def make() -> ControlLink:
+        return ControlLink(
+            Role.CLIENT,
+            handler,
+            ssl_context=ctx,
+            address=f"{host}:{port}",
+            ping_interval=ping_interval,
+            idle_timeout=idle_timeout,
+            answer_timeout=answer_timeout,
+        )
+
+    return await open_link(make, host, port, timeout=connect_timeout, sock=sock)

@@ -4,10 +4,11 @@ Theory of operation. One listening socket; each accepted connection is
 classified by its first byte (peeked, never consumed) within
 ``handshake_timeout``:
 
-* ``0x16`` (a TLS handshake record): a control connection. asyncio runs TLS
-  (``connect_accepted_socket``), and a :class:`homeport.io.control.ControlLink` drives the
-  sans-I/O :class:`homeport.proto.control.ControlConnection`: bytes in,
-  events out, bytes back, one timer.
+* ``0x16`` (a TLS handshake record): a control connection, accepted as plain TCP
+  (``connect_accepted_socket``): a :class:`homeport.io.control.ControlLink` runs the TLS
+  over memory BIOs (less memory per agent than asyncio's TLS) and drives the sans-I/O
+  :class:`homeport.proto.control.ControlConnection`: bytes in, events out, bytes back,
+  one timer.
 * ``'H'``: a data connection. The 20-byte preamble is read (exactly; the
   end-to-end TLS bytes that follow stay in the kernel) and the socket goes to
   the relay (:mod:`homeport.relay`) -- unless it is a whoami request
@@ -53,7 +54,7 @@ from typing import Any, cast
 
 from homeport import relay as hprelay
 from homeport.crypto.tls import ALPN_CONTROL, fingerprint
-from homeport.io.control import SSL_SHUTDOWN_TIMEOUT, ControlLink
+from homeport.io.control import ControlLink
 from homeport.io.pump import set_keepalive
 from homeport.policy.acl import CompiledPolicy
 from homeport.proto import coord as c
@@ -634,15 +635,18 @@ class Service:
             sock.close()
 
     async def _start_control(self, sock: socket.socket, address: str, slot: _Slot) -> bool:
+        """Accept a control connection: plain TCP, the link runs TLS itself (io.control)."""
         loop = asyncio.get_running_loop()
 
         def make() -> ControlLink:
             link = ControlLink(
                 Role.SERVER,
                 self,
+                ssl_context=self.ssl_context,
                 address=address,
                 ping_interval=self.config.ping_interval,
                 idle_timeout=self.config.idle_timeout,
+                handshake_timeout=self.config.handshake_timeout,
                 answer_timeout=self.config.handshake_timeout,
             )
             self._next_sid += 1
@@ -661,13 +665,8 @@ class Service:
             return link
 
         try:
-            await loop.connect_accepted_socket(
-                make,
-                sock,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.config.handshake_timeout,
-                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
-            )
+            _, link = await loop.connect_accepted_socket(make, sock)
+            await link.handshake()
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake with %s failed: %s", address, exc)
             slot.release()
@@ -693,7 +692,8 @@ class Service:
         self._run()
 
     def control_closed(self, link: ControlLink, ev: ConnectionClosed) -> None:
-        quiet = ev.code in ("eof", "local:node-removed", "local:session-replaced")
+        # "tls": a failed handshake, logged by _start_control
+        quiet = ev.code in ("eof", "tls", "local:node-removed", "local:session-replaced")
         log.log(
             logging.DEBUG if quiet else logging.INFO,
             "control connection %s closed (%s): %s",
