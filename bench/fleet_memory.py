@@ -8,7 +8,8 @@ included) grouped by where it was allocated, the rest (native: OpenSSL, libc), a
 objects by type. tracemalloc's own bookkeeping inflates RSS, so the per-agent RSS of
 ``bench.fleet`` (no tracing) is the figure to quote; this shows where it goes.
 
-Run: ``python -m bench.fleet_memory --agents 1000``.
+Run: ``python -m bench.fleet_memory --agents 1000``; ``--variants [--base DIR]`` compares
+server variants (``VARIANTS``) one after the other in one run.
 """
 
 from __future__ import annotations
@@ -44,15 +45,13 @@ GROUPS = (
 )
 
 
-#: Server variants compared by ``--variants`` (environment of the server process).
+#: Server variants compared by ``--variants`` (environment of the server process); the
+#: first runs the code of ``--base`` (a checkout of an earlier commit) when it is given.
 VARIANTS: tuple[tuple[str, dict[str, str]], ...] = (
-    ("as is", {}),
-    ("shared map bytes paced in 4 KiB slices", {"HP_ENCODED": "4096"}),
-    ("glibc mmap threshold pinned at 128 KiB", {"MALLOC_MMAP_THRESHOLD_": "131072"}),
-    (
-        "both",
-        {"HP_ENCODED": "4096", "MALLOC_MMAP_THRESHOLD_": "131072"},
-    ),
+    ("--base: uvloop TLS (ssl=), 2 TLS 1.3 tickets per handshake", {"HP_BASE": "1"}),
+    ("TLS over memory BIOs, 2 tickets per handshake (as before)", {"HP_TICKETS": "2"}),
+    ("TLS over memory BIOs, no tickets (this tree)", {}),
+    ("this tree, glibc mmap threshold pinned at 128 KiB", {"MALLOC_MMAP_THRESHOLD_": "131072"}),
 )
 
 
@@ -73,18 +72,28 @@ def _smaps(pid: int) -> dict[str, int]:
     return out
 
 
-async def rss_per_agent(agents: int, root: Path, log: Any, env: dict[str, str]) -> dict[str, float]:
-    """One untraced server with ``env``: RSS (and its heap part) per idle agent after a ramp."""
+async def rss_per_agent(
+    agents: int, root: Path, log: Any, env: dict[str, str], base: Path | None = None
+) -> dict[str, float]:
+    """One untraced server with ``env``: RSS (and its heap part) per idle agent after a
+    ramp, then again after one glibc ``malloc_trim(0)`` in the server (and how long it took).
+    ``HP_BASE`` in ``env``: the server runs the code of ``base`` (its ``src`` first on the path).
+    """
     loop = asyncio.get_running_loop()
     names = [f"fleet-{i:05d}" for i in range(agents)]
     members, pin = fleet.create_fleet(root / "server", root / "keys", names)
     port = fleet.free_port()
+    path = str(Path.cwd())
+    if "HP_BASE" in env:
+        assert base is not None
+        path = f"{base / 'src'}:{path}"
+    trim_out = root / "trim"
     srv = fleet.ServerProc(
         root / "server",
         port,
         root / "server.log",
         runner=("-m", "bench._traced_server"),
-        env_extra={"PYTHONPATH": str(Path.cwd()), **env},
+        env_extra={"PYTHONPATH": path, "HP_TRIM_OUT": str(trim_out), **env},
     )
     fl = fleet.Fleet("127.0.0.1", port, pin, f"127.0.0.1:{port}", loop)
     try:
@@ -100,6 +109,13 @@ async def rss_per_agent(agents: int, root: Path, log: Any, env: dict[str, str]) 
         online = fl.online()
         await asyncio.sleep(8.0)  # full maps drained, keepalives only
         rss1, heap1 = _smaps(srv.proc.pid)["Rss"], _heap(srv.proc.pid)
+        load = os.getloadavg()[0]
+        os.kill(srv.proc.pid, signal.SIGUSR1)
+        trim_file = Path(f"{trim_out}.trim")
+        await loop.run_in_executor(None, lambda: wait_for(trim_file.exists, 60, "malloc_trim"))
+        trim_s = float(trim_file.read_text())
+        rss2 = _smaps(srv.proc.pid)["Rss"]
+        online = min(online, fl.online())
     finally:
         fl.closing = True
         for a in fl.agents:
@@ -112,6 +128,10 @@ async def rss_per_agent(agents: int, root: Path, log: Any, env: dict[str, str]) 
         "rss_kib": (rss1 - rss0) / n / 1024,
         "heap_kib": (heap1 - heap0) / n / 1024,
         "other_kib": ((rss1 - heap1) - (rss0 - heap0)) / n / 1024,
+        "trimmed_kib": (rss2 - rss0) / n / 1024,
+        "trim_ms": trim_s * 1000,
+        "rss_mib": rss1 / 1048576,
+        "load": load,
     }
     log(f"{env}: {got}")
     return got
@@ -241,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no tracing: RSS per agent of server variants side by side, one after the other",
     )
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="with --variants: also run the server from this checkout (e.g. a git worktree "
+        "of the previous main) as the first variant",
+    )
     args = p.parse_args(argv)
     fleet.raise_nofile()
     started = time.perf_counter()
@@ -251,18 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         rows = []
         for name, env in VARIANTS:
+            if "HP_BASE" in env and args.base is None:
+                continue
             with (
                 tempfile.TemporaryDirectory(prefix="hp-fleetmem-") as tmp,
                 asyncio.Runner(loop_factory=new_event_loop) as runner,
             ):
-                got = runner.run(rss_per_agent(args.agents, Path(tmp), log, env))
+                got = runner.run(rss_per_agent(args.agents, Path(tmp), log, env, args.base))
             rows.append(
                 f"| {name} | {got['online']} | {got['rss_kib']:.1f} | {got['heap_kib']:.1f} | "
-                f"{got['other_kib']:.1f} |"
+                f"{got['other_kib']:.1f} | {got['trimmed_kib']:.1f} ({got['trim_ms']:.1f} ms) | "
+                f"{got['rss_mib']:.0f} | {got['load']:.1f} |"
             )
         sys.stdout.write(
-            "| server variant | agents | RSS KiB/agent | [heap] | mmapped |\n"
-            + "|---|---|---|---|---|\n"
+            "| server variant | agents | RSS KiB/agent | [heap] | mmapped | after one "
+            "malloc_trim (its time) | server RSS MiB | load avg |\n"
+            + "|---|---|---|---|---|---|---|---|\n"
             + "\n".join(rows)
             + "\n"
         )
