@@ -440,14 +440,18 @@ class ControlLink(asyncio.BufferedProtocol):
             transport.abort()
 
     def _encrypt(self, data: bytes | memoryview) -> None:
-        """Encrypt ``data`` in slices, each slice's records handed to the transport at once."""
-        tls = self._tls
-        if tls is None or not data:
-            return
+        """Encrypt ``data`` in slices; each slice's records leave the outgoing BIO at once
+        (so it never holds more than one), and all go to the transport in one call."""
+        tls, outgoing, transport = self._tls, self._outgoing, self.transport
+        if tls is None or outgoing is None or transport is None or self._closing or not data:
+            return  # after our close_notify nothing more may be sent
         view = memoryview(data)
+        records = []
         for start in range(0, len(view), TLS_WRITE_CHUNK):
             tls.write(view[start : start + TLS_WRITE_CHUNK])
-            self._send_records()
+            records.append(outgoing.read())
+        if not transport.is_closing():
+            transport.writelines(records)
 
     def _send_records(self) -> None:
         outgoing, transport = self._outgoing, self.transport
