@@ -184,6 +184,8 @@ def test_handshake_certificates_and_a_message_each_way(pki: Pki) -> None:
             assert await got(handler) == welcome
             # one read buffer for every link of the loop, none of their own
             assert link.get_buffer(-1) is slink.get_buffer(-1)
+            # no TLS 1.3 tickets: the server context caches no session per handshake
+            assert pki.server_ctx.session_stats()["number"] == 0
             link.abort("test over")
             assert (await closed(slink)).code == "eof"
         assert [ev.code for ev in handler.closed] == ["abort"]
