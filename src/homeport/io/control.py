@@ -396,26 +396,29 @@ class ControlLink(asyncio.BufferedProtocol):
         if tls is None:
             return
         now = self._loop.time()
-        fed = False
+        parts: list[bytes] = []
+        eof = False
+        error: BaseException | None = None
         try:
-            while True:
-                # b"" (or SSLZeroReturnError): the peer's close_notify, a clean end
-                data = tls.read(READ_CHUNK)
-                self.conn.receive_data(data, now)
-                fed = True
-                if not data:
-                    break
+            while data := tls.read(READ_CHUNK):  # one record's plaintext at a time
+                parts.append(data)
+            eof = True  # b"": the peer's close_notify, a clean end
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
-            self.conn.receive_data(b"", now)
-            fed = True
+            eof = True
         except (ssl.SSLError, OSError) as exc:
+            error = exc
+        if parts:  # the machine once per read, not once per record
+            self.conn.receive_data(parts[0] if len(parts) == 1 else b"".join(parts), now)
+        if error is not None:
             self._send_records()
-            self._lost(exc)
+            self._lost(error)
             return
+        if eof:
+            self.conn.receive_data(b"", now)
         self._send_records()  # e.g. a KeyUpdate answer
-        if fed:
+        if parts or eof:
             self._process()
 
     def _read_until_close_notify(self) -> None:
