@@ -6,6 +6,9 @@ arrives and checks what the core sends each session and asks of the relay.
 
 from __future__ import annotations
 
+import base64
+import struct
+
 import pytest
 
 from homeport.proto import audit as au
@@ -247,6 +250,20 @@ def test_an_unchanged_announce_pushes_nothing(sim: Sim) -> None:
     sim.send(a, m.Announce(services=(SSH,), host_keys=(HOST_KEY,)))
     sim.advance(1)
     assert sim.out[a].messages == []
+
+
+def test_host_keys_in_another_order_are_no_new_announce(sim: Sim) -> None:
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + bytes([7]) * 32
+    ec = "ssh-ed25519 " + base64.b64encode(blob).decode("ascii")  # a second key
+    lab = sim.new_node("labpc")
+    a = sim.hello(lab)
+    sim.send(a, m.Announce(services=(SSH,), host_keys=(HOST_KEY, ec)))
+    stored = [n for n in sim.notes if "exposes" in n]  # one per announce that changed
+    assert len(stored) == 1
+    sim.send(a, m.Announce(services=(SSH,), host_keys=(ec, HOST_KEY)))  # ssh-keyscan reordered
+    assert [n for n in sim.notes if "exposes" in n] == stored
+    node = sim.core.node(lab.node_id)
+    assert node is not None and node.host_keys == tuple(sorted((HOST_KEY, ec)))
 
 
 def test_first_release_clients_get_the_old_netmap(sim: Sim) -> None:

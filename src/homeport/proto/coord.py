@@ -1070,7 +1070,7 @@ class Coordinator:
     def _announce(self, s: _Session, msg: m.Announce, now: float) -> None:
         node = self._nodes[s.node_id]
         services = sanitize_services(msg.services)
-        host_keys = sanitize_host_keys(msg.host_keys)
+        host_keys = tuple(sorted(sanitize_host_keys(msg.host_keys)))  # any order is the same
         exit_nets = (  # only well-formed networks count (bad ones dropped, never guessed)
             tuple(str(net) for net in nets_untrusted(msg.exit)) if m.CAP_EXIT in s.caps else ()
         )
