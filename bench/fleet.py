@@ -763,9 +763,13 @@ class Churn:
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)  # failures
 
     def first_update_bytes(self) -> list[int]:
-        """PEERS bytes of each reconnected session's first map update (full or delta)."""
+        """PEERS bytes of each reconnected session's first map update (full or delta).
+
+        0 for a session that got none: the map it held was current, so the server sent
+        nothing (cap mapdelta; asked once the churn is over and pushes have gone out).
+        """
         got = (getattr(link.conn, "first_update_bytes", None) for link in self.links)
-        return [b for b in got if b is not None]
+        return [b or 0 for b in got]
 
 
 async def _churn(
@@ -1057,20 +1061,24 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
 
 
 async def _one_reconnect(a: SimAgent) -> float:
-    """Drop and reconnect one agent; PEERS bytes of its new session's first update (nan: none)."""
+    """Drop and reconnect one agent; PEERS bytes of its new session's first update.
+
+    0 when none came within two push windows: the map it held was current, so the server
+    had nothing to send (cap mapdelta, and the map unchanged by a quick reconnect).
+    """
     a.drop()
     await asyncio.sleep(0)
     try:
         await a.connect()
     finally:
         a.churning = False
-    deadline = a.fleet.loop.time() + 2 * c.NETMAP_COALESCE_MAX + 5
+    deadline = a.fleet.loop.time() + 2 * c.NETMAP_COALESCE_MAX + 1
     while a.fleet.loop.time() < deadline:
         got = getattr(a.link.conn, "first_update_bytes", None) if a.link else None
         if got is not None:
             return float(got)
         await asyncio.sleep(0.05)
-    return float("nan")
+    return 0.0
 
 
 async def _churn_phase(
