@@ -238,6 +238,18 @@ class SkimDecoder:
                 continue
             if len(self._buf) < 4 + length:
                 break
+            if self._buf[4] == m.MsgType.PEERS_Z:  # deflated: inflate it to read head and tail
+                body = m.inflate_untrusted(bytes(self._buf[5 : 4 + length]))
+                head = _PEERS_HEAD.match(body[:_HEAD])
+                if head is None:
+                    raise WireError("PEERS_Z body without its version head")
+                self._version = int(head.group(1))
+                self.peers_bytes += 4 + length
+                self._update_bytes += 4 + length
+                self._tail = body[-_TAIL:]
+                del self._buf[: 4 + length]
+                self._frame_done()
+                continue
             frames.append((self._buf[4], bytes(self._buf[5 : 4 + length])))
             del self._buf[: 4 + length]
         return frames
@@ -289,7 +301,7 @@ class SkimConnection(ControlConnection):
         self._last_rx = now
         try:
             for msg_type, body in self._decoder.feed_untrusted(data):
-                if msg_type == m.MsgType.PEERS:
+                if msg_type in (m.MsgType.PEERS, m.MsgType.PEERS_Z):
                     self._peers_counted += len(body) + 5
                 try:
                     msg = m.decode_untrusted(msg_type, body)

@@ -140,6 +140,10 @@ class ControlConnection:
         try:
             frames = self._decoder.feed_untrusted(data)
             for msg_type, body in frames:
+                if msg_type == m.MsgType.PEERS_Z and self.role is Role.SERVER:
+                    # only servers send maps; inflating a node's frames would let it make
+                    # the server hold up to 1 MiB per 64 KiB pre-auth frame
+                    raise WireError("PEERS_Z from a node (only the server sends peer maps)")
                 try:
                     msg = m.decode_untrusted(msg_type, body)
                 except UnknownType:

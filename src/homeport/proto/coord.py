@@ -1164,7 +1164,12 @@ class Coordinator:
         for s in self._sessions.values():
             if s.wants_map and s.map_version != version and s.state is SessionState.AUTHED:
                 self._emit(
-                    SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, s.map_version))
+                    SendEncoded(
+                        s.sid,
+                        self.book.encoded_updates_for(
+                            s.node_id, s.map_version, deflate=m.CAP_ZPEERS in s.caps
+                        ),
+                    )
                 )
                 s.map_version = version
 
@@ -1180,7 +1185,10 @@ class Coordinator:
         if m.CAP_PEERS in s.caps:
             # encoded once and written straight to the transport: a 10,000-node map
             # (~3.3 MiB over ~50 frames) must not sit in the control machine's queue
-            self._emit(SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, 0)))
+            deflate = m.CAP_ZPEERS in s.caps
+            self._emit(
+                SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, 0, deflate=deflate))
+            )
             if s.wants_map:
                 s.map_version = self.book.version
             return
@@ -1892,7 +1900,10 @@ class Coordinator:
             if s.role == ROLE_AGENT and m.CAP_PEERS in s.caps:
                 s.wants_map = True
                 s.map_version = 0
-                self._emit(SendEncoded(sid, self.book.encoded_updates_for(s.node_id, 0)))
+                deflate = m.CAP_ZPEERS in s.caps
+                self._emit(
+                    SendEncoded(sid, self.book.encoded_updates_for(s.node_id, 0, deflate=deflate))
+                )
         self._note(logging.INFO, f"node {name} ({node.node_id}) approved")
         self._emit(Audit(APPROVE, now, (("node", name), ("node_id", node.node_id))))
         self._map_changed(node.node_id, now)
