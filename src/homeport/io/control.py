@@ -130,6 +130,7 @@ class ControlLink(asyncio.Protocol):
             self.abort(f"ALPN is {alpn!r}, not {ALPN_CONTROL!r}")
             return
         self._peer_der = ssl_obj.getpeercert(binary_form=True) or None
+        self.conn.transport_ready(self._loop.time())  # a slow handshake is not silence
         with contextlib.suppress(AttributeError, NotImplementedError):
             # below ENCODED_HIGH_WATER: whenever held bytes stop, the transport has paused
             # and will call resume_writing once it drains
