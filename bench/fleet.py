@@ -957,7 +957,8 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
 
         # -- churn, with 1,000 streams and the legitimate nc during it --------------------------
         k = min(opts.streams, n // 2 - len(observers))
-        plain = [a for a in fleet.agents if not a.observer]
+        # streams between connected agents (one lost in the ramp may still be in its backoff)
+        plain = sorted((a for a in fleet.agents if not a.observer), key=lambda a: not a.ready)
         srcs, dsts = plain[:k], plain[k : 2 * k]
         pool = plain[2 * k :]
         stop = asyncio.Event()
