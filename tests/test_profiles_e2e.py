@@ -383,6 +383,34 @@ def test_the_one_line_proxycommand_understands_name_dot_profile(
         assert res.returncode == 1 and res.stderr.splitlines() == [line], res.stderr
 
 
+def test_homeport_ssh_takes_ssh_options_before_the_name(
+    net: Net, work: Homeport, laptop_work: Path
+) -> None:
+    """``homeport ssh -i KEY -l USER labpc``: ssh's options with arguments are not the node."""
+    keys = [a for k in net.keys for a in ("-i", str(k))]
+    where = ["echo", "$SSH_CONNECTION"]
+    base = ["ssh", "--state", str(net.laptop), "--no-cert"]
+    opts = [*keys, "-oIdentitiesOnly=yes", "-o", "BatchMode=yes", "-l", net.sshd.user]
+    res = net.homeport(*base, *opts, "labpc", *where)
+    assert _server_port(res) == net.sshd.port
+    res = net.homeport(*base, *opts, "-p", "22", "labpc.work", *where)  # and a profile
+    assert _server_port(res) == work.sshd_port  # type: ignore[attr-defined]
+    # homeport's own options after the name (docs/policy.md: homeport ssh labpc --user X)
+    res = net.homeport("ssh", "labpc.work", "--state", str(net.laptop), "--no-cert", *opts, *where)
+    assert _server_port(res) == work.sshd_port  # type: ignore[attr-defined]
+    # the port before the name is the one checked: one line, no ssh
+    res = net.homeport(*base, "-p", "2222", *opts, "labpc", "true")
+    assert res.returncode == 255
+    assert res.stderr.splitlines() == ["homeport: labpc does not expose '2222' (exposed: ssh/22)"]
+    # nothing that could be the name: one line, exit 2 (ssh's usage error, in homeport's words)
+    res = net.homeport(*base, "-i", str(net.keys[0]))
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "homeport: no NAME to connect to: homeport ssh [OPTIONS] [SSH OPTIONS] NAME [CMD]"
+    ]
+    assert "Traceback" not in res.stderr
+
+
 def test_a_single_network_state_dir_is_the_default_profile_unchanged(
     net: Net, tmp_path: Path
 ) -> None:
