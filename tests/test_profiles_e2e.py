@@ -409,6 +409,12 @@ def test_homeport_ssh_takes_ssh_options_before_the_name(
         "homeport: no NAME to connect to: homeport ssh [OPTIONS] [SSH OPTIONS] NAME [CMD]"
     ]
     assert "Traceback" not in res.stderr
+    # the certificate is for one login: --user and ssh's -l must not disagree
+    res = net.homeport("ssh", "--state", str(net.laptop), "--user", "ubuntu", "-l", "root", "labpc")
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "homeport: --user ubuntu and the ssh login root disagree: give one of them"
+    ]
 
 
 def test_a_single_network_state_dir_is_the_default_profile_unchanged(

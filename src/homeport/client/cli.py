@@ -377,6 +377,8 @@ def ssh(state: str | None, account: str | None, no_cert: bool, ssh_args: tuple[s
             if problem is not None:
                 _fail(f"--profile: {problem}", 2)
             os.environ[ENV_PROFILE] = value
+    if account and line.user and line.user != account:  # the certificate is for one login
+        _fail(f"--user {account} and the ssh login {line.user} disagree: give one of them", 2)
     target, profile = _split_profile(state, line.host)
     if profile is not None:
         from homeport.node.state import ENV_PROFILE
