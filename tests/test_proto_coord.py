@@ -167,11 +167,17 @@ def _reconnect(sim: Sim, node: c.NodeRecord, address: str) -> int:
     return sid
 
 
-def test_a_quick_reconnect_from_the_same_host_is_no_news_to_peers(sim: Sim) -> None:
+def _lab_and_observer(sim: Sim) -> tuple[c.NodeRecord, int, int]:
+    """labpc online (session b) and laptop (session a) holding the pushed map."""
     lab, laptop = sim.new_node("labpc"), sim.new_node("laptop")
     a = sim.agent(laptop)
     b = sim.agent(lab, (SSH,))
     sim.advance(c.NETMAP_COALESCE)
+    return lab, a, b
+
+
+def test_a_quick_reconnect_from_the_same_host_is_no_news_to_peers(sim: Sim) -> None:
+    lab, a, b = _lab_and_observer(sim)
     before = sim.core.book.get(lab.node_id)
     assert before is not None and before.online
     sim.out[a].take()
@@ -194,10 +200,7 @@ def test_a_quick_reconnect_from_the_same_host_is_no_news_to_peers(sim: Sim) -> N
 
 
 def test_a_reconnect_from_another_host_is_pushed_with_its_new_address(sim: Sim) -> None:
-    lab, laptop = sim.new_node("labpc"), sim.new_node("laptop")
-    a = sim.agent(laptop)
-    b = sim.agent(lab, (SSH,))
-    sim.advance(c.NETMAP_COALESCE)
+    lab, a, b = _lab_and_observer(sim)
     sim.out[a].take()
     sim.end(b)
     sim.advance(1.0)
@@ -214,10 +217,7 @@ def test_a_reconnect_from_another_host_is_pushed_with_its_new_address(sim: Sim) 
 
 
 def test_a_node_removed_within_the_grace_leaves_the_map_once(sim: Sim) -> None:
-    lab, laptop = sim.new_node("labpc"), sim.new_node("laptop")
-    a = sim.agent(laptop)
-    b = sim.agent(lab, (SSH,))
-    sim.advance(c.NETMAP_COALESCE)
+    lab, a, b = _lab_and_observer(sim)
     sim.out[a].take()
     sim.end(b)
     sim.core.remove_node("labpc", sim.now)
@@ -231,10 +231,7 @@ def test_a_node_removed_within_the_grace_leaves_the_map_once(sim: Sim) -> None:
 
 def test_with_no_grace_maps_say_offline_at_once() -> None:
     sim = Sim(map_offline_grace=0.0)
-    lab, laptop = sim.new_node("labpc"), sim.new_node("laptop")
-    a = sim.agent(laptop)
-    b = sim.agent(lab, (SSH,))
-    sim.advance(c.NETMAP_COALESCE)
+    _lab, a, b = _lab_and_observer(sim)
     sim.out[a].take()
     sim.end(b)
     sim.advance(c.NETMAP_COALESCE)
