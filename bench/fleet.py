@@ -238,6 +238,18 @@ class SkimDecoder:
                 continue
             if len(self._buf) < 4 + length:
                 break
+            if self._buf[4] == m.MsgType.PEERS_Z:  # deflated: inflate it to read head and tail
+                body = m.inflate_untrusted(bytes(self._buf[5 : 4 + length]))
+                head = _PEERS_HEAD.match(body[:_HEAD])
+                if head is None:
+                    raise WireError("PEERS_Z body without its version head")
+                self._version = int(head.group(1))
+                self.peers_bytes += 4 + length
+                self._update_bytes += 4 + length
+                self._tail = body[-_TAIL:]
+                del self._buf[: 4 + length]
+                self._frame_done()
+                continue
             frames.append((self._buf[4], bytes(self._buf[5 : 4 + length])))
             del self._buf[: 4 + length]
         return frames
@@ -289,7 +301,7 @@ class SkimConnection(ControlConnection):
         self._last_rx = now
         try:
             for msg_type, body in self._decoder.feed_untrusted(data):
-                if msg_type == m.MsgType.PEERS:
+                if msg_type in (m.MsgType.PEERS, m.MsgType.PEERS_Z):
                     self._peers_counted += len(body) + 5
                 try:
                     msg = m.decode_untrusted(msg_type, body)
@@ -755,9 +767,13 @@ class Churn:
     reasons: collections.Counter[str] = field(default_factory=collections.Counter)  # failures
 
     def first_update_bytes(self) -> list[int]:
-        """PEERS bytes of each reconnected session's first map update (full or delta)."""
+        """PEERS bytes of each reconnected session's first map update (full or delta).
+
+        0 for a session that got none: the map it held was current, so the server sent
+        nothing (cap mapdelta; asked once the churn is over and pushes have gone out).
+        """
         got = (getattr(link.conn, "first_update_bytes", None) for link in self.links)
-        return [b for b in got if b is not None]
+        return [b or 0 for b in got]
 
 
 async def _churn(
@@ -933,7 +949,8 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
 
         # -- churn, with 1,000 streams and the legitimate nc during it --------------------------
         k = min(opts.streams, n // 2 - len(observers))
-        plain = [a for a in fleet.agents if not a.observer]
+        # streams between connected agents (one lost in the ramp may still be in its backoff)
+        plain = sorted((a for a in fleet.agents if not a.observer), key=lambda a: not a.ready)
         srcs, dsts = plain[:k], plain[k : 2 * k]
         pool = plain[2 * k :]
         stop = asyncio.Event()
@@ -1049,20 +1066,24 @@ async def run_fleet(opts: Options, log: Callable[[str], None]) -> dict[str, Any]
 
 
 async def _one_reconnect(a: SimAgent) -> float:
-    """Drop and reconnect one agent; PEERS bytes of its new session's first update (nan: none)."""
+    """Drop and reconnect one agent; PEERS bytes of its new session's first update.
+
+    0 when none came within two push windows: the map it held was current, so the server
+    had nothing to send (cap mapdelta, and the map unchanged by a quick reconnect).
+    """
     a.drop()
     await asyncio.sleep(0)
     try:
         await a.connect()
     finally:
         a.churning = False
-    deadline = a.fleet.loop.time() + 2 * c.NETMAP_COALESCE_MAX + 5
+    deadline = a.fleet.loop.time() + 2 * c.NETMAP_COALESCE_MAX + 1
     while a.fleet.loop.time() < deadline:
         got = getattr(a.link.conn, "first_update_bytes", None) if a.link else None
         if got is not None:
             return float(got)
         await asyncio.sleep(0.05)
-    return float("nan")
+    return 0.0
 
 
 async def _churn_phase(

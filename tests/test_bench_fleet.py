@@ -48,7 +48,8 @@ def test_fleet_of_200_agents_with_churn_and_streams(tmp_path: Path) -> None:
     assert fig["rss_per_agent"] > 0
     # cap mapdelta end to end (real server, real TLS): one reconnect on the quiet fleet gets
     # a delta of a few entries, the same reconnect without the map it held the 200-node map
-    assert fig["quiet_reconnect_full"] > 20_000
+    # (deflated as PEERS_Z, cap zpeers: ~16 KB on the wire, ~55 KB of JSON)
+    assert fig["quiet_reconnect_full"] > 10_000
     assert fig["quiet_reconnect_delta"] < 2048
     # under churn the delta holds every agent that changed meanwhile, still below a full map
     assert fig["reconnect_map_bytes"] < fig["full"]["map_bytes"]

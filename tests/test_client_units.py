@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_nc_imports_stay_light() -> None:
 
 
 def test_ssh_argv(tmp_path: Path) -> None:
-    argv = ssh.ssh_argv("labpc", ["-v", "uptime"], tmp_path, python="/usr/bin/python3")
+    argv = ssh.ssh_argv(["labpc", "-v", "uptime"], tmp_path, python="/usr/bin/python3")
     assert argv[0] == "ssh"
     assert argv[-3:] == ["labpc", "-v", "uptime"]
     opts = dict(o.split("=", 1) for o in argv[2:-3:2])
@@ -100,7 +101,7 @@ def test_ssh_quotes_paths_with_spaces(tmp_path: Path) -> None:
 
 def test_ssh_g_accepts_the_options(tmp_path: Path) -> None:
     """OpenSSH takes the options; the known-hosts file is the one nc keeps merged."""
-    argv = ssh.ssh_argv("labpc", [], tmp_path, python="/py")
+    argv = ssh.ssh_argv(["labpc"], tmp_path, python="/py")
     out = subprocess.run(
         [argv[0], "-G", "-F", "/dev/null", *argv[1:]], capture_output=True, text=True, check=True
     ).stdout.lower()
@@ -310,3 +311,112 @@ def test_exit_target_refuses_this_node_and_an_offline_node_at_start() -> None:
     assert offline is not None and offline[0] and "pi is offline" in offline[1]
     unknown = via("nosuch")
     assert unknown is not None and unknown[0]
+
+
+# -- homeport ssh finds the destination the way OpenSSH does --------------------------------
+
+#: (ssh arguments, destination host, user, port, the remote command). Each row is also
+#: checked against what the real ``ssh -G`` makes of the same arguments.
+SSH_ARGS_TABLE: list[tuple[list[str], str, str | None, str | None, list[str]]] = [
+    (["labpc"], "labpc", None, None, []),
+    (["-i", "/k", "labpc"], "labpc", None, None, []),
+    (["-i/k", "labpc", "uptime"], "labpc", None, None, ["uptime"]),
+    (["-p", "2222", "labpc"], "labpc", None, "2222", []),
+    (["-p2222", "labpc"], "labpc", None, "2222", []),
+    (["-p", "2200", "-p", "2300", "labpc"], "labpc", None, "2200", []),  # the first wins
+    (["-l", "alice", "labpc"], "labpc", "alice", None, []),
+    (["-l", "alice", "bob@labpc"], "labpc", "alice", None, []),  # -l before user@ wins
+    (["bob@labpc", "-l", "alice"], "labpc", "bob", None, []),  # ... after it, loses
+    (["-o", "User=carol", "-l", "alice", "labpc"], "labpc", "carol", None, []),
+    (["-o", "Port=2400", "-p", "2300", "labpc"], "labpc", None, "2400", []),
+    (["-oPort=7", "labpc"], "labpc", None, "7", []),
+    (["-o", "port=10", "labpc"], "labpc", None, "10", []),
+    (["-o", "Port 11", "labpc"], "labpc", None, "11", []),
+    (["-o", "ProxyJump=none", "labpc"], "labpc", None, None, []),
+    (["-J", "jump", "labpc"], "labpc", None, None, []),
+    (["-F", "/dev/null", "labpc"], "labpc", None, None, []),
+    (["-L", "8080:localhost:80", "labpc"], "labpc", None, None, []),
+    (["-D", "1080", "-R", "9000:localhost:9000", "labpc"], "labpc", None, None, []),
+    (["-vli", "bob", "labpc"], "bob", "i", None, ["labpc"]),  # getopt: -l takes "i"
+    (["-4vC", "-i", "/k", "labpc"], "labpc", None, None, []),
+    (["-tt", "labpc", "-p", "5", "top"], "labpc", None, "5", ["top"]),  # options after NAME
+    (["labpc", "echo", "-p", "5"], "labpc", None, None, ["echo", "-p", "5"]),  # the command's
+    (["--", "labpc", "-p", "5"], "labpc", None, None, ["-p", "5"]),
+    (["labpc", "--", "-p", "5"], "labpc", None, None, ["--", "-p", "5"]),
+    (["ssh://al@labpc:2022"], "labpc", "al", "2022", []),
+    (["ssh://al@labpc:2022", "-p", "5"], "labpc", "al", "2022", []),
+    (["-p", "5", "ssh://al@labpc:2022"], "labpc", "al", "5", []),
+    (["-e", "none", "-c", "aes128-ctr", "-m", "hmac-sha2-256", "labpc"], "labpc", None, None, []),
+    (["-E", "/dev/null", "-b", "127.0.0.1", "-S", "none", "-W", "x:22", "h"], "h", None, None, []),
+]
+
+
+@pytest.mark.parametrize(("args", "host", "user", "port", "command"), SSH_ARGS_TABLE)
+def test_ssh_args_find_the_destination_like_openssh(
+    args: list[str],
+    host: str,
+    user: str | None,
+    port: str | None,
+    command: list[str],
+    tmp_path: Path,
+) -> None:
+    line = ssh.parse_ssh_args(args)
+    assert (line.host, line.user, line.port) == (host, user, port)
+    assert line.argv() == args  # passed to ssh unchanged
+    assert [*line.after][len(line.after) - len(command) :] == command
+    # the real OpenSSH agrees (ssh -G prints the resolved hostname, user and port)
+    env = {**os.environ, "USER": "nobody-in-particular"}
+    shown = subprocess.run(
+        ["ssh", "-G", *([] if "-F" in args else ["-F", "/dev/null"]), *args],
+        capture_output=True, text=True, env=env, check=False, stdin=subprocess.DEVNULL,
+        cwd=tmp_path,  # ssh -E FILE would write there
+    ).stdout  # fmt: skip
+    conf = dict(ln.split(" ", 1) for ln in shown.splitlines() if " " in ln)
+    assert conf["hostname"] == host
+    assert conf["port"] == (port or "22")
+    if user is not None:
+        assert conf["user"] == user
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        ([], "no NAME"),
+        (["-i", "/k"], "no NAME"),
+        (["-v"], "no NAME"),
+        (["labpc", "-p"], "-p needs an argument"),
+        (["-i"], "-i needs an argument"),
+        (["-Z", "labpc"], "unknown ssh option -Z"),
+        (["-i", "/k", "--no-cert", "labpc"], "ssh has no option --no-cert"),  # no `own` given
+    ],
+)
+def test_ssh_args_errors_are_one_line(args: list[str], why: str) -> None:
+    with pytest.raises(ssh.SshArgsError, match=why):
+        ssh.parse_ssh_args(args)
+
+
+def test_ssh_args_with_host_keeps_user_and_port() -> None:
+    line = ssh.parse_ssh_args(["-i", "/k", "al@labpc.work", "true"]).with_host("labpc")
+    assert line.argv() == ["-i", "/k", "al@labpc", "true"] and line.user == "al"
+    uri = ssh.parse_ssh_args(["ssh://al@labpc.work:2022"]).with_host("labpc")
+    assert uri.argv() == ["ssh://al@labpc:2022"] and uri.port == "2022"
+
+
+def test_ssh_args_take_homeports_own_options_where_sshs_may_be() -> None:
+    """``homeport ssh labpc --user ubuntu`` (docs/policy.md): ssh has no long options."""
+    own = {"--user": True, "--no-cert": False, "--state": True}
+    line = ssh.parse_ssh_args(
+        ["-i", "/k", "labpc", "--user", "ubuntu", "--state=/s", "--no-cert", "-p", "2", "ls"], own
+    )
+    assert line.argv() == ["-i", "/k", "labpc", "-p", "2", "ls"]
+    assert line.own == (("--user", "ubuntu"), ("--state", "/s"), ("--no-cert", None))
+    assert line.port == "2"
+    cmd = ssh.parse_ssh_args(["labpc", "echo", "--user"], own)  # the command's, untouched
+    assert cmd.argv() == ["labpc", "echo", "--user"] and cmd.own == ()
+    for bad, why in (
+        (["labpc", "--user"], "--user needs a value"),
+        (["labpc", "--no-cert=1"], "--no-cert takes no value"),
+        (["labpc", "--nocert"], "ssh has no option --nocert"),
+    ):
+        with pytest.raises(ssh.SshArgsError, match=why):
+            ssh.parse_ssh_args(bad, own)

@@ -139,6 +139,11 @@ def test_write_known_hosts_atomic_replace(tmp_path: Path) -> None:
 def test_hostkeys_parse_keyscan_and_files(tmp_path: Path) -> None:
     scan = ["# 127.0.0.1:22 SSH-2.0-OpenSSH_9.2", f"127.0.0.1 {ED}", f"127.0.0.1 {ED}", "junk"]
     assert hostkeys.parse_keys(scan, with_host=True) == (ED,)
+    # ssh-keyscan's order varies from scan to scan: any order gives the same announce
+    both = [f"h {ED}", f"h {EC}"]
+    assert hostkeys.parse_keys(both, with_host=True) == hostkeys.parse_keys(
+        both[::-1], with_host=True
+    )
     (tmp_path / "ssh_host_ed25519_key.pub").write_text(ED + " root@box\n")
     (tmp_path / "ssh_host_ecdsa_key.pub").write_text(EC + "\n")
     keys = hostkeys.from_files(str(tmp_path / "ssh_host_*_key.pub"))

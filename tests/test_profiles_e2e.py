@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -329,6 +330,91 @@ def test_ssh_names_resolve_per_profile(net: Net, work: Homeport, laptop_work: Pa
     finally:
         assert net.homeport("switch", "--state", str(net.laptop), "default").returncode == 0
         net.homeport("ssh-config", "--install", "--state", str(net.laptop))
+
+
+def test_the_one_line_proxycommand_understands_name_dot_profile(
+    net: Net, work: Homeport, laptop_work: Path, tmp_path: Path
+) -> None:
+    """``ssh -o ProxyCommand='homeport nc %h %p' labpc.work``: nc sees ``labpc.work`` (no
+    generated Host block turned it into ``labpc``) and must pick the work profile itself,
+    through its agent and, without one, by dialling with the profile's own identity."""
+    home_port, work_port = net.sshd.port, work.sshd_port  # type: ignore[attr-defined]
+    nc_cmd = shlex.join([*HOMEPORT, "nc"]) + " %h %p"
+    where = ["echo", "$SSH_CONNECTION"]
+
+    def one_liner(state: Path, host: str, profile_dir: Path) -> subprocess.CompletedProcess[str]:
+        # what README's one-liner adds for host keys, pointed at the profile's file
+        known = profile_dir / "ssh_known_hosts"
+        node = host.partition(".")[0]
+        opts = [
+            "-o", f"ProxyCommand={nc_cmd}", "-o", f"UserKnownHostsFile={known}",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"HostKeyAlias={node}",
+        ]  # fmt: skip
+        keys = [a for k in net.keys for a in ("-i", str(k))]
+        argv = ["ssh", "-F", "/dev/null", *keys, "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                *opts, "-l", net.sshd.user, host, *where]  # fmt: skip
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env=net.env(HOMEPORT_STATE=str(state)), check=False,
+        )  # fmt: skip
+
+    assert _server_port(one_liner(net.laptop, "labpc.work", laptop_work)) == work_port
+    assert _server_port(one_liner(net.laptop, "labpc.default", net.laptop)) == home_port
+    assert _server_port(one_liner(net.laptop, "labpc", net.laptop)) == home_port
+    # the suffix wins over $HOMEPORT_PROFILE (the name says which network)
+    res = net.homeport(
+        "nc",
+        "labpc.default",
+        "22",
+        env=net.env(HOMEPORT_STATE=str(net.laptop), HOMEPORT_PROFILE="work"),
+    )
+    assert res.returncode == 0 and res.stdout.startswith("SSH-2.0-"), res.stderr
+    # no agent: nc dials the work server itself, as the work node
+    copy = _copy_state(net.laptop, tmp_path / "state")
+    assert _server_port(one_liner(copy, "labpc.work", copy / "profiles" / "work")) == work_port
+    # one line that says what went wrong, for a missing node and a profile typo
+    for host, line in (
+        ("nosuch.work", "homeport nc: nosuch.work: no node named 'nosuch' in this network "
+                        "(profile 'work')"),
+        ("labpc.wrk", "homeport nc: labpc.wrk: no node named 'labpc.wrk' in this network "
+                      "('wrk' is not a profile here: profiles: default, work)"),
+    ):  # fmt: skip
+        res = net.homeport("nc", "--state", str(net.laptop), host, "22")
+        assert res.returncode == 1 and res.stderr.splitlines() == [line], res.stderr
+
+
+def test_homeport_ssh_takes_ssh_options_before_the_name(
+    net: Net, work: Homeport, laptop_work: Path
+) -> None:
+    """``homeport ssh -i KEY -l USER labpc``: ssh's options with arguments are not the node."""
+    keys = [a for k in net.keys for a in ("-i", str(k))]
+    where = ["echo", "$SSH_CONNECTION"]
+    base = ["ssh", "--state", str(net.laptop), "--no-cert"]
+    opts = [*keys, "-oIdentitiesOnly=yes", "-o", "BatchMode=yes", "-l", net.sshd.user]
+    res = net.homeport(*base, *opts, "labpc", *where)
+    assert _server_port(res) == net.sshd.port
+    res = net.homeport(*base, *opts, "-p", "22", "labpc.work", *where)  # and a profile
+    assert _server_port(res) == work.sshd_port  # type: ignore[attr-defined]
+    # homeport's own options after the name (docs/policy.md: homeport ssh labpc --user X)
+    res = net.homeport("ssh", "labpc.work", "--state", str(net.laptop), "--no-cert", *opts, *where)
+    assert _server_port(res) == work.sshd_port  # type: ignore[attr-defined]
+    # the port before the name is the one checked: one line, no ssh
+    res = net.homeport(*base, "-p", "2222", *opts, "labpc", "true")
+    assert res.returncode == 255
+    assert res.stderr.splitlines() == ["homeport: labpc does not expose '2222' (exposed: ssh/22)"]
+    # nothing that could be the name: one line, exit 2 (ssh's usage error, in homeport's words)
+    res = net.homeport(*base, "-i", str(net.keys[0]))
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "homeport: no NAME to connect to: homeport ssh [OPTIONS] [SSH OPTIONS] NAME [CMD]"
+    ]
+    assert "Traceback" not in res.stderr
+    # the certificate is for one login: --user and ssh's -l must not disagree
+    res = net.homeport("ssh", "--state", str(net.laptop), "--user", "ubuntu", "-l", "root", "labpc")
+    assert res.returncode == 2
+    assert res.stderr.splitlines() == [
+        "homeport: --user ubuntu and the ssh login root disagree: give one of them"
+    ]
 
 
 def test_a_single_network_state_dir_is_the_default_profile_unchanged(

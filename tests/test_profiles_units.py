@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,55 @@ def test_ssh_to_a_node_of_another_profile_suggests_its_profile_name(
     assert res.output.strip().endswith("; did you mean pi.home?"), res.output
     res = CliRunner().invoke(group, ["ssh", "--state", str(tmp_path), "nas"])
     assert res.exit_code == 255 and "did you mean" not in res.output
+
+
+# -- nc NAME.PROFILE (the one-line ProxyCommand `homeport nc %h %p`) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "expect"),
+    [
+        ("labpc.work", ("labpc", "work")),  # an existing profile: its node
+        ("labpc.default", ("labpc", "default")),  # the base directory's own profile
+        ("labpc", ("labpc", None)),  # no dot: the chosen profile, as before
+        ("labpc.wrk", ("labpc.wrk", None)),  # no such profile: left alone (and hinted)
+        ("a.b.work", ("a.b.work", None)),  # "a.b" is no node name: never split
+        ("labpc.Work", ("labpc.Work", None)),  # not a profile name (lowercase only)
+        (".work", (".work", None)),
+        ("labpc.", ("labpc.", None)),
+        ("labpc.notadir", ("labpc.notadir", None)),  # a file, not a profile directory
+    ],
+)
+def test_nc_splits_a_profile_suffix_only_for_an_existing_profile(
+    tmp_path: Path, host: str, expect: tuple[str, str | None]
+) -> None:
+    from homeport.client import nc
+
+    (tmp_path / "profiles" / "work").mkdir(parents=True)
+    (tmp_path / "profiles" / "notadir").write_text("")
+    assert nc.split_profile(host, str(tmp_path)) == expect
+
+
+def test_nc_profile_suffix_wins_and_errors_name_what_was_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from homeport.client import nc
+
+    (tmp_path / "profiles" / "work").mkdir(parents=True)
+    monkeypatch.setenv(nc.ENV_PROFILE, "home")  # --profile home: the suffix still decides
+    monkeypatch.setattr(nc, "_SHOWN", {})
+    monkeypatch.setattr(nc, "_HINTS", {})
+    args = nc.NcArgs("labpc.work", "22", state=str(tmp_path))
+    nc.use_profile_suffix(args)
+    assert args.host == "labpc" and os.environ[nc.ENV_PROFILE] == "work"
+    assert nc.state_dir(args.state) == str(tmp_path / "profiles" / "work")
+    nc._fail("labpc", "no node named 'labpc' in this network")
+    typo = nc.NcArgs("labpc.wrk", "22", state=str(tmp_path))
+    nc.use_profile_suffix(typo)
+    assert typo.host == "labpc.wrk"
+    nc._fail("labpc.wrk", "no node named 'labpc.wrk' in this network")
+    assert capsys.readouterr().err.splitlines() == [
+        "homeport nc: labpc.work: no node named 'labpc' in this network (profile 'work')",
+        "homeport nc: labpc.wrk: no node named 'labpc.wrk' in this network "
+        "('wrk' is not a profile here: profiles: default, work)",
+    ]

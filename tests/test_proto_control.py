@@ -91,6 +91,23 @@ def test_client_ping_schedule_and_dead_link_detection() -> None:
     assert c.get_timer() is None
 
 
+def test_a_slow_tls_handshake_is_not_counted_as_silence() -> None:
+    # made at TCP connect (t=0); TLS took 20 s, longer than the 15 s idle timeout
+    c = ControlConnection(Role.CLIENT, 0.0)
+    c.transport_ready(20.0)
+    assert c.get_timer() == 25.0  # the first PING is due a ping interval after TLS
+    c.handle_timer(25.0)
+    assert c.next_event() is None and c.get_timer() == 30.0
+    c.handle_timer(35.0)  # 15 s of real silence after TLS: dead
+    ev = c.next_event()
+    assert isinstance(ev, ConnectionClosed) and ev.code == "timeout"
+    # without it the link would have died at once
+    d = ControlConnection(Role.CLIENT, 0.0)
+    d.handle_timer(20.0)
+    ev = d.next_event()
+    assert isinstance(ev, ConnectionClosed) and ev.code == "timeout"
+
+
 def test_server_idle_timeout_marks_peer_gone() -> None:
     c, s = pair()
     c.send(m.Hello(proto=1, role="agent"))

@@ -6,6 +6,9 @@ arrives and checks what the core sends each session and asks of the relay.
 
 from __future__ import annotations
 
+import base64
+import struct
+
 import pytest
 
 from homeport.proto import audit as au
@@ -149,10 +152,91 @@ def test_peer_maps_are_pushed_coalesced_and_carry_no_host_keys(sim: Sim) -> None
     # a change is pushed as a delta from the version each agent has
     sim.out[a].take()
     sim.end(b)
-    sim.advance(c.NETMAP_COALESCE)
+    sim.advance(c.MAP_OFFLINE_GRACE - 0.01)
+    assert not sim.out[a].of(m.Peers)  # an agent that left is news only after the grace
+    sim.advance(0.01 + c.NETMAP_COALESCE)
     [delta] = sim.out[a].of(m.Peers)
     assert isinstance(delta, m.Peers) and not delta.reset
     assert [p.node_id for p in delta.peers] == [lab.node_id] and not delta.peers[0].online
+
+
+def _reconnect(sim: Sim, node: c.NodeRecord, address: str) -> int:
+    sid = sim.connect(node.fingerprint, address)
+    sim.send(sid, m.Hello(proto=1, role="agent", capver=2, caps=m.OUR_CAPS))
+    sim.send(sid, m.Announce(services=(SSH,), host_keys=(HOST_KEY,)))
+    return sid
+
+
+def _lab_and_observer(sim: Sim) -> tuple[c.NodeRecord, int, int]:
+    """labpc online (session b) and laptop (session a) holding the pushed map."""
+    lab, laptop = sim.new_node("labpc"), sim.new_node("laptop")
+    a = sim.agent(laptop)
+    b = sim.agent(lab, (SSH,))
+    sim.advance(c.NETMAP_COALESCE)
+    return lab, a, b
+
+
+def test_a_quick_reconnect_from_the_same_host_is_no_news_to_peers(sim: Sim) -> None:
+    lab, a, b = _lab_and_observer(sim)
+    before = sim.core.book.get(lab.node_id)
+    assert before is not None and before.online
+    sim.out[a].take()
+    sim.end(b)
+    assert not sim.core.is_online(lab.node_id)  # the server's own view is never delayed
+    sim.advance(1.0)
+    again = _reconnect(sim, lab, "192.0.2.10:40999")  # same host, a new source port
+    assert sim.core.is_online(lab.node_id)
+    sim.advance(2 * c.MAP_OFFLINE_GRACE)
+    assert not sim.out[a].of(m.Peers)  # nothing for the other agents to hear
+    assert sim.core.book.get(lab.node_id) == before  # same entry, same rev, old port
+    # it leaves for longer than the grace: offline, last seen when it left
+    left = sim.now
+    sim.end(again)
+    sim.advance(c.MAP_OFFLINE_GRACE + c.NETMAP_COALESCE)
+    [delta] = sim.out[a].of(m.Peers)
+    assert isinstance(delta, m.Peers)
+    [p] = delta.peers
+    assert not p.online and p.last_seen == left
+
+
+def test_a_reconnect_from_another_host_is_pushed_with_its_new_address(sim: Sim) -> None:
+    lab, a, b = _lab_and_observer(sim)
+    sim.out[a].take()
+    sim.end(b)
+    sim.advance(1.0)
+    back = sim.now
+    _reconnect(sim, lab, "198.51.100.7:5000")  # the laptop moved to another network
+    sim.advance(c.NETMAP_COALESCE)
+    [delta] = sim.out[a].of(m.Peers)
+    assert isinstance(delta, m.Peers)
+    [p] = delta.peers
+    assert p.online and p.address == "198.51.100.7:5000" and p.last_seen == back
+    sim.out[a].take()
+    sim.advance(2 * c.MAP_OFFLINE_GRACE)  # the old session's grace timer is void
+    assert not sim.out[a].of(m.Peers)
+
+
+def test_a_node_removed_within_the_grace_leaves_the_map_once(sim: Sim) -> None:
+    lab, a, b = _lab_and_observer(sim)
+    sim.out[a].take()
+    sim.end(b)
+    sim.core.remove_node("labpc", sim.now)
+    sim.run()
+    sim.advance(c.NETMAP_COALESCE)
+    assert lab.node_id not in _view(sim, a).peers
+    sim.out[a].take()
+    sim.advance(2 * c.MAP_OFFLINE_GRACE)
+    assert not sim.out[a].of(m.Peers) and lab.node_id not in sim.core.book
+
+
+def test_with_no_grace_maps_say_offline_at_once() -> None:
+    sim = Sim(map_offline_grace=0.0)
+    _lab, a, b = _lab_and_observer(sim)
+    sim.out[a].take()
+    sim.end(b)
+    sim.advance(c.NETMAP_COALESCE)
+    [delta] = sim.out[a].of(m.Peers)
+    assert isinstance(delta, m.Peers) and not delta.peers[0].online
 
 
 def test_an_unchanged_announce_pushes_nothing(sim: Sim) -> None:
@@ -163,6 +247,20 @@ def test_an_unchanged_announce_pushes_nothing(sim: Sim) -> None:
     sim.send(a, m.Announce(services=(SSH,), host_keys=(HOST_KEY,)))
     sim.advance(1)
     assert sim.out[a].messages == []
+
+
+def test_host_keys_in_another_order_are_no_new_announce(sim: Sim) -> None:
+    blob = struct.pack(">I", 11) + b"ssh-ed25519" + struct.pack(">I", 32) + bytes([7]) * 32
+    ec = "ssh-ed25519 " + base64.b64encode(blob).decode("ascii")  # a second key
+    lab = sim.new_node("labpc")
+    a = sim.hello(lab)
+    sim.send(a, m.Announce(services=(SSH,), host_keys=(HOST_KEY, ec)))
+    stored = [n for n in sim.notes if "exposes" in n]  # one per announce that changed
+    assert len(stored) == 1
+    sim.send(a, m.Announce(services=(SSH,), host_keys=(ec, HOST_KEY)))  # ssh-keyscan reordered
+    assert [n for n in sim.notes if "exposes" in n] == stored
+    node = sim.core.node(lab.node_id)
+    assert node is not None and node.host_keys == tuple(sorted((HOST_KEY, ec)))
 
 
 def test_first_release_clients_get_the_old_netmap(sim: Sim) -> None:
@@ -441,7 +539,8 @@ def test_map_pushes_coalesce_longer_as_the_fleet_grows(
     assert sim.core.push_delay() == pytest.approx(0.5)
     for sid in sids:
         sim.out[sid].take()
-    sim.end(sids[0])  # 4 agents left: 0.4 s
+    sim.end(sids[0])  # 4 agents left: 0.4 s (after the offline grace)
+    sim.advance(c.MAP_OFFLINE_GRACE)
     sim.advance(c.NETMAP_COALESCE)
     assert not sim.out[sids[1]].of(m.Peers)
     sim.advance(0.4 - c.NETMAP_COALESCE + 0.01)

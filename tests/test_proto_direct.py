@@ -467,7 +467,7 @@ def test_the_peer_map_says_offline_and_back_online_reprobes(net: DirectNet) -> N
     net.settle()
     net.sim.end(b.sid)  # B goes offline: the map says so
     net.peers.remove(b)
-    net.advance(c.NETMAP_COALESCE)
+    net.advance(c.MAP_OFFLINE_GRACE + c.NETMAP_COALESCE)
     assert a.core.path_choice(b_id, net.sim.now).code == "peer-offline"
     a.core.stream_wanted(b_id, net.sim.now)
     net.advance(5.0)  # the backoff passes, but nobody asks for an offline peer

@@ -263,7 +263,10 @@ def test_wrong_password_says_proxy_needs_authentication(lab: Lab) -> None:
 def test_no_credentials_says_how_to_give_them(lab: Lab) -> None:
     res = _nc(lab, "labpc", "22", env={"HOMEPORT_PROXY": f"http://{PROXY_IP}:{PROXY_PORT}"})
     assert res.returncode == 1
-    assert "proxy needs authentication: give --proxy http://USER:PASSWORD@HOST:PORT" in res.stderr
+    assert (
+        "proxy needs authentication: give --proxy http://USER@HOST:PORT with "
+        "--proxy-password-file FILE (or $HOMEPORT_PROXY_PASSWORD)"
+    ) in res.stderr
 
 
 def test_proxy_unreachable_is_named(lab: Lab) -> None:

@@ -64,7 +64,7 @@ def test_root_install_writes_the_dropin_and_ca_copy(tmp_path: Path) -> None:
 def test_ssh_gets_the_certificate_options(tmp_path: Path) -> None:
     key, cert = key_paths(tmp_path, "lab/pc", "alice")
     assert key.name == "lab_pc_alice" and cert.name == "lab_pc_alice-cert.pub"
-    argv = ssh_argv("lab", ["true"], tmp_path, extra=[("IdentityFile", str(key))])
+    argv = ssh_argv(["lab", "true"], tmp_path, extra=[("IdentityFile", str(key))])
     assert argv[-3:] == [f"IdentityFile={key}", "lab", "true"]
     block = ssh_config_block(["lab", "db"], tmp_path, certs=True)
     match = cert_match_block(["lab", "db"], tmp_path)

@@ -112,6 +112,35 @@ def test_announce_and_seen_round_trip(db_url: str) -> None:
     assert row.last_seen == 42.0 and row.last_address == "198.51.100.7:5555"
 
 
+SEEN_SEQUENCES = [
+    [("n1", 1.0, "192.0.2.1:1"), ("n1", 2.0, None)],  # a later time keeps the last address
+    [("n1", 1.0, None), ("n1", 2.0, "192.0.2.1:2")],  # a later address replaces it
+    [("n1", 3.0, "192.0.2.1:3"), ("n2", 4.0, None), ("n1", 5.0, "198.51.100.1:5")],
+    [("n2", 6.0, "192.0.2.2:6"), ("n2", 7.0, None), ("n1", 8.0, None)],
+    [],
+]
+
+
+@pytest.mark.parametrize("seq", SEEN_SEQUENCES)
+def test_last_seen_batches_equal_the_same_writes_one_by_one(
+    db_url: str, seq: list[tuple[str, float, str | None]]
+) -> None:
+    one, many = open_store(db_url), open_store("sqlite://")
+    for store in (one, many):
+        store.insert_node(node("n1", "a"))
+        store.insert_node(node("n2", "b"))
+        store.set_node_seen("n2", 0.5, "203.0.113.9:9")
+    for node_id, when, address in seq:
+        one.set_node_seen(node_id, when, address)
+    many.set_nodes_seen(seq)
+
+    def seen(store: object) -> list[tuple[float | None, str | None]]:
+        rows = [store.get_node(n) for n in ("n1", "n2")]  # type: ignore[attr-defined]
+        return [(r.last_seen, r.last_address) for r in rows]
+
+    assert seen(many) == seen(one)
+
+
 def key(
     key_id: str = "k1", *, reusable: bool = False, expires_at: float | None = None
 ) -> AuthKeyRow:

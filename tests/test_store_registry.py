@@ -19,7 +19,7 @@ from sqlalchemy import select
 from homeport.crypto import identity
 from homeport.crypto.tls import fingerprint
 from homeport.proto.coord import EnrollRefused, EnrollRequest, NodeRecord, SetSeen
-from homeport.store.db import SCHEMA_VERSION, Store, default_url, metadata, open_store
+from homeport.store.db import SCHEMA_VERSION, NodeRow, Store, default_url, metadata, open_store
 from homeport.store.registry import KeyStatus, Registry, WriteBehind
 from homeport.wire import control as m
 from tests.coordsim import PIN, T0, Sim
@@ -249,6 +249,38 @@ def test_write_behind_keeps_order_and_flushes(db_url: str) -> None:
         writer.submit(SetSeen("n1", T0 + i, f"192.0.2.1:{i}"))
     read_back = writer.call(registry.load_nodes).result(10)  # runs after all 200 writes
     assert read_back[0].last_seen == T0 + 199 and read_back[0].last_address == "192.0.2.1:199"
+    writer.close()
+    registry.close()
+
+
+def test_last_seen_writes_batch_without_reordering_other_writes(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = Registry(open_store(db_url), server_pin=PIN)
+    registry.store.insert_node(
+        NodeRow(node_id="n1", name="a", fingerprint="sha256:n1", cert_pem="PEM", created_at=T0)
+    )
+    batches: list[int] = []
+    real = registry.apply_seen
+
+    def counted(ops: list[SetSeen]) -> None:
+        batches.append(len(ops))
+        real(ops)
+
+    monkeypatch.setattr(registry, "apply_seen", counted)
+    writer = WriteBehind(registry)
+    gate = threading.Event()
+    writer.call(gate.wait, 10.0)  # hold the writer while the queue fills
+    for i in range(300):
+        writer.submit(SetSeen("n1", T0 + i, f"192.0.2.1:{i}"))
+    mid = writer.call(registry.load_nodes)  # must see exactly the first 300
+    for i in range(300, 600):
+        writer.submit(SetSeen("n1", T0 + i, None))
+    gate.set()
+    assert mid.result(10)[0].last_seen == T0 + 299
+    last = writer.call(registry.load_nodes).result(10)[0]
+    assert last.last_seen == T0 + 599 and last.last_address == "192.0.2.1:299"
+    assert batches == [300, 300]  # two transactions, split by the read in between
     writer.close()
     registry.close()
 

@@ -288,8 +288,15 @@ def _enroll_with_retry(server: str, authkey: str, name: str, state_dir: Path) ->
 @click.option(
     "--proxy",
     metavar="URL",
-    help="reach the server through this HTTP CONNECT proxy, http://[USER:PASS@]HOST:PORT "
-    "(saved; 'off': never, 'auto': back to $HTTPS_PROXY/$NO_PROXY, the default)",
+    help="reach the server through this HTTP CONNECT proxy, http://[USER@]HOST:PORT "
+    "(saved; 'off': never, 'auto': back to $HTTPS_PROXY/$NO_PROXY, the default). "
+    "A password in the URL shows in ps: use --proxy-password-file",
+)
+@click.option(
+    "--proxy-password-file",
+    metavar="FILE",
+    help="read the password of the --proxy URL's user (or the saved proxy's) from FILE, or "
+    "from $HOMEPORT_PROXY_PASSWORD; saved with the proxy in network.json (0600)",
 )
 @click.option(
     "--tls-data",
@@ -317,6 +324,7 @@ def up(  # noqa: PLR0917 - click passes options positionally
     metrics_allow_remote: bool,
     advertise_exit: str | None,
     proxy: str | None,
+    proxy_password_file: str | None,
     tls_data: str | None,
     verbose: bool,
 ) -> None:
@@ -340,8 +348,9 @@ def up(  # noqa: PLR0917 - click passes options positionally
         state_dir = node_state.resolve_dir(state)
     except node_state.StateError as exc:
         _fail(str(exc), 2)
-    if proxy is not None or tls_data is not None:
-        _save_network(state_dir, proxy, tls_data)
+    password = _proxy_password(proxy_password_file)
+    if proxy is not None or tls_data is not None or password is not None:
+        _save_network(state_dir, proxy, tls_data, password)
     try:
         st = node_state.load(state_dir)
         st = _moved(st, server, name, authkey)
@@ -413,8 +422,43 @@ def _exit_setting(state_dir: Path, spec: str | None, log: logging.Logger) -> Non
         )
 
 
-def _save_network(state_dir: Path, proxy: str | None, tls_data: str | None) -> None:
-    """Save ``--proxy``/``--tls-data`` in the state directory (before enrollment uses them)."""
+def _proxy_password(path: str | None) -> tuple[str, str] | None:
+    """(password, where it came from) from ``--proxy-password-file`` or
+    ``$HOMEPORT_PROXY_PASSWORD`` (one of them), else None. Only the line break that ends
+    the file is taken off: a password may hold spaces."""
+    from homeport.node.settings import ENV_PROXY_PASSWORD, MAX_PASSWORD_FILE
+
+    env = os.environ.pop(ENV_PROXY_PASSWORD, None)  # not for the agent's children
+    if path and env:
+        _fail(
+            f"give the proxy password one way only: --proxy-password-file or ${ENV_PROXY_PASSWORD}",
+            2,
+        )
+    if env:
+        return env, f"${ENV_PROXY_PASSWORD}"
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PASSWORD_FILE + 1)
+    except OSError as exc:
+        _fail(f"cannot read the proxy password file {path}: {exc.strerror or exc}", 2)
+    if len(data) > MAX_PASSWORD_FILE:
+        _fail(f"proxy password file {path} is longer than {MAX_PASSWORD_FILE} bytes", 2)
+    text = data.decode("utf-8", "replace").removesuffix("\n").removesuffix("\r")
+    if "\n" in text:
+        _fail(f"proxy password file {path} must hold one line", 2)
+    return text, f"the file {path}"
+
+
+def _save_network(
+    state_dir: Path,
+    proxy: str | None,
+    tls_data: str | None,
+    password: tuple[str, str] | None = None,
+) -> None:
+    """Save ``--proxy``/``--tls-data`` in the state directory (before enrollment uses them),
+    with the password from :func:`_proxy_password` added to the given or saved proxy URL."""
     from dataclasses import replace
 
     from homeport.node import settings
@@ -437,6 +481,26 @@ def _save_network(state_dir: Path, proxy: str | None, tls_data: str | None) -> N
                 saved = replace(saved, proxy=parse_proxy_url(value).url())
             except ValueError as exc:
                 _fail(f"--proxy: {exc}", 2)
+            if password is None and settings.proxy_has_password(value):
+                logging.getLogger("homeport.up").warning(
+                    "the proxy password in --proxy is visible to every user in 'ps' while up "
+                    "runs; prefer --proxy http://USER@HOST:PORT with --proxy-password-file "
+                    "FILE or $%s (docs/proxy.md)",
+                    settings.ENV_PROXY_PASSWORD,
+                )
+    if password is not None:
+        if not saved.proxy or saved.proxy == "off":
+            _fail(
+                f"a proxy password from {password[1]} needs a proxy: --proxy http://USER@HOST:PORT",
+                2,
+            )
+        try:
+            url = saved.proxy
+            if proxy is None:  # a new password for the saved proxy's user (rotated)
+                url = replace(parse_proxy_url(url), password=None).url()
+            saved = replace(saved, proxy=settings.proxy_with_password(url, *password))
+        except ValueError as exc:
+            _fail(f"--proxy: {exc}", 2)
     if tls_data is not None:
         saved = replace(saved, tls_data=settings.TlsData(tls_data))
     try:

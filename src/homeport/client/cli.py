@@ -340,48 +340,70 @@ def nc(args: tuple[str, ...]) -> None:
     sys.exit(main(list(args)))
 
 
+#: ``homeport ssh``'s own long options (-> takes a value), also accepted after NAME.
+SSH_OWN_OPTIONS = {"--state": True, "--user": True, "--no-cert": False, "--profile": True}
+
+
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--state", metavar="DIR", help=STATE_HELP)
 @click.option("--user", "account", metavar="USER", help="local account to log in as (certificate)")
 @click.option("--no-cert", is_flag=True, help="do not ask the server for an SSH certificate")
-@click.argument("name")
-@click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED)
-def ssh(
-    state: str | None, account: str | None, no_cert: bool, name: str, ssh_args: tuple[str, ...]
-) -> None:
-    """Run the system ssh to NAME through homeport (extra args go to ssh).
+@click.argument("ssh_args", nargs=-1, type=click.UNPROCESSED, metavar="[SSH OPTIONS] NAME [CMD]")
+def ssh(state: str | None, account: str | None, no_cert: bool, ssh_args: tuple[str, ...]) -> None:
+    """Run the system ssh to NAME through homeport. ssh's own options (-i KEY, -p PORT,
+    -l USER, -o X=Y, -J, -L …) and homeport's may come before or after NAME (up to the
+    remote command), as with ssh. NAME.PROFILE is NAME in that profile.
 
     A fresh key and a short-lived certificate for the account are fetched first
     when the server's policy allows it (keyless SSH); otherwise your own keys.
     """
-    from homeport.client.ssh import exec_ssh
+    from homeport.client.ssh import SshArgsError, exec_ssh, parse_ssh_args
 
-    name, profile = _split_profile(state, name)
+    try:
+        line = parse_ssh_args(list(ssh_args), SSH_OWN_OPTIONS)
+    except SshArgsError as exc:
+        _fail(str(exc), 2)
+    for opt, value in line.own:  # homeport's options given after NAME (docs/policy.md)
+        if opt == "--state":
+            state = value
+        elif opt == "--user":
+            account = value
+        elif opt == "--no-cert":
+            no_cert = True
+        elif opt == "--profile" and value is not None:
+            from homeport.node.state import ENV_PROFILE, profile_problem
+
+            problem = profile_problem(value)
+            if problem is not None:
+                _fail(f"--profile: {problem}", 2)
+            os.environ[ENV_PROFILE] = value
+    if account and line.user and line.user != account:  # the certificate is for one login
+        _fail(f"--user {account} and the ssh login {line.user} disagree: give one of them", 2)
+    target, profile = _split_profile(state, line.host)
     if profile is not None:
         from homeport.node.state import ENV_PROFILE
 
         os.environ[ENV_PROFILE] = profile
+        line = line.with_host(target)
     st = _load(state)
     extra: list[tuple[str, str]] = []
-    args = list(ssh_args)
-    target = name.rpartition("@")[2]
-    reason = _precheck(st, target, _ssh_port(args))
+    reason = _precheck(st, target, line.port or "22")
     if reason is not None:  # one line, and no ssh (with its own noise) at all
         from homeport.client.nc import format_error
 
         if reason.startswith("no node named"):
             reason += _elsewhere_hint(st.dir, state, target)
         _fail(format_error(target, reason).removeprefix("homeport nc: "), 255)
+    args = line.argv()
     if not no_cert:
         import getpass
 
-        user, _, host = name.rpartition("@")
-        who = account or user or getpass.getuser()
-        extra = _cert_options(st, host, who)
-        if account and not user:
+        who = account or line.user or getpass.getuser()
+        extra = _cert_options(st, target, who)
+        if account and not line.user:
             args = ["-l", account, *args]
     try:
-        exec_ssh(name, args, st.dir, extra)
+        exec_ssh(args, st.dir, extra)
     except OSError as exc:
         _fail(f"cannot run ssh: {exc.strerror or exc}")
 
@@ -415,16 +437,6 @@ def _split_profile(state: str | None, name: str) -> tuple[str, str | None]:
     if not dot or not node or suffix not in node_state.list_profiles(node_state.base_dir(state)):
         return name, None
     return f"{user}{at}{node}", suffix
-
-
-def _ssh_port(args: list[str]) -> str:
-    """The port ssh will ask for (``-p N`` / ``-pN`` among the user's args), else 22."""
-    for i, arg in enumerate(args):
-        if arg == "-p" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("-p") and arg[2:].isdigit():
-            return arg[2:]
-    return "22"
 
 
 def _precheck(st: Any, host: str, service: str) -> str | None:

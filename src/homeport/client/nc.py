@@ -51,7 +51,8 @@ USAGE = "Usage: homeport nc [OPTIONS] HOST PORT"
 HELP = f"""{USAGE}
 
   ssh ProxyCommand: open a stream to HOST's PORT (a port number or a service
-  name) through homeport and connect it to ssh.
+  name) through homeport and connect it to ssh. HOST is a node name, or
+  NAME.PROFILE for a node of another profile (PROFILE wins over --profile).
 
 Options:
   --state DIR        state directory (env HOMEPORT_STATE, default
@@ -195,8 +196,17 @@ def _usage_error(reason: str) -> int:
     return EXIT_USAGE
 
 
+#: How this run names HOST in its error lines: ``{"labpc": "labpc.work"}`` once a profile
+#: suffix was taken off (:func:`use_profile_suffix`), and ``{"labpc.wrk": hint}`` for a
+#: dotted name that only looks like NAME.PROFILE. A one-shot process's own bookkeeping.
+_SHOWN: dict[str, str] = {}
+_HINTS: dict[str, str] = {}
+
+
 def _fail(host: str, reason: str) -> int:
-    print(format_error(host, reason), file=sys.stderr, flush=True)
+    if reason.startswith("no node named") and host in _HINTS:
+        reason += _HINTS[host]
+    print(format_error(_SHOWN.get(host, host), reason), file=sys.stderr, flush=True)
     return EXIT_FAIL
 
 
@@ -214,6 +224,7 @@ def main(argv: list[str]) -> int:
             print(HELP)
             return EXIT_OK
         return _usage_error(str(exc))
+    use_profile_suffix(args)
     handoff = _fdpass_socket() if args.fdpass or _ssh_wants_fd() else None
     if names.host_name_problem(args.host) is None:  # else the direct path reports it
         code = _agent_open(args, handoff)
@@ -242,6 +253,8 @@ def check_main(argv: list[str]) -> int:
         return _usage_error(str(exc))
     if suffix and args.host.endswith(suffix):
         args.host = args.host[: -len(suffix)]
+    else:
+        use_profile_suffix(args)
     problem = names.host_name_problem(args.host)
     if problem is not None:
         _fail(args.host, problem)
@@ -257,11 +270,70 @@ def check_main(argv: list[str]) -> int:
 # -- the warm path: ask the local agent ------------------------------------------------
 
 
+def split_profile(host: str, state: str | None) -> tuple[str, str | None]:
+    """``labpc.work`` -> ("labpc", "work") when "work" is a profile of the base state directory
+    (``default``, or an existing ``profiles/work``); anything else -> (host, None).
+
+    The precedence, and why it is never ambiguous: a node name has no dot (the
+    node-name rule of :mod:`homeport.wire.names`), so ``labpc.work`` can never be
+    a node of the current profile, and only a valid node name before the last
+    dot is taken (``a.b.work`` is left alone). A suffix that names a profile
+    wins over ``--profile`` and ``$HOMEPORT_PROFILE``, as in ``homeport ssh
+    labpc.work``: the name says which network. ``node.state.list_profiles``'s
+    rule, with ``os`` only (nc's start-up time).
+    """
+    node, dot, suffix = host.rpartition(".")
+    if not dot or names.node_name_problem(node) is not None:
+        return host, None
+    if names.node_name_problem(suffix) is not None:
+        return host, None
+    if suffix == "default" or os.path.isdir(os.path.join(_base_dir(state), "profiles", suffix)):
+        return node, suffix
+    return host, None
+
+
+def use_profile_suffix(args: NcArgs) -> None:
+    """Apply :func:`split_profile` to ``args``: the profile goes to $HOMEPORT_PROFILE (so the
+    warm and the direct path both use it), errors keep showing the name as given; a name
+    that only looks like NAME.PROFILE gets a hint for its "no node named" error."""
+    node, profile = split_profile(args.host, args.state)
+    if profile is not None:
+        os.environ[ENV_PROFILE] = profile
+        _SHOWN[node] = args.host
+        _HINTS[node] = f" (profile {profile!r})"
+        args.host = node
+        return
+    head, dot, suffix = args.host.rpartition(".")
+    if dot and names.node_name_problem(head) is None and names.node_name_problem(suffix) is None:
+        _HINTS[args.host] = f" ({suffix!r} is not a profile here: {_profile_list(args.state)})"
+
+
+def _profile_list(state: str | None) -> str:
+    try:
+        found = sorted(os.listdir(os.path.join(_base_dir(state), "profiles")))
+    except OSError:
+        found = []
+    base = os.path.join(_base_dir(state), "profiles")
+    good = [
+        p
+        for p in found
+        if p != "default"
+        and names.node_name_problem(p) is None
+        and os.path.isdir(os.path.join(base, p))
+    ]
+    return "profiles: " + ", ".join(["default", *good])
+
+
+def _base_dir(arg: str | None) -> str:
+    """``node.state.base_dir`` without pathlib: --state, else $HOMEPORT_STATE, else default."""
+    raw = arg or os.environ.get(ENV_STATE) or DEFAULT_STATE
+    return os.path.abspath(os.path.expanduser(raw))
+
+
 def state_dir(arg: str | None) -> str:
     """``node.state.resolve_dir`` without pathlib: --state, else $HOMEPORT_STATE, else default;
     then the profile: $HOMEPORT_PROFILE (``--profile``), else the base's ``profile`` file."""
-    raw = arg or os.environ.get(ENV_STATE) or DEFAULT_STATE
-    base = os.path.abspath(os.path.expanduser(raw))
+    base = _base_dir(arg)
     name = os.environ.get(ENV_PROFILE)
     if not name:
         try:

@@ -26,6 +26,8 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from homeport.node.state import ALL_KNOWN_HOSTS
@@ -113,6 +115,174 @@ def precheck_text(
     return "\n".join(precheck_block([n + suffix for n in good], state_dir, python, suffix)) + "\n"
 
 
+# -- where ``homeport ssh``'s destination is among ssh's own arguments -------------------
+
+#: ssh(1)'s options that take an argument (``man ssh``, OpenSSH 9.x: -B -b -c -D -E -e -F
+#: -I -i -J -L -l -m -O -o -P -p -Q -R -S -W -w). ``-P tag`` is OpenSSH 9.4's; older ones
+#: took ``-P`` without an argument and ignored it, so nobody passes it to those.
+SSH_OPTIONS_WITH_ARG = frozenset("BbcDEeFIiJLlmOoPpQRSWw")
+#: ssh(1)'s flags (``-1``/``-2`` are accepted and ignored by current OpenSSH).
+SSH_FLAGS = frozenset("1246AaCfGgKkMNnqsTtVvXxYy")
+URI_SCHEME = "ssh://"
+
+
+class SshArgsError(ValueError):
+    """ssh's arguments cannot be parsed as ssh would (message is one line for the user)."""
+
+
+@dataclass(frozen=True)
+class SshCommandLine:
+    """ssh's arguments split around the destination, the way OpenSSH reads them.
+
+    ssh takes options before the destination and after it, up to the first other word (the
+    remote command) or ``--``. Where a setting comes several times the first one wins,
+    the destination's ``user@``/``:port`` counting at its place: ``-l a b@h`` logs in as
+    a, ``b@h -l a`` as b (what ``ssh -G`` prints). Why homeport needs it: to find the node
+    (``-i KEY labpc`` is not a node called ``-i``), its port for the precheck, and the
+    login for the certificate.
+    """
+
+    before: tuple[str, ...]  #: everything ahead of the destination, untouched
+    destination: str  #: as given: ``[user@]host`` or ``ssh://[user@]host[:port]``
+    after: tuple[str, ...]  #: later options and the remote command, untouched
+    host: str
+    user: str | None  #: the login ssh will use, when the command line says
+    port: str | None  #: the port ssh will ask for, when the command line says
+    own: tuple[tuple[str, str | None], ...] = ()  #: homeport's options found among ssh's
+
+    def argv(self) -> list[str]:
+        return [*self.before, self.destination, *self.after]
+
+    def with_host(self, host: str) -> SshCommandLine:
+        """The same command line to ``host`` (a profile suffix taken off), user/port kept."""
+        dest = self.destination
+        if dest.startswith(URI_SCHEME):
+            rest = dest[len(URI_SCHEME) :]
+            userinfo, at, hostport = rest.rpartition("@")
+            _, colon, port = hostport.partition(":")
+            dest = f"{URI_SCHEME}{userinfo}{at}{host}{colon}{port}"
+        else:
+            user, at, _ = dest.rpartition("@")
+            dest = f"{user}{at}{host}"
+        return replace(self, destination=dest, host=host)
+
+
+def _split_destination(dest: str) -> tuple[str | None, str, str | None]:
+    """(user, host, port) of ``[user@]host`` or ``ssh://[user@]host[:port]``."""
+    port = None
+    rest = dest
+    if dest.startswith(URI_SCHEME):
+        rest = dest[len(URI_SCHEME) :]
+        userinfo, at, hostport = rest.rpartition("@")
+        host, colon, port_text = hostport.partition(":")
+        port = port_text if colon else None
+        rest = f"{userinfo}{at}{host}"
+    user, at, host = rest.rpartition("@")
+    return (user if at else None), host, port
+
+
+def _option_setting(value: str) -> tuple[str, str]:
+    """``-o Port=2222`` / ``-o "Port 2222"`` -> ("port", "2222") (ssh_config's two forms)."""
+    text = value.strip()
+    cut = min((i for i in (text.find("="), text.find(" "), text.find("\t")) if i >= 0), default=-1)
+    if cut < 0:
+        return text.lower(), ""
+    return text[:cut].strip().lower(), text[cut + 1 :].strip(" \t=")
+
+
+def parse_ssh_args(args: list[str], own: Mapping[str, bool] | None = None) -> SshCommandLine:
+    """Find the destination in ssh's arguments (OpenSSH's getopt rules, see
+    :class:`SshCommandLine`): bundled flags (``-vv``), an argument attached (``-p2222``,
+    ``-oPort=2222``) or the next word (``-i KEY``), ``--`` ending the options.
+
+    ``own``: ``homeport ssh``'s long options (name -> takes a value), also taken where
+    ssh's options may be (``homeport ssh labpc --user ubuntu``: ssh has no long options,
+    so they cannot be ssh's); they come back in ``SshCommandLine.own``, not in its argv.
+
+    Raises:
+        SshArgsError: no destination, an option without its argument, an unknown option.
+    """
+    own = own or {}
+    user: str | None = None
+    port: str | None = None
+    found: tuple[int, str] | None = None
+    mine: list[tuple[str, str | None]] = []
+    taken: set[int] = set()  # indexes of homeport's own options (not passed to ssh)
+    i, options = 0, True
+    while i < len(args):
+        start = i
+        arg = args[i]
+        i += 1
+        if options and arg == "--":
+            options = False
+            if found is not None:
+                break  # ends the options after the destination: the rest is the command
+            continue
+        if not options or not arg.startswith("-") or arg == "-":
+            if found is not None:
+                break  # the remote command starts here
+            found = (i - 1, arg)
+            d_user, _, d_port = _split_destination(arg)
+            user = user if user is not None else d_user
+            port = port if port is not None else d_port
+            continue
+        if arg.startswith("--"):  # ssh has no long options: one of homeport's (after NAME)
+            name, eq, value = arg.partition("=")
+            if name not in own:
+                raise SshArgsError(
+                    f"ssh has no option {name} (and homeport ssh neither; see: homeport ssh "
+                    "--help, man ssh)"
+                )
+            if own[name] and not eq:
+                if i >= len(args):
+                    raise SshArgsError(f"{name} needs a value")
+                value = args[i]
+                i += 1
+            elif not own[name] and eq:
+                raise SshArgsError(f"{name} takes no value")
+            mine.append((name, value if own[name] else None))
+            taken.update(range(start, i))
+            continue
+        j = 1
+        while j < len(arg):
+            letter = arg[j]
+            if letter in SSH_FLAGS:
+                j += 1
+                continue
+            if letter not in SSH_OPTIONS_WITH_ARG:
+                raise SshArgsError(f"unknown ssh option -{letter} (see: man ssh)")
+            value = arg[j + 1 :]
+            if not value:
+                if i >= len(args):
+                    raise SshArgsError(f"ssh option -{letter} needs an argument (see: man ssh)")
+                value = args[i]
+                i += 1
+            if letter == "l" and user is None:
+                user = value
+            elif letter == "p" and port is None:
+                port = value
+            elif letter == "o":
+                key, val = _option_setting(value)
+                if key == "user" and user is None:
+                    user = val
+                elif key == "port" and port is None:
+                    port = val
+            break
+    if found is None:
+        raise SshArgsError("no NAME to connect to: homeport ssh [OPTIONS] [SSH OPTIONS] NAME [CMD]")
+    at, dest = found
+    _, host, _ = _split_destination(dest)
+    return SshCommandLine(
+        before=tuple(a for k, a in enumerate(args[:at]) if k not in taken),
+        destination=dest,
+        after=tuple(a for k, a in enumerate(args[at + 1 :], at + 1) if k not in taken),
+        host=host,
+        user=user,
+        port=port,
+        own=tuple(mine),
+    )
+
+
 def ssh_options(state_dir: Path, python: str | None = None) -> list[tuple[str, str]]:
     """The (keyword, value) pairs that route ssh through homeport."""
     kh = state_dir / ALL_KNOWN_HOSTS
@@ -126,7 +296,6 @@ def ssh_options(state_dir: Path, python: str | None = None) -> list[tuple[str, s
 
 
 def ssh_argv(
-    name: str,
     args: list[str],
     state_dir: Path,
     *,
@@ -134,21 +303,20 @@ def ssh_argv(
     ssh: str = "ssh",
     extra: list[tuple[str, str]] | None = None,
 ) -> list[str]:
-    """The argv ``homeport ssh`` execs: options first, then NAME, then the user's args.
+    """The argv ``homeport ssh`` execs: homeport's options first (ssh keeps the first value
+    it gets, so they win), then the user's ssh arguments with NAME among them, as given.
 
     ``extra``: more options (the certificate's IdentityFile/CertificateFile).
     """
     argv = [ssh]
     for key, value in [*ssh_options(state_dir, python), *(extra or [])]:
         argv += ["-o", f"{key}={value}"]
-    return [*argv, name, *args]
+    return [*argv, *args]
 
 
-def exec_ssh(
-    name: str, args: list[str], state_dir: Path, extra: list[tuple[str, str]] | None = None
-) -> None:
+def exec_ssh(args: list[str], state_dir: Path, extra: list[tuple[str, str]] | None = None) -> None:
     """Replace this process with ssh (never returns on success)."""
-    argv = ssh_argv(name, args, state_dir, extra=extra)
+    argv = ssh_argv(args, state_dir, extra=extra)
     os.execvp(argv[0], argv)  # noqa: S606 - exec ssh, no shell
 
 

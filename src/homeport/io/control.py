@@ -365,6 +365,7 @@ class ControlLink(asyncio.BufferedProtocol):
             self.abort(f"ALPN is {alpn!r}, not {ALPN_CONTROL!r}")
             return
         self._peer_der = tls.getpeercert(binary_form=True) or None
+        self.conn.transport_ready(self._loop.time())  # a slow handshake is not silence
         if self._answer_timeout is not None:
             self._answer_deadline = self._loop.call_later(self._answer_timeout, self._no_answer)
         self._arm_timer()

@@ -66,7 +66,9 @@ def parse_keys(lines: Iterable[str], *, with_host: bool) -> tuple[str, ...]:
         if with_host:
             parts = parts[1:]
         keys.append(" ".join(parts[:2]))
-    return sanitize_host_keys(keys)
+    # sorted: ssh-keyscan prints keys in whichever order its exchanges finish, and an order
+    # change must not read as new host keys (a stored announce, a pushed map) on every scan
+    return tuple(sorted(sanitize_host_keys(keys)))
 
 
 def keyscan(host: str, port: int) -> tuple[str, ...]:

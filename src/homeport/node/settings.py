@@ -149,6 +149,45 @@ ENV_PROXY = "HOMEPORT_PROXY"
 #: Environment: ``on``/``off``/``auto`` for TLS-wrapped data connections (beats the saved one).
 ENV_TLS_DATA = "HOMEPORT_TLS_DATA"
 NO_PROXY_WORDS = frozenset({"off", "none", "direct"})
+#: Environment: the password for ``up --proxy http://USER@HOST:PORT`` (or for the saved
+#: proxy's user), so that it is not on the command line, where ``ps`` shows it to everyone.
+ENV_PROXY_PASSWORD = "HOMEPORT_PROXY_PASSWORD"  # noqa: S105 - a variable's name
+#: ``up --proxy-password-file``: read at most this much (a password is 1..MAX_CREDENTIAL).
+MAX_PASSWORD_FILE = 1024
+
+
+def proxy_has_password(url: str) -> bool:
+    """Whether a ``--proxy`` URL carries a password (``ps`` shows it: ``up`` warns)."""
+    try:
+        return bool(parse_proxy_url(url).password)
+    except ValueError:
+        return False
+
+
+def proxy_with_password(url: str, password: str, source: str) -> str:
+    """``url`` (``http://USER@HOST:PORT``) with ``password`` from ``source`` added: the URL
+    to save in network.json (0600). Why a separate way in: an argument is visible in
+    ``ps`` to every user of the machine for as long as ``up`` runs.
+
+    Raises:
+        ValueError: one line: a bad URL, no user to give the password to, a password given
+            twice, an empty or too long one.
+    """
+    from dataclasses import replace
+
+    from homeport.wire.httpconnect import MAX_CREDENTIAL
+
+    proxy = parse_proxy_url(url)
+    if proxy.user is None:
+        raise ValueError(
+            f"a proxy password from {source} needs the user name in the proxy URL: "
+            "--proxy http://USER@HOST:PORT"
+        )
+    if proxy.password:
+        raise ValueError(f"the proxy password is given twice: in the URL and in {source}")
+    if not password or len(password) > MAX_CREDENTIAL:
+        raise ValueError(f"the proxy password in {source} must be 1-{MAX_CREDENTIAL} characters")
+    return replace(proxy, password=password).url()
 
 
 class TlsData(enum.Enum):

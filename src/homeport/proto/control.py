@@ -140,6 +140,10 @@ class ControlConnection:
         try:
             frames = self._decoder.feed_untrusted(data)
             for msg_type, body in frames:
+                if msg_type == m.MsgType.PEERS_Z and self.role is Role.SERVER:
+                    # only servers send maps; inflating a node's frames would let it make
+                    # the server hold up to 1 MiB per 64 KiB pre-auth frame
+                    raise WireError("PEERS_Z from a node (only the server sends peer maps)")
                 try:
                     msg = m.decode_untrusted(msg_type, body)
                 except UnknownType:
@@ -233,6 +237,19 @@ class ControlConnection:
         return out
 
     # -- time --------------------------------------------------------------
+    def transport_ready(self, now: float) -> None:
+        """The secure channel is up (TLS done): the keepalive clock starts now.
+
+        Why: the machine is made when TCP connects, and a TLS handshake with a busy
+        server (a reconnect storm) can take longer than ``idle_timeout``; counted as
+        silence, the link would be declared dead the moment it came up, and its retry
+        would add one more handshake to the storm.
+        """
+        if self.state is State.CLOSED:
+            return
+        self._last_rx = max(self._last_rx, now)
+        self._next_ping = max(self._next_ping, now + self.ping_interval)
+
     def get_timer(self) -> float | None:
         """The next time :meth:`handle_timer` must run, or None once closed."""
         if self.state is State.CLOSED:

@@ -107,6 +107,14 @@ NETMAP_COALESCE = 0.05
 NETMAP_PUSH_RATE = 5000.0
 #: The longest a peer-map change waits for its push, however large the fleet.
 NETMAP_COALESCE_MAX = 2.0
+#: How long peer maps keep showing an agent online after its control connection ended.
+#: Why: an agent that reconnects (a network blip, a process restart, a server-side drop)
+#: is otherwise news to every node twice, offline then online with a new address, and at
+#: thousands of agents that fan-out, not the reconnect, is the cost of churn (measured:
+#: docs/reliability.md "Load"). Within the grace a reconnect from the same host changes
+#: nothing in the map. The server's own view (``is_online``, admin, OPEN) is never delayed;
+#: 5 s matches how long a dead control link takes to be noticed (an agent's idle timeout).
+MAP_OFFLINE_GRACE = 5.0
 #: Longest reject reason / code from an agent that we pass on.
 MAX_REASON = 512
 MAX_CODE = 64
@@ -582,6 +590,13 @@ def _ago(seconds: float) -> str:
     return f"{s / 86400:.0f} days"
 
 
+def _host(address: str) -> str:
+    """``"ip:port"`` / ``"[v6]:port"`` -> the host part (the port of a control connection
+    changes with every reconnect and means nothing to peers)."""
+    host, sep, _ = address.rpartition(":")
+    return host.strip("[]") if sep else address
+
+
 def _utc(when: float) -> str:
     """A date people read in logs and errors (UTC, minute precision)."""
     return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -625,6 +640,7 @@ class Coordinator:
         ssh_ca: SshCa | None = None,
         ssh_cert_validity: float = sshca.DEFAULT_VALIDITY,
         map_epoch: str | None = None,
+        map_offline_grace: float = MAP_OFFLINE_GRACE,
     ) -> None:
         self.ca = ca
         self._ca_pem = ca.cert_pem.decode()
@@ -642,6 +658,10 @@ class Coordinator:
         self._node_sessions: dict[str, set[SessionId]] = {}
         self._agents: dict[str, SessionId] = {}
         self._addresses: dict[str, str] = {}
+        #: node id -> (online since, address) as peer maps show it: set when an agent comes
+        #: online, kept across a reconnect from the same host within ``map_offline_grace``.
+        self._presence: dict[str, tuple[float, str]] = {}
+        self.map_offline_grace = map_offline_grace
         self._streams: dict[str, _Stream] = {}
         self._tokens: set[bytes] = set()  # opener tokens of streams not yet spliced
         self._enroll_rate = TokenBuckets()  # per source address (proto.ratelimit)
@@ -770,7 +790,10 @@ class Coordinator:
                         self._fail(st, "offline", f"{node.name} went offline")
                 self._note(logging.INFO, f"agent {node.name} ({node_id}) offline")
                 self._direct_offline(node_id)
-                self._map_changed(node_id, now)
+                if self.map_offline_grace > 0:  # maps say so once it has not come back
+                    self._set_due("offline", node_id, now + self.map_offline_grace)
+                else:
+                    self._offline_timer(node_id, now)
                 if node.ephemeral:
                     self._set_due("ephemeral", node_id, now + self.ephemeral_offline)
 
@@ -897,9 +920,13 @@ class Coordinator:
         if msg.role != ROLE_AGENT:
             return
         self._node_due.pop(("ephemeral", node.node_id), None)
+        self._node_due.pop(("offline", node.node_id), None)
         old = self._agents.get(node.node_id)
         self._agents[node.node_id] = s.sid
         self._addresses[node.node_id] = s.address
+        shown = self._presence.get(node.node_id)
+        if shown is None or _host(shown[1]) != _host(s.address):
+            self._presence[node.node_id] = (now, s.address)
         self._nodes[node.node_id] = replace(node, last_seen=now, last_address=s.address)
         self._emit(Persist(SetSeen(node.node_id, now, s.address)))
         if old is not None and old != s.sid:
@@ -1043,7 +1070,7 @@ class Coordinator:
     def _announce(self, s: _Session, msg: m.Announce, now: float) -> None:
         node = self._nodes[s.node_id]
         services = sanitize_services(msg.services)
-        host_keys = sanitize_host_keys(msg.host_keys)
+        host_keys = tuple(sorted(sanitize_host_keys(msg.host_keys)))  # any order is the same
         exit_nets = (  # only well-formed networks count (bad ones dropped, never guessed)
             tuple(str(net) for net in nets_untrusted(msg.exit)) if m.CAP_EXIT in s.caps else ()
         )
@@ -1063,21 +1090,33 @@ class Coordinator:
             self._map_changed(node.node_id, now)
 
     def _peer(self, node: NodeRecord) -> m.Peer:
-        online = node.node_id in self._agents
+        """``node``'s map entry: online (and since when, from where) as ``_presence`` says.
+
+        Built only from what a quick reconnect does not change, so rebuilding it then is no
+        change to the book, and no push.
+        """
+        shown = self._presence.get(node.node_id)
+        if shown is not None:
+            online, last_seen, address = True, shown[0], shown[1]
+        else:
+            online, last_seen = False, node.last_seen or 0.0
+            address = self._addresses.get(node.node_id, node.last_address)
         return m.Peer(
             node_id=node.node_id,
             name=node.name,
             online=online,
-            last_seen=node.last_seen or 0.0,
+            last_seen=last_seen,
             fingerprint=node.fingerprint,
             services=node.services,
-            address=self._addresses.get(node.node_id, node.last_address),
+            address=address,
             user=node.user,
             tags=node.tags,
         )
 
     def _map_changed(self, node_id: str, now: float) -> None:
         node = self._nodes.get(node_id)
+        if node is None or node.removed:
+            self._presence.pop(node_id, None)
         if node is None or node.removed or not node.approved:
             self.book.remove(node_id)
         else:
@@ -1085,6 +1124,13 @@ class Coordinator:
         if self._push_due is None:
             self._push_due = now + self.push_delay()
             self._add_timer(self._push_due, "push", "")
+
+    def _offline_timer(self, node_id: str, now: float) -> None:
+        """The grace after an agent left is over: if it has not come back, maps say offline."""
+        if node_id in self._agents:
+            return
+        self._presence.pop(node_id, None)
+        self._map_changed(node_id, now)
 
     def _resume_base(self, s: _Session, msg: m.Hello) -> int:
         """The map version a reconnecting agent still holds, or 0 (it gets a full map).
@@ -1118,7 +1164,12 @@ class Coordinator:
         for s in self._sessions.values():
             if s.wants_map and s.map_version != version and s.state is SessionState.AUTHED:
                 self._emit(
-                    SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, s.map_version))
+                    SendEncoded(
+                        s.sid,
+                        self.book.encoded_updates_for(
+                            s.node_id, s.map_version, deflate=m.CAP_ZPEERS in s.caps
+                        ),
+                    )
                 )
                 s.map_version = version
 
@@ -1134,7 +1185,10 @@ class Coordinator:
         if m.CAP_PEERS in s.caps:
             # encoded once and written straight to the transport: a 10,000-node map
             # (~3.3 MiB over ~50 frames) must not sit in the control machine's queue
-            self._emit(SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, 0)))
+            deflate = m.CAP_ZPEERS in s.caps
+            self._emit(
+                SendEncoded(s.sid, self.book.encoded_updates_for(s.node_id, 0, deflate=deflate))
+            )
             if s.wants_map:
                 s.map_version = self.book.version
             return
@@ -1442,6 +1496,7 @@ class Coordinator:
         self._map_changed(node_id, now)
         self._node_due.pop(("expiry", node_id), None)
         self._node_due.pop(("ephemeral", node_id), None)
+        self._node_due.pop(("offline", node_id), None)
         return node
 
     # -- direct paths (capability "direct"; docs/nat-traversal.md) ------------------------------
@@ -1845,7 +1900,10 @@ class Coordinator:
             if s.role == ROLE_AGENT and m.CAP_PEERS in s.caps:
                 s.wants_map = True
                 s.map_version = 0
-                self._emit(SendEncoded(sid, self.book.encoded_updates_for(s.node_id, 0)))
+                deflate = m.CAP_ZPEERS in s.caps
+                self._emit(
+                    SendEncoded(sid, self.book.encoded_updates_for(s.node_id, 0, deflate=deflate))
+                )
         self._note(logging.INFO, f"node {name} ({node.node_id}) approved")
         self._emit(Audit(APPROVE, now, (("node", name), ("node_id", node.node_id))))
         self._map_changed(node.node_id, now)
@@ -2270,7 +2328,7 @@ class Coordinator:
     def _timer_live(self, t: _Timer) -> bool:
         if t.kind == "push":
             return self._push_due == t.when
-        if t.kind in ("expiry", "ephemeral"):
+        if t.kind in ("expiry", "ephemeral", "offline"):
             return self._node_due.get((t.kind, t.key)) == t.when
         st = self._streams.get(t.key)
         return st is not None and st.deadline == t.when
@@ -2288,6 +2346,10 @@ class Coordinator:
                 continue
             if t.kind == "ephemeral":
                 self._ephemeral_timer(t.key, now)
+                continue
+            if t.kind == "offline":
+                self._node_due.pop(("offline", t.key), None)
+                self._offline_timer(t.key, now)
                 continue
             st = self._streams[t.key]
             if st.state is StreamState.WAITING:

@@ -190,7 +190,7 @@ class PeerBook:
         # Bases below the horizon cannot be answered with a delta (their removals
         # fell off the log, or a reset_all happened after them).
         self._horizon = 0
-        self._cache: dict[tuple[Hashable, int], bytes] = {}
+        self._cache: dict[tuple[Hashable, int, bool], bytes] = {}
         self._cache_version = 0
         #: Times encoded_updates_for really encoded (for tests and the benchmark).
         self.encodes = 0
@@ -367,32 +367,36 @@ class PeerBook:
         frames[-1] = replace(frames[-1], more=False)
         return frames
 
-    def encoded_updates_for(self, viewer_id: str, base: int) -> bytes:
+    def encoded_updates_for(self, viewer_id: str, base: int, *, deflate: bool = False) -> bytes:
         """:meth:`updates_for` as the bytes to write (``m.encode`` of each frame).
 
         Without a filter the answer depends only on (base, version), so it is
         cached: pushing one change to 10,000 sessions at the same base encodes
         once. With a filter it is cached per (audience key, base) when an
-        ``audience`` was given, else encoded for every viewer.
+        ``audience`` was given, else encoded for every viewer. ``deflate``: for a
+        viewer with cap ``zpeers``, frames go out as PEERS_Z where that is smaller
+        (``m.peers_frame``), cached apart from the plain encoding.
         """
         if self._visible is not None and self._audience is None:
             self.encodes += 1
-            return b"".join(self._encode(f) for f in self.updates_for(viewer_id, base))
+            frames = self.updates_for(viewer_id, base)
+            return b"".join(self._encode(f, deflate=deflate) for f in frames)
         if self._cache_version != self._version:
             self._cache.clear()
             self._cache_version = self._version
         group = None if self._audience is None else self._audience(viewer_id)
-        key = (group, 0 if self.needs_full(base) else base)
+        key = (group, 0 if self.needs_full(base) else base, deflate)
         data = self._cache.get(key)
         if data is None:
             self.encodes += 1
-            data = b"".join(self._encode(f) for f in self.updates_for(viewer_id, key[1]))
+            frames = self.updates_for(viewer_id, key[1])
+            data = b"".join(self._encode(f, deflate=deflate) for f in frames)
             if len(self._cache) >= MAX_CACHED_ENCODINGS:
                 del self._cache[next(iter(self._cache))]
             self._cache[key] = data
         return data
 
-    def _encode(self, frame: m.Peers) -> bytes:
+    def _encode(self, frame: m.Peers, *, deflate: bool = False) -> bytes:
         """``m.encode(frame)``, byte for byte, from the entries' stored JSON.
 
         Why: serialising entries dominates a full map (10,000 entries: ~0.2 s
@@ -410,7 +414,8 @@ class PeerBook:
         obj["peers"] = _HOLE
         # the hole is the first string in the body: version, base and reset come first
         head, _, tail = _dumps(obj).partition(_HOLE_JSON)
-        return encode_frame(m.MsgType.PEERS, b"".join((head, b"[", b",".join(parts), b"]", tail)))
+        body = b"".join((head, b"[", b",".join(parts), b"]", tail))
+        return m.peers_frame(body) if deflate else encode_frame(m.MsgType.PEERS, body)
 
 
 # -- the node side ----------------------------------------------------------------------------

@@ -265,7 +265,10 @@ def verdict(reply: ConnectReply, target: str, proxy: ProxyURL) -> Verdict:
     said = f"{reply.status} {reply.reason}".strip()
     if reply.status in (401, 407):  # 407 per RFC 9110; tinyproxy answers a CONNECT with 401
         if proxy.user is None:
-            why = "proxy needs authentication: give --proxy http://USER:PASSWORD@HOST:PORT"
+            why = (
+                "proxy needs authentication: give --proxy http://USER@HOST:PORT with "
+                "--proxy-password-file FILE (or $HOMEPORT_PROXY_PASSWORD)"
+            )
         else:
             why = f"proxy needs authentication: it refused the credentials for {proxy.user!r}"
         return Verdict(Refusal.AUTH_REQUIRED, f"{why} (proxy {proxy} said {said})")
