@@ -152,9 +152,7 @@ def test_peer_maps_are_pushed_coalesced_and_carry_no_host_keys(sim: Sim) -> None
     # a change is pushed as a delta from the version each agent has
     sim.out[a].take()
     sim.end(b)
-    sim.advance(c.MAP_OFFLINE_GRACE - 0.01)
-    assert not sim.out[a].of(m.Peers)  # an agent that left is news only after the grace
-    sim.advance(0.01 + c.NETMAP_COALESCE)
+    sim.advance(sim.core.offline_grace() + c.NETMAP_COALESCE)
     [delta] = sim.out[a].of(m.Peers)
     assert isinstance(delta, m.Peers) and not delta.reset
     assert [p.node_id for p in delta.peers] == [lab.node_id] and not delta.peers[0].online
@@ -167,6 +165,12 @@ def _reconnect(sim: Sim, node: c.NodeRecord, address: str) -> int:
     return sid
 
 
+@pytest.fixture
+def big(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole offline grace at any size (it scales with the agents online)."""
+    monkeypatch.setattr(c, "MAP_GRACE_FULL_AT", 1)
+
+
 def _lab_and_observer(sim: Sim) -> tuple[c.NodeRecord, int, int]:
     """labpc online (session b) and laptop (session a) holding the pushed map."""
     lab, laptop = sim.new_node("labpc"), sim.new_node("laptop")
@@ -176,7 +180,7 @@ def _lab_and_observer(sim: Sim) -> tuple[c.NodeRecord, int, int]:
     return lab, a, b
 
 
-def test_a_quick_reconnect_from_the_same_host_is_no_news_to_peers(sim: Sim) -> None:
+def test_a_quick_reconnect_from_the_same_host_is_no_news_to_peers(sim: Sim, big: None) -> None:
     lab, a, b = _lab_and_observer(sim)
     before = sim.core.book.get(lab.node_id)
     assert before is not None and before.online
@@ -199,7 +203,7 @@ def test_a_quick_reconnect_from_the_same_host_is_no_news_to_peers(sim: Sim) -> N
     assert not p.online and p.last_seen == left
 
 
-def test_a_reconnect_from_another_host_is_pushed_with_its_new_address(sim: Sim) -> None:
+def test_a_reconnect_from_another_host_is_pushed_with_its_new_address(sim: Sim, big: None) -> None:
     lab, a, b = _lab_and_observer(sim)
     sim.out[a].take()
     sim.end(b)
@@ -216,7 +220,7 @@ def test_a_reconnect_from_another_host_is_pushed_with_its_new_address(sim: Sim) 
     assert not sim.out[a].of(m.Peers)
 
 
-def test_a_node_removed_within_the_grace_leaves_the_map_once(sim: Sim) -> None:
+def test_a_node_removed_within_the_grace_leaves_the_map_once(sim: Sim, big: None) -> None:
     lab, a, b = _lab_and_observer(sim)
     sim.out[a].take()
     sim.end(b)
@@ -227,6 +231,21 @@ def test_a_node_removed_within_the_grace_leaves_the_map_once(sim: Sim) -> None:
     sim.out[a].take()
     sim.advance(2 * c.MAP_OFFLINE_GRACE)
     assert not sim.out[a].of(m.Peers) and lab.node_id not in sim.core.book
+
+
+def test_the_grace_scales_with_the_agents_online(sim: Sim) -> None:
+    assert sim.core.offline_grace() == 0.0
+    for i in range(10):
+        sim.agent(sim.new_node(f"n{i}"))
+    assert sim.core.offline_grace() == pytest.approx(c.MAP_OFFLINE_GRACE * 10 / 1000)
+    # a small network: peers hear "offline" within the normal push window
+    lab, a, b = _lab_and_observer(sim)
+    sim.out[a].take()
+    sim.end(b)
+    sim.advance(sim.core.offline_grace() + sim.core.push_delay())
+    [delta] = sim.out[a].of(m.Peers)
+    assert isinstance(delta, m.Peers) and not delta.peers[0].online
+    assert delta.peers[0].node_id == lab.node_id
 
 
 def test_with_no_grace_maps_say_offline_at_once() -> None:
@@ -540,7 +559,7 @@ def test_map_pushes_coalesce_longer_as_the_fleet_grows(
     for sid in sids:
         sim.out[sid].take()
     sim.end(sids[0])  # 4 agents left: 0.4 s (after the offline grace)
-    sim.advance(c.MAP_OFFLINE_GRACE)
+    sim.advance(sim.core.offline_grace())
     sim.advance(c.NETMAP_COALESCE)
     assert not sim.out[sids[1]].of(m.Peers)
     sim.advance(0.4 - c.NETMAP_COALESCE + 0.01)

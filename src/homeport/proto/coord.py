@@ -115,6 +115,12 @@ NETMAP_COALESCE_MAX = 2.0
 #: nothing in the map. The server's own view (``is_online``, admin, OPEN) is never delayed;
 #: 5 s matches how long a dead control link takes to be noticed (an agent's idle timeout).
 MAP_OFFLINE_GRACE = 5.0
+#: Agents online from which the whole grace applies; below, it shrinks in proportion
+#: (10 agents: 50 ms). Why: the grace buys nothing where pushes are cheap, and in a small
+#: network a node that stopped must read as offline at once (``homeport ssh``'s and the
+#: ssh-config check's one clean line depend on it; a new user saw OpenSSH's noise during
+#: a fixed 5 s grace with two nodes).
+MAP_GRACE_FULL_AT = 1000
 #: Longest reject reason / code from an agent that we pass on.
 MAX_REASON = 512
 MAX_CODE = 64
@@ -790,8 +796,9 @@ class Coordinator:
                         self._fail(st, "offline", f"{node.name} went offline")
                 self._note(logging.INFO, f"agent {node.name} ({node_id}) offline")
                 self._direct_offline(node_id)
-                if self.map_offline_grace > 0:  # maps say so once it has not come back
-                    self._set_due("offline", node_id, now + self.map_offline_grace)
+                grace = self.offline_grace()
+                if grace > 0:  # maps say so once it has not come back
+                    self._set_due("offline", node_id, now + grace)
                 else:
                     self._offline_timer(node_id, now)
                 if node.ephemeral:
@@ -1124,6 +1131,14 @@ class Coordinator:
         if self._push_due is None:
             self._push_due = now + self.push_delay()
             self._add_timer(self._push_due, "push", "")
+
+    def offline_grace(self) -> float:
+        """How long maps keep an agent that left online: MAP_OFFLINE_GRACE at scale.
+
+        Scaled by the agents online (``MAP_GRACE_FULL_AT``), as :meth:`push_delay` is:
+        what a reconnect costs peers grows with them.
+        """
+        return self.map_offline_grace * min(1.0, len(self._agents) / MAP_GRACE_FULL_AT)
 
     def _offline_timer(self, node_id: str, now: float) -> None:
         """The grace after an agent left is over: if it has not come back, maps say offline."""
