@@ -478,3 +478,11 @@ def test_up_refuses_a_bad_proxy_url_in_one_line(tmp_path: Path) -> None:
     assert res.stderr.strip().count("\n") == 0 and "only http:// proxies" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "s" / ns.NETWORK_FILE).exists()
+
+
+def test_a_user_without_a_password_reads_as_no_password() -> None:
+    # a new user saw "http://u:@..." saved and "u:***" logged though no password was given
+    url = hc.parse_proxy_url("http://u@127.0.0.1:3128")
+    assert not url.password
+    assert url.url() == "http://u@127.0.0.1:3128" and str(url) == "http://u@127.0.0.1:3128"
+    assert str(hc.parse_proxy_url("http://u:pw@127.0.0.1:3128")) == "http://u:***@127.0.0.1:3128"

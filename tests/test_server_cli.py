@@ -163,7 +163,8 @@ def test_server_process_banner_and_sigterm(tmp_path: Path) -> None:
         banner = [first] + [proc.stdout.readline() for _ in range(8)]
         text = "".join(banner)
         # the web UI refuses every action to a read token: the banner says which scope
-        assert "homeport apikeys create --name NAME --scope admin" in text, text
+        # ... and, as the keys line, names the data dir (copied as printed, it works)
+        assert f"homeport apikeys create --data {data} --name NAME --scope admin" in text, text
         assert "server pin: sha256:" in text and "homeport keys create" in text
         assert "homeport up --server" in text
         answer = admin_request(data, {"op": "ping"})

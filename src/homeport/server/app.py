@@ -264,7 +264,7 @@ def _banner(running: Running, listen_host: str) -> str:
             f"  admin API:  {running.admin_url + '/api/v1' if running.admin_url else 'off'}",
             *(
                 [
-                    "    token:  homeport apikeys create --name NAME --scope admin"
+                    f"    token:  homeport apikeys create --data {data} --name NAME --scope admin"
                     "  (web UI and API writes; the default --scope read may only look)",
                 ]
                 if running.admin_url

@@ -47,14 +47,17 @@ class ProxyURL:
     password: str | None = None
 
     def __str__(self) -> str:
-        auth = f"{self.user}:***@" if self.user is not None else ""
+        auth = ""
+        if self.user is not None:  # "***" only where there is a password to hide
+            auth = f"{self.user}:***@" if self.password else f"{self.user}@"
         return f"http://{auth}{_bracket(self.host)}:{self.port}"
 
     def url(self) -> str:
         """The full URL, credentials included (what is saved in the node's settings)."""
         auth = ""
-        if self.user is not None:
-            auth = f"{_pct(self.user)}:{_pct(self.password or '')}@"
+        if self.user is not None:  # no ":" without a password: "u:@" read as one given
+            pw = f":{_pct(self.password)}" if self.password else ""
+            auth = f"{_pct(self.user)}{pw}@"
         return f"http://{auth}{_bracket(self.host)}:{self.port}"
 
 
