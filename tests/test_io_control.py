@@ -151,6 +151,15 @@ def blocking_tls(pki: Pki, port: int) -> ssl.SSLSocket:
     return pki.client_ctx.wrap_socket(raw, suppress_ragged_eofs=False)
 
 
+async def said_hello(server: Server, pki: Pki) -> tuple[ssl.SSLSocket, ControlLink, Handler]:
+    """A blocking TLS client on ``server`` that sent HELLO, and the server's link to it."""
+    s = await asyncio.to_thread(blocking_tls, pki, server.port)
+    slink, shandler = await server.next()
+    await asyncio.to_thread(s.sendall, m.encode(HELLO))
+    assert await got(shandler) == HELLO
+    return s, slink, shandler
+
+
 def how_it_ended(s: ssl.SSLSocket) -> str:
     """Read until the end: "close_notify", "eof without close_notify" or "reset"."""
     try:
@@ -376,10 +385,7 @@ def test_finish_sends_close_notify_and_ends_once(pki: Pki) -> None:
     async def main() -> None:
         server = Server(pki)
         async with await server.start():
-            s = await asyncio.to_thread(blocking_tls, pki, server.port)
-            slink, shandler = await server.next()
-            await asyncio.to_thread(s.sendall, m.encode(HELLO))
-            assert await got(shandler) == HELLO
+            s, slink, shandler = await said_hello(server, pki)
             ended = asyncio.create_task(asyncio.to_thread(how_it_ended, s))
             slink.finish()
             assert await ended == "close_notify"
@@ -397,10 +403,7 @@ def test_finish_closes_after_the_shutdown_timeout_when_the_peer_never_answers(
     async def main() -> None:
         server = Server(pki)
         async with await server.start():
-            s = await asyncio.to_thread(blocking_tls, pki, server.port)  # never reads again
-            slink, shandler = await server.next()
-            await asyncio.to_thread(s.sendall, m.encode(HELLO))
-            assert await got(shandler) == HELLO
+            s, slink, shandler = await said_hello(server, pki)
             slink.finish()
             assert (await closed(slink)).code == "eof"  # the transport was dropped
             assert len(shandler.closed) == 1
@@ -413,10 +416,7 @@ def test_abort_sends_no_close_notify(pki: Pki) -> None:
     async def main() -> None:
         server = Server(pki)
         async with await server.start():
-            s = await asyncio.to_thread(blocking_tls, pki, server.port)
-            slink, shandler = await server.next()
-            await asyncio.to_thread(s.sendall, m.encode(HELLO))
-            assert await got(shandler) == HELLO
+            s, slink, shandler = await said_hello(server, pki)
             ended = asyncio.create_task(asyncio.to_thread(how_it_ended, s))
             slink.abort("test")
             assert await ended in ("eof without close_notify", "reset")
