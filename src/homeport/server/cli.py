@@ -365,11 +365,7 @@ def register(cli: click.Group) -> None:
     @_data_option
     def keys_revoke(key_id: str, as_json: bool, data_dir: Path | None) -> None:
         """Revoke an auth key so it can no longer enroll nodes."""
-        answer = _admin(data_dir, {"op": "keys.revoke", "key_id": key_id})
-        if as_json:
-            click.echo(json.dumps({"key_id": answer["key_id"], "revoked": True}))
-        else:
-            click.echo(f"revoked {answer['key_id']}")
+        _revoke(data_dir, "keys.revoke", key_id, as_json, "revoked")
 
     @cli.group("nodes")
     def nodes() -> None:
@@ -909,11 +905,16 @@ def _register_apikeys(cli: click.Group) -> None:
     @_data_option
     def apikeys_revoke(key_id: str, as_json: bool, data_dir: Path | None) -> None:
         """Revoke an API key: requests with its token are refused from now on."""
-        answer = _admin(data_dir, {"op": "apikeys.revoke", "key_id": key_id})
-        if as_json:
-            click.echo(json.dumps({"key_id": answer["key_id"], "revoked": True}))
-        else:
-            click.echo(f"revoked API key {answer['key_id']}")
+        _revoke(data_dir, "apikeys.revoke", key_id, as_json, "revoked API key")
+
+
+def _revoke(data_dir: Path | None, op: str, key_id: str, as_json: bool, done: str) -> None:
+    """Revoke an auth or API key through the admin socket; print what the server revoked."""
+    answer = _admin(data_dir, {"op": op, "key_id": key_id})
+    if as_json:
+        click.echo(json.dumps({"key_id": answer["key_id"], "revoked": True}))
+    else:
+        click.echo(f"{done} {answer['key_id']}")
 
 
 def _register_admin_link(cli: click.Group) -> None:
