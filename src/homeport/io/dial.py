@@ -241,15 +241,8 @@ def wrap_data(
         outer = tlsstream.handshake(
             sock, ctx, server_side=False, timeout=max(0.01, deadline - time.monotonic())
         )
-    except TimeoutError as exc:
-        sock.close()
-        raise DialError("timeout", f"TLS handshake with {what} (data) timed out") from exc
-    except ssl.SSLError as exc:
-        sock.close()
-        raise DialError("tls", f"TLS handshake with {what} (data) failed: {exc.reason}") from exc
     except OSError as exc:
-        sock.close()
-        raise DialError("eof", f"TLS handshake with {what} (data) failed: {exc}") from exc
+        raise _handshake_failed(sock, exc, f"{what} (data)", "eof") from exc
     try:
         hptls.check_pin(outer.peer_cert_der(), pin)
     except hptls.PinMismatch as exc:
@@ -304,6 +297,19 @@ def data_connection(state: NodeState, route: Route, token: bytes, deadline: floa
     return sock
 
 
+def _handshake_failed(sock: socket.socket, exc: OSError, what: str, os_code: str) -> DialError:
+    """Close ``sock``; the one-line error for a failed TLS client handshake with ``what``.
+
+    ``os_code``: the code of a plain socket error (the connection broke under the handshake).
+    """
+    sock.close()
+    if isinstance(exc, TimeoutError):
+        return DialError("timeout", f"TLS handshake with {what} timed out")
+    if isinstance(exc, ssl.SSLError):
+        return DialError("tls", f"TLS handshake with {what} failed: {exc.reason or exc}")
+    return DialError(os_code, f"TLS handshake with {what} failed: {exc}")
+
+
 def _tls_client(
     sock: socket.socket, ctx: ssl.SSLContext, deadline: float, pin: str, what: str
 ) -> ssl.SSLSocket:
@@ -311,15 +317,8 @@ def _tls_client(
     try:
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         tls = ctx.wrap_socket(sock, server_hostname=None, suppress_ragged_eofs=False)
-    except TimeoutError as exc:
-        sock.close()
-        raise DialError("timeout", f"TLS handshake with {what} timed out") from exc
-    except ssl.SSLError as exc:
-        sock.close()
-        raise DialError("tls", f"TLS handshake with {what} failed: {exc.reason or exc}") from exc
     except OSError as exc:
-        sock.close()
-        raise DialError("unreachable", f"TLS handshake with {what} failed: {exc}") from exc
+        raise _handshake_failed(sock, exc, what, "unreachable") from exc
     try:
         hptls.check_pin(tls.getpeercert(binary_form=True), pin)
     except hptls.PinMismatch as exc:
