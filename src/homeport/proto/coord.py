@@ -596,13 +596,6 @@ def _ago(seconds: float) -> str:
     return f"{s / 86400:.0f} days"
 
 
-def _host(address: str) -> str:
-    """``"ip:port"`` / ``"[v6]:port"`` -> the host part (the port of a control connection
-    changes with every reconnect and means nothing to peers)."""
-    host, sep, _ = address.rpartition(":")
-    return host.strip("[]") if sep else address
-
-
 def _utc(when: float) -> str:
     """A date people read in logs and errors (UTC, minute precision)."""
     return datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -932,7 +925,8 @@ class Coordinator:
         self._agents[node.node_id] = s.sid
         self._addresses[node.node_id] = s.address
         shown = self._presence.get(node.node_id)
-        if shown is None or _host(shown[1]) != _host(s.address):
+        # the same host, any source port (it changes with every reconnect): no news
+        if shown is None or _source(shown[1]) != _source(s.address):
             self._presence[node.node_id] = (now, s.address)
         self._nodes[node.node_id] = replace(node, last_seen=now, last_address=s.address)
         self._emit(Persist(SetSeen(node.node_id, now, s.address)))
